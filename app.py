@@ -1,0 +1,42 @@
+"""geohier dashboard: `streamlit run app.py`.
+
+Navigation and the home page. Every other page is a thin script in pages/.
+"""
+
+import streamlit as st
+
+from pages._common import manifest_summary, manifest_version, workspace
+from pipeline.quickstart import next_step
+
+st.set_page_config(page_title="geohier", page_icon="🌍", layout="wide")
+
+
+def home() -> None:
+    ws = workspace()
+    st.title("geohier")
+    st.caption("Where was this street photo taken? A multi-level quadtree classifier and its research loop.")
+    summary = manifest_summary(str(ws.data_dir), str(ws.models_dir), manifest_version(ws))
+    runs = ws.runs()
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Images", f"{summary['images']:,}")
+    c2.metric("Cells with data (L8)", f"{summary['cells']:,}")
+    c3.metric("Training runs", len(runs))
+    if summary["by_source"]:
+        st.write("By source: " + ", ".join(f"{k} {v:,}" for k, v in sorted(summary["by_source"].items())))
+    step = next_step(ws)
+    st.subheader("Next step")
+    st.info(step["text"])
+    if step.get("command"):
+        st.code(step["command"], language="bash")
+    st.caption(f"Workspace: data `{ws.data_dir}` · models `{ws.models_dir}`")
+
+
+pages = [
+    st.Page(home, title="Home", icon="🏠", default=True),
+    st.Page("pages/coverage.py", title="Coverage", icon="🗺️"),
+    st.Page("pages/data.py", title="Data", icon="📊"),
+    st.Page("pages/train.py", title="Train", icon="🏋️"),
+    st.Page("pages/accuracy.py", title="Accuracy", icon="🎯"),
+    st.Page("pages/predict.py", title="Predict", icon="📍"),
+]
+st.navigation(pages).run()

@@ -1,0 +1,31 @@
+"""The one error family of geohier.
+
+Every error a user can cause (a bad coordinate, a malformed cell id, a CSV without a
+latitude column, a checkpoint that does not match its labels) is a ``GeohierError``
+whose message names the offending value; the CLI prints it on one line and the pages
+show it with ``st.error``. Anything else is a bug.
+"""
+
+
+class GeohierError(Exception):
+    """Base class of every error geohier raises on purpose."""
+
+
+class InvalidLevelError(GeohierError, ValueError):
+    """A grid level is not an integer >= 1 (or exceeds the supported maximum)."""
+
+
+class InvalidCoordinateError(GeohierError, ValueError):
+    """A latitude or longitude is NaN, infinite or out of range."""
+
+
+class CellIdError(GeohierError, ValueError):
+    """A cell id string is malformed."""
+
+
+class InputError(GeohierError, ValueError):
+    """A user-supplied file, table or parameter cannot be used."""
+
+
+class WorkspaceError(GeohierError):
+    """The workspace (data/ or models/) is missing something or is inconsistent."""

@@ -1,0 +1,326 @@
+"""Where things live on disk, and the image manifest.
+
+A workspace is a data directory and a models directory (defaults ``data/`` and
+``models/``; ``GEOHIER_DATA`` / ``GEOHIER_MODELS`` or the CLI's ``--data`` / ``--models``
+override them)::
+
+    data/
+      manifest.sqlite     one row per image (WAL mode: pages read while imports write)
+      images/ab/<sha256>.jpg
+      hierarchy.json      classes per level (pipeline labels)
+      cache/              derived tables (geography per level, ...)
+    models/<run>/         one training run each
+
+The manifest stores every image's finest grid cell (``MANIFEST_LEVEL``) as a compact id
+(``"01230112"``): the cell of any coarser level is a prefix, so per-level counts are a
+``GROUP BY substr(cell, 1, level)``.
+
+Writes are crash-safe in this order: the image file is written to a temporary name in
+its final directory and renamed into place, then its row is inserted in a transaction.
+An interrupted import can leave a file without a row (harmless, reused on the next
+import of the same bytes), never a row without its file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from geohier import grid
+from geohier.errors import InputError, WorkspaceError
+
+MANIFEST_LEVEL = 8
+SPLITS = ("train", "val", "test")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id          INTEGER PRIMARY KEY,
+    source      TEXT NOT NULL,              -- demo | photos | csv | mapillary
+    source_id   TEXT,                       -- id within the source (Mapillary id, file name)
+    sequence_id TEXT,                       -- capture sequence, for leak-free splits
+    lat         REAL NOT NULL,
+    lon         REAL NOT NULL,
+    captured_at TEXT,                       -- ISO 8601, UTC
+    cell        TEXT NOT NULL,              -- compact id at MANIFEST_LEVEL
+    path        TEXT NOT NULL,              -- relative to the data dir, or absolute if linked
+    width       INTEGER,
+    height      INTEGER,
+    brightness  REAL,                       -- mean grey level 0-255
+    sha256      TEXT NOT NULL UNIQUE,
+    split       TEXT CHECK (split IS NULL OR split IN ('train', 'val', 'test')),
+    added_at    TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS images_source_id ON images(source, source_id)
+    WHERE source_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS images_cell ON images(cell);
+CREATE TABLE IF NOT EXISTS fetch_log (
+    cell   TEXT PRIMARY KEY,                -- the fetched cell's id, e.g. '0/1/2/3/0/1/1/2'
+    status TEXT NOT NULL,                   -- done | empty | error | partial
+    found  INTEGER NOT NULL DEFAULT 0,
+    kept   INTEGER NOT NULL DEFAULT 0,
+    error  TEXT,
+    at     TEXT NOT NULL
+);
+"""
+
+IMAGE_COLUMNS = ("id", "source", "source_id", "sequence_id", "lat", "lon", "captured_at", "cell",
+                 "path", "width", "height", "brightness", "sha256", "split", "added_at")
+
+
+def utcnow() -> str:
+    """Now, as an ISO 8601 UTC timestamp with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The data and models directories of one project."""
+
+    data_dir: Path
+    models_dir: Path
+
+    @classmethod
+    def from_env(cls, data: str | os.PathLike | None = None,
+                 models: str | os.PathLike | None = None) -> Workspace:
+        """Explicit paths win, then GEOHIER_DATA / GEOHIER_MODELS, then data/ and models/."""
+        d = Path(data or os.environ.get("GEOHIER_DATA") or "data").expanduser().resolve()
+        m = Path(models or os.environ.get("GEOHIER_MODELS") or "models").expanduser().resolve()
+        return cls(d, m)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.data_dir / "manifest.sqlite"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def hierarchy_path(self) -> Path:
+        return self.data_dir / "hierarchy.json"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    def has_manifest(self) -> bool:
+        return self.manifest_path.exists()
+
+    def manifest(self) -> Manifest:
+        """Open (creating if needed) the image manifest."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return Manifest(self.manifest_path, self.data_dir)
+
+    def resolve(self, stored_path: str) -> Path:
+        """The absolute path of an image from its manifest ``path`` column."""
+        p = Path(stored_path)
+        return p if p.is_absolute() else self.data_dir / p
+
+    def runs(self) -> list[Path]:
+        """Run directories (any folder under models/ with a config.json or meta.json)."""
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(
+            (p for p in self.models_dir.iterdir()
+             if p.is_dir() and ((p / "config.json").exists() or (p / "meta.json").exists())),
+            key=lambda p: p.name,
+        )
+
+
+class Manifest:
+    """The SQLite image manifest of a workspace.
+
+    Use one Manifest per thread (sqlite3 connections are not shared across threads).
+    """
+
+    def __init__(self, path: str | os.PathLike, data_dir: str | os.PathLike):
+        self.path = Path(path)
+        self.data_dir = Path(data_dir)
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA busy_timeout=30000")
+            self.conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise WorkspaceError(f"cannot open the manifest {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Manifest:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    # ------------------------------------------------------------ reading
+
+    def count(self, where: str = "", params: tuple = ()) -> int:
+        sql = "SELECT COUNT(*) FROM images" + (f" WHERE {where}" if where else "")
+        return int(self.conn.execute(sql, params).fetchone()[0])
+
+    def has_sha(self, sha: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM images WHERE sha256 = ?", (sha,)).fetchone() is not None
+
+    def has_source_id(self, source: str, source_id: str) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM images WHERE source = ? AND source_id = ?", (source, source_id)
+        ).fetchone()
+        return row is not None
+
+    def frame(self, columns: Iterable[str] = IMAGE_COLUMNS, where: str = "",
+              params: tuple = ()) -> pd.DataFrame:
+        """Rows of the images table as a DataFrame."""
+        cols = list(columns)
+        bad = [c for c in cols if c not in IMAGE_COLUMNS]
+        if bad:
+            raise InputError(f"unknown manifest column(s) {bad}; known: {', '.join(IMAGE_COLUMNS)}")
+        sql = f"SELECT {', '.join(cols)} FROM images" + (f" WHERE {where}" if where else "") + " ORDER BY id"
+        return pd.read_sql_query(sql, self.conn, params=params)
+
+    def points(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lat, lon) arrays of every image."""
+        rows = self.conn.execute("SELECT lat, lon FROM images ORDER BY id").fetchall()
+        arr = np.asarray(rows, dtype=np.float64).reshape(-1, 2)
+        return arr[:, 0], arr[:, 1]
+
+    def counts(self, level: int) -> dict[str, int]:
+        """Images per cell at ``level`` (<= MANIFEST_LEVEL), keyed by the '/'-separated id."""
+        level = grid.check_level(level)
+        if level > MANIFEST_LEVEL:
+            raise InputError(f"the manifest stores cells down to level {MANIFEST_LEVEL}, not {level}")
+        rows = self.conn.execute(
+            "SELECT substr(cell, 1, ?) AS c, COUNT(*) FROM images GROUP BY c", (level,)
+        ).fetchall()
+        return {"/".join(c): int(n) for c, n in rows}
+
+    def count_keys(self, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, counts) of the cells with images at ``level``, keys ascending."""
+        counts = self.counts(level)
+        if not counts:
+            return np.array([], dtype=np.int64), np.array([], dtype=np.int64)
+        keys, _ = grid.ids_to_keys(list(counts))
+        n = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
+        order = np.argsort(keys)
+        return keys[order], n[order]
+
+    def summary(self) -> dict:
+        """Images, cells with data at MANIFEST_LEVEL, per-source and per-split counts."""
+        by_source = dict(self.conn.execute("SELECT source, COUNT(*) FROM images GROUP BY source").fetchall())
+        by_split = dict(self.conn.execute(
+            "SELECT COALESCE(split, 'unassigned'), COUNT(*) FROM images GROUP BY split").fetchall())
+        cells = self.conn.execute("SELECT COUNT(DISTINCT cell) FROM images").fetchone()[0]
+        return {"images": sum(by_source.values()), "cells": int(cells),
+                "by_source": by_source, "by_split": by_split}
+
+    # ------------------------------------------------------------ writing
+
+    def add_image(self, *, source: str, lat: float, lon: float, sha256: str, path: str,
+                  source_id: str | None = None, sequence_id: str | None = None,
+                  captured_at: str | None = None, width: int | None = None,
+                  height: int | None = None, brightness: float | None = None,
+                  split: str | None = None) -> int | None:
+        """Insert one image row; returns its id, or None when the sha256 or the
+        (source, source_id) is already there. The file at ``path`` must already exist."""
+        c = grid.cell(lat, lon, MANIFEST_LEVEL)
+        try:
+            cur = self.conn.execute(
+                "INSERT INTO images (source, source_id, sequence_id, lat, lon, captured_at, cell, path,"
+                " width, height, brightness, sha256, split, added_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (source, source_id, sequence_id, float(lat), float(lon), captured_at,
+                 grid.to_id(c, sep=""), str(path), width, height, brightness, sha256, split, utcnow()),
+            )
+        except sqlite3.IntegrityError:
+            return None
+        return int(cur.lastrowid)
+
+    def store_image(self, data: bytes, ext: str, **row) -> int | None:
+        """Write image bytes into images/<sha[:2]>/<sha>.<ext> (atomically) and insert the
+        row (``add_image`` keywords, without sha256/path). Returns the new id, or None for a
+        duplicate (nothing is written then)."""
+        sha = sha256_bytes(data)
+        if self.has_sha(sha):
+            return None
+        rel = Path("images") / sha[:2] / f"{sha}.{ext.lstrip('.').lower()}"
+        dest = self.data_dir / rel
+        if not dest.exists():
+            atomic_write_bytes(dest, data)
+        return self.add_image(sha256=sha, path=rel.as_posix(), **row)
+
+    def set_splits(self, assignment: dict[int, str]) -> None:
+        """Set the split of many images by id, in one transaction."""
+        bad = {s for s in assignment.values() if s not in SPLITS}
+        if bad:
+            raise InputError(f"unknown split(s) {sorted(bad)}; use {', '.join(SPLITS)}")
+        with self.transaction() as conn:
+            conn.executemany("UPDATE images SET split = ? WHERE id = ?",
+                             [(s, int(i)) for i, s in assignment.items()])
+
+    def log_fetch(self, cell_id: str, status: str, found: int = 0, kept: int = 0,
+                  error: str | None = None) -> None:
+        self.conn.execute(
+            "INSERT INTO fetch_log (cell, status, found, kept, error, at) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(cell) DO UPDATE SET status=excluded.status, found=excluded.found,"
+            " kept=excluded.kept, error=excluded.error, at=excluded.at",
+            (cell_id, status, int(found), int(kept), error, utcnow()),
+        )
+
+    def fetch_status(self) -> dict[str, dict]:
+        rows = self.conn.execute("SELECT cell, status, found, kept, error, at FROM fetch_log").fetchall()
+        return {r[0]: {"status": r[1], "found": r[2], "kept": r[3], "error": r[4], "at": r[5]} for r in rows}

@@ -1,0 +1,69 @@
+"""``python -m pipeline``: one entry point, one sub-command per pipeline step.
+
+Every command module has ``register(subparsers)``, which adds its parser and sets
+``func(args, ws) -> int``. Errors a user can cause are GeohierError (or an OSError on a
+path they gave) and end as ``error: <one line>`` with exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from geohier.errors import GeohierError
+from geohier.workspace import Workspace
+
+# Order here is the order of --help.
+COMMAND_MODULES = (
+    "pipeline.demo",
+    "pipeline.ingest",
+    "pipeline.fetch",
+    "pipeline.coverage",
+    "pipeline.labels",
+    "pipeline.train",
+    "pipeline.evaluate",
+    "pipeline.predict",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as argparse does, but with the hint
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None,
+                        help="data directory (default: $GEOHIER_DATA or data/)")
+    parser.add_argument("--models", default=None,
+                        help="models directory (default: $GEOHIER_MODELS or models/)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ws = Workspace.from_env(args.data, args.models)
+    try:
+        return int(args.func(args, ws) or 0)
+    except GeohierError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user gave: missing, unreadable, disk full
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(os.sys.argv[1:]))

@@ -1,0 +1,70 @@
+"""Shared fixtures: a fresh workspace per test, and tiny real JPEGs (optionally with GPS)."""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from geohier.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch) -> Workspace:
+    """A fresh, empty workspace under tmp_path, also exported through the environment."""
+    data, models = tmp_path / "data", tmp_path / "models"
+    data.mkdir()
+    models.mkdir()
+    monkeypatch.setenv("GEOHIER_DATA", str(data))
+    monkeypatch.setenv("GEOHIER_MODELS", str(models))
+    return Workspace(data, models)
+
+
+def _dms(value: float) -> tuple[Fraction, Fraction, Fraction]:
+    value = abs(value)
+    deg = int(value)
+    minutes = int((value - deg) * 60)
+    seconds = round(((value - deg) * 60 - minutes) * 60, 4)
+    return (Fraction(deg), Fraction(minutes), Fraction(seconds).limit_denominator(10000))
+
+
+def jpeg_bytes(size=(64, 48), color=(120, 130, 140), gps=None, orientation=None,
+               fmt="JPEG", mode="RGB") -> bytes:
+    """Bytes of a tiny image; ``gps=(lat, lon)`` writes EXIF GPS tags, ``orientation`` the
+    EXIF orientation tag. The image is a left/right split so orientation is visible."""
+    img = Image.new("RGB", size, color)
+    half = Image.new("RGB", (size[0] // 2, size[1]), tuple(255 - c for c in color))
+    img.paste(half, (0, 0))
+    if mode != "RGB":
+        img = img.convert(mode)
+    exif = Image.Exif()
+    if gps is not None:
+        lat, lon = gps
+        exif[0x8825] = {
+            1: "N" if lat >= 0 else "S", 2: _dms(lat),
+            3: "E" if lon >= 0 else "W", 4: _dms(lon),
+        }
+    if orientation is not None:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    kwargs = {"exif": exif.tobytes()} if (gps is not None or orientation is not None) else {}
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def make_jpeg():
+    """make_jpeg(path, size=(64, 48), color=(...), gps=None | (lat, lon), orientation=None) -> Path"""
+
+    def make(path, size=(64, 48), color=(120, 130, 140), gps=None, orientation=None, **kw) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg_bytes(size, color, gps, orientation, **kw))
+        return path
+
+    return make
