@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +79,7 @@ IMAGE_COLUMNS = ("id", "source", "source_id", "sequence_id", "lat", "lon", "capt
 
 def utcnow() -> str:
     """Now, as an ISO 8601 UTC timestamp with seconds."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -286,7 +286,9 @@ class Manifest:
                 (source, source_id, sequence_id, float(lat), float(lon), captured_at,
                  grid.to_id(c, sep=""), str(path), width, height, brightness, sha256, split, utcnow()),
             )
-        except sqlite3.IntegrityError:
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" not in str(exc):  # a CHECK / NOT NULL failure is bad input, not a duplicate
+                raise InputError(f"cannot add image {sha256} ({source}, {source_id}): {exc}") from None
             return None
         return int(cur.lastrowid)
 

@@ -48,3 +48,44 @@ def next_step(ws: Workspace) -> dict:
     return {"text": "A trained run is ready: drop a photo on the Predict page, or compare runs on the "
                     "Accuracy page.",
             "command": "python -m pipeline predict photo.jpg --json"}
+
+
+def quickstart(ws: Workspace, images: int | None = None, train: bool = True) -> list[str]:
+    """Build whatever of demo world -> labels -> demo model is missing; return what was done."""
+    done = []
+    if _image_count(ws) == 0:
+        from pipeline.demo import build_demo
+
+        kwargs = {} if images is None else {"images": images}
+        print("quickstart: building the synthetic demo world ...", flush=True)
+        build_demo(ws, **kwargs)
+        done.append("demo")
+    if not ws.hierarchy_path.exists():
+        from pipeline.labels import build_labels
+
+        print("quickstart: building the label hierarchy and splits ...", flush=True)
+        build_labels(ws)
+        done.append("labels")
+    if train and not finished_runs(ws):
+        from pipeline.train import demo_config
+        from pipeline.train import train as train_run
+
+        print("quickstart: training the demo model (a few minutes on a laptop) ...", flush=True)
+        train_run(ws, demo_config())
+        done.append("train")
+    return done
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "quickstart", help="build the demo world, labels and demo model where missing (make run)",
+        description="Make a fresh workspace usable: each step runs only when its output is missing.")
+    p.add_argument("--images", type=int, default=None, help="demo world size (default: the demo's default)")
+    p.add_argument("--no-train", action="store_true", help="stop after the labels (default: train too)")
+    p.set_defaults(func=_run)
+
+
+def _run(args, ws: Workspace) -> int:
+    done = quickstart(ws, images=args.images, train=not args.no_train)
+    print("quickstart: " + (", ".join(done) + " done" if done else "workspace already complete"))
+    return 0

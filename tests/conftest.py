@@ -26,11 +26,11 @@ def ws(tmp_path, monkeypatch) -> Workspace:
 
 
 def _dms(value: float) -> tuple[Fraction, Fraction, Fraction]:
-    value = abs(value)
-    deg = int(value)
-    minutes = int((value - deg) * 60)
-    seconds = round(((value - deg) * 60 - minutes) * 60, 4)
-    return (Fraction(deg), Fraction(minutes), Fraction(seconds).limit_denominator(10000))
+    # Work in ten-thousandths of an arc-second so rounding never yields 60 seconds.
+    total = round(abs(value) * 3600 * 10000)
+    deg, rest = divmod(total, 3600 * 10000)
+    minutes, tenk_seconds = divmod(rest, 60 * 10000)
+    return (Fraction(deg), Fraction(minutes), Fraction(tenk_seconds, 10000))
 
 
 def jpeg_bytes(size=(64, 48), color=(120, 130, 140), gps=None, orientation=None,
@@ -68,3 +68,11 @@ def make_jpeg():
         return path
 
     return make
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Expose each phase's report on the item (item.rep_call), for screenshot-on-failure."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)

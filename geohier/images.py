@@ -1,0 +1,537 @@
+"""Reading user photos robustly: one RGB image out of any file a user can hand us.
+
+Every path into geohier (imports, training data, the predict CLI, the Predict page's
+upload box) opens images through ``open_image``, so that they all agree on:
+
+- orientation: the EXIF orientation tag is applied (the mapping of
+  ``PIL.ImageOps.exif_transpose``), so a portrait phone photo is upright;
+- colour: any mode (1, L, LA, P, PA, RGBA, CMYK, I;16, I, F, ...) becomes 8-bit RGB, alpha
+  composited on white and 16-bit greys scaled to 8 bits;
+- formats: whatever Pillow reads (JPEG, PNG, WebP, GIF, BMP, TIFF, ...), plus HEIC/HEIF
+  when pillow-heif is installed (registered on first use, never required);
+- refusals: a missing, empty, truncated or non-image file, or one with more than
+  ``MAX_PIXELS`` pixels (a decompression bomb), raises ``ImageReadError`` (an
+  ``InputError``) whose message names the file and whose ``reason`` says which case it was.
+  ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` stays False: a truncated file is an error;
+- size: ``max_side`` shrinks a big photo while it is decoded (JPEG's DCT scaling through
+  ``Image.draft``), so a 50 MP photo is never held at full size when 512 px are wanted.
+
+EXIF metadata: ``read_gps`` (decimal degrees, signed by the N/S/E/W references),
+``inspect_gps`` (the same, with why it is missing), ``read_exif_time`` and ``image_info``
+(everything an import needs in one pass).
+
+Examples
+--------
+>>> import io
+>>> from PIL import Image
+>>> buf = io.BytesIO(); Image.new("LA", (4, 2), (0, 0)).save(buf, "PNG")
+>>> img = open_image(buf.getvalue())
+>>> img.mode, img.size, img.getpixel((0, 0))      # transparent black on white is white
+('RGB', (4, 2), (255, 255, 255))
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from geohier.errors import InputError
+
+# Default refusal limit for one image, in pixels (width x height). A 100 MP limit passes
+# every phone and most camera photos (a 61 MP full-frame sensor) and refuses the classic
+# decompression bombs (a few KB of PNG that decode to gigapixels).
+MAX_PIXELS = 100_000_000
+
+# EXIF tags used here.
+TAG_ORIENTATION = 0x0112
+TAG_DATETIME = 0x0132
+IFD_EXIF = 0x8769
+IFD_GPS = 0x8825
+TAG_DATETIME_ORIGINAL = 0x9003
+TAG_OFFSET_TIME_ORIGINAL = 0x9011
+GPS_LAT_REF, GPS_LAT, GPS_LON_REF, GPS_LON = 1, 2, 3, 4
+GPS_TIMESTAMP, GPS_STATUS, GPS_DATESTAMP = 7, 9, 29
+
+# The transposition that undoes each EXIF orientation (as in PIL.ImageOps.exif_transpose).
+_ORIENTATION_FIX = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+# Why a file gave no usable GPS position (the import summary counts these).
+GPS_MISSING = "no GPS"
+GPS_BROKEN = "broken EXIF"
+GPS_INVALID = "invalid coordinates"
+
+# ImageReadError.reason values.
+READ_MISSING = "missing file"
+READ_EMPTY = "empty file"
+READ_NOT_IMAGE = "not an image"
+READ_TRUNCATED = "truncated image"
+READ_TOO_LARGE = "too large"
+READ_UNREADABLE = "unreadable file"
+
+# Pillow format name -> file extension used when an image is copied into the workspace.
+FORMAT_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
+                     "BMP": "bmp", "TIFF": "tif", "HEIF": "heic", "AVIF": "avif"}
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | Image.Image
+
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif"}
+_heif_state: bool | None = None  # None: not tried yet; then whether pillow-heif registered
+
+
+class ImageReadError(InputError):
+    """An image file cannot be used; ``reason`` is one of the READ_* constants."""
+
+    def __init__(self, message: str, reason: str = READ_NOT_IMAGE):
+        super().__init__(message)
+        self.reason = reason
+
+
+class NamedBytes(io.BytesIO):
+    """In-memory file bytes that keep their file name for error messages:
+    ``open_image(NamedBytes(data, "photo.jpg"))``."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+
+def heif_available() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener on first call; whether it is available."""
+    global _heif_state
+    if _heif_state is None:
+        try:
+            import pillow_heif  # optional dependency
+        except ImportError:
+            _heif_state = False
+        else:
+            try:
+                pillow_heif.register_heif_opener()
+                _heif_state = True
+            except Exception:  # a broken install must not break plain JPEGs
+                _heif_state = False
+    return _heif_state
+
+
+def source_name(src: Any) -> str:
+    """A human name for an image source, for messages: the path, the upload's file name,
+    or ``"image bytes"``."""
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    name = getattr(src, "name", None) or getattr(src, "filename", None)
+    if isinstance(name, str) and name:
+        return name
+    return "image bytes"
+
+
+def read_source(src: ImageSource, name: str | None = None) -> bytes:
+    """The raw bytes of a path, a bytes-like object or a binary file object (e.g.
+    Streamlit's UploadedFile, read from its start). Missing or unreadable paths raise
+    ImageReadError."""
+    name = name or source_name(src)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src)
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ImageReadError(f"{name}: no such file", READ_MISSING) from None
+        except IsADirectoryError:
+            raise ImageReadError(f"{name} is a directory, not an image file", READ_NOT_IMAGE) from None
+        except OSError as exc:
+            raise ImageReadError(f"{name}: cannot read the file ({exc.strerror or exc})",
+                                 READ_UNREADABLE) from None
+    getvalue = getattr(src, "getvalue", None)
+    if callable(getvalue):  # BytesIO, UploadedFile: the whole buffer wherever the cursor is
+        return bytes(getvalue())
+    if hasattr(src, "read"):
+        try:
+            if getattr(src, "seekable", lambda: False)():
+                src.seek(0)
+            data = src.read()
+        except OSError as exc:
+            raise ImageReadError(f"{name}: cannot read the file ({exc})", READ_UNREADABLE) from None
+        if not isinstance(data, (bytes, bytearray)):
+            raise InputError(f"{name}: expected a binary file object, got text")
+        return bytes(data)
+    raise InputError(f"cannot read an image from a {type(src).__name__}; "
+                     "give a path, bytes or a binary file object")
+
+
+def _looks_like_heif(data: bytes) -> bool:
+    return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
+
+
+def _open_lazy(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
+    """Identify the image and read its header (nothing decoded yet); refuse empty,
+    non-image and over-limit files."""
+    if not data:
+        raise ImageReadError(f"{name} is empty (0 bytes)", READ_EMPTY)
+    if _looks_like_heif(data):
+        heif_available()
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above its own MAX_IMAGE_PIXELS; our limit is checked below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{name} is too large to open safely ({exc})", READ_TOO_LARGE) from None
+    except UnidentifiedImageError:
+        hint = ""
+        if _looks_like_heif(data) and not heif_available():
+            hint = " (it looks like HEIC/HEIF: `pip install pillow-heif` to read it)"
+        raise ImageReadError(f"{name} is not an image file Pillow can read{hint}",
+                             READ_NOT_IMAGE) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # broken headers
+        raise ImageReadError(f"{name} is not a readable image ({exc})", READ_NOT_IMAGE) from None
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageReadError(f"{name} has an empty size {w}x{h}", READ_NOT_IMAGE)
+    if limit and w * h > limit:
+        raise ImageReadError(
+            f"{name} is {w}x{h} = {w * h / 1e6:.1f} MP, over the {limit / 1e6:g} MP limit "
+            "for one image (a possible decompression bomb)", READ_TOO_LARGE)
+    return img
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 when absent or unreadable)."""
+    try:
+        value = img.getexif().get(TAG_ORIENTATION, 1)
+        value = int(value[0] if isinstance(value, (tuple, list)) else value)
+    except Exception:  # broken EXIF must not make a good picture unreadable
+        return 1
+    return value if value in _ORIENTATION_FIX else 1
+
+
+def _to_8bit(arr: np.ndarray) -> np.ndarray:
+    """Integer or float grey levels -> uint8: floats in [0, 1] times 255, values in
+    [0, 255] as they are, 16-bit values divided by 257, anything else stretched from its
+    min to its max."""
+    is_float = arr.dtype.kind == "f"
+    arr = arr.astype(np.float64)
+    finite = arr[np.isfinite(arr)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if is_float and lo >= 0 and hi <= 1.0:
+        out = arr * 255.0
+    elif lo >= 0 and hi <= 255:
+        out = arr
+    elif lo >= 0 and hi <= 65535 and not is_float:
+        out = arr / 257.0
+    else:
+        out = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return np.clip(np.nan_to_num(out, nan=0.0), 0, 255).round().astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB: alpha composited on white, CMYK through its ICC
+    profile when it has one, 16/32-bit and float greys scaled to 8 bits."""
+    mode = img.mode
+    keyed = "transparency" in img.info and mode in ("P", "L", "RGB")  # palette / colour-key alpha
+    if mode == "RGB" and not keyed:
+        return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or keyed:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        grey = Image.fromarray(_to_8bit(np.asarray(img)), mode="L")
+        return grey.convert("RGB")
+    if mode == "CMYK" and img.info.get("icc_profile"):
+        try:
+            from PIL import ImageCms
+
+            src_profile = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
+            return ImageCms.profileToProfile(img, src_profile, ImageCms.createProfile("sRGB"),
+                                             outputMode="RGB")
+        except Exception:  # a broken or unsupported profile: fall back to Pillow's formula
+            pass
+    return img.convert("RGB")
+
+
+def open_image(src: ImageSource, *, max_side: int | None = None,
+               max_pixels: int | None = None) -> Image.Image:
+    """Open an image as upright 8-bit RGB, or raise ImageReadError naming the file.
+
+    Parameters
+    ----------
+    src : path, bytes, binary file object (Streamlit's UploadedFile) or PIL Image
+        A PIL Image is only oriented and converted (it is already decoded).
+    max_side : int, optional
+        Shrink so that neither side exceeds this many pixels (aspect kept). JPEGs are
+        decoded directly at a reduced scale, so the full-size picture is never built.
+    max_pixels : int, optional
+        Refuse images with more pixels than this (default ``MAX_PIXELS``; 0 = no limit of
+        ours, though Pillow's own bomb check still applies at twice
+        ``PIL.Image.MAX_IMAGE_PIXELS``).
+
+    Examples
+    --------
+    >>> import io
+    >>> from PIL import Image
+    >>> buf = io.BytesIO(); Image.new("CMYK", (640, 480)).save(buf, "JPEG")
+    >>> open_image(buf.getvalue(), max_side=100).size
+    (100, 75)
+    """
+    if isinstance(src, Image.Image):  # already opened by the caller: just finish decoding
+        img, name = src, source_name(src)
+    else:
+        name = source_name(src)
+        data = read_source(src, name)
+        img = _open_lazy(data, name, max_pixels)
+        del data  # the decoder keeps its own reference while it needs one
+        if max_side:
+            img.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+    orientation = _orientation(img)
+    try:
+        img.load()  # forces the full decode: a truncated file fails here
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{name} is too large to open safely ({exc})", READ_TOO_LARGE) from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        text = str(exc)
+        reason = READ_TRUNCATED if "truncated" in text or isinstance(exc, EOFError) else READ_NOT_IMAGE
+        what = "is truncated or corrupt" if reason == READ_TRUNCATED else "cannot be decoded"
+        raise ImageReadError(f"{name} {what} ({text or type(exc).__name__})", reason) from None
+    try:
+        rgb = to_rgb(img)
+    except (OSError, ValueError) as exc:
+        raise ImageReadError(f"{name}: cannot convert its {img.mode} pixels to RGB ({exc})",
+                             READ_NOT_IMAGE) from None
+    del img
+    if max_side and max(rgb.size) > max_side:
+        rgb = rgb.copy() if rgb is src else rgb
+        rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    fix = _ORIENTATION_FIX.get(orientation)
+    if fix is not None:
+        rgb = rgb.transpose(fix)
+    if rgb is src:
+        rgb = rgb.copy()  # never hand back (and let callers mutate) the caller's own image
+    return rgb
+
+
+# ---------------------------------------------------------------- EXIF metadata
+
+
+def _exif_of(src: ImageSource) -> Image.Exif:
+    """The EXIF of an image source (header only; nothing decoded)."""
+    if isinstance(src, Image.Image):
+        return src.getexif()
+    name = source_name(src)
+    img = _open_lazy(read_source(src, name), name, max_pixels=0)
+    return img.getexif()
+
+
+def _ref(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value).strip("\x00 ").upper()[:1]
+
+
+def _rational(value: Any) -> float:
+    """An EXIF rational (IFDRational, (num, den) pair, number) as a float; raises
+    ValueError/TypeError/ZeroDivisionError when malformed."""
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return value[0] / value[1]
+    out = float(value)
+    if math.isnan(out):  # IFDRational with a zero denominator reads as NaN
+        raise ValueError("rational with a zero denominator")
+    return out
+
+
+def _dms_to_degrees(value: Any) -> float:
+    """(degrees, minutes, seconds) or a single decimal value -> decimal degrees."""
+    if isinstance(value, (tuple, list)):
+        parts = [_rational(v) for v in value]
+        if not 1 <= len(parts) <= 3:
+            raise ValueError(f"{len(parts)} components")
+        parts += [0.0] * (3 - len(parts))
+        d, m, s = parts
+        if min(parts) < 0 or m > 60 or s > 60:  # 60 itself: writers that round 59.99995 up
+            raise ValueError(f"minutes/seconds out of range: {d} {m} {s}")
+        return d + m / 60.0 + s / 3600.0
+    return _rational(value)
+
+
+def gps_from_exif(exif: Image.Exif) -> tuple[tuple[float, float] | None, str | None]:
+    """``((lat, lon), None)`` from an EXIF block, or ``(None, problem)`` with problem one of
+    GPS_MISSING (no GPS tags, or the receiver marked the fix void), GPS_BROKEN (tags present
+    but malformed) and GPS_INVALID (a position outside the globe, or exactly 0, 0, which
+    receivers without a fix write)."""
+    try:
+        gps = exif.get_ifd(IFD_GPS)
+    except Exception:
+        return None, GPS_BROKEN
+    if not gps or (GPS_LAT not in gps and GPS_LON not in gps):
+        return None, GPS_MISSING
+    try:
+        if _ref(gps.get(GPS_STATUS, "A")) == "V":  # "void": no fix when the photo was taken
+            return None, GPS_MISSING
+        lat = _dms_to_degrees(gps[GPS_LAT])
+        lon = _dms_to_degrees(gps[GPS_LON])
+        lat_ref, lon_ref = _ref(gps.get(GPS_LAT_REF, "N")), _ref(gps.get(GPS_LON_REF, "E"))
+        if lat_ref not in ("N", "S", "") or lon_ref not in ("E", "W", ""):
+            return None, GPS_BROKEN
+    except (KeyError, ValueError, TypeError, ZeroDivisionError, OverflowError, IndexError):
+        return None, GPS_BROKEN
+    if lat_ref == "S":
+        lat = -abs(lat)
+    if lon_ref == "W":
+        lon = -abs(lon)
+    if not (math.isfinite(lat) and math.isfinite(lon)) or abs(lat) > 90 or abs(lon) > 180:
+        return None, GPS_INVALID
+    if lat == 0.0 and lon == 0.0:
+        return None, GPS_INVALID
+    return (lat, lon), None
+
+
+def inspect_gps(src: ImageSource) -> tuple[tuple[float, float] | None, str | None]:
+    """``((lat, lon), None)`` or ``(None, why)``; see ``gps_from_exif``. Raises
+    ImageReadError when the source is not an image at all."""
+    try:
+        exif = _exif_of(src)
+    except ImageReadError:
+        raise
+    except Exception:
+        return None, GPS_BROKEN
+    return gps_from_exif(exif)
+
+
+def read_gps(src: ImageSource) -> tuple[float, float] | None:
+    """The photo's EXIF GPS position in signed decimal degrees (south and west negative),
+    or None when it has none, it is malformed, or the source is not an image.
+
+    Examples
+    --------
+    >>> read_gps(Image.new("RGB", (2, 2))) is None
+    True
+    """
+    try:
+        return inspect_gps(src)[0]
+    except InputError:
+        return None
+
+
+def _parse_exif_datetime(text: Any) -> datetime | None:
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    text = str(text).strip("\x00 ")
+    for fmt in ("%Y:%m:%d %H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y:%m:%d %H:%M", "%Y-%m-%dT%H:%M:%S"):
+        try:
+            return datetime.strptime(text[:19] if "S" in fmt else text[:16], fmt)
+        except ValueError:
+            continue
+    return None
+
+
+def exif_time(exif: Image.Exif) -> str | None:
+    """When the photo was taken, ISO 8601: UTC (``...+00:00``) when the EXIF says the
+    offset or has a GPS time stamp, otherwise the camera's local time without an offset."""
+    try:
+        gps = exif.get_ifd(IFD_GPS)
+        if GPS_DATESTAMP in gps and GPS_TIMESTAMP in gps:
+            day = datetime.strptime(str(gps[GPS_DATESTAMP]).strip("\x00 "), "%Y:%m:%d")
+            h, m, s = (_rational(v) for v in gps[GPS_TIMESTAMP])
+            when = day + timedelta(hours=h, minutes=m, seconds=int(s))
+            return when.replace(tzinfo=UTC).isoformat(timespec="seconds")
+    except Exception:
+        pass  # fall back to the camera clock
+    try:
+        sub = exif.get_ifd(IFD_EXIF)
+        when = _parse_exif_datetime(sub.get(TAG_DATETIME_ORIGINAL) or exif.get(TAG_DATETIME) or "")
+        if when is None:
+            return None
+        offset = str(sub.get(TAG_OFFSET_TIME_ORIGINAL) or "").strip("\x00 ")
+        if len(offset) == 6 and offset[0] in "+-" and offset[3] == ":":
+            sign = 1 if offset[0] == "+" else -1
+            delta = timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6]))
+            aware = when.replace(tzinfo=timezone(sign * delta))
+            return aware.astimezone(UTC).isoformat(timespec="seconds")
+        return when.isoformat(timespec="seconds")
+    except Exception:
+        return None
+
+
+def read_exif_time(src: ImageSource) -> str | None:
+    """When the photo was taken (see ``exif_time``), or None."""
+    try:
+        return exif_time(_exif_of(src))
+    except Exception:
+        return None
+
+
+def brightness(img: Image.Image) -> float:
+    """Mean grey level (0 black - 255 white) of an image, measured on a copy of at most
+    ~256 px a side (box-averaged, so the mean is kept).
+
+    Examples
+    --------
+    >>> brightness(Image.new("RGB", (8, 8), (255, 255, 255)))
+    255.0
+    """
+    grey = img if img.mode == "L" else to_rgb(img).convert("L")
+    factor = max(1, max(grey.size) // 256)
+    if factor > 1:
+        grey = grey.reduce(factor)
+    return float(np.asarray(grey, dtype=np.float64).mean())
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an import needs to know about one image file."""
+
+    format: str | None          # Pillow's format name: JPEG, PNG, ...
+    ext: str                    # file extension to store it under (no dot)
+    width: int                  # as displayed, i.e. after the EXIF orientation
+    height: int
+    orientation: int            # EXIF orientation tag, 1 when absent
+    gps: tuple[float, float] | None
+    gps_problem: str | None     # None, GPS_MISSING, GPS_BROKEN or GPS_INVALID
+    captured_at: str | None
+    brightness: float | None    # None unless decoded
+
+
+def image_info(src: ImageSource, *, decode: bool = True, max_side: int = 256,
+               max_pixels: int | None = None) -> ImageInfo:
+    """Header facts (format, displayed size, GPS, time) of an image and, with ``decode``,
+    a full decode at ``max_side`` to prove it is readable and measure its brightness.
+    Raises ImageReadError for files that cannot be used."""
+    name = source_name(src)
+    data = src if isinstance(src, bytes) else read_source(src, name)
+    img = _open_lazy(data, name, max_pixels)
+    orientation = _orientation(img)
+    w, h = img.size
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    try:
+        exif = img.getexif()
+    except Exception:
+        exif = None
+    if exif is None:
+        gps, problem, when = None, GPS_BROKEN, None
+    else:
+        gps, problem = gps_from_exif(exif)
+        when = exif_time(exif)
+    fmt = img.format
+    ext = FORMAT_EXTENSIONS.get(fmt or "", (fmt or "img").lower())
+    light = None
+    if decode:
+        light = brightness(open_image(NamedBytes(data, name), max_side=max_side, max_pixels=max_pixels))
+    return ImageInfo(fmt, ext, w, h, orientation, gps, problem, when, light)

@@ -1,0 +1,556 @@
+"""Import images into the workspace: photo folders (GPS from EXIF) and CSV manifests.
+
+``import_photos(ws, DIR)`` and ``import_csv(ws, FILE, IMAGES_ROOT)`` are the plain
+functions the CLI (``import-photos``, ``import-csv``) and the dashboard both call. Each file
+is read once: hashed (sha256: the same bytes are never imported twice), identified and
+checked from its header, then fully decoded at a small size (a truncated or corrupt file
+is refused here, and its brightness measured). Good images are copied into
+``data/images/`` (``Manifest.store_image``: file first, then its row, so an interrupted
+import never leaves a row without its file), or referenced where they are with ``link``.
+
+Everything skipped is counted by reason in an ``ImportSummary``; a bad file is never an
+error. Only a missing folder or a CSV that cannot be used (no latitude column, not UTF-8,
+empty) raises ``InputError``.
+
+CSV columns are matched case-insensitively by alias (``CSV_ALIASES``): OSV-5M's
+``id, latitude, longitude [, sequence, captured_at]``, Im2GPS3k's ``IMG_ID, LAT, LON``, or a
+generic ``path|filename|image|img_path, lat, lon``. An image is looked up as
+``IMAGES_ROOT/<path or id>``, with ``.jpg .jpeg .png .webp`` tried when the id has no
+extension, then by file name anywhere under IMAGES_ROOT (OSV-5M unpacks into numbered
+sub-folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import csv
+import math
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from geohier import grid
+from geohier.errors import InputError
+from geohier.images import (
+    GPS_BROKEN,
+    GPS_INVALID,
+    GPS_MISSING,
+    READ_MISSING,
+    READ_NOT_IMAGE,
+    READ_UNREADABLE,
+    ImageReadError,
+    NamedBytes,
+    brightness,
+    image_info,
+    open_image,
+)
+from geohier.workspace import Manifest, Workspace, sha256_bytes
+
+Progress = Callable[[int, int], None]  # progress(done, total)
+
+# Headline reasons, always shown in the summary (others appear when they happen).
+MAIN_REASONS = (GPS_MISSING, READ_NOT_IMAGE, GPS_BROKEN, GPS_INVALID)
+MISSING_FILE = READ_MISSING
+INVALID_EMPTY = "invalid coordinates (empty)"
+INVALID_NUMBER = "invalid coordinates (not a number)"
+INVALID_NAN = "invalid coordinates (NaN or infinite)"
+INVALID_RANGE = "invalid coordinates (out of range)"
+MISSING_REF = "no image id or path in the row"
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+_KNOWN_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
+
+# Accepted CSV column names (compared case-insensitively, surrounding spaces ignored).
+CSV_ALIASES: dict[str, tuple[str, ...]] = {
+    "id": ("id", "img_id", "image_id", "photo_id", "imgid"),
+    "path": ("path", "filename", "file_name", "file", "image", "img_path", "image_path",
+             "filepath", "file_path", "img"),
+    "lat": ("lat", "latitude", "gps_lat", "gps_latitude"),
+    "lon": ("lon", "lng", "long", "longitude", "gps_lon", "gps_lng", "gps_longitude"),
+    "sequence": ("sequence", "sequence_id", "seq", "seq_id"),
+    "captured_at": ("captured_at", "timestamp", "datetime", "date_taken", "taken_at", "time"),
+}
+# Columns that only OSV-5M's train.csv / test.csv carry (besides id, latitude, longitude).
+_OSV5M_MARKERS = {"thumb_original_url", "sequence", "captured_at", "unique_country", "land_cover",
+                  "quadtree_10_1000", "creator_username", "road_index", "drive_side"}
+
+
+@dataclass
+class ImportSummary:
+    """What an import did: counts by outcome, skip reasons and the cells it filled."""
+
+    source: str
+    origin: str                       # the folder or CSV file imported
+    total: int = 0                    # files (photos) or rows (CSV) looked at
+    added: int = 0
+    duplicates: int = 0
+    skipped: Counter = field(default_factory=Counter)            # reason -> count
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few names
+    cells: Counter = field(default_factory=Counter)              # compact L8 id -> images added
+    interrupted: bool = False
+
+    def skip(self, reason: str, name: str) -> None:
+        self.skipped[reason] += 1
+        names = self.examples.setdefault(reason, [])
+        if len(names) < 5:
+            names.append(name)
+
+    def add(self, lat: float, lon: float) -> None:
+        self.added += 1
+        self.cells[grid.to_id(grid.cell(lat, lon, 8), sep="")] += 1
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def cells_at(self, level: int) -> Counter:
+        """Images added per cell at ``level`` (<= 8), keyed by '/'-separated id."""
+        out: Counter = Counter()
+        for compact, n in self.cells.items():
+            out["/".join(compact[:level])] += n
+        return out
+
+    def top_cells(self, n: int = 5, level: int = 8) -> list[tuple[str, int]]:
+        return sorted(self.cells_at(level).items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "origin": self.origin, "total": self.total,
+                "added": self.added, "duplicates": self.duplicates,
+                "skipped": dict(self.skipped), "examples": dict(self.examples),
+                "cells": {lv: len(self.cells_at(lv)) for lv in grid.DEFAULT_LEVELS},
+                "top_cells": self.top_cells(), "interrupted": self.interrupted}
+
+    def lines(self) -> list[str]:
+        """The summary as printed by the CLI: outcome counts (the usual reasons of this kind
+        of import always, others when they happened; invalid coordinates broken down by
+        why), examples of skipped files, and the cells filled."""
+        what = "files" if self.source == "photos" else "rows"
+        out = [f"{self.origin}: {self.total} {what} looked at"
+               + (" (interrupted: run the same command again to continue)" if self.interrupted else "")]
+        usual = MAIN_REASONS if self.source == "photos" else (GPS_INVALID, MISSING_FILE, READ_NOT_IMAGE)
+        detail = {r: n for r, n in self.skipped.items() if r.startswith(GPS_INVALID + " (")}
+        rows: list[tuple[str, str, int]] = [("added", "", self.added), ("duplicates", "", self.duplicates)]
+        for reason in list(usual) + sorted(r for r in self.skipped if r not in usual and r not in detail):
+            if reason == GPS_INVALID:
+                rows.append((reason, "", self.skipped.get(reason, 0) + sum(detail.values())))
+                rows += [(r, "  " + r[len(GPS_INVALID) + 2:-1], n) for r, n in sorted(detail.items())]
+            else:
+                rows.append((reason, "", self.skipped.get(reason, 0)))
+        width = max(len(label or key) for key, label, _ in rows)
+        for key, label, n in rows:
+            line = f"  {label or key:<{width}}  {n}"
+            names = self.examples.get(key, []) if n else []
+            if names:
+                line += "   e.g. " + ", ".join(names[:3]) + (" ..." if self.skipped[key] > 3 else "")
+            out.append(line)
+        if self.added:
+            touched = ", ".join(f"L{lv} {len(self.cells_at(lv))}" for lv in grid.DEFAULT_LEVELS)
+            top = ", ".join(f"{c} ({n})" for c, n in self.top_cells())
+            out.append(f"  cells touched: {touched}")
+            out.append(f"  top L8 cells: {top}")
+        return out
+
+
+def _store(m: Manifest, data: bytes, path: Path, ext: str, link: bool, sha: str, row: dict) -> int | None:
+    if link:
+        return m.add_image(sha256=sha, path=str(path.resolve()), **row)
+    return m.store_image(data, ext, **row)
+
+
+def _add_file(m: Manifest, s: ImportSummary, path: Path, name: str, *, link: bool,
+              latlon: tuple[float, float] | None, row: dict, decode_side: int = 256) -> None:
+    """Read, check and add one image file; count what happened in ``s``.
+
+    ``latlon`` None means "take it from the EXIF"."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        s.skip(MISSING_FILE, name)
+        return
+    except OSError as exc:
+        s.skip(READ_UNREADABLE, f"{name} ({exc.strerror or exc})")
+        return
+    sha = sha256_bytes(data)
+    if m.has_sha(sha):
+        s.duplicates += 1
+        return
+    named = NamedBytes(data, str(path))
+    try:
+        info = image_info(named, decode=False)
+        if latlon is None:
+            if info.gps is None:
+                s.skip(info.gps_problem or GPS_MISSING, name)
+                return
+            latlon = info.gps
+        light = brightness(open_image(named, max_side=decode_side))  # full decode: refuses truncation
+    except ImageReadError as exc:
+        s.skip(exc.reason, name)
+        return
+    lat, lon = latlon
+    row = {"captured_at": info.captured_at, **{k: v for k, v in row.items() if v is not None}}
+    row.update(lat=lat, lon=lon, width=info.width, height=info.height, brightness=round(light, 2))
+    new_id = _store(m, data, path, info.ext, link, sha, row)
+    if new_id is None and row.get("source_id") is not None and not m.has_sha(sha):
+        # Same source_id, different bytes (IMG_0001.JPG of another camera folder, or an
+        # edited photo): keep both, the new one under an id qualified by its content.
+        row["source_id"] = f"{row['source_id']}#{sha[:12]}"
+        new_id = _store(m, data, path, info.ext, link, sha, row)
+    if new_id is None:
+        s.duplicates += 1
+    else:
+        s.add(lat, lon)
+
+
+# ---------------------------------------------------------------- photo folders
+
+
+def photo_files(root: str | os.PathLike, recursive: bool = True,
+                exclude: tuple[Path, ...] = ()) -> list[Path]:
+    """Files under ``root`` in a stable order, hidden files and folders (``.DS_Store``,
+    ``.thumbnails``) and the ``exclude`` folders left out."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    excluded = {p.resolve() for p in exclude}
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames
+                             if not d.startswith(".") and (here / d).resolve() not in excluded)
+        files.extend(here / f for f in sorted(filenames) if not f.startswith("."))
+        if not recursive:
+            break
+    return files
+
+
+def import_photos(ws: Workspace, root: str | os.PathLike, *, link: bool = False, recursive: bool = True,
+                  progress: Progress | None = None) -> ImportSummary:
+    """Import every photo with EXIF GPS under ``root`` (source "photos", source_id = its
+    path relative to ``root``). Photos without a usable position are counted, not added.
+
+    With ``link`` the manifest stores the photo's absolute path instead of a copy.
+    A KeyboardInterrupt stops the import cleanly: the summary comes back with
+    ``interrupted`` set and every row added so far has its file.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise InputError(f"{root}: no such directory")
+    files = photo_files(root, recursive, exclude=(ws.data_dir,))
+    base = root if root.is_dir() else root.parent
+    s = ImportSummary("photos", str(root))
+    with ws.manifest() as m:
+        try:
+            for i, path in enumerate(files):
+                rel = path.relative_to(base).as_posix()
+                s.total += 1
+                _add_file(m, s, path, rel, link=link, latlon=None,
+                          row={"source": "photos", "source_id": rel})
+                if progress:
+                    progress(i + 1, len(files))
+        except KeyboardInterrupt:
+            s.interrupted = True
+    return s
+
+
+# ---------------------------------------------------------------- CSV manifests
+
+
+@dataclass(frozen=True)
+class CsvColumns:
+    """Which header names of a CSV hold what, and which dataset it looks like."""
+
+    lat: str
+    lon: str
+    id: str | None = None
+    path: str | None = None
+    sequence: str | None = None
+    captured_at: str | None = None
+    source: str = "csv"  # csv | osv5m | im2gps3k
+
+
+def _aliases(role: str) -> str:
+    return ", ".join(CSV_ALIASES[role])
+
+
+def match_columns(header: list[str], name: str = "the CSV") -> CsvColumns:
+    """Map a CSV header to roles by alias (case-insensitive); raise InputError naming a
+    missing column and the names accepted for it."""
+    by_lower: dict[str, str] = {}
+    for h in header:
+        by_lower.setdefault((h or "").strip().lower(), h)
+
+    def find(role: str) -> str | None:
+        return next((by_lower[a] for a in CSV_ALIASES[role] if a in by_lower), None)
+
+    found = {role: find(role) for role in CSV_ALIASES}
+    shown = ", ".join(h for h in header if h) or "(none)"
+    for role, label in (("lat", "latitude"), ("lon", "longitude")):
+        if found[role] is None:
+            raise InputError(f"{name} has no {label} column; accepted names (any case): "
+                             f"{_aliases(role)}. Columns found: {shown}")
+    if found["id"] is None and found["path"] is None:
+        raise InputError(f"{name} has no image id or path column; accepted names (any case): "
+                         f"{_aliases('id')} (an id) or {_aliases('path')} (a path). Columns found: {shown}")
+    lowered = set(by_lower)
+    lat_name, lon_name = found["lat"].strip().lower(), found["lon"].strip().lower()
+    id_name = (found["id"] or "").strip().lower()
+    if id_name == "id" and (lat_name, lon_name) == ("latitude", "longitude") and lowered & _OSV5M_MARKERS:
+        source = "osv5m"
+    elif id_name == "img_id" and (lat_name, lon_name) == ("lat", "lon"):
+        source = "im2gps3k"
+    else:
+        source = "csv"
+    return CsvColumns(lat=found["lat"], lon=found["lon"], id=found["id"], path=found["path"],
+                      sequence=found["sequence"], captured_at=found["captured_at"], source=source)
+
+
+def parse_coordinate(text: str | None, limit: float) -> tuple[float | None, str | None]:
+    """``(value, None)`` or ``(None, reason)`` for a latitude (limit 90) or longitude (180)."""
+    text = (text or "").strip()
+    if not text:
+        return None, INVALID_EMPTY
+    try:
+        value = float(text)
+    except ValueError:
+        return None, INVALID_NUMBER
+    if not math.isfinite(value):
+        return None, INVALID_NAN
+    if abs(value) > limit:
+        return None, INVALID_RANGE
+    return value, None
+
+
+def parse_time(text: str | None) -> str | None:
+    """A capture time as ISO 8601 UTC: epoch seconds or milliseconds (OSV-5M), or an ISO
+    string (naive ones are kept as they are); None when empty or unparseable."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(number):
+            return None
+        seconds = number / 1000.0 if abs(number) > 1e11 else number  # ms since 1973 vs s
+        try:
+            return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+        except (OverflowError, OSError, ValueError):
+            return None
+    try:
+        when = datetime.fromisoformat(text.replace(" ", "T", 1) if "T" not in text else text)
+    except ValueError:
+        return None
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC)
+    return when.isoformat(timespec="seconds")
+
+
+def _check_text(path: Path) -> tuple[int, str]:
+    """(data rows, delimiter) of a CSV: proves it is non-empty UTF-8 before anything is
+    imported, and counts lines for the progress bar."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    newlines, first, last = 0, "", b"\n"
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                bad = exc.object[exc.start] if exc.start < len(exc.object) else 0
+                line = newlines + bytes(exc.object[: exc.start]).count(b"\n") + 1
+                raise InputError(
+                    f"{path} is not UTF-8 text (byte 0x{bad:02x} on line {line}); "
+                    "save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)") from None
+            if not block:
+                break
+            if len(first) < 65536 and "\n" not in first:
+                first += text
+            newlines += block.count(b"\n")
+            last = block[-1:]
+    if not first.strip():
+        raise InputError(f"{path} is empty: expected a header line such as 'path,lat,lon'")
+    header = first.splitlines()[0]
+    delimiter = max(",;\t|", key=header.count) if any(c in header for c in ",;\t|") else ","
+    lines = newlines + (last != b"\n")  # a last line without its newline still counts
+    return max(0, lines - 1), delimiter
+
+
+def _rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            if reader.fieldnames is None:
+                return
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as exc:
+            raise InputError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
+
+
+class _Locator:
+    """Finds a CSV row's image under images_root (direct path, known extensions, then a
+    by-name index of the whole tree built on the first miss)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._index: dict[str, Path] | None = None
+
+    def _build_index(self) -> dict[str, Path]:
+        index: dict[str, Path] = {}
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            for f in sorted(filenames):
+                p = Path(dirpath) / f
+                index.setdefault(f, p)
+                if Path(f).suffix.lower() in IMAGE_EXTENSIONS:
+                    index.setdefault(Path(f).stem, p)
+        return index
+
+    def find(self, ref: str) -> Path | None:
+        ref_path = Path(ref)
+        base = ref_path if ref_path.is_absolute() else self.root / ref_path
+        candidates = [base]
+        if ref_path.suffix.lower() not in _KNOWN_SUFFIXES:
+            candidates += [base.with_name(base.name + e) for e in IMAGE_EXTENSIONS]
+            candidates += [base.with_name(base.name + e.upper()) for e in IMAGE_EXTENSIONS]
+        for c in candidates:
+            if c.is_file():
+                return c
+        if self._index is None:
+            self._index = self._build_index()
+        return self._index.get(ref_path.name)
+
+
+def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os.PathLike, *,
+               link: bool = False, progress: Progress | None = None) -> ImportSummary:
+    """Import the images a CSV lists with their coordinates (see the module docstring for
+    the accepted columns). The source is "osv5m" or "im2gps3k" when the columns say so,
+    else "csv"; source_id is the row's id (or path). A row whose source_id is already in
+    the manifest is a duplicate without its file being read, so re-imports are fast."""
+    csv_path = Path(csv_path).expanduser()
+    images_root = Path(images_root).expanduser()
+    if not csv_path.is_file():
+        raise InputError(f"{csv_path}: no such file" if not csv_path.exists() else f"{csv_path} is not a file")
+    if not images_root.is_dir():
+        raise InputError(f"{images_root}: no such directory (--images-root)")
+    total, delimiter = _check_text(csv_path)
+    with open(csv_path, encoding="utf-8-sig", newline="") as f:
+        header = next(csv.reader(f, delimiter=delimiter), [])
+    cols = match_columns(header, str(csv_path))
+    locate = _Locator(images_root)
+    s = ImportSummary(cols.source, str(csv_path))
+    with ws.manifest() as m:
+        try:
+            for done, (line, row) in enumerate(_rows(csv_path, delimiter), start=1):
+                s.total += 1
+                _import_row(m, s, cols, locate, line, row, link)
+                if progress:
+                    progress(done, max(total, done))
+        except KeyboardInterrupt:
+            s.interrupted = True
+    return s
+
+
+def _import_row(m: Manifest, s: ImportSummary, cols: CsvColumns, locate: _Locator, line: int,
+                row: dict[str, str], link: bool) -> None:
+    ident = (row.get(cols.id) or "").strip() if cols.id else ""
+    ref = (row.get(cols.path) or "").strip() if cols.path else ""
+    label = ident or ref or f"line {line}"
+    lat, why = parse_coordinate(row.get(cols.lat), 90.0)
+    if why is None:
+        lon, why = parse_coordinate(row.get(cols.lon), 180.0)
+    if why is not None:
+        s.skip(why, f"line {line}")
+        return
+    if not (ident or ref):
+        s.skip(MISSING_REF, f"line {line}")
+        return
+    source_id = ident or ref
+    if m.has_source_id(cols.source, source_id):
+        s.duplicates += 1
+        return
+    path = locate.find(ref or ident)
+    if path is None:
+        s.skip(MISSING_FILE, label)
+        return
+    extra = {"source": cols.source, "source_id": source_id,
+             "sequence_id": (row.get(cols.sequence) or "").strip() or None if cols.sequence else None,
+             "captured_at": parse_time(row.get(cols.captured_at)) if cols.captured_at else None}
+    _add_file(m, s, path, label, link=link, latlon=(lat, lon), row=extra)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _bar(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="img", file=sys.stderr, disable=None, dynamic_ncols=True)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    return bar, update
+
+
+def _report(s: ImportSummary, ws: Workspace) -> int:
+    print("\n".join(s.lines()))
+    with ws.manifest() as m:
+        summary = m.summary()
+    print(f"manifest: {summary['images']} images in {summary['cells']} L8 cells ({ws.manifest_path})")
+    return 130 if s.interrupted else 0
+
+
+def run_photos(args, ws: Workspace) -> int:
+    bar, update = _bar("import-photos")
+    try:
+        s = import_photos(ws, args.dir, link=args.link, recursive=args.recursive, progress=update)
+    finally:
+        bar.close()
+    return _report(s, ws)
+
+
+def run_csv(args, ws: Workspace) -> int:
+    bar, update = _bar("import-csv")
+    try:
+        s = import_csv(ws, args.file, args.images_root, link=args.link, progress=update)
+    finally:
+        bar.close()
+    return _report(s, ws)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "import-photos", help="import a folder of geotagged photos (GPS from EXIF)",
+        description="Import every photo under DIR that has an EXIF GPS position. Photos are copied "
+                    "into the workspace (or referenced with --link) and de-duplicated by content; "
+                    "files without GPS or that are not images are counted and skipped.")
+    p.add_argument("dir", metavar="DIR", help="folder of photos (or one photo)")
+    p.add_argument("--link", action="store_true",
+                   help="reference the photos where they are instead of copying them (default: copy)")
+    p.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
+                   help="descend into sub-folders (default: on; --no-recursive for DIR only)")
+    p.set_defaults(func=run_photos)
+
+    p = sub.add_parser(
+        "import-csv", help="import images listed in a CSV with their coordinates (OSV-5M, Im2GPS3k, ...)",
+        description="Import the images a CSV lists. Columns (any case): "
+                    f"id ({_aliases('id')}) or path ({_aliases('path')}); latitude ({_aliases('lat')}); "
+                    f"longitude ({_aliases('lon')}); optional sequence ({_aliases('sequence')}) and "
+                    f"capture time ({_aliases('captured_at')}). Rows with invalid coordinates or "
+                    "missing files are counted and skipped.")
+    p.add_argument("file", metavar="FILE", help="the CSV file (UTF-8; comma, semicolon or tab separated)")
+    p.add_argument("--images-root", required=True, metavar="DIR",
+                   help="folder the CSV's ids or paths are relative to (required)")
+    p.add_argument("--link", action="store_true",
+                   help="reference the images where they are instead of copying them (default: copy)")
+    p.set_defaults(func=run_csv)

@@ -1,0 +1,101 @@
+"""Run the real dashboard (`streamlit run app.py`) and drive it in headless Chromium.
+
+Used by tests/test_browser.py. The server runs over a temporary workspace on a free
+loopback port; Chromium is Debian's (/usr/bin/chromium) through Playwright, started with
+the flags this offline machine needs. Screenshots of failing pages go to test-output/.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT = ROOT / "test-output"
+CHROMIUM = os.environ.get("GEOHIER_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def streamlit_server(data_dir: Path, models_dir: Path, log_path: Path):
+    """Start `streamlit run app.py` on a free port; yield its base URL; stop it."""
+    port = free_port()
+    env = dict(os.environ, GEOHIER_DATA=str(data_dir), GEOHIER_MODELS=str(models_dir),
+               PYTHONUNBUFFERED="1")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true",
+         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited early:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def wait_for_app(page, timeout_s: float = 120.0) -> None:
+    """Wait until Streamlit has finished running the script (status widget idle, stable)."""
+    deadline = time.time() + timeout_s
+    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_s * 1000)
+    quiet_since = None
+    while time.time() < deadline:
+        running = page.locator('[data-testid="stStatusWidget"]').count() > 0 and \
+            "Running" in (page.locator('[data-testid="stStatusWidget"]').inner_text() or "")
+        skeleton = page.locator('[data-testid="stAppSkeleton"], [data-testid="stSkeleton"]').count() > 0
+        if running or skeleton:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.time()
+        elif time.time() - quiet_since > 1.5:
+            return
+        time.sleep(0.25)
+    raise TimeoutError("the app kept running")
+
+
+def exception_texts(page) -> list[str]:
+    boxes = page.locator('[data-testid="stException"]')
+    return [boxes.nth(i).inner_text() for i in range(boxes.count())]
+
+
+def screenshot(page, name: str) -> Path:
+    OUTPUT.mkdir(exist_ok=True)
+    path = OUTPUT / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path

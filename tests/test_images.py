@@ -1,0 +1,312 @@
+"""geohier.images: every image a user can hand us comes out upright RGB, or is refused by name."""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from geohier import images
+from geohier.errors import InputError
+from geohier.images import (
+    GPS_BROKEN,
+    GPS_INVALID,
+    GPS_MISSING,
+    ImageReadError,
+    brightness,
+    image_info,
+    inspect_gps,
+    open_image,
+    read_exif_time,
+    read_gps,
+)
+from tests.conftest import jpeg_bytes
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _noise_jpeg(size=(96, 96)) -> bytes:
+    rng = np.random.default_rng(0)
+    return _encode(Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)), "JPEG")
+
+
+# ------------------------------------------------------------------ GPS and EXIF
+
+
+@pytest.mark.parametrize("lat, lon", [
+    (48.8584, 2.2945),      # Paris: N, E
+    (-33.9249, 18.4241),    # Cape Town: S, E
+    (40.7128, -74.0060),    # New York: N, W
+    (-22.9068, -43.1729),   # Rio: S, W
+])
+def test_read_gps_signs_follow_hemisphere_refs(tmp_path, make_jpeg, lat, lon):
+    path = make_jpeg(tmp_path / "a.jpg", gps=(lat, lon))
+    got = read_gps(path)
+    assert got == pytest.approx((lat, lon), abs=1e-4)
+    assert read_gps(path.read_bytes()) == pytest.approx((lat, lon), abs=1e-4)
+    assert read_gps(Image.open(path)) == pytest.approx((lat, lon), abs=1e-4)
+    assert inspect_gps(path) == (got, None)
+
+
+def test_read_gps_absent(tmp_path, make_jpeg):
+    path = make_jpeg(tmp_path / "a.jpg")
+    assert read_gps(path) is None
+    assert inspect_gps(path) == (None, GPS_MISSING)
+
+
+def _exif_jpeg(gps: dict | None = None, exif_ifd: dict | None = None, ifd0: dict | None = None) -> bytes:
+    exif = Image.Exif()
+    for k, v in (ifd0 or {}).items():
+        exif[k] = v
+    if gps is not None:
+        exif[0x8825] = gps
+    if exif_ifd is not None:
+        exif[0x8769] = exif_ifd
+    return _encode(Image.new("RGB", (16, 16)), "JPEG", exif=exif.tobytes())
+
+
+def test_gps_broken_and_invalid_are_told_apart():
+    good = (Fraction(10), Fraction(30), Fraction(0))
+    bad_ref = _exif_jpeg({1: "X", 2: good, 3: "E", 4: good})
+    assert inspect_gps(bad_ref) == (None, GPS_BROKEN)
+    too_many_minutes = _exif_jpeg({1: "N", 2: (Fraction(10), Fraction(75), Fraction(0)), 3: "E", 4: good})
+    assert inspect_gps(too_many_minutes) == (None, GPS_BROKEN)
+    out_of_range = _exif_jpeg({1: "N", 2: (Fraction(95), Fraction(0), Fraction(0)), 3: "E", 4: good})
+    assert inspect_gps(out_of_range) == (None, GPS_INVALID)
+    null_island = _exif_jpeg({1: "N", 2: (Fraction(0), Fraction(0), Fraction(0)),
+                              3: "E", 4: (Fraction(0), Fraction(0), Fraction(0))})
+    assert inspect_gps(null_island) == (None, GPS_INVALID)
+    void_fix = _exif_jpeg({1: "N", 2: good, 3: "E", 4: good, 9: "V"})
+    assert inspect_gps(void_fix) == (None, GPS_MISSING)
+    for data in (bad_ref, too_many_minutes, out_of_range, null_island):
+        assert read_gps(data) is None
+
+
+def test_read_gps_of_non_image_is_none_but_inspect_refuses(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    assert read_gps(text) is None
+    with pytest.raises(InputError, match="notes.txt"):
+        inspect_gps(text)
+
+
+def test_read_exif_time_with_offset_is_utc_and_without_is_local():
+    with_offset = _exif_jpeg(exif_ifd={0x9003: "2021:06:01 14:30:00", 0x9011: "+02:00"})
+    assert read_exif_time(with_offset) == "2021-06-01T12:30:00+00:00"
+    local = _exif_jpeg(exif_ifd={0x9003: "2021:06:01 14:30:00"})
+    assert read_exif_time(local) == "2021-06-01T14:30:00"
+    ifd0_only = _exif_jpeg(ifd0={0x0132: "2020:01:02 03:04:05"})
+    assert read_exif_time(ifd0_only) == "2020-01-02T03:04:05"
+    gps_stamp = _exif_jpeg({29: "2019:12:31", 7: (Fraction(23), Fraction(59), Fraction(58))})
+    assert read_exif_time(gps_stamp) == "2019-12-31T23:59:58+00:00"
+    assert read_exif_time(_exif_jpeg(exif_ifd={0x9003: "garbage"})) is None
+    assert read_exif_time(_exif_jpeg()) is None
+
+
+# ------------------------------------------------------------------ orientation and size
+
+
+def test_orientation_6_swaps_width_and_height_and_rotates(tmp_path, make_jpeg):
+    # The fixture's left half is the inverted colour; orientation 6 means "rotate 90 deg
+    # clockwise to display", so the left half ends on top.
+    path = make_jpeg(tmp_path / "o.jpg", size=(64, 48), color=(20, 20, 20), orientation=6)
+    img = open_image(path)
+    assert img.size == (48, 64)
+    top, bottom = img.getpixel((24, 8)), img.getpixel((24, 56))
+    assert top[0] > 200 and bottom[0] < 60
+    info = image_info(path)
+    assert (info.width, info.height, info.orientation) == (48, 64, 6)
+
+
+@pytest.mark.parametrize("orientation, size", [(1, (64, 48)), (3, (64, 48)), (8, (48, 64)), (5, (48, 64))])
+def test_other_orientations(tmp_path, make_jpeg, orientation, size):
+    path = make_jpeg(tmp_path / "o.jpg", size=(64, 48), orientation=orientation)
+    assert open_image(path).size == size
+
+
+def test_max_side_shrinks_while_decoding_and_keeps_aspect(tmp_path, make_jpeg, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    decoded = []
+    real_load = JpegImagePlugin.JpegImageFile.load
+
+    def spy_load(self):
+        decoded.append(self.size)  # the size the decoder is about to produce
+        return real_load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy_load)
+    path = make_jpeg(tmp_path / "big.jpg", size=(1600, 1200), orientation=6)
+    img = open_image(path, max_side=200)
+    assert img.size == (150, 200) and img.mode == "RGB"
+    # JPEG draft: the decoder itself works at 1/4 scale; the 1600x1200 picture never exists.
+    assert decoded and max(decoded) == (400, 300)
+    assert open_image(path, max_side=5000).size == (1200, 1600)  # never enlarged
+
+
+# ------------------------------------------------------------------ modes and formats
+
+
+def test_modes_become_rgb():
+    # CMYK: pure cyan ink is (0, 255, 255) in RGB.
+    cmyk = Image.new("CMYK", (8, 8), (255, 0, 0, 0))
+    for fmt in ("JPEG", "TIFF"):
+        px = open_image(_encode(cmyk, fmt)).getpixel((4, 4))
+        assert px[0] < 30 and px[1] > 225 and px[2] > 225, (fmt, px)
+    # LA fully transparent -> white; half transparent black -> mid grey.
+    assert open_image(_encode(Image.new("LA", (8, 8), (0, 0)), "PNG")).getpixel((1, 1)) == (255, 255, 255)
+    half = open_image(_encode(Image.new("RGBA", (8, 8), (0, 0, 0, 128)), "PNG")).getpixel((1, 1))
+    assert all(120 <= c <= 135 for c in half)
+    # Opaque RGBA keeps its colour.
+    assert open_image(_encode(Image.new("RGBA", (8, 8), (10, 200, 30, 255)), "PNG")).getpixel((0, 0)) == (10, 200, 30)
+    # P with a transparent palette index -> white there, colour elsewhere.
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    pal.paste(0, (0, 0, 4, 8))
+    for fmt in ("PNG", "GIF"):
+        img = open_image(_encode(pal, fmt, transparency=0))
+        assert img.getpixel((1, 1)) == (255, 255, 255) and img.getpixel((6, 6)) == (200, 0, 0), fmt
+    # P without transparency -> its palette colours.
+    assert open_image(_encode(pal, "PNG")).getpixel((6, 6)) == (200, 0, 0)
+    # 16-bit grey: full range scaled to 8 bits.
+    arr16 = np.array([[0, 32896, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    img16 = Image.fromarray(arr16)
+    assert img16.mode.startswith("I;16")
+    out = open_image(_encode(img16, "PNG"))
+    assert [out.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+    # 32-bit int and float greys, bilevel, plain grey.
+    i32 = Image.fromarray(np.array([[0, 65535]], dtype=np.int32))
+    assert open_image(i32).getpixel((1, 0)) == (255, 255, 255)
+    f32 = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert [open_image(f32).getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
+    assert open_image(_encode(Image.new("1", (8, 8), 1), "PNG")).getpixel((0, 0)) == (255, 255, 255)
+    assert open_image(_encode(Image.new("L", (8, 8), 77), "PNG")).getpixel((0, 0)) == (77, 77, 77)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_formats(fmt):
+    data = _encode(Image.new("RGB", (40, 30), (200, 10, 10)), fmt)
+    img = open_image(data)
+    assert img.mode == "RGB" and img.size == (40, 30)
+    r, g, b = img.getpixel((20, 15))
+    assert r > 180 and g < 40 and b < 40
+    assert image_info(data).ext == images.FORMAT_EXTENSIONS[fmt]
+
+
+def test_sources_path_bytes_and_file_objects(tmp_path, make_jpeg):
+    path = make_jpeg(tmp_path / "a.jpg")
+    data = path.read_bytes()
+    upload = io.BytesIO(data)
+    upload.name = "upload.jpg"
+    upload.read()  # Streamlit may hand us the object with its cursor at the end
+    with open(path, "rb") as f:
+        sizes = {open_image(s).size for s in (path, str(path), data, bytearray(data), upload, f)}
+    assert sizes == {(64, 48)}
+    with pytest.raises(InputError, match="upload.jpg"):
+        bad = io.BytesIO(b"nope")
+        bad.name = "upload.jpg"
+        open_image(bad)
+
+
+def test_a_pil_image_is_converted_not_mutated():
+    src = Image.new("RGB", (400, 100), (1, 2, 3))
+    out = open_image(src, max_side=100)
+    assert out.size == (100, 25) and src.size == (400, 100) and out is not src
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def _refused(src, reason, name):
+    with pytest.raises(ImageReadError) as info:
+        open_image(src)
+    assert info.value.reason == reason
+    assert name in str(info.value)
+    assert isinstance(info.value, InputError)
+    return str(info.value)
+
+
+def test_zero_byte_file_refused(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    assert "0 bytes" in _refused(path, images.READ_EMPTY, "empty.jpg")
+
+
+def test_truncated_files_refused(tmp_path):
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    data = _noise_jpeg()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    assert "truncated" in _refused(path, images.READ_TRUNCATED, "cut.jpg")
+    with pytest.raises(ImageReadError, match="truncated"):
+        open_image(Image.open(path))  # a caller's lazily opened image is decoded in full too
+    png = _encode(Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "PNG")
+    cut_png = tmp_path / "cut.png"
+    cut_png.write_bytes(png[: len(png) // 2])
+    with pytest.raises(ImageReadError, match="cut.png"):
+        open_image(cut_png)
+    with pytest.raises(ImageReadError, match="cut.png"):
+        image_info(cut_png)  # a decoding import sees it too
+
+
+def test_not_an_image_refused(tmp_path):
+    path = tmp_path / "readme.jpg"
+    path.write_text("this is text, not a JPEG\n" * 10)
+    assert "not an image" in _refused(path, images.READ_NOT_IMAGE, "readme.jpg")
+    _refused(tmp_path, images.READ_NOT_IMAGE, str(tmp_path))  # a directory
+
+
+def test_missing_file_refused(tmp_path):
+    assert "no such file" in _refused(tmp_path / "gone.jpg", images.READ_MISSING, "gone.jpg")
+
+
+def test_decompression_bomb_refused(tmp_path, make_jpeg, monkeypatch):
+    path = make_jpeg(tmp_path / "bomb.jpg", size=(64, 48))  # 3,072 pixels
+    with pytest.raises(ImageReadError) as info:
+        open_image(path, max_pixels=1000)
+    assert info.value.reason == images.READ_TOO_LARGE
+    assert "bomb.jpg" in str(info.value) and "64x48" in str(info.value)
+    # The module-wide limit applies by default; so does Pillow's own guard.
+    monkeypatch.setattr(images, "MAX_PIXELS", 2000)
+    with pytest.raises(ImageReadError, match="limit"):
+        open_image(path)
+    with pytest.raises(ImageReadError, match="bomb.jpg"):
+        image_info(path, decode=False)
+    monkeypatch.setattr(images, "MAX_PIXELS", 0)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageReadError, match="bomb.jpg") as info:
+        open_image(path)
+    assert info.value.reason == images.READ_TOO_LARGE
+
+
+def test_heic_without_pillow_heif_gets_a_hint(monkeypatch):
+    monkeypatch.setattr(images, "_heif_state", False)
+    fake = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
+    with pytest.raises(ImageReadError, match="pillow-heif"):
+        open_image(fake)
+
+
+# ------------------------------------------------------------------ brightness and info
+
+
+def test_brightness():
+    assert brightness(Image.new("RGB", (10, 10), (0, 0, 0))) == 0.0
+    assert brightness(Image.new("L", (2000, 10), 200)) == pytest.approx(200.0)
+    img = Image.new("L", (600, 600), 0)
+    img.paste(255, (0, 0, 300, 600))
+    assert brightness(img) == pytest.approx(127.5, abs=1.0)
+
+
+def test_image_info_reads_everything_once(tmp_path):
+    data = jpeg_bytes(size=(64, 48), color=(250, 250, 250), gps=(-33.9, 18.4), orientation=8)
+    info = image_info(data)
+    assert (info.format, info.ext, info.width, info.height) == ("JPEG", "jpg", 48, 64)
+    assert info.gps == pytest.approx((-33.9, 18.4), abs=1e-4) and info.gps_problem is None
+    assert 100 < info.brightness < 200  # half near-white, half near-black
+    assert image_info(data, decode=False).brightness is None

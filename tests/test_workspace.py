@@ -1,0 +1,236 @@
+"""geohier.workspace: where things live, and the SQLite image manifest."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from geohier import grid
+from geohier.errors import InputError, InvalidCoordinateError, InvalidLevelError, WorkspaceError
+from geohier.workspace import (
+    IMAGE_COLUMNS,
+    MANIFEST_LEVEL,
+    Manifest,
+    Workspace,
+    atomic_write_bytes,
+    sha256_bytes,
+    sha256_file,
+)
+
+CAPE_TOWN = (-33.92, 18.42)
+NEW_YORK = (40.71, -74.01)
+TOKYO = (35.68, 139.69)
+
+
+def _add(m: Manifest, lat: float, lon: float, n: int, source: str = "demo") -> int:
+    return m.add_image(source=source, lat=lat, lon=lon, sha256=f"sha{n}", path=f"images/{n}.jpg",
+                       source_id=f"id{n}")
+
+
+# ------------------------------------------------------------------ Workspace
+
+
+def test_from_env_precedence_explicit_then_env_then_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GEOHIER_DATA", raising=False)
+    monkeypatch.delenv("GEOHIER_MODELS", raising=False)
+    ws = Workspace.from_env()
+    assert (ws.data_dir, ws.models_dir) == (tmp_path / "data", tmp_path / "models")
+    monkeypatch.setenv("GEOHIER_DATA", str(tmp_path / "env_data"))
+    monkeypatch.setenv("GEOHIER_MODELS", str(tmp_path / "env_models"))
+    ws = Workspace.from_env()
+    assert (ws.data_dir, ws.models_dir) == (tmp_path / "env_data", tmp_path / "env_models")
+    ws = Workspace.from_env(tmp_path / "mine", "rel_models")
+    assert (ws.data_dir, ws.models_dir) == (tmp_path / "mine", tmp_path / "rel_models")
+    assert ws.data_dir.is_absolute() and ws.models_dir.is_absolute()
+
+
+def test_paths_resolve_and_runs(ws):
+    assert ws.manifest_path == ws.data_dir / "manifest.sqlite"
+    assert ws.images_dir == ws.data_dir / "images"
+    assert ws.hierarchy_path == ws.data_dir / "hierarchy.json"
+    assert ws.resolve("images/ab/x.jpg") == ws.data_dir / "images/ab/x.jpg"
+    assert ws.resolve("/elsewhere/x.jpg") == Path("/elsewhere/x.jpg")
+    (ws.models_dir / "b_run").mkdir()
+    (ws.models_dir / "b_run" / "config.json").write_text("{}")
+    (ws.models_dir / "a_run").mkdir()
+    (ws.models_dir / "a_run" / "meta.json").write_text("{}")
+    (ws.models_dir / "not_a_run").mkdir()
+    assert [p.name for p in ws.runs()] == ["a_run", "b_run"]
+    assert Workspace(ws.data_dir, ws.models_dir / "missing").runs() == []
+    assert not ws.has_manifest()
+    ws.manifest().close()
+    assert ws.has_manifest()
+
+
+# ------------------------------------------------------------------ schema
+
+
+def test_manifest_is_wal_with_the_designed_schema(ws):
+    with ws.manifest() as m:
+        assert m.conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+        images = [r[1] for r in m.conn.execute("PRAGMA table_info(images)")]
+        fetch_log = [r[1] for r in m.conn.execute("PRAGMA table_info(fetch_log)")]
+    assert images == ["id", "source", "source_id", "sequence_id", "lat", "lon", "captured_at", "cell",
+                      "path", "width", "height", "brightness", "sha256", "split", "added_at"]
+    assert tuple(images) == IMAGE_COLUMNS
+    assert fetch_log == ["cell", "status", "found", "kept", "error", "at"]
+    # Reopening an existing manifest keeps it (CREATE ... IF NOT EXISTS).
+    with ws.manifest() as m:
+        assert m.count() == 0
+
+
+def test_readers_are_not_blocked_by_a_writer(ws):
+    with ws.manifest() as writer, ws.manifest() as reader:
+        _add(writer, *TOKYO, 0)
+        with writer.transaction():
+            _add(writer, *NEW_YORK, 1)
+            assert reader.count() == 1  # WAL: the reader sees the last commit, immediately
+        assert reader.count() == 2
+
+
+def test_a_corrupt_manifest_is_a_workspace_error(ws):
+    ws.manifest_path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(WorkspaceError, match="manifest.sqlite"):
+        ws.manifest()
+
+
+# ------------------------------------------------------------------ writing rows
+
+
+def test_add_image_stores_the_l8_cell_and_refuses_duplicates(ws):
+    with ws.manifest() as m:
+        i = _add(m, *CAPE_TOWN, 1)
+        assert isinstance(i, int)
+        row = m.frame(where="id = ?", params=(i,)).iloc[0]
+        assert row.cell == grid.to_id(grid.cell(*CAPE_TOWN, MANIFEST_LEVEL), sep="")
+        assert len(row.cell) == MANIFEST_LEVEL and row.added_at.endswith("+00:00")
+        assert _add(m, *NEW_YORK, 1) is None  # same sha256
+        assert m.add_image(source="demo", lat=0.0, lon=1.0, sha256="other", path="x",
+                           source_id="id1") is None  # same (source, source_id)
+        assert m.add_image(source="photos", lat=0.0, lon=1.0, sha256="other", path="x",
+                           source_id="id1") is not None  # another source may reuse the id
+        assert m.count() == 2
+        with pytest.raises(InvalidCoordinateError, match="95"):
+            m.add_image(source="demo", lat=95.0, lon=0.0, sha256="bad", path="x")
+        # A CHECK failure is bad input, not a "duplicate" (None would hide it).
+        with pytest.raises(InputError, match="CHECK constraint"):
+            m.add_image(source="demo", lat=1.0, lon=1.0, sha256="s", path="x", split="holdout")
+        assert m.count() == 2
+
+
+def test_store_image_writes_the_file_then_the_row(ws):
+    data = b"\xff\xd8 not really a jpeg but bytes are bytes"
+    sha = sha256_bytes(data)
+    with ws.manifest() as m:
+        i = m.store_image(data, ".JPG", source="photos", lat=1.0, lon=2.0, source_id="a")
+        assert i is not None
+        path = m.frame(["path"]).path[0]
+        assert path == f"images/{sha[:2]}/{sha}.jpg"
+        assert (ws.data_dir / path).read_bytes() == data
+        assert sha256_file(ws.data_dir / path) == sha
+        # Duplicate bytes: nothing written, None returned.
+        assert m.store_image(data, "jpg", source="photos", lat=3.0, lon=4.0, source_id="b") is None
+        assert m.count() == 1
+    files = [p for p in ws.images_dir.rglob("*") if p.is_file()]
+    assert files == [ws.data_dir / path]  # no temp files left behind
+
+
+def test_store_image_interrupted_before_the_row_leaves_only_a_file(ws, monkeypatch):
+    def boom(self, **row):
+        raise KeyboardInterrupt
+
+    with ws.manifest() as m:
+        monkeypatch.setattr(Manifest, "add_image", boom)
+        with pytest.raises(KeyboardInterrupt):
+            m.store_image(b"abc", "png", source="photos", lat=1.0, lon=2.0)
+        monkeypatch.undo()
+        assert m.count() == 0
+        assert len(list(ws.images_dir.rglob("*.png"))) == 1
+        # The next import of the same bytes reuses that file and adds the row.
+        assert m.store_image(b"abc", "png", source="photos", lat=1.0, lon=2.0) is not None
+    assert len(list(ws.images_dir.rglob("*.png"))) == 1
+
+
+def test_atomic_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "sub" / "f.bin"
+    atomic_write_bytes(target, b"old")
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in target.parent.iterdir()] == ["f.bin"]
+
+
+# ------------------------------------------------------------------ reading
+
+
+def test_counts_per_level(ws):
+    with ws.manifest() as m:
+        for n, point in enumerate([CAPE_TOWN, CAPE_TOWN, NEW_YORK, TOKYO, (-33.5, 18.9)]):
+            _add(m, *point, n)
+        assert m.counts(1) == {"3": 3, "0": 1, "1": 1}  # Cape Town SE, New York NW, Tokyo NE
+        l3 = m.counts(3)
+        assert sum(l3.values()) == 5 and l3[grid.to_id(grid.cell(*NEW_YORK, 3))] == 1
+        assert l3[grid.to_id(grid.cell(*CAPE_TOWN, 3))] == 3
+        l8 = m.counts(8)
+        assert l8[grid.to_id(grid.cell(*CAPE_TOWN, 8))] == 2 and len(l8) == 4
+        keys, counts = m.count_keys(3)
+        assert list(keys) == sorted(keys) and counts.sum() == 5
+        assert grid.keys_to_ids(keys, 3) == sorted(l3)
+        with pytest.raises(InputError, match="level 8"):
+            m.counts(9)
+        with pytest.raises(InvalidLevelError):
+            m.counts(0)
+        lat, lon = m.points()
+        np.testing.assert_allclose(lat[:3], [CAPE_TOWN[0], CAPE_TOWN[0], NEW_YORK[0]])
+        assert m.summary() == {"images": 5, "cells": 4, "by_source": {"demo": 5},
+                               "by_split": {"unassigned": 5}}
+
+
+def test_empty_manifest_reads(ws):
+    with ws.manifest() as m:
+        assert m.counts(3) == {}
+        keys, counts = m.count_keys(3)
+        assert keys.dtype == np.int64 and len(keys) == len(counts) == 0
+        lat, lon = m.points()
+        assert lat.shape == lon.shape == (0,)
+        assert m.summary()["images"] == 0
+        assert list(m.frame().columns) == list(IMAGE_COLUMNS)
+
+
+def test_frame_rejects_unknown_columns(ws):
+    with ws.manifest() as m, pytest.raises(InputError, match="nope"):
+        m.frame(["id", "nope"])
+
+
+def test_set_splits_validates_then_writes_in_one_transaction(ws):
+    with ws.manifest() as m:
+        ids = [_add(m, *TOKYO, n) for n in range(3)]
+        with pytest.raises(InputError, match="holdout"):
+            m.set_splits({ids[0]: "train", ids[1]: "holdout"})
+        assert m.frame(["split"]).split.isna().all()  # nothing half-applied
+        m.set_splits({ids[0]: "train", ids[1]: "val", ids[2]: "test"})
+        assert list(m.frame(["split"]).split) == ["train", "val", "test"]
+        assert m.summary()["by_split"] == {"train": 1, "val": 1, "test": 1}
+        with pytest.raises(RuntimeError), m.transaction() as conn:
+            conn.execute("UPDATE images SET split = NULL")
+            raise RuntimeError("rolled back")
+        assert list(m.frame(["split"]).split) == ["train", "val", "test"]
+
+
+def test_fetch_log_upserts(ws):
+    with ws.manifest() as m:
+        m.log_fetch("0/1", "partial", found=10, kept=3, error="timeout")
+        m.log_fetch("0/1", "done", found=12, kept=12)
+        m.log_fetch("0/2", "empty")
+        status = m.fetch_status()
+    assert status["0/1"]["status"] == "done" and status["0/1"]["kept"] == 12
+    assert status["0/1"]["error"] is None and status["0/2"]["found"] == 0
