@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "pipeline.train",
     "pipeline.evaluate",
     "pipeline.predict",
+    "pipeline.quickstart",
 )
 
 
@@ -56,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     except GeohierError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `... | head` closed our stdout: not an error worth a line
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the exit flush does not fail again
+        except OSError:
+            pass
+        return 141
     except OSError as exc:  # a path the user gave: missing, unreadable, disk full
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
@@ -66,4 +73,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(os.sys.argv[1:]))
+    sys.exit(main())
