@@ -1,0 +1,404 @@
+"""Backbones with one linear head per grid level; checkpoints as safetensors + JSON.
+
+A ``GeoModel`` is a torchvision backbone whose final classifier layer is removed (so it
+returns its global pooled features) followed by one ``nn.Linear`` per level: one forward
+pass serves every level. The seed's "one model per level" shape is simply a run whose
+model has a single level.
+
+Like nanoGPT's ``GPTConfig``, a small dataclass (``ModelConfig``) describes the model and is
+stored in the run's meta.json (``arch``), so ``load_run`` rebuilds the model from the run
+directory alone. Tensors are stored with safetensors and everything else as JSON: loading a
+checkpoint never unpickles anything.
+
+>>> m = build_model("resnet18", {1: 4, 3: 20})
+>>> {lv: tuple(t.shape) for lv, t in m(torch.zeros(2, 3, 32, 32)).items()}
+{1: (2, 4), 3: (2, 20)}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.error
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from geohier.errors import GeohierError, InputError, WorkspaceError
+from geohier.workspace import atomic_write_text
+
+RUN_FORMAT = "geohier-run/1"
+DEFAULT_BACKBONE = "resnet50"
+# torchvision factory names, in the order the UI lists them (default first).
+BACKBONES = ("resnet50", "resnet18", "resnet34", "mobilenet_v3_large", "efficientnet_b0",
+             "convnext_tiny")
+WEIGHTS_HELP = "imagenet | none | a local .safetensors file"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+
+
+class ModelError(GeohierError):
+    """A backbone, a weights file or a checkpoint cannot be used."""
+
+
+def check_backbone(name: str) -> str:
+    """``name`` if torchvision builds it here, else a ModelError listing the valid names."""
+    if name not in BACKBONES:
+        raise ModelError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    return name
+
+
+@dataclass
+class ModelConfig:
+    """What ``GeoModel`` needs to rebuild itself (stored as meta.json's ``arch``)."""
+
+    backbone: str = DEFAULT_BACKBONE
+    levels: list[int] = field(default_factory=list)
+    num_classes: dict[int, int] = field(default_factory=dict)
+    head_dropout: float = 0.0
+
+    def __post_init__(self):
+        check_backbone(self.backbone)
+        self.num_classes = {int(k): int(v) for k, v in self.num_classes.items()}
+        if not self.levels:
+            self.levels = sorted(self.num_classes)
+        self.levels = [int(v) for v in self.levels]
+        if sorted(self.levels) != sorted(self.num_classes) or len(set(self.levels)) != len(self.levels):
+            raise ModelError(f"levels {self.levels} do not match the class counts of levels "
+                             f"{sorted(self.num_classes)}")
+        for lv, n in self.num_classes.items():
+            if n < 1:
+                raise ModelError(f"level {lv} has {n} classes; a head needs at least 1")
+
+    def to_dict(self) -> dict:
+        """JSON form: level keys as strings (JSON object keys)."""
+        d = asdict(self)
+        d["num_classes"] = {str(k): v for k, v in self.num_classes.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ModelConfig:
+        known = {k: d[k] for k in ("backbone", "levels", "num_classes", "head_dropout") if k in d}
+        return cls(**known)
+
+
+def _strip_classifier(net: nn.Module) -> tuple[nn.Module, int]:
+    """Replace the last ``nn.Linear`` of a torchvision classifier by Identity.
+
+    What remains returns the pooled pre-logit features: 2048/512 for ResNets, 1280 for
+    MobileNetV3 (its 960->1280 pre-logit layer is kept: it is part of the pretrained net),
+    1280 for EfficientNet-B0, 768 for ConvNeXt-T (after its LayerNorm + flatten).
+    """
+    if isinstance(getattr(net, "fc", None), nn.Linear):  # ResNet
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, dim
+    cls = getattr(net, "classifier", None)
+    if isinstance(cls, nn.Sequential) and isinstance(cls[-1], nn.Linear):
+        dim = cls[-1].in_features
+        cls[-1] = nn.Identity()
+        return net, dim
+    raise ModelError(f"do not know how to remove the classifier of {type(net).__name__}")
+
+
+def _classifier_prefixes(name: str) -> tuple[str, ...]:
+    """State-dict key prefixes of the final classifier layer that _strip_classifier drops."""
+    if name.startswith("resnet"):
+        return ("fc.",)
+    if name == "mobilenet_v3_large":
+        return ("classifier.3.",)
+    if name == "efficientnet_b0":
+        return ("classifier.1.",)
+    return ("classifier.2.",)  # convnext_tiny
+
+
+class GeoModel(nn.Module):
+    """A backbone and one linear head per level.
+
+    ``forward(x)`` maps images (B, 3, H, W) to ``{level: logits (B, C_level)}``;
+    ``features(x)`` returns the shared pooled features (B, D).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        net = torchvision.models.get_model(config.backbone, weights=None)
+        self.backbone, self.feature_dim = _strip_classifier(net)
+        self.dropout = nn.Dropout(config.head_dropout) if config.head_dropout > 0 else nn.Identity()
+        # ModuleDict keys must be strings: "1", "3", ... (so state-dict keys are "heads.3.weight").
+        self.heads = nn.ModuleDict({str(lv): nn.Linear(self.feature_dim, config.num_classes[lv])
+                                    for lv in config.levels})
+
+    @property
+    def levels(self) -> list[int]:
+        return list(self.config.levels)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)  # (B, D)
+
+    def forward_heads(self, feats: torch.Tensor) -> dict[int, torch.Tensor]:
+        f = self.dropout(feats)
+        return {lv: self.heads[str(lv)](f) for lv in self.config.levels}  # {lv: (B, C_lv)}
+
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        return self.forward_heads(self.features(x))  # {lv: (B, C_lv)}
+
+
+# ----------------------------------------------------------------- weights
+
+
+def imagenet_weights(backbone: str):
+    """torchvision's default ImageNet weights enum entry of a backbone."""
+    return torchvision.models.get_model_weights(check_backbone(backbone)).DEFAULT
+
+
+def imagenet_cache_path(backbone: str) -> Path:
+    """Where torch's hub cache keeps (or would keep) a backbone's ImageNet weights."""
+    url = imagenet_weights(backbone).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _imagenet_state(backbone: str, download: bool = True) -> dict[str, torch.Tensor]:
+    weights = imagenet_weights(backbone)
+    cached = imagenet_cache_path(backbone)
+    if not cached.exists() and not download:
+        raise ModelError(f"ImageNet weights for {backbone} are not in the torch cache ({cached}); "
+                         "allow a download or use --weights none")
+    try:
+        # weights_only=True: torch's restricted loader, which reads tensors and executes no
+        # code (torchvision ships .pth files; this is the one non-safetensors read).
+        state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        if cached.exists():
+            raise ModelError(f"cannot read the cached ImageNet weights {cached}: {exc}; "
+                             "delete the file to download it again") from None
+        raise ModelError(f"ImageNet weights for {backbone} are not cached ({cached}) and cannot "
+                         f"be downloaded from {weights.url} (offline?): {exc}. Download that "
+                         "file to the path above, or use --weights none") from None
+    return state
+
+
+def _load_backbone_file(model: GeoModel, path: Path) -> None:
+    """Load backbone weights from a local safetensors file.
+
+    Accepted key layouts: a torchvision state dict (``conv1.weight``, ``fc.weight`` ...) or a
+    geohier checkpoint (``backbone.conv1.weight`` ..., ``heads.*``). The final classifier and
+    the heads of the file are ignored; anything else that does not fit is an error.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"weights file {path} does not exist (use imagenet, none or a .safetensors file)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read weights file {path} as safetensors: {exc}") from None
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    drop = _classifier_prefixes(model.config.backbone)
+    state = {k: v for k, v in state.items() if not k.startswith(drop)}
+    own = model.backbone.state_dict()
+    wrong_shape = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}"
+                   for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if wrong_shape or missing or unexpected:
+        parts = []
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} with another shape ({', '.join(wrong_shape[:3])})")
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])})")
+        raise InputError(f"weights file {path} does not fit a {model.config.backbone} backbone: "
+                         + "; ".join(parts))
+    model.backbone.load_state_dict(state)
+
+
+def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: Mapping[int, int] | None = None,
+                weights: str = "none", head_dropout: float = 0.0, download: bool = True) -> GeoModel:
+    """A ``GeoModel`` with heads for ``num_classes`` ({level: classes}).
+
+    ``weights``: ``"none"`` (random init), ``"imagenet"`` (torchvision's default weights,
+    downloaded into the torch cache on first use when ``download``), or the path of a
+    ``.safetensors`` file with backbone weights.
+    """
+    check_backbone(backbone)
+    if not num_classes:
+        raise ModelError("build_model needs the number of classes of at least one level")
+    config = ModelConfig(backbone=backbone, levels=sorted(int(k) for k in num_classes),
+                         num_classes=dict(num_classes), head_dropout=head_dropout)
+    w = str(weights)
+    model = GeoModel(config)
+    if w == "imagenet":
+        state = _imagenet_state(backbone, download=download)
+        drop = _classifier_prefixes(backbone)
+        model.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith(drop)})
+        return model
+    if w in ("none", "", "None"):
+        return model
+    if w.endswith(".safetensors") or Path(w).exists():
+        _load_backbone_file(model, Path(w).expanduser())
+        return model
+    raise InputError(f"unknown weights {weights!r}; use {WEIGHTS_HELP}")
+
+
+# ----------------------------------------------------------------- checkpoints
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The GeoModel inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def state_dict_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous copies of a module's state, none sharing storage (safetensors refuses
+    shared tensors)."""
+    out, seen = {}, set()
+    for k, v in unwrap(model).state_dict().items():
+        t = v.detach().to("cpu").contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add((t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()))
+        out[k] = t
+    return out
+
+
+def save_tensors_atomic(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                        metadata: Mapping[str, str] | None = None) -> None:
+    """safetensors.save_file through a temporary file in the same directory + rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, meta: dict) -> None:
+    """Write model.safetensors then meta.json into ``run_dir``, each atomically.
+
+    ``meta`` is completed with ``format`` and ``arch`` (from the model) when missing.
+    """
+    run_dir = Path(run_dir)
+    net = unwrap(model)
+    meta = dict(meta)
+    meta.setdefault("format", RUN_FORMAT)
+    meta["arch"] = net.config.to_dict()
+    save_tensors_atomic(run_dir / WEIGHTS_FILE, state_dict_tensors(net),
+                        metadata={"format": RUN_FORMAT, "backbone": net.config.backbone})
+    atomic_write_text(run_dir / META_FILE, json.dumps(meta, indent=1) + "\n")
+
+
+def read_meta(run_dir: str | os.PathLike) -> dict:
+    """A run's meta.json, checked for its format."""
+    path = Path(run_dir) / META_FILE
+    if not path.is_file():
+        raise WorkspaceError(f"{Path(run_dir)} is not a finished run: no {META_FILE}")
+    try:
+        meta = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WorkspaceError(f"cannot read {path}: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT or "arch" not in meta:
+        raise WorkspaceError(f"{path} is not a geohier run description (format {RUN_FORMAT})")
+    return meta
+
+
+def check_meta(meta: dict, where: str = "") -> ModelConfig:
+    """The model config of a meta.json, after checking it against its own hierarchy:
+    the hierarchy's hash, and every head's class count against that level's class list."""
+    try:
+        config = ModelConfig.from_dict(meta["arch"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelError(f"{where}meta.json has an unusable arch: {exc}") from None
+    hier = meta.get("hierarchy")
+    if not isinstance(hier, dict) or "classes" not in hier:
+        raise ModelError(f"{where}meta.json has no hierarchy: cannot tell which class is which")
+    stored = meta.get("hierarchy_hash")
+    actual = _hierarchy_hash(hier, where)
+    if stored is None or actual != stored:
+        raise ModelError(f"{where}meta.json's hierarchy does not match its hash ({actual} != {stored}); "
+                         "the class lists were changed after training")
+    for lv in config.levels:
+        cells = hier["classes"].get(str(lv), {}).get("cells")
+        if cells is None:
+            raise ModelError(f"{where}the model has a head for level {lv} but the hierarchy has no such level")
+        if len(cells) != config.num_classes[lv]:
+            raise ModelError(f"{where}the level {lv} head has {config.num_classes[lv]} classes but the "
+                             f"hierarchy lists {len(cells)} cells at level {lv}")
+    return config
+
+
+def _hierarchy_hash(hier: dict, where: str = "") -> str | None:
+    """The hash of a hierarchy dict, recomputed by geohier.hierarchy when it can."""
+    try:
+        from geohier.hierarchy import Hierarchy
+    except ImportError:  # pragma: no cover - hierarchy.py is part of the package
+        return hier.get("hash")
+    try:
+        return Hierarchy.from_dict(hier).hash
+    except GeohierError as exc:
+        raise ModelError(f"{where}meta.json's hierarchy is unusable: {exc}") from None
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
+             expect_hash: str | None = None) -> tuple[GeoModel, dict]:
+    """Rebuild a run's model from its directory alone: ``(model in eval mode, meta)``.
+
+    Refuses (ModelError) a meta.json whose hierarchy does not match its hash or its heads,
+    weights whose shapes differ from the heads, and, when ``expect_hash`` is given (the
+    current workspace's hierarchy), a run trained on another hierarchy.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    where = f"run {run_dir.name}: "
+    config = check_meta(meta, where)
+    if expect_hash is not None and meta.get("hierarchy_hash") != expect_hash:
+        raise ModelError(f"{where}trained on hierarchy {str(meta.get('hierarchy_hash'))[:12]}, but the "
+                         f"workspace's hierarchy is {expect_hash[:12]}; retrain or use the matching data")
+    path = run_dir / WEIGHTS_FILE
+    if not path.is_file():
+        raise WorkspaceError(f"{where}no {WEIGHTS_FILE}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WorkspaceError(f"{where}cannot read {path}: {exc}") from None
+    model = GeoModel(config)
+    own = model.state_dict()
+    for lv in config.levels:
+        w = state.get(f"heads.{lv}.weight")
+        if w is not None and w.shape[0] != config.num_classes[lv]:
+            raise ModelError(f"{where}weights have {w.shape[0]} level-{lv} classes, meta.json says "
+                             f"{config.num_classes[lv]}")
+    bad = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if bad or missing or unexpected:
+        raise ModelError(f"{where}{WEIGHTS_FILE} does not fit the {config.backbone} described in meta.json "
+                         f"(shape mismatches: {bad[:3]}, missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta

@@ -1,0 +1,568 @@
+"""``python -m pipeline evaluate``: calibrate a run and measure it.
+
+``calibrate_run`` fits one softmax temperature per level on the val split (minimising
+the NLL) and stores it in the run's meta.json with the calibration error before and
+after. ``evaluate_run`` measures the run on its test split (or val, or an external CSV
+of path, lat, lon) and writes eval.json:
+
+- per level: top-1/5/10, NLL and expected calibration error before/after temperature,
+  with the reliability-diagram bins of both;
+- the geolocation protocol: accuracy within 1/25/200/750/2500 km, median / mean error
+  km and mean GeoScore, the predicted point being the centroid of the finest predicted
+  cell (or the mean position of its training images when meta.json has
+  ``cell_positions``);
+- per country of the true location: images, country accuracy (predicted point in the
+  same country), km accuracies, median km.
+
+The page's "evaluate" button and the CLI call the same two functions.
+"""
+
+from __future__ import annotations
+
+import csv as csvlib  # the name `csv` is the CSV path argument below
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from geohier import grid, metrics
+from geohier.errors import GeohierError, InputError, WorkspaceError
+from geohier.workspace import Workspace, atomic_write_text, utcnow
+
+EVAL_FILE = "eval.json"
+EVAL_FORMAT = "geohier-eval/1"
+SPLIT_CHOICES = ("test", "val")
+
+# External CSVs use pipeline.ingest's column aliases (geohier's own path/lat/lon, OSV-5M's
+# id/latitude/longitude, Im2GPS3k's IMG_ID/LAT/LON) and its image locator.
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def resolve_run(ws: Workspace, run: str | os.PathLike) -> Path:
+    """A run directory from a path or a run name under models/."""
+    p = Path(run).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    q = ws.models_dir / str(run)
+    if q.is_dir():
+        return q
+    raise WorkspaceError(f"no run {str(run)!r}: neither a directory nor a run in {ws.models_dir}")
+
+
+def csv_columns(header: list[str], source: str = "the CSV") -> tuple[str, str, str]:
+    """(image column, lat column, lon column) of a CSV header, matched by
+    ``pipeline.ingest.match_columns``; InputError naming a missing column and its aliases."""
+    from pipeline.ingest import match_columns
+
+    cols = match_columns([str(h) for h in header], source)
+    return cols.path or cols.id, cols.lat, cols.lon
+
+
+def read_points_csv(csv: str | os.PathLike, images_root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """An external evaluation CSV as a frame of absolute ``path``, ``lat``, ``lon``.
+
+    Images are looked up under ``images_root`` (default: the CSV's folder) as ``pipeline
+    import-csv`` does: the path or id as given, with the usual extensions when it has
+    none, then by file name anywhere below (OSV-5M unpacks into sub-folders). A row whose
+    image is not found keeps its would-be path (counted as missing later); rows with
+    invalid coordinates are dropped and counted in ``frame.attrs["invalid"]``.
+    """
+    from pipeline.ingest import _Locator
+
+    csv = Path(csv).expanduser()
+    if not csv.is_file():
+        raise InputError(f"CSV file {csv} does not exist")
+    try:
+        frame = pd.read_csv(csv, dtype=str, keep_default_na=False, sep=None, engine="python",
+                            encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csvlib.Error) as exc:
+        raise InputError(f"cannot read {csv} as CSV: {exc}") from None
+    ref_col, latcol, loncol = csv_columns(list(frame.columns), str(csv))
+    root = Path(images_root).expanduser() if images_root else csv.parent
+    if not root.is_dir():
+        raise InputError(f"images root {root} is not a directory")
+    lat = pd.to_numeric(frame[latcol].str.strip(), errors="coerce").to_numpy(np.float64)
+    lon = pd.to_numeric(frame[loncol].str.strip(), errors="coerce").to_numpy(np.float64)
+    ok = grid.valid_points(lat, lon)
+    locate = _Locator(root)
+    paths = []
+    for ref, good in zip(frame[ref_col].astype(str).str.strip(), ok, strict=True):
+        found = locate.find(ref) if (good and ref) else None
+        paths.append(str(found) if found is not None else str(root / ref))
+    out = pd.DataFrame({"path": paths, "lat": lat, "lon": lon})[ok].reset_index(drop=True)
+    out.attrs["invalid"] = int((~ok).sum())
+    out.attrs["rows"] = int(len(frame))
+    return out
+
+
+class PointsDataset(Dataset):
+    """Images at given paths with known positions, labelled by a hierarchy like
+    ``geohier.dataset.ManifestDataset`` (same item and attribute shapes)."""
+
+    def __init__(self, frame: pd.DataFrame, hierarchy, transform: Callable | None = None):
+        from geohier.dataset import IGNORE_INDEX
+
+        self.levels = [int(v) for v in hierarchy.levels]
+        exists = np.array([os.path.isfile(p) for p in frame["path"]], dtype=bool)
+        self.missing_examples = [str(p) for p in frame["path"][~exists][:5]]
+        frame = frame[exists].reset_index(drop=True)
+        self.paths = frame["path"].to_numpy(object)
+        self.lat = frame["lat"].to_numpy(np.float64)
+        self.lon = frame["lon"].to_numpy(np.float64)
+        if len(frame):
+            per = hierarchy.labels(self.lat, self.lon)
+            labels = np.stack([per[lv] for lv in self.levels], 1).astype(np.int64)
+        else:
+            labels = np.zeros((0, len(self.levels)), np.int64)
+        labels[labels < 0] = IGNORE_INDEX
+        self.labels = labels
+        self.transform = transform
+        self.stats = {"rows": int(len(exists)), "missing": int((~exists).sum()), "images": int(len(frame))}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from geohier.dataset import Skipped
+        from geohier.images import open_image
+
+        path = self.paths[i]
+        try:
+            x = self.transform(open_image(path))
+        except (GeohierError, OSError, ValueError) as exc:
+            return Skipped(int(i), str(path), str(exc).splitlines()[0][:200])
+        return x, torch.from_numpy(self.labels[i]), int(i)
+
+
+# ----------------------------------------------------------------------------- running the model
+
+def _device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def collect_logits(model, dataset, levels: list[int], batch_size: int = 64, num_workers: int = 0,
+                   device: str | None = None, progress: bool = True) -> dict:
+    """Run ``model`` over ``dataset``: ``{"logits": {level: (N, C) float32}, "labels": {level:
+    (N,)}, "lat", "lon" (N,), "index" (N,), "skipped": [...]}`` for the images that decoded."""
+    from geohier.dataset import collate
+
+    dev = _device(device)
+    model = model.to(dev).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate)
+    ds_levels = list(dataset.levels)
+    outs: dict[int, list[torch.Tensor]] = {lv: [] for lv in levels}
+    idx_all, skipped = [], []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(dataset), desc="evaluate", unit="img", file=sys.stderr, leave=False)
+    with torch.inference_mode():
+        for batch in loader:
+            skipped.extend(batch.skipped)
+            if batch.images.numel():
+                x = batch.images.to(dev, non_blocking=True)
+                with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+                    out = model(x)
+                for lv in levels:
+                    outs[lv].append(out[lv].float().cpu())  # (B, C_lv)
+                idx_all.append(batch.index)
+            if bar is not None:
+                bar.update(len(batch.index) + len(batch.skipped))
+    if bar is not None:
+        bar.close()
+    idx = torch.cat(idx_all).numpy() if idx_all else np.zeros(0, np.int64)
+    logits = {lv: (torch.cat(outs[lv]) if outs[lv] else torch.zeros(0, model.config.num_classes[lv]))
+              for lv in levels}
+    labels = {lv: dataset.labels[idx, ds_levels.index(lv)] for lv in levels}
+    return {"logits": logits, "labels": labels, "lat": dataset.lat[idx], "lon": dataset.lon[idx],
+            "index": idx, "skipped": skipped}
+
+
+def _check_not_running(run_dir: Path) -> None:
+    """Refuse a run that another live process is still training (it rewrites meta.json and
+    the weights). The training process itself may calibrate its own run at the end, and a
+    run whose process died counts as failed, not running."""
+    from pipeline import jobs
+
+    status = _read_json(run_dir / "status.json")
+    if status.get("state") in jobs.ACTIVE_STATES and status.get("pid") == os.getpid():
+        return
+    info = jobs.job_info(run_dir)
+    if info.state in jobs.ACTIVE_STATES:
+        raise WorkspaceError(f"run {run_dir.name} is still {info.state}; evaluate it when it has finished")
+    if info.alive and info.pid != os.getpid():
+        raise WorkspaceError(f"run {run_dir.name}'s training process is still finishing (calibrating); "
+                             "try again in a moment")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text("utf-8"))
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _load(run_dir: Path, device):
+    from geohier.hierarchy import Hierarchy
+    from geohier.model import load_run
+
+    model, meta = load_run(run_dir, device="cpu")
+    hierarchy = Hierarchy.from_dict(meta["hierarchy"])
+    return model, meta, hierarchy
+
+
+def _split_dataset(ws: Workspace, hierarchy, split: str, meta: dict):
+    from geohier.dataset import ManifestDataset
+    from geohier.presets import EvalPreset
+
+    return ManifestDataset(ws, hierarchy, split, transform=EvalPreset.from_meta(meta))
+
+
+def _clean(x):
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 64,
+                  device: str | None = None, num_workers: int = 0, progress: bool = True,
+                  collected: dict | None = None) -> dict:
+    """Fit one temperature per level on the val split and store it in meta.json.
+
+    Returns ``{level: {"temperature", "n", "ece_before", "ece_after", "nll_before",
+    "nll_after"}}`` (level keys as strings), which is also stored as meta.json's
+    ``calibration.levels``; meta.json is rewritten atomically. Raises InputError when the
+    val split has no usable image, WorkspaceError while the run is still training."""
+    run_dir = Path(run_dir)
+    _check_not_running(run_dir)
+    model, meta, hierarchy = _load(run_dir, device)
+    levels = [int(v) for v in meta["arch"]["levels"]]
+    if collected is None:
+        ds = _split_dataset(ws, hierarchy, "val", meta)
+        if len(ds) == 0:
+            raise InputError(f"the val split of {ws.data_dir} has no usable image to calibrate on "
+                             "(run `python -m pipeline labels` to make splits)")
+        collected = collect_logits(model, ds, levels, batch_size, num_workers, device, progress)
+    out: dict[str, dict] = {}
+    temps = dict(meta.get("temperatures") or {})
+    for lv in levels:
+        z, y = collected["logits"][lv], collected["labels"][lv]
+        n = int((np.asarray(y) >= 0).sum())
+        t = metrics.fit_temperature(z, y) if n else 1.0
+        out[str(lv)] = {"temperature": t, "n": n,
+                        "ece_before": metrics.expected_calibration_error(metrics.softmax(z), y) if n else None,
+                        "ece_after": metrics.expected_calibration_error(metrics.softmax(z, t), y) if n else None,
+                        "nll_before": metrics.nll(z, y, 1.0) if n else None,
+                        "nll_after": metrics.nll(z, y, t) if n else None}
+        temps[str(lv)] = t
+    # re-read meta.json right before writing: the smallest window for a concurrent writer
+    from geohier.model import META_FILE, read_meta
+
+    fresh = read_meta(run_dir)
+    fresh["temperatures"] = temps
+    fresh["calibration"] = _clean({"split": "val", "fitted_at": utcnow(), "levels": out})
+    atomic_write_text(run_dir / META_FILE, json.dumps(fresh, indent=1) + "\n")
+    return _clean(out)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def finest_predictions(logits: dict, meta: dict, hierarchy, levels: list[int]) -> dict[str, np.ndarray]:
+    """Predicted finest-level class per row: ``{"argmax": ..., "hierarchical": ...}``.
+
+    ``argmax`` is the finest head alone; ``hierarchical`` (several levels, and
+    geohier.infer available) walks down the levels with the Predictor's default keep rule
+    and the run's temperatures, as ``pipeline predict`` does."""
+    finest = max(levels)
+    z = logits[finest]
+    out = {"argmax": z.argmax(1).numpy().astype(np.int64) if z.shape[0] else np.zeros(0, np.int64)}
+    if len(levels) < 2 or z.shape[0] == 0:
+        return out
+    try:
+        from geohier import infer
+    except ImportError:
+        return out
+    temps = {int(k): float(v) for k, v in (meta.get("temperatures") or {}).items()}
+    tree = infer.Tree.from_hierarchy(hierarchy, levels)
+    best = []
+    for i in range(0, z.shape[0], 1024):  # bounded memory on big test sets
+        chunk = {lv: logits[lv][i:i + 1024] for lv in levels}
+        best.append(infer.combine(chunk, tree, None, temps).best().cpu().numpy())
+    out["hierarchical"] = np.concatenate(best).astype(np.int64)
+    return out
+
+
+def predicted_points(pred: np.ndarray, meta: dict, hierarchy, level: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(lat, lon) of predicted classes at ``level``: the mean training position of the
+    class when meta.json has ``cell_positions`` for it, else the cell centroid."""
+    lat_c, lon_c = hierarchy.centroids(level)
+    point = "centroid"
+    pos = (meta.get("cell_positions") or {}).get(str(level))
+    if pos is not None and len(pos) == len(lat_c):
+        arr = np.array([[np.nan if v is None else v for v in p] for p in pos], dtype=np.float64).reshape(-1, 2)
+        good = np.isfinite(arr).all(1)
+        lat_c = np.where(good, arr[:, 0], lat_c)
+        lon_c = np.where(good, arr[:, 1], lon_c)
+        point = "cell_positions"
+    return lat_c[pred], lon_c[pred], point
+
+
+def _countries(lat, lon) -> tuple[np.ndarray, np.ndarray] | None:
+    """(country name, ISO 3166 alpha-3 code) of each point ("" where none), or None
+    without the geography module."""
+    try:
+        from geohier.geography import country_of
+    except ImportError:
+        return None
+    if len(lat) == 0:
+        return np.zeros(0, object), np.zeros(0, object)
+    table = country_of(np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64))
+    names = table["country"].fillna("").astype(str).to_numpy(object)
+    iso3 = table["iso_a3"].fillna("").astype(str).to_numpy(object) if "iso_a3" in table else np.full(len(names), "")
+    iso3 = np.where(np.char.str_len(iso3.astype(str)) == 3, iso3, "").astype(object)  # "-99" = none
+    return names, iso3
+
+
+def country_table(true_lat, true_lon, pred_lat, pred_lon, distances, min_images: int = 1) -> list[dict]:
+    """Per country of the true location: ``country`` (name), ``iso3``, ``n``,
+    ``country_acc`` (predicted point in the same country), km accuracies, median / mean
+    km, GeoScore; largest countries first. Points in no country (the sea) are left out;
+    empty without the geography module."""
+    truth = _countries(true_lat, true_lon)
+    if truth is None:
+        return []
+    true_name, true_iso = truth
+    pred_name = _countries(pred_lat, pred_lon)[0]
+    distances = np.asarray(distances, dtype=np.float64)
+    rows = []
+    for c in sorted({c for c in true_name if c}):
+        m = true_name == c
+        if int(m.sum()) < min_images:
+            continue
+        d = metrics.distance_metrics(distances[m])
+        row = {"country": str(c), "iso3": str(true_iso[m][0]) or None, "n": int(m.sum()),
+               "country_acc": float((pred_name[m] == c).mean())}
+        row.update({k: v for k, v in d.items() if k != "n"})
+        rows.append(row)
+    rows.sort(key=lambda r: (-r["n"], r["country"]))
+    return rows
+
+
+def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLike | None = None,
+                 images_root: str | os.PathLike | None = None, split: str = "test",
+                 batch_size: int = 64, device: str | None = None, num_workers: int = 0,
+                 calibrate: bool | None = None, progress: bool = True) -> dict:
+    """Evaluate a run; write ``eval.json`` into the run and return its content.
+
+    ``csv``: evaluate on an external CSV (path, lat, lon; OSV-5M and Im2GPS3k column names
+    accepted; image paths relative to ``images_root``) instead of the workspace's
+    ``split``. ``calibrate``: fit temperatures on the val split first (None = only when
+    meta.json has none fitted yet and the workspace has a val split).
+    """
+    run_dir = Path(run_dir)
+    if split not in SPLIT_CHOICES:
+        raise InputError(f"unknown split {split!r}; use one of {', '.join(SPLIT_CHOICES)}")
+    _check_not_running(run_dir)
+    t0 = time.perf_counter()
+    model, meta, hierarchy = _load(run_dir, device)
+    if calibrate or (calibrate is None and "calibration" not in meta and _has_split(ws, "val")):
+        calibrate_run(run_dir, ws, batch_size, device, num_workers, progress)
+        model, meta, hierarchy = _load(run_dir, device)
+    levels = [int(v) for v in meta["arch"]["levels"]]
+    from geohier.presets import EvalPreset
+
+    if csv is not None:
+        frame = read_points_csv(csv, images_root)
+        ds = PointsDataset(frame, hierarchy, EvalPreset.from_meta(meta))
+        source = {"kind": "csv", "csv": str(Path(csv).expanduser().resolve()),
+                  "images_root": str(Path(images_root).expanduser().resolve()) if images_root else None,
+                  "rows": frame.attrs.get("rows"), "invalid_coordinates": frame.attrs.get("invalid"),
+                  "missing_files": ds.stats["missing"]}
+        if len(ds) == 0:
+            raise InputError(f"none of the {frame.attrs.get('rows', 0)} rows of {csv} has an image file "
+                             f"under {images_root or Path(csv).parent} (e.g. {', '.join(ds.missing_examples[:2])})")
+    else:
+        ds = _split_dataset(ws, hierarchy, split, meta)
+        source = {"kind": "split", "split": split, "data_dir": str(ws.data_dir),
+                  "missing_files": ds.stats.get("missing", 0)}
+        if len(ds) == 0:
+            raise InputError(f"the {split} split of {ws.data_dir} has no usable image "
+                             "(run `python -m pipeline labels` to make splits)")
+    collected = collect_logits(model, ds, levels, batch_size, num_workers, device, progress)
+    temps = {int(k): float(v) for k, v in (meta.get("temperatures") or {}).items()}
+    per_level, reliability = {}, {}
+    for lv in levels:
+        z, y = collected["logits"][lv], collected["labels"][lv]
+        n = int((np.asarray(y) >= 0).sum())
+        t = temps.get(lv, 1.0)
+        acc = metrics.topk_accuracy(z, y, ks=(1, 5, 10))
+        before = metrics.reliability_bins(metrics.softmax(z), y)
+        after = metrics.reliability_bins(metrics.softmax(z, t), y)
+        per_level[str(lv)] = {"top1": acc[1], "top5": acc[5], "top10": acc[10], "n": n,
+                              "num_classes": int(z.shape[1]), "chance_top1": 1.0 / max(1, int(z.shape[1])),
+                              "temperature": t, "ece_before": before["ece"], "ece_after": after["ece"],
+                              "nll_before": metrics.nll(z, y, 1.0) if n else None,
+                              "nll_after": metrics.nll(z, y, t) if n else None}
+        reliability[str(lv)] = {"before": before, "after": after}
+    finest = max(levels)
+    preds = finest_predictions(collected["logits"], meta, hierarchy, levels)
+    geo_by_rule = {}
+    for rule, pred in preds.items():
+        plat, plon, point = predicted_points(pred, meta, hierarchy, finest)
+        dist = metrics.haversine_km(plat, plon, collected["lat"], collected["lon"])
+        geo_by_rule[rule] = metrics.distance_metrics(dist)
+        geo_by_rule[rule].update(level=finest, point=point, rule=rule)
+    # the headline uses what `predict` answers: the hierarchical walk when there is one
+    rule = "hierarchical" if "hierarchical" in preds else "argmax"
+    geo = geo_by_rule[rule]
+    plat, plon, point = predicted_points(preds[rule], meta, hierarchy, finest)
+    dist = metrics.haversine_km(plat, plon, collected["lat"], collected["lon"])
+    countries = country_table(collected["lat"], collected["lon"], plat, plon, dist)
+    result = {
+        "format": EVAL_FORMAT, "run": run_dir.name, "created_at": utcnow(), "source": source,
+        "images": int(len(collected["index"])), "skipped": len(collected["skipped"]),
+        "levels": levels, "per_level": per_level, "geo": geo, "geo_by_rule": geo_by_rule,
+        "reliability": reliability,
+        "countries": countries,
+        "calibration": meta.get("calibration"),
+        "hierarchy_hash": meta.get("hierarchy_hash"), "time_s": round(time.perf_counter() - t0, 3),
+        "device": str(_device(device)),
+    }
+    result = _clean(result)
+    atomic_write_text(run_dir / EVAL_FILE, json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _has_split(ws: Workspace, split: str) -> bool:
+    if not ws.has_manifest():
+        return False
+    with ws.manifest() as m:
+        return m.count("split = ?", (split,)) > 0
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict]:
+    """A run's metrics.jsonl records (one per epoch; unreadable lines skipped), by epoch."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "epoch" in rec:
+            out.append(rec)
+    by_epoch = {int(r["epoch"]): r for r in out}  # a resumed run may repeat an epoch: keep the last
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def read_eval(run_dir: str | os.PathLike) -> dict | None:
+    """A run's eval.json, or None when it has none (or it is unreadable)."""
+    d = _read_json(Path(run_dir) / EVAL_FILE)
+    return d or None
+
+
+# ----------------------------------------------------------------------------- report
+
+def format_report(result: dict) -> str:
+    """A readable plain-text table of an eval.json."""
+    lines = [f"run {result['run']}: {result['images']} images"
+             + (f" ({result['skipped']} unreadable, skipped)" if result.get("skipped") else "")
+             + f" from {_describe(result['source'])}", ""]
+    lines.append(f"{'level':>5} {'classes':>7} {'n':>7} {'top1':>7} {'top5':>7} {'top10':>7} "
+                 f"{'chance':>7} {'T':>6} {'ECE':>6} {'ECE(T)':>6}")
+    for lv, r in result["per_level"].items():
+        lines.append(f"{lv:>5} {r['num_classes']:>7} {r['n']:>7} {_pct(r['top1'])} {_pct(r['top5'])} "
+                     f"{_pct(r['top10'])} {_pct(r['chance_top1'])} {r['temperature']:>6.2f} "
+                     f"{_num(r['ece_before'], 6, 3)} {_num(r['ece_after'], 6, 3)}")
+    g = result["geo"]
+    lines += ["", f"geolocation (level {g['level']}, predicted point = {g['point']}, rule = {g['rule']}):",
+              "  " + "  ".join(f"{t} km {_pct(g.get(f'acc_{t}km')).strip()}" for t in metrics.KM_THRESHOLDS),
+              f"  median {_num(g.get('median_km'), 0, 1).strip()} km, mean {_num(g.get('mean_km'), 0, 1).strip()} km, "
+              f"GeoScore {_num(g.get('geoscore'), 0, 0).strip()}"]
+    if result.get("countries"):
+        lines += ["", f"{'country':<16} {'n':>6} {'in-ctry':>8} {'25km':>7} {'750km':>7} {'median km':>10}"]
+        for r in result["countries"][:15]:
+            lines.append(f"{r['country'][:16]:<16} {r['n']:>6} {_pct(r.get('country_acc')):>8} "
+                         f"{_pct(r.get('acc_25km'))} {_pct(r.get('acc_750km'))} {_num(r.get('median_km'), 10, 1)}")
+        if len(result["countries"]) > 15:
+            lines.append(f"... {len(result['countries']) - 15} more in eval.json")
+    return "\n".join(lines)
+
+
+def _describe(src: dict) -> str:
+    return f"the {src['split']} split" if src.get("kind") == "split" else f"{src.get('csv')}"
+
+
+def _pct(v) -> str:
+    return f"{'-':>7}" if v is None else f"{100 * v:6.1f}%"
+
+
+def _num(v, width, digits) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="calibrate and evaluate a trained run (writes eval.json)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory, or a run name under --models")
+    p.add_argument("--csv", default=None, help="evaluate on an external CSV of path,lat,lon "
+                   "(OSV-5M id/latitude/longitude and Im2GPS3k IMG_ID/LAT/LON accepted) (default: none)")
+    p.add_argument("--images-root", default=None,
+                   help="folder the CSV's image paths are relative to (default: the CSV's folder)")
+    p.add_argument("--split", default="test", choices=SPLIT_CHOICES,
+                   help="workspace split to evaluate when no --csv (default: test)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    cal = p.add_mutually_exclusive_group()
+    cal.add_argument("--calibrate", dest="calibrate", action="store_true", default=None,
+                     help="refit the temperatures on the val split first (default: only when none fitted yet)")
+    cal.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                     help="keep meta.json's temperatures as they are")
+    p.add_argument("--json", action="store_true", help="print eval.json instead of the table")
+    p.set_defaults(func=run)
+
+
+def run(args, ws: Workspace) -> int:
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.images_root and not args.csv:
+        raise InputError("--images-root goes with --csv")
+    run_dir = resolve_run(ws, args.run_dir)
+    result = evaluate_run(run_dir, ws, csv=args.csv, images_root=args.images_root, split=args.split,
+                          batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+                          calibrate=args.calibrate, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_report(result))
+        print(f"\nwrote {run_dir / EVAL_FILE}")
+    return 0

@@ -1,0 +1,227 @@
+"""pipeline.evaluate on a tiny run: calibration into meta.json, eval.json, CSV aliases, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from geohier.errors import InputError, WorkspaceError
+from pipeline import cli, evaluate
+
+# Clusters of photos in six countries: (lat, lon, colour). 6 images each: 4 train, 1 val, 1 test.
+CLUSTERS = [
+    (48.85, 2.35, (200, 60, 60)),      # Paris
+    (52.52, 13.40, (60, 200, 60)),     # Berlin
+    (40.71, -74.00, (60, 60, 200)),    # New York
+    (-33.87, 151.21, (200, 200, 60)),  # Sydney
+    (-23.55, -46.63, (60, 200, 200)),  # Sao Paulo
+    (35.68, 139.69, (200, 60, 200)),   # Tokyo
+]
+SPLIT_OF = ["train", "train", "train", "train", "val", "test"]
+
+
+def make_tiny_workspace(ws, levels=(1, 3)):
+    """A workspace with 36 tiny JPEGs, splits, and hierarchy.json at ``levels``."""
+    from geohier.hierarchy import build_hierarchy
+    from tests.conftest import jpeg_bytes
+
+    splits = {}
+    with ws.manifest() as m:
+        for ci, (lat, lon, color) in enumerate(CLUSTERS):
+            for j in range(6):
+                shade = tuple(max(0, min(255, c + 7 * j)) for c in color)
+                data = jpeg_bytes(size=(40, 32), color=shade)
+                i = m.store_image(data, "jpg", source="demo", source_id=f"c{ci}-{j}",
+                                  lat=lat + 0.01 * j, lon=lon + 0.01 * j)
+                splits[i] = SPLIT_OF[j]
+        m.set_splits(splits)
+        lat, lon = m.points()
+    h = build_hierarchy(lat, lon, levels, min_images=1)
+    h.save(ws.hierarchy_path)
+    return h
+
+
+def make_tiny_run(ws, name="tiny", levels=(1, 3), image_size=32, seed=0, extra_meta=None):
+    """A finished run dir (resnet18 at 32 px, random weights) for the tiny workspace."""
+    from geohier.model import build_model, save_checkpoint
+    from geohier.presets import EvalPreset
+
+    h = make_tiny_workspace(ws, levels) if not ws.hierarchy_path.exists() else None
+    if h is None:
+        from geohier.hierarchy import Hierarchy
+        h = Hierarchy.load(ws.hierarchy_path)
+    torch.manual_seed(seed)
+    model = build_model("resnet18", {lv: h.num_classes[lv] for lv in levels})
+    run_dir = ws.models_dir / name
+    run_dir.mkdir(parents=True)
+    meta = {"hierarchy": h.to_dict(), "hierarchy_hash": h.hash,
+            "input": EvalPreset(image_size).to_dict(),
+            "temperatures": {str(lv): 1.0 for lv in levels}, "config": {"backbone": "resnet18"},
+            "metrics": {}}
+    meta.update(extra_meta or {})
+    save_checkpoint(run_dir, model, meta)
+    (run_dir / "config.json").write_text(json.dumps({"backbone": "resnet18", "levels": list(levels)}))
+    (run_dir / "status.json").write_text(json.dumps({"state": "done", "epoch": 1, "epochs": 1,
+                                                    "progress": 1.0}))
+    return run_dir
+
+
+@pytest.fixture
+def tiny_run(ws):
+    return make_tiny_run(ws)
+
+
+def _in01(v):
+    return v is not None and 0.0 <= v <= 1.0
+
+
+def test_calibrate_run_writes_temperatures(ws, tiny_run):
+    before = json.loads((tiny_run / "meta.json").read_text())
+    out = evaluate.calibrate_run(tiny_run, ws, progress=False)
+    meta = json.loads((tiny_run / "meta.json").read_text())
+    assert set(out) == {"1", "3"}
+    for lv in ("1", "3"):
+        t = meta["temperatures"][lv]
+        assert 0.05 <= t <= 20.0 and t == out[lv]["temperature"]
+        assert out[lv]["n"] == 6  # one val image per cluster
+        assert _in01(out[lv]["ece_before"]) and _in01(out[lv]["ece_after"])
+        # the fit minimises NLL on exactly these rows
+        assert out[lv]["nll_after"] <= out[lv]["nll_before"] + 1e-9
+        assert meta["calibration"]["levels"][lv]["ece_after"] == pytest.approx(out[lv]["ece_after"])
+    # everything else of meta.json is kept; the run still loads
+    assert meta["hierarchy_hash"] == before["hierarchy_hash"] and meta["arch"] == before["arch"]
+    from geohier.model import load_run
+    load_run(tiny_run)
+
+
+def test_evaluate_run_writes_eval_json(ws, tiny_run):
+    res = evaluate.evaluate_run(tiny_run, ws, progress=False)
+    on_disk = json.loads((tiny_run / "eval.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    assert res["format"] == "geohier-eval/1" and res["run"] == "tiny"
+    assert res["source"] == {"kind": "split", "split": "test", "data_dir": str(ws.data_dir), "missing_files": 0}
+    assert res["images"] == 6 and res["skipped"] == 0 and res["levels"] == [1, 3]
+    for lv in ("1", "3"):
+        r = res["per_level"][lv]
+        assert r["n"] == 6
+        assert all(_in01(r[k]) for k in ("top1", "top5", "top10", "ece_before", "ece_after"))
+        assert r["top1"] <= r["top5"] <= r["top10"]
+        rel = res["reliability"][lv]
+        assert sum(rel["before"]["count"]) == 6 and len(rel["after"]["lo"]) == 15
+    # level 1 has 4 classes at most: top-5 covers them all
+    assert res["per_level"]["1"]["top5"] == 1.0
+    g = res["geo"]
+    assert g["n"] == 6 and g["level"] == 3 and g["point"] == "centroid"
+    assert g["rule"] in ("hierarchical", "argmax") and "argmax" in res["geo_by_rule"]
+    keys = [f"acc_{t}km" for t in (1, 25, 200, 750, 2500)]
+    vals = [g[k] for k in keys]
+    assert all(_in01(v) for v in vals) and vals == sorted(vals)
+    assert 0 <= g["median_km"] <= math.pi * 6371 and 0 <= g["geoscore"] <= 5000
+    # evaluate calibrated first (no calibration in meta.json yet)
+    assert res["calibration"]["split"] == "val"
+    assert isinstance(res["countries"], list)
+    for row in res["countries"]:
+        assert row["n"] >= 1 and (row["country_acc"] is None or _in01(row["country_acc"]))
+    text = evaluate.format_report(res)
+    assert "top1" in text and "2500 km" in text and "GeoScore" in text
+
+
+def test_evaluate_geo_uses_cell_positions(ws):
+    """With cell_positions equal to the true points of a one-cluster-per-class level, a
+    correct class gives 0 km: check the point source switches and distances are used."""
+    h = make_tiny_workspace(ws, (1, 3))
+    lat_c, lon_c = h.centroids(3)
+    pos = [[float(a) + 0.5, float(b)] for a, b in zip(lat_c, lon_c, strict=True)]
+    run = make_tiny_run(ws, "pos", extra_meta={"cell_positions": {"3": pos}})
+    res = evaluate.evaluate_run(run, ws, calibrate=False, progress=False)
+    assert res["geo"]["point"] == "cell_positions"
+    assert "calibration" not in json.loads((run / "meta.json").read_text())
+    plat, plon, point = evaluate.predicted_points(np.array([0, 1]), {"cell_positions": {"3": pos}}, h, 3)
+    assert point == "cell_positions" and plat.tolist() == [pos[0][0], pos[1][0]]
+    plat, _, point = evaluate.predicted_points(np.array([0]), {}, h, 3)
+    assert point == "centroid" and plat[0] == pytest.approx(lat_c[0])
+
+
+@pytest.mark.parametrize("cols", [("path", "lat", "lon"), ("id", "latitude", "longitude"),
+                                  ("IMG_ID", "LAT", "LON")])
+def test_evaluate_external_csv_alias_families(ws, tiny_run, tmp_path, make_jpeg, cols):
+    root = tmp_path / "ext"
+    rows = []
+    for k, (lat, lon, color) in enumerate(CLUSTERS[:3]):
+        if cols[0] == "id":  # OSV-5M: a bare numeric id; the image sits in a sub-folder
+            make_jpeg(root / "00" / f"{1000 + k}.jpg", size=(40, 32), color=color)
+            rows.append({cols[0]: str(1000 + k), cols[1]: lat, cols[2]: lon})
+        else:
+            make_jpeg(root / f"img{k}.jpg", size=(40, 32), color=color)
+            rows.append({cols[0]: f"img{k}.jpg", cols[1]: lat, cols[2]: lon})
+    rows.append({cols[0]: "img-missing.jpg", cols[1]: 10.0, cols[2]: 10.0})
+    rows.append({cols[0]: "img0.jpg", cols[1]: 95.0, cols[2]: 10.0})  # invalid latitude
+    csv = tmp_path / "points.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    res = evaluate.evaluate_run(tiny_run, ws, csv=csv, images_root=root, calibrate=False, progress=False)
+    assert res["images"] == 3
+    assert res["source"]["kind"] == "csv" and res["source"]["missing_files"] == 1
+    assert res["source"]["invalid_coordinates"] == 1
+    assert res["geo"]["n"] == 3
+
+
+def test_csv_missing_column_message(ws, tiny_run, tmp_path):
+    csv = tmp_path / "bad.csv"
+    csv.write_text("file,latitude,elevation\na.jpg,1,2\n")
+    with pytest.raises(InputError, match=r"no longitude column; accepted names.*lon, lng.*Columns found: file, latitude, elevation"):
+        evaluate.evaluate_run(tiny_run, ws, csv=csv, progress=False)
+    csv.write_text("name,LAT,LON\na.jpg,1,2\n")
+    with pytest.raises(InputError, match="no image id or path column"):
+        evaluate.read_points_csv(csv)
+    with pytest.raises(InputError, match="does not exist"):
+        evaluate.read_points_csv(tmp_path / "nope.csv")
+
+
+def test_evaluate_refuses_running_and_empty_split(ws, tiny_run):
+    import subprocess
+    import sys
+
+    # another live process is training it: refused
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)  # pipeline train"])
+    try:
+        (tiny_run / "status.json").write_text(json.dumps({"state": "running", "pid": other.pid}))
+        with pytest.raises(WorkspaceError, match="still running"):
+            evaluate.evaluate_run(tiny_run, ws, progress=False)
+    finally:
+        other.kill()
+        other.wait()
+    # the training process calibrating its own run at the end: allowed
+    (tiny_run / "status.json").write_text(json.dumps({"state": "running", "pid": os.getpid()}))
+    assert set(evaluate.calibrate_run(tiny_run, ws, progress=False)) == {"1", "3"}
+    # a run whose process died is failed, not running: evaluating it is allowed
+    (tiny_run / "status.json").write_text(json.dumps({"state": "running", "pid": other.pid}))
+    evaluate.evaluate_run(tiny_run, ws, calibrate=False, progress=False)
+    (tiny_run / "status.json").write_text(json.dumps({"state": "done"}))
+    with ws.manifest() as m:
+        m.conn.execute("UPDATE images SET split = 'train' WHERE split = 'test'")
+    with pytest.raises(InputError, match="test split .* has no usable image"):
+        evaluate.evaluate_run(tiny_run, ws, calibrate=False, progress=False)
+    with pytest.raises(InputError, match="unknown split"):
+        evaluate.evaluate_run(tiny_run, ws, split="train", progress=False)
+
+
+def cli_main(argv):
+    return cli.main(argv)
+
+
+def test_cli_evaluate(ws, tiny_run, capsys):
+    rc = cli_main(["evaluate", "tiny", "--split", "val", "--no-calibrate"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "geolocation" in out.out and "wrote" in out.out
+    res = json.loads((tiny_run / "eval.json").read_text())
+    assert res["source"]["split"] == "val" and res["calibration"] is None
+    assert cli_main(["evaluate", "no-such-run"]) == 2
+    assert "no run 'no-such-run'" in capsys.readouterr().err
+    assert cli_main(["evaluate", "tiny", "--images-root", "x"]) == 2
