@@ -8,7 +8,7 @@ import streamlit as st
 from pages._common import manifest_summary, manifest_version, workspace
 from pipeline.quickstart import next_step
 
-st.set_page_config(page_title="geohier", page_icon="🌍", layout="wide")
+st.set_page_config(page_title="geohier", page_icon=":material/public:", layout="wide")
 
 
 def home() -> None:
@@ -32,11 +32,11 @@ def home() -> None:
 
 
 pages = [
-    st.Page(home, title="Home", icon="🏠", default=True),
-    st.Page("pages/coverage.py", title="Coverage", icon="🗺️"),
-    st.Page("pages/data.py", title="Data", icon="📊"),
-    st.Page("pages/train.py", title="Train", icon="🏋️"),
-    st.Page("pages/accuracy.py", title="Accuracy", icon="🎯"),
-    st.Page("pages/predict.py", title="Predict", icon="📍"),
+    st.Page(home, title="Home", icon=":material/home:", default=True),
+    st.Page("pages/coverage.py", title="Coverage", icon=":material/map:"),
+    st.Page("pages/data.py", title="Data", icon=":material/bar_chart:"),
+    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/accuracy.py", title="Accuracy", icon=":material/target:"),
+    st.Page("pages/predict.py", title="Predict", icon=":material/location_on:"),
 ]
 st.navigation(pages).run()

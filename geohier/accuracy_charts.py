@@ -1,0 +1,231 @@
+"""Plotly figures of the Accuracy page: learning curves, distance accuracy against
+published references, reliability diagrams, per-country accuracy.
+
+Inputs are plain data (a run's metrics.jsonl records, an eval.json dict), so the figures
+are testable without Streamlit and usable from a notebook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from geohier.metrics import KM_THRESHOLDS
+
+#: Published accuracies (%) within 1 / 25 / 200 / 750 / 2500 km on Im2GPS3k, a different
+#: test set (Flickr photos) from a workspace's own test split: context, not a comparison.
+REFERENCES: tuple[dict, ...] = (
+    {"name": "ISN (Müller-Budack et al. 2018)", "dataset": "Im2GPS3k",
+     "acc": {1: 10.5, 25: 28.0, 200: 36.6, 750: 49.7, 2500: 66.0},
+     "cite": "E. Müller-Budack, K. Pustu-Iren, R. Ewerth: Geolocation Estimation of Photos using a "
+             "Hierarchical Model and Scene Classification, ECCV 2018 (ISNs M, f*, S3)"},
+    {"name": "PIGEOTTO (Haas et al. 2024)", "dataset": "Im2GPS3k",
+     "acc": {1: 11.3, 25: 36.7, 200: 53.8, 750: 72.4, 2500: 85.3},
+     "cite": "L. Haas, M. Skreta, S. Alberti, C. Finn: PIGEON: Predicting Image Geolocations, CVPR 2024"},
+)
+
+KM_LABELS = {1: "1 km (street)", 25: "25 km (city)", 200: "200 km (region)", 750: "750 km (country)",
+             2500: "2500 km (continent)"}
+PALETTE = ("#2a7ab0", "#d9822b", "#3a9d5d", "#a7465f", "#7a5fb0", "#8c6d3f", "#4f9fb8", "#b05f9a")
+SPLIT_DASH = {"train": "dash", "val": "solid"}
+
+
+def _colour(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+def history_frame(histories: Mapping[str, Sequence[dict]]) -> pd.DataFrame:
+    """Long table of per-level accuracies per epoch: columns run, epoch, split, level,
+    metric, value, from ``{run: [metrics.jsonl records]}``."""
+    rows = []
+    for run, records in histories.items():
+        for rec in records:
+            epoch = rec.get("epoch")
+            for split in ("train", "val"):
+                for level, m in (rec.get(split) or {}).items():
+                    if not isinstance(m, Mapping):
+                        continue
+                    for metric, value in m.items():
+                        if isinstance(value, (int, float)):
+                            rows.append({"run": run, "epoch": epoch, "split": split, "level": int(level),
+                                         "metric": metric, "value": float(value)})
+    return pd.DataFrame(rows, columns=["run", "epoch", "split", "level", "metric", "value"])
+
+
+def fig_level_curves(histories: Mapping[str, Sequence[dict]], metric: str = "top1") -> go.Figure:
+    """One panel per level: ``metric`` (top1 / top5 / top10) against the epoch, a colour
+    per run, train dashed and val solid."""
+    df = history_frame(histories)
+    df = df[df["metric"] == metric]
+    levels = sorted(df["level"].unique().tolist()) or [0]
+    fig = make_subplots(rows=1, cols=len(levels), shared_yaxes=True,
+                        subplot_titles=[f"level {lv}" for lv in levels] if not df.empty else None)
+    runs = list(histories)
+    for i, run in enumerate(runs):
+        for split in ("train", "val"):
+            for j, lv in enumerate(levels):
+                part = df[(df["run"] == run) & (df["split"] == split) & (df["level"] == lv)].sort_values("epoch")
+                if part.empty:
+                    continue
+                fig.add_trace(go.Scatter(
+                    x=part["epoch"], y=part["value"] * 100, mode="lines+markers",
+                    name=f"{run} · {split}", legendgroup=f"{run}-{split}", showlegend=j == 0,
+                    line={"color": _colour(i), "dash": SPLIT_DASH[split]},
+                    hovertemplate=f"{run} {split} L{lv}<br>epoch %{{x}}<br>{metric} %{{y:.1f}}%<extra></extra>"),
+                    row=1, col=j + 1)
+    fig.update_yaxes(title_text=f"{metric} accuracy (%)", row=1, col=1, rangemode="tozero")
+    fig.update_xaxes(title_text="epoch", dtick=1)
+    fig.update_layout(height=360, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                      legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+# ----------------------------------------------------------------------------- distance accuracy
+
+def km_table(evals: Mapping[str, dict]) -> pd.DataFrame:
+    """One row per run: accuracy (%) within each threshold, GeoScore, median / mean km,
+    images and what was evaluated."""
+    rows = []
+    for run, ev in evals.items():
+        g = ev.get("geo") or {}
+        row = {"run": run}
+        for t in KM_THRESHOLDS:
+            v = g.get(f"acc_{t}km")
+            row[f"{t} km"] = None if v is None else 100 * v
+        src = ev.get("source") or {}
+        row.update({"GeoScore": g.get("geoscore"), "median km": g.get("median_km"), "mean km": g.get("mean_km"),
+                    "images": ev.get("images"),
+                    "evaluated on": (f"{src.get('split')} split" if src.get("kind") == "split"
+                                     else str(src.get("csv", "?")).rsplit("/", 1)[-1]),
+                    "rule": g.get("rule")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fig_km_accuracy(evals: Mapping[str, dict], references: Sequence[dict] = REFERENCES) -> go.Figure:
+    """Accuracy within 1 / 25 / 200 / 750 / 2500 km of each run (solid), with the
+    published references as dotted grey lines labelled with their (other) dataset."""
+    x = [KM_LABELS[t] for t in KM_THRESHOLDS]
+    fig = go.Figure()
+    for i, (run, ev) in enumerate(evals.items()):
+        g = ev.get("geo") or {}
+        y = [None if g.get(f"acc_{t}km") is None else 100 * g[f"acc_{t}km"] for t in KM_THRESHOLDS]
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=run, line={"color": _colour(i), "width": 3},
+                                 hovertemplate=f"{run}<br>%{{x}}: %{{y:.1f}}%<extra></extra>"))
+    for j, ref in enumerate(references):
+        y = [ref["acc"].get(t) for t in KM_THRESHOLDS]
+        fig.add_trace(go.Scatter(
+            x=x, y=y, mode="lines+markers+text", name=f"{ref['name']} — on {ref['dataset']}, another dataset",
+            line={"color": "#888888" if j == 0 else "#555555", "dash": "dot", "width": 1.5},
+            marker={"symbol": "diamond-open"}, text=[None] * (len(x) - 1) + [ref["name"].split(" (")[0]],
+            textposition="middle right", textfont={"size": 10, "color": "#666666"},
+            hovertemplate=f"{ref['name']} on {ref['dataset']}<br>%{{x}}: %{{y:.1f}}%<extra></extra>"))
+    fig.update_layout(yaxis={"title": "images within the distance (%)", "range": [0, 100]},
+                      xaxis={"title": "distance from the true location"}, height=400,
+                      margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend={"orientation": "h", "y": -0.3})
+    return fig
+
+
+def references_caption(references: Sequence[dict] = REFERENCES) -> str:
+    """The caption naming where the reference lines come from."""
+    cites = "; ".join(f"{r['name']}: {r['cite']}" for r in references)
+    return ("Dotted lines: published results on Im2GPS3k (3,000 Flickr photos), a different test set from "
+            f"this workspace's, shown for scale only. {cites}.")
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def fig_reliability(reliability: Mapping[str, dict], level: int | str | None = None,
+                    temperature: float | None = None) -> go.Figure:
+    """Reliability diagram of one level: accuracy against mean confidence per bin, before
+    and after temperature scaling (``{"before": bins, "after": bins}`` from eval.json),
+    with the diagonal of perfect calibration. Marker size follows the bin's count."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
+                             line={"color": "#aaaaaa", "dash": "dash"}, hoverinfo="skip"))
+    styles = {"before": ("#d9822b", "T = 1"), "after": ("#2a7ab0", f"T = {temperature:.2f}" if temperature else "fitted T")}
+    for key in ("before", "after"):
+        bins = reliability.get(key)
+        if not bins:
+            continue
+        counts = bins["count"]
+        keep = [i for i, c in enumerate(counts) if c > 0]
+        total = max(1, sum(counts))
+        colour, label = styles[key]
+        fig.add_trace(go.Scatter(
+            x=[bins["confidence"][i] for i in keep], y=[bins["accuracy"][i] for i in keep],
+            mode="lines+markers", name=f"{key} ({label}), ECE {100 * bins.get('ece', 0):.1f}%",
+            line={"color": colour}, marker={"size": [6 + 24 * (counts[i] / total) ** 0.5 for i in keep]},
+            customdata=[[counts[i], bins["lo"][i], bins["hi"][i]] for i in keep],
+            hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata[0]} images "
+                          "in (%{customdata[1]:.2f}, %{customdata[2]:.2f}]<extra></extra>"))
+    title = f"level {level}" if level is not None else None
+    fig.update_layout(title=title, xaxis={"title": "confidence (top-1 probability)", "range": [0, 1]},
+                      yaxis={"title": "accuracy", "range": [0, 1]}, height=380,
+                      margin={"l": 10, "r": 10, "t": 40 if title else 20, "b": 10},
+                      legend={"orientation": "h", "y": -0.3})
+    return fig
+
+
+# ----------------------------------------------------------------------------- countries
+
+def country_frame(countries: Sequence[dict]) -> pd.DataFrame:
+    """eval.json's per-country rows as a table with percentages."""
+    df = pd.DataFrame(list(countries))
+    if df.empty:
+        return df
+    for col in [c for c in df.columns if c.startswith("acc_") or c == "country_acc"]:
+        df[col] = df[col].astype(float) * 100
+    return df
+
+
+def fig_country_accuracy(countries: Sequence[dict], metric: str = "country_acc", top: int = 25) -> go.Figure:
+    """Horizontal bars of ``metric`` (%) for the ``top`` countries with the most test
+    images (the label says how many)."""
+    df = country_frame(countries)
+    fig = go.Figure()
+    if not df.empty and metric in df:
+        df = df.sort_values("n", ascending=False).head(top).iloc[::-1]
+        fig.add_trace(go.Bar(x=df[metric], y=[f"{c} ({n})" for c, n in zip(df["country"], df["n"], strict=True)],
+                             orientation="h", marker={"color": "#2a7ab0"},
+                             hovertemplate="%{y}: %{x:.1f}%<extra></extra>"))
+    fig.update_layout(xaxis={"title": f"{metric.replace('_', ' ')} (%)", "range": [0, 100]},
+                      height=max(260, 22 * min(top, len(df)) + 80), margin={"l": 10, "r": 10, "t": 20, "b": 10})
+    return fig
+
+
+def country_map(countries: Sequence[dict], metric: str = "country_acc", height: int = 420):
+    """An offline folium choropleth of ``metric`` (0-1, e.g. country_acc or acc_750km)
+    per country of the true location (Natural Earth outlines; countries without test
+    images stay uncoloured). Built on ``geohier.maps.base_map``, so it needs no network."""
+    import folium
+
+    from geohier import geography, maps
+
+    value = {r["country"]: r.get(metric) for r in countries if r.get(metric) is not None}
+    n = {r["country"]: r.get("n") for r in countries}
+    outlines = geography.country_outlines()
+    feats = [f for f in outlines["features"] if f["properties"]["name"] in value]
+    colours = maps.color_scale([value[f["properties"]["name"]] for f in feats], vmin=0.0, vmax=1.0,
+                               colors=("#d7191c", "#fdae61", "#ffffbf", "#a6d96a", "#1a9641"))
+    styled = []
+    for f, colour in zip(feats, colours, strict=True):
+        name = f["properties"]["name"]
+        props = {"name": name, "value": f"{100 * value[name]:.1f}%", "n": int(n.get(name) or 0), "fill": colour}
+        styled.append({"type": "Feature", "properties": props, "geometry": f["geometry"]})
+    m = maps.base_map(outlines=True, height=height)
+    folium.GeoJson(
+        {"type": "FeatureCollection", "features": styled}, name=metric.replace("_", " "),
+        style_function=lambda feat: {"fillColor": feat["properties"]["fill"], "color": "#555555",
+                                     "weight": 0.6, "fillOpacity": 0.8},
+        tooltip=folium.GeoJsonTooltip(["name", "value", "n"], aliases=["country", metric.replace("_", " "),
+                                                                       "test images"]),
+    ).add_to(m)
+    maps.add_legend(m, [("#d7191c", "0%"), ("#ffffbf", "50%"), ("#1a9641", "100%")],
+                    title=metric.replace("_", " "), note="countries of the true locations")
+    return maps.finish(m)

@@ -1,0 +1,146 @@
+"""Accuracy: learning curves per level, distance accuracy, calibration, per country."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import streamlit as st
+
+from geohier import accuracy_charts as ac
+from geohier.errors import GeohierError
+from pages._common import workspace
+from pipeline import evaluate, jobs
+
+st.title("Accuracy")
+ws = workspace()
+
+
+def _stamp(path) -> float:
+    try:
+        s = os.stat(path)
+        return s.st_mtime_ns + s.st_size
+    except OSError:
+        return 0.0
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _history(run_dir: str, stamp: float) -> list[dict]:
+    return evaluate.read_history(run_dir)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _eval(run_dir: str, stamp: float) -> dict | None:
+    return evaluate.read_eval(run_dir)
+
+
+runs = [p for p in jobs.run_dirs(ws)
+        if (p / "metrics.jsonl").exists() or (p / evaluate.EVAL_FILE).exists() or (p / "meta.json").exists()]
+if not runs:
+    st.info("No trained runs yet. Train one on the Train page, or run "
+            "`python -m pipeline train --backbone resnet18 --image-size 96 --epochs 5`.")
+    st.stop()
+
+by_name = {p.name: p for p in runs}
+histories = {p.name: _history(str(p), _stamp(p / "metrics.jsonl")) for p in runs}
+evals = {p.name: _eval(str(p), _stamp(p / evaluate.EVAL_FILE)) for p in runs}
+newest = sorted(runs, key=lambda p: _stamp(p / "metrics.jsonl"), reverse=True)
+
+with st.sidebar:
+    chosen = st.multiselect("Runs", list(by_name), default=[p.name for p in newest[:2]],
+                            help="compare several runs side by side")
+    metric = st.selectbox("Per-level metric", ["top1", "top5", "top10"])
+
+if not chosen:
+    st.info("Pick one or more runs in the sidebar.")
+    st.stop()
+
+# ----------------------------------------------------------------------------- curves
+
+st.subheader("Accuracy per level over epochs")
+curves = {n: histories[n] for n in chosen if histories[n]}
+if curves:
+    st.plotly_chart(ac.fig_level_curves(curves, metric), use_container_width=True)
+    st.caption("Train (dashed, on augmented images while learning) and val (solid). Chance at a level is "
+               "1 / its number of classes.")
+else:
+    st.caption("The chosen runs have no finished epoch yet (metrics.jsonl is empty).")
+
+# ----------------------------------------------------------------------------- distances
+
+st.subheader("Distance from the true location")
+with_eval = {n: evals[n] for n in chosen if evals[n]}
+missing = [n for n in chosen if not evals[n]]
+if with_eval:
+    st.plotly_chart(ac.fig_km_accuracy(with_eval), use_container_width=True)
+    st.caption(ac.references_caption())
+    table = ac.km_table(with_eval)
+    st.dataframe(table, hide_index=True, use_container_width=True, column_config={
+        **{f"{t} km": st.column_config.NumberColumn(format="%.1f%%") for t in ac.KM_THRESHOLDS},
+        "GeoScore": st.column_config.NumberColumn(format="%.0f"),
+        "median km": st.column_config.NumberColumn(format="%.0f"),
+        "mean km": st.column_config.NumberColumn(format="%.0f"),
+    })
+for name in missing:
+    c1, c2 = st.columns([3, 1])
+    state = jobs.job_info(by_name[name]).state
+    if state in jobs.ACTIVE_STATES:
+        c1.write(f"**{name}** is {state}: evaluate it once it has finished.")
+        continue
+    if not (by_name[name] / "meta.json").exists():
+        c1.write(f"**{name}** has no saved model (meta.json) to evaluate.")
+        continue
+    c1.write(f"**{name}** has no evaluation yet (eval.json).")
+    if c2.button("Evaluate", key=f"eval-{name}"):
+        try:
+            with st.spinner(f"Evaluating {name} on its test split..."):
+                evaluate.evaluate_run(by_name[name], ws, progress=False)
+            st.cache_data.clear()
+            st.rerun()
+        except GeohierError as exc:
+            st.error(str(exc))
+
+if not with_eval:
+    st.stop()
+
+# ----------------------------------------------------------------------------- per level + calibration
+
+focus = st.selectbox("Run for details", list(with_eval))
+ev = with_eval[focus]
+per_level = ev.get("per_level") or {}
+st.dataframe(pd.DataFrame([{
+    "level": int(lv), "classes": r.get("num_classes"), "images": r.get("n"),
+    "top-1": 100 * (r.get("top1") or 0), "top-5": 100 * (r.get("top5") or 0), "top-10": 100 * (r.get("top10") or 0),
+    "chance top-1": 100 * (r.get("chance_top1") or 0), "temperature": r.get("temperature"),
+    "ECE before": 100 * (r.get("ece_before") or 0), "ECE after": 100 * (r.get("ece_after") or 0),
+} for lv, r in per_level.items()]), hide_index=True, use_container_width=True, column_config={
+    c: st.column_config.NumberColumn(format="%.1f%%")
+    for c in ("top-1", "top-5", "top-10", "chance top-1", "ECE before", "ECE after")})
+
+st.subheader("Calibration")
+rel = ev.get("reliability") or {}
+if rel:
+    levels = list(rel)
+    level = st.radio("Level", levels, horizontal=True, index=len(levels) - 1)
+    st.plotly_chart(ac.fig_reliability(rel[level], level, (per_level.get(level) or {}).get("temperature")),
+                    use_container_width=True)
+    st.caption("Each point is a bin of test images by the model's top-1 probability; on the diagonal the "
+               "confidence is the accuracy. Temperatures are fitted on the val split (minimum NLL).")
+
+st.subheader("Per country")
+countries = ev.get("countries") or []
+if not countries:
+    st.caption("No per-country table in this eval.json (no test image on land, or an older evaluation).")
+else:
+    metric_c = st.selectbox("Country metric", ["country_acc", "acc_750km", "acc_200km", "acc_25km"],
+                            format_func=lambda m: {"country_acc": "predicted point in the right country"}.get(
+                                m, f"within {m[4:-2]} km"))
+    shown = st.radio("Show as", ["map", "bars"], horizontal=True)
+    if shown == "map":
+        from streamlit_folium import st_folium
+
+        st_folium(ac.country_map(countries, metric_c), height=440, use_container_width=True,
+                  returned_objects=[], key=f"countries-{focus}-{metric_c}")
+    else:
+        st.plotly_chart(ac.fig_country_accuracy(countries, metric_c), use_container_width=True)
+    st.dataframe(ac.country_frame(countries), hide_index=True, use_container_width=True)

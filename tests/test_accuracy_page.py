@@ -1,0 +1,154 @@
+"""The Accuracy page (AppTest) and its figures (geohier.accuracy_charts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from geohier import accuracy_charts as ac
+from geohier import metrics
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "accuracy.py")
+
+
+def _page() -> AppTest:
+    return AppTest.from_file(PAGE, default_timeout=90)
+
+
+def _record(epoch, base):
+    lv = lambda a: {"top1": a, "top5": min(1.0, a + 0.3), "top10": min(1.0, a + 0.4)}  # noqa: E731
+    return {"epoch": epoch, "train_loss": 2.0 / epoch, "val_loss": 2.2 / epoch, "lr": 0.001, "time_s": 3.0,
+            "train": {"1": lv(base + 0.1 * epoch), "3": lv(base / 2 + 0.05 * epoch)},
+            "val": {"1": lv(base + 0.08 * epoch), "3": lv(base / 2 + 0.04 * epoch)},
+            "val_km": {"median_km": 900.0 / epoch, "acc_25km": 0.1 * epoch}}
+
+
+def _eval_doc(name):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), size=50)
+    targets = rng.integers(0, 4, size=50)
+    before = metrics.reliability_bins(probs, targets)
+    after = metrics.reliability_bins(metrics.softmax(np.log(probs), 2.0), targets)
+    level = {"top1": 0.4, "top5": 1.0, "top10": 1.0, "n": 50, "num_classes": 4, "chance_top1": 0.25,
+             "temperature": 2.0, "ece_before": before["ece"], "ece_after": after["ece"]}
+    geo = {"acc_1km": 0.02, "acc_25km": 0.1, "acc_200km": 0.3, "acc_750km": 0.6, "acc_2500km": 0.9,
+           "median_km": 600.0, "mean_km": 900.0, "geoscore": 2500.0, "n": 50, "level": 3, "point": "centroid",
+           "rule": "hierarchical"}
+    return {"format": "geohier-eval/1", "run": name, "source": {"kind": "split", "split": "test"}, "images": 50,
+            "skipped": 0, "levels": [1, 3], "per_level": {"1": level, "3": dict(level, num_classes=9)},
+            "geo": geo, "geo_by_rule": {"hierarchical": geo},
+            "reliability": {"1": {"before": before, "after": after}, "3": {"before": before, "after": after}},
+            "countries": [{"country": "France", "iso3": "FRA", "n": 30, "country_acc": 0.7, "acc_1km": 0.0,
+                           "acc_25km": 0.1, "acc_200km": 0.4, "acc_750km": 0.8, "acc_2500km": 1.0,
+                           "median_km": 300.0, "mean_km": 400.0, "geoscore": 3000.0},
+                          {"country": "Japan", "iso3": "JPN", "n": 20, "country_acc": 0.2, "acc_1km": 0.0,
+                           "acc_25km": 0.0, "acc_200km": 0.1, "acc_750km": 0.3, "acc_2500km": 0.7,
+                           "median_km": 1300.0, "mean_km": 1400.0, "geoscore": 1500.0}]}
+
+
+def fake_run(ws, name, epochs=3, with_eval=True, base=0.2):
+    run = ws.models_dir / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"backbone": "resnet18", "levels": [1, 3]}))
+    (run / "status.json").write_text(json.dumps({"state": "done", "epoch": epochs, "epochs": epochs,
+                                                 "progress": 1.0}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(_record(e, base)) + "\n" for e in range(1, epochs + 1))
+                                       + "not json\n")
+    if with_eval:
+        (run / "eval.json").write_text(json.dumps(_eval_doc(name)))
+    return run
+
+
+# ----------------------------------------------------------------------------- figures
+
+def test_references_are_the_published_rows():
+    isn, pig = ac.REFERENCES
+    assert [isn["acc"][t] for t in metrics.KM_THRESHOLDS] == [10.5, 28.0, 36.6, 49.7, 66.0]
+    assert [pig["acc"][t] for t in metrics.KM_THRESHOLDS] == [11.3, 36.7, 53.8, 72.4, 85.3]
+    assert all(r["dataset"] == "Im2GPS3k" for r in ac.REFERENCES)
+    cap = ac.references_caption()
+    assert "different test set" in cap and "ECCV 2018" in cap and "CVPR 2024" in cap
+
+
+def test_fig_km_accuracy_traces():
+    fig = ac.fig_km_accuracy({"a": _eval_doc("a")})
+    names = [t.name for t in fig.data]
+    assert names[0] == "a" and list(fig.data[0].y) == pytest.approx([2.0, 10.0, 30.0, 60.0, 90.0])
+    assert any("ISN" in n and "another dataset" in n for n in names)
+    assert any("PIGEOTTO" in n for n in names)
+    assert list(fig.data[-1].y) == [11.3, 36.7, 53.8, 72.4, 85.3]
+
+
+def test_fig_level_curves_and_history():
+    hist = {"r1": [_record(1, 0.2), _record(2, 0.2)], "r2": [_record(1, 0.1)]}
+    df = ac.history_frame(hist)
+    assert set(df["split"]) == {"train", "val"} and set(df["level"]) == {1, 3}
+    fig = ac.fig_level_curves(hist, "top1")
+    # 2 runs x 2 splits x 2 levels
+    assert len(fig.data) == 8
+    val_r1_l1 = next(t for t in fig.data if t.name == "r1 · val" and t.xaxis == "x")
+    assert list(val_r1_l1.y) == pytest.approx([28.0, 36.0])
+    assert ac.fig_level_curves({}, "top1") is not None  # empty: still a figure
+
+
+def test_fig_reliability_and_countries():
+    ev = _eval_doc("a")
+    fig = ac.fig_reliability(ev["reliability"]["1"], 1, 2.0)
+    assert [t.name.split(" (")[0] for t in fig.data] == ["perfect calibration", "before", "after"]
+    assert "T = 2.00" in fig.data[2].name
+    bars = ac.fig_country_accuracy(ev["countries"])
+    assert list(bars.data[0].x) == [20.0, 70.0]  # largest country last (top of the chart)
+    assert ac.country_frame([]).empty
+
+
+def test_country_map_is_offline():
+    from geohier import maps
+
+    html = maps.offline_html(ac.country_map(_eval_doc("a")["countries"]))
+    assert maps.network_references(html) == []
+    assert "France" in html and "70.0%" in html
+
+
+# ----------------------------------------------------------------------------- the page
+
+def test_empty_models_dir_says_what_to_do(ws):
+    at = _page().run()
+    assert not at.exception
+    assert "No trained runs yet" in at.info[0].value
+
+
+def test_page_with_fake_runs_renders(ws):
+    fake_run(ws, "run-a", base=0.2)
+    fake_run(ws, "run-b", base=0.1)
+    at = _page().run()
+    assert not at.exception, at.exception
+    assert set(at.sidebar.multiselect[0].value) == {"run-a", "run-b"}
+    assert len(at.get("plotly_chart")) >= 3  # curves, km accuracy, reliability (+ country bars or map)
+    km = at.dataframe[0].value
+    assert list(km["run"]) == list(at.sidebar.multiselect[0].value)
+    assert km["2500 km"].tolist() == [90.0, 90.0]
+    assert any("Im2GPS3k" in c.value for c in at.caption)
+    # per-country as bars, then by another metric
+    at = next(r for r in at.radio if r.label == "Show as").set_value("bars").run()
+    assert not at.exception
+    at = next(s for s in at.selectbox if s.label == "Country metric").set_value("acc_750km").run()
+    assert not at.exception
+
+
+def test_run_without_eval_gets_a_button(ws):
+    from test_evaluate import make_tiny_run
+
+    run = make_tiny_run(ws, "tiny")
+    at = _page().run()
+    assert not at.exception
+    assert any("has no evaluation yet" in m.value for m in at.markdown)
+    at = next(b for b in at.button if b.label == "Evaluate").click().run()
+    assert not at.exception, at.exception
+    assert (run / "eval.json").exists()
+    assert not at.error
+    assert at.dataframe  # the km table of the new evaluation
