@@ -1,0 +1,510 @@
+"""The threshold explorer: what a keep rule costs and buys, measured on a run's val split.
+
+The model runs over the val split once; its per-level logits are cached in the run
+directory (``val_logits.safetensors``, with ``val_logits.json`` for the targets, positions
+and what the cache was computed from). After that, every setting of the keep rules is
+just ``geohier.infer.combine`` over the cached logits, vectorised over all rows at once,
+so a control change is answered in tens of milliseconds for 10,000 images:
+
+- ``hit``: the true finest cell is among the kept finest cells;
+- ``top1``: the best finest cell is the true one;
+- ``acc_25km`` ... ``acc_2500km``: the best cell's position is within that distance;
+- ``kept``: the mean number of finest cells kept (the price of a high hit rate).
+
+``Explorer.sweep`` varies one parameter (k, k_max, p or min_prob) on every level at once and
+returns the trade-off curve. The numbers are ``geohier.infer.hierarchical_accuracy``'s,
+the function the evaluate command uses too, so for the same rule they agree.
+
+>>> import numpy as np, torch
+>>> from geohier.infer import KeepRule, Tree
+>>> tree = Tree.from_parents([1, 2], {2: [0, 0, 1, 1]})
+>>> val = ValSet((1, 2), {1: torch.tensor([[3.0, 0.0]]), 2: torch.tensor([[2.0, 0.0, 0.0, 0.0]])},
+...              {1: np.array([0]), 2: np.array([0])}, np.array([10.0]), np.array([10.0]))
+>>> ex = Explorer(val, tree, np.array([[10.0, 10.0], [10, 20], [-10, 100], [-10, 110]]))
+>>> ex.evaluate(KeepRule("topk", top_k=1))["top1"]
+1.0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import folium
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from geohier import grid
+from geohier.errors import InputError, WorkspaceError
+from geohier.infer import KeepRule, Predictor, Tree, hierarchical_accuracy, rules_for
+from geohier.workspace import Workspace, atomic_write_text
+
+FORMAT = "geohier-val-logits/1"
+CACHE_NAME = "val_logits"
+DEFAULT_MAX_ROWS = 10_000
+# Logits are cached as float32 (exactly what evaluate sees) up to this many numbers, float16 beyond.
+FLOAT32_LIMIT = 64_000_000
+
+#: The swept parameter of each rule and its default values.
+SWEEPS: dict[str, tuple[str, tuple]] = {
+    "topk": ("top_k", (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)),
+    "adaptive": ("k_max", (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)),
+    "cumulative": ("cumulative", (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)),
+}
+MIN_PROB_SWEEP = ("min_prob", (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5))
+
+
+@dataclass
+class ValSet:
+    """Cached per-level logits of a split: ``logits[level]`` (N, C), ``targets[level]`` (N,)
+    class indices (-1 where the true cell is no class), true ``lat``/``lon`` (N,), and the
+    manifest ``ids`` of the rows."""
+
+    levels: tuple[int, ...]
+    logits: dict[int, torch.Tensor]
+    targets: dict[int, np.ndarray]
+    lat: np.ndarray
+    lon: np.ndarray
+    ids: np.ndarray | None = None
+    info: dict | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.lat.shape[0])
+
+
+class Explorer:
+    """Hierarchical accuracy of keep rules over a ValSet (see the module doc)."""
+
+    def __init__(self, val: ValSet, tree: Tree, positions: np.ndarray,
+                 temperatures: Mapping[int, float] | None = None):
+        self.val = val
+        self.tree = tree
+        self.positions = np.asarray(positions, dtype=np.float64)
+        self.temperatures = dict(temperatures or {})
+
+    @classmethod
+    def for_predictor(cls, predictor: Predictor, ws: Workspace, split: str = "val",
+                      max_rows: int = DEFAULT_MAX_ROWS, batch_size: int = 64,
+                      progress: Callable[[int, int], None] | None = None, refresh: bool = False) -> Explorer:
+        """Load (or compute and cache) the split's logits for a predictor's run(s)."""
+        val = load_val_logits(predictor, ws, split, max_rows, batch_size, progress, refresh)
+        return cls(val, predictor.tree, predictor.positions, predictor.temperatures)
+
+    def evaluate(self, rules: KeepRule | Mapping[int, KeepRule] | None = None, temperature: bool = True) -> dict:
+        """``hierarchical_accuracy`` of one setting over every cached row."""
+        return hierarchical_accuracy(self.val.logits, self.tree, self.val.targets, self.val.lat, self.val.lon,
+                                     self.positions, rules, self.temperatures if temperature else None)
+
+    def sweep(self, rules: KeepRule | Mapping[int, KeepRule] | None = None, temperature: bool = True,
+              param: str | None = None, values: Sequence | None = None) -> list[dict]:
+        """The trade-off curve: one ``evaluate`` per value of ``param`` set on every level.
+
+        ``param`` defaults to the finest level's main knob (top_k, k_max or cumulative);
+        ``"min_prob"`` sweeps the minimum probability. Each row is the metrics plus
+        ``param`` and ``value``. Values a rule refuses are skipped."""
+        rules = rules_for(self.tree.levels, rules)
+        default_param, default_values = sweep_for(rules[self.tree.levels[-1]], param)
+        param = param or default_param
+        values = default_values if values is None else values
+        rows = []
+        for v in values:
+            try:
+                varied = {lv: replace(r, **{param: v}) for lv, r in rules.items()}
+            except InputError:
+                continue
+            m = self.evaluate(varied, temperature)
+            m.update(param=param, value=v)
+            rows.append(m)
+        return rows
+
+
+def sweep_for(rule: KeepRule, param: str | None = None) -> tuple[str, tuple]:
+    """(parameter, default values) swept for a rule: its main knob, or ``param``."""
+    if param in (None, ""):
+        return SWEEPS[rule.rule]
+    if param == "min_prob":
+        return MIN_PROB_SWEEP
+    for name, values in SWEEPS.values():
+        if name == param:
+            return name, values
+    raise InputError(f"cannot sweep {param!r}; choose top_k, k_max, cumulative or min_prob")
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def _stamp(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _split_ids(ws: Workspace, split: str) -> np.ndarray:
+    if not ws.has_manifest():
+        raise WorkspaceError(f"no manifest in {ws.data_dir}: the explorer needs images with a {split} split "
+                             "(python -m pipeline demo, then labels)")
+    with ws.manifest() as m:
+        rows = m.conn.execute("SELECT id FROM images WHERE split = ? ORDER BY id", (split,)).fetchall()
+    return np.asarray([r[0] for r in rows], dtype=np.int64)
+
+
+def cache_key(predictor: Predictor, ws: Workspace, split: str, max_rows: int) -> dict:
+    """What a cache was computed from: the weights, the hierarchy, the split's ids."""
+    ids = _split_ids(ws, split)
+    return {"format": FORMAT, "split": split, "max_rows": int(max_rows),
+            "hierarchy_hash": predictor.hierarchy.hash, "levels": list(predictor.levels),
+            "weights": {r.name: _stamp(r / "model.safetensors") for r in predictor.runs},
+            "data_dir": str(ws.data_dir),
+            "split_ids": hashlib.sha256(ids.tobytes()).hexdigest(), "split_rows": int(ids.size)}
+
+
+def cache_paths(predictor: Predictor) -> tuple[Path, Path]:
+    """(safetensors, json) paths of a predictor's cache: in its (first) run directory."""
+    name = CACHE_NAME
+    if len(predictor.runs) > 1:  # a per-level set: name the cache after its members
+        digest = hashlib.sha256("|".join(str(r.resolve()) for r in predictor.runs).encode()).hexdigest()[:10]
+        name = f"{CACHE_NAME}-set-{digest}"
+    base = predictor.runs[0]
+    return base / f"{name}.safetensors", base / f"{name}.json"
+
+
+def read_cache(predictor: Predictor, key: dict) -> ValSet | None:
+    """The cached ValSet when it exists and matches ``key``; else None."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tpath, jpath = cache_paths(predictor)
+    try:
+        doc = json.loads(jpath.read_text("utf-8"))
+        if doc.get("key") != key:
+            return None
+        tensors = load_file(str(tpath))
+        levels = tuple(int(v) for v in doc["levels"])
+        logits = {lv: tensors[f"logits.{lv}"].float() for lv in levels}
+        targets = {lv: np.asarray(doc["targets"][str(lv)], dtype=np.int64) for lv in levels}
+        val = ValSet(levels, logits, targets, np.asarray(doc["lat"], dtype=np.float64),
+                     np.asarray(doc["lon"], dtype=np.float64), np.asarray(doc["ids"], dtype=np.int64),
+                     {"cached": True, **doc.get("info", {})})
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return None
+    if any(val.logits[lv].shape != (val.rows, predictor.tree.num_classes[lv]) for lv in levels):
+        return None
+    return val
+
+
+def write_cache(predictor: Predictor, key: dict, val: ValSet) -> bool:
+    """Write the cache (atomically); False when the run directory is not writable."""
+    from geohier.model import save_tensors_atomic
+
+    tpath, jpath = cache_paths(predictor)
+    numbers = val.rows * sum(int(t.shape[1]) for t in val.logits.values())
+    dtype = torch.float32 if numbers <= FLOAT32_LIMIT else torch.float16
+    doc = {"format": FORMAT, "key": key, "levels": list(val.levels), "rows": val.rows,
+           "dtype": str(dtype).replace("torch.", ""),
+           "ids": val.ids.tolist() if val.ids is not None else None,
+           "lat": val.lat.tolist(), "lon": val.lon.tolist(),
+           "targets": {str(lv): val.targets[lv].tolist() for lv in val.levels},
+           "info": val.info or {}}
+    try:
+        save_tensors_atomic(tpath, {f"logits.{lv}": val.logits[lv].to(dtype).contiguous() for lv in val.levels},
+                            metadata={"format": FORMAT})
+        atomic_write_text(jpath, json.dumps(doc) + "\n")
+    except OSError:
+        return False
+    return True
+
+
+def compute_val_logits(predictor: Predictor, ws: Workspace, split: str = "val",
+                       max_rows: int = DEFAULT_MAX_ROWS, batch_size: int = 64,
+                       progress: Callable[[int, int], None] | None = None) -> ValSet:
+    """Run the predictor's model(s) over (at most ``max_rows`` of) the split.
+
+    Rows are those of ``geohier.dataset.ManifestDataset`` (the evaluate command's), a
+    seeded sample of ``max_rows`` when the split is larger; images that fail to decode
+    are left out."""
+    from torch.utils.data import DataLoader
+
+    from geohier.dataset import ManifestDataset, collate
+
+    if max_rows < 1:
+        raise InputError(f"max_rows must be >= 1, got {max_rows}")
+    t0 = time.perf_counter()
+    # Models with the same preset share one pass over the images (a multi-level run: one).
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(predictor.presets):
+        groups.setdefault((p.image_size, tuple(p.mean), tuple(p.std)), []).append(i)
+    per_group = []
+    total = 0
+    for members in groups.values():
+        ds = ManifestDataset(ws, predictor.hierarchy, split, transform=predictor.presets[members[0]],
+                             limit=max_rows, seed=0)
+        per_group.append((members, ds))
+        total += len(ds)
+    if per_group[0][1].stats["images"] == 0:
+        raise InputError(f"the {split} split of {ws.data_dir} has no usable image "
+                         "(build splits with `python -m pipeline labels`)")
+    done = 0
+    outs: dict[int, torch.Tensor] = {}
+    kept_index = None
+    ds0 = per_group[0][1]
+    for members, ds in per_group:
+        chunks: dict[int, list[torch.Tensor]] = {}
+        index = []
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate)
+        with torch.inference_mode():
+            for batch in loader:
+                if batch.images.numel():
+                    x = batch.images.to(predictor.device)
+                    for i in members:
+                        for lv, z in predictor.models[i](x).items():
+                            chunks.setdefault(lv, []).append(z.float().cpu())  # (B, C_lv)
+                    index.append(batch.index)
+                done += len(batch.index) + len(batch.skipped)
+                if progress is not None:
+                    progress(done, total)
+        idx = torch.cat(index).numpy() if index else np.zeros(0, np.int64)
+        if kept_index is None:
+            kept_index = idx
+        elif not np.array_equal(kept_index, idx):  # a file failed in one pass only: keep the common rows
+            common = np.intersect1d(kept_index, idx)
+            for lv in list(outs):
+                outs[lv] = outs[lv][torch.from_numpy(np.searchsorted(kept_index, common))]
+            kept_index = common
+        for lv, parts in chunks.items():
+            z = torch.cat(parts)
+            outs[lv] = z[torch.from_numpy(np.searchsorted(idx, kept_index))]
+    levels = predictor.levels
+    cols = list(ds0.levels)
+    labels = ds0.labels[kept_index]
+    targets = {lv: np.where(labels[:, cols.index(lv)] >= 0, labels[:, cols.index(lv)], -1).astype(np.int64)
+               for lv in levels}
+    for lv in levels:
+        outs.setdefault(lv, torch.zeros(0, predictor.tree.num_classes[lv]))
+    info = {"split": split, "rows": int(kept_index.size), "split_rows": int(ds0.stats["rows"]),
+            "sampled": bool(ds0.stats["images"] < ds0.stats["rows"] - ds0.stats.get("unlabelled", 0)
+                            - ds0.stats.get("missing", 0)),
+            "skipped": int(len(ds0) - kept_index.size), "seconds": round(time.perf_counter() - t0, 2),
+            "runs": [r.name for r in predictor.runs]}
+    return ValSet(tuple(levels), {lv: outs[lv] for lv in levels}, targets, ds0.lat[kept_index],
+                  ds0.lon[kept_index], ds0.ids[kept_index], info)
+
+
+def load_val_logits(predictor: Predictor, ws: Workspace, split: str = "val", max_rows: int = DEFAULT_MAX_ROWS,
+                    batch_size: int = 64, progress: Callable[[int, int], None] | None = None,
+                    refresh: bool = False) -> ValSet:
+    """The cached ValSet of a predictor's run(s), computed (and cached) when missing or
+    stale: another weights file, hierarchy, split membership or ``max_rows``."""
+    key = cache_key(predictor, ws, split, max_rows)
+    if not refresh:
+        val = read_cache(predictor, key)
+        if val is not None:
+            return val
+    val = compute_val_logits(predictor, ws, split, max_rows, batch_size, progress)
+    val.info = dict(val.info or {}, cached=write_cache(predictor, key, val))
+    return val
+
+
+def has_cache(predictor: Predictor, ws: Workspace, split: str = "val", max_rows: int = DEFAULT_MAX_ROWS) -> bool:
+    """Whether a fresh cache exists (the page says "computing..." otherwise)."""
+    try:
+        key = cache_key(predictor, ws, split, max_rows)
+    except (WorkspaceError, OSError):
+        return False
+    tpath, jpath = cache_paths(predictor)
+    if not (tpath.exists() and jpath.exists()):
+        return False
+    try:
+        return json.loads(jpath.read_text("utf-8")).get("key") == key
+    except (OSError, ValueError):
+        return False
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def synthetic_hierarchy(levels: Sequence[int] = (1, 3, 5, 8), points: int = 150_000, towns: int = 400,
+                        min_images: int = 5, seed: int = 0):
+    """A hierarchy of realistic shape: ``points`` photo positions around ``towns`` towns of
+    Pareto-distributed sizes (a few big cities, many small towns). At the default levels
+    it has about 4, 50, 550 and 7,500 classes, up to ~60 children under one parent."""
+    from geohier.hierarchy import build_hierarchy
+
+    rng = np.random.default_rng(seed)
+    t_lat = rng.uniform(-45, 65, towns)
+    t_lon = rng.uniform(-170, 170, towns)
+    size = rng.pareto(1.2, towns) + 1
+    pick = rng.choice(towns, points, p=size / size.sum())
+    lat = np.clip(t_lat[pick] + rng.normal(0, 1.5, points), -89, 89)
+    lon = t_lon[pick] + rng.normal(0, 2.0, points)
+    return build_hierarchy(lat, lon, levels, min_images=min_images)
+
+
+def synthetic(rows: int = 10_000, levels: Sequence[int] = (1, 3, 5, 8), hierarchy=None, seed: int = 0,
+              skill: float = 3.0) -> Explorer:
+    """An Explorer over made-up val rows, for benchmarks and demos.
+
+    The tree is ``hierarchy``'s (default: ``synthetic_hierarchy(levels)``); targets are
+    drawn in proportion to the finest classes' image counts; each row's true class gets a
+    logit bonus of ``skill`` at every level over N(0, 1) noise; positions are centroids."""
+    rng = np.random.default_rng(seed)
+    h = hierarchy if hierarchy is not None else synthetic_hierarchy(levels, seed=seed)
+    tree = Tree.from_hierarchy(h)
+    levels = tree.levels
+    finest = levels[-1]
+    counts = np.asarray(h.counts(finest), dtype=np.float64) + 1.0
+    t = {finest: rng.choice(tree.num_classes[finest], rows, p=counts / counts.sum())}
+    for prev, lv in zip(levels[-2::-1], levels[:0:-1], strict=False):
+        t[prev] = tree.parents[lv][t[lv]]
+    logits = {}
+    for lv in levels:
+        z = rng.standard_normal((rows, tree.num_classes[lv]), dtype=np.float32)
+        z[np.arange(rows), t[lv]] += skill
+        logits[lv] = torch.from_numpy(z)
+    lat_c, lon_c = h.centroids(finest)
+    positions = np.stack([lat_c, lon_c], 1)
+    jitter = rng.normal(0, 0.2, (rows, 2))
+    lat = np.clip(positions[t[finest], 0] + jitter[:, 0], -90, 90)
+    lon = positions[t[finest], 1] + jitter[:, 1]
+    val = ValSet(levels, logits, t, lat, lon, np.arange(rows), {"synthetic": True})
+    return Explorer(val, tree, positions)
+
+
+# ----------------------------------------------------------------------------- Predict page figures
+
+
+def summary_frame(preds: Sequence) -> pd.DataFrame:
+    """One row per image: best cell, probability, country, place, and the error when the
+    photo has EXIF GPS (or the reason it could not be read)."""
+    rows = []
+    for p in preds:
+        b = p.best
+        row = {"image": p.image, "best cell": b.cell if b else None, "prob": b.prob if b else None,
+               "joint": b.joint if b else None,
+               "country": b.country if b else None, "place": b.place if b else None,
+               "lat": round(b.lat, 4) if b else None, "lon": round(b.lon, 4) if b else None,
+               "error km": p.true["error_km"] if p.true else None,
+               "GeoScore": p.true["geoscore"] if p.true else None, "problem": p.error}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def candidates_frame(pred) -> pd.DataFrame:
+    """The kept finest-level cells of one prediction, ranked, with where they are."""
+    finest = max(pred.levels)
+    rows = [{"rank": i, "cell": c.cell, "prob": c.prob, "joint": c.joint, "parent": c.parent, "country": c.country,
+             "place": c.place, "lat": round(c.lat, 4), "lon": round(c.lon, 4),
+             "km from truth": (round(float(grid.haversine_km(c.lat, c.lon, pred.true["lat"], pred.true["lon"])), 1)
+                               if pred.true else None)}
+            for i, c in enumerate(pred.levels[finest], 1)]
+    return pd.DataFrame(rows)
+
+
+def levels_frame(pred) -> pd.DataFrame:
+    """Every kept candidate of every level (level, cell, prob, joint, parent)."""
+    return pd.DataFrame([{"level": lv, "cell": c.cell, "prob": c.prob, "joint": c.joint, "parent": c.parent}
+                         for lv in sorted(pred.levels) for c in pred.levels[lv]])
+
+
+def level_bars(pred) -> go.Figure:
+    """One bar chart per level: the kept candidates' probabilities."""
+    from plotly.subplots import make_subplots
+
+    levels = sorted(pred.levels)
+    fig = make_subplots(rows=1, cols=len(levels), subplot_titles=[f"Level {lv}" for lv in levels])
+    for i, lv in enumerate(levels, 1):
+        cands = pred.levels[lv]
+        fig.add_trace(go.Bar(x=[c.cell for c in cands], y=[c.prob for c in cands], name=f"L{lv}",
+                             marker_color=PROB_COLORS[min(i - 1, len(PROB_COLORS) - 1)],
+                             hovertemplate="%{x}<br>p = %{y:.3f}<extra></extra>"), row=1, col=i)
+        fig.update_xaxes(type="category", tickangle=-45, row=1, col=i)
+        fig.update_yaxes(range=[0, 1], row=1, col=i)
+    fig.update_layout(showlegend=False, height=300, margin=dict(l=10, r=10, t=40, b=10),
+                      yaxis_title="probability")
+    return fig
+
+
+PROB_COLORS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02")
+BEST_COLOR = "#d62728"
+TRUE_COLOR = "#2ca02c"
+
+
+def prediction_map(pred, predictor) -> folium.Map:
+    """The kept finest-level cells coloured by probability, the kept cells of the coarser
+    levels outlined, the best guess (red) and the EXIF position (green) marked. Offline
+    (``geohier.maps``)."""
+    from geohier import maps
+
+    finest = max(pred.levels)
+    best = pred.best
+    m = maps.base_map(center=(best.lat, best.lon), zoom=3, tiles=True)
+    levels = sorted(pred.levels)
+    for i, lv in enumerate(levels[:-1]):  # coarse levels: outlines, thicker further up
+        cands = pred.levels[lv]
+        keys = grid.ids_to_keys([c.cell for c in cands])[0]
+        maps.cells_layer(keys, lv, "#000000", fill=False, stroke_color="#333333",
+                         weight=max(1.0, 3.0 - i * 0.7), opacity=0.9, interactive=False,
+                         name=f"Level {lv}: {len(cands)} kept").add_to(m)
+    cands = pred.levels[finest]
+    keys = grid.ids_to_keys([c.cell for c in cands])[0]
+    probs = np.array([c.prob for c in cands])
+    colors = maps.color_scale(probs, vmin=0.0, vmax=max(float(probs.max()), 1e-9),
+                              colors=("#fff5eb", "#fdae6b", "#e6550d", "#7f2704"))
+    maps.cells_layer(keys, finest, colors, fill_opacity=0.75, stroke_color="#7f2704", weight=1.0,
+                     fields={"prob": [f"{p:.1%}" for p in probs],
+                             "rank": list(range(1, len(cands) + 1)),
+                             "country": [c.country or "" for c in cands],
+                             "place": [c.place or "" for c in cands]},
+                     tooltip=[("cell", "Cell"), ("rank", "Rank"), ("prob", "Probability"),
+                              ("country", "Country"), ("place", "Nearest town")],
+                     name=f"Level {finest}: {len(cands)} kept").add_to(m)
+    maps.add_marker(m, best.lat, best.lon, color=BEST_COLOR,
+                    tooltip=f"Best guess {best.cell} ({best.prob:.1%}) {best.place or ''}")
+    legend = [(BEST_COLOR, "Best guess"), ("#e6550d", f"Level {finest} cells (darker = likelier)"),
+              ("#ffffff", "Outlines: kept parent cells")]
+    points = [[c.lat, c.lon] for c in cands]
+    if pred.true:
+        t = pred.true
+        maps.add_marker(m, t["lat"], t["lon"], color=TRUE_COLOR,
+                        tooltip=f"True location (EXIF GPS): {t['error_km']:,.0f} km off")
+        legend.insert(1, (TRUE_COLOR, f"True location ({t['error_km']:,.0f} km off)"))
+        points.append([t["lat"], t["lon"]])
+    maps.add_legend(m, legend, title="Prediction")
+    w, s, e, n = (np.array([c.bbox for c in cands]).T if cands else ([best.lon],) * 4)
+    lats = [float(np.min(s)), float(np.max(n))] + [p[0] for p in points]
+    lons = [float(np.min(w)), float(np.max(e))] + [p[1] for p in points]
+    m.fit_bounds([[min(lats), min(lons)], [max(lats), max(lons)]], max_zoom=8)
+    return maps.finish(m)
+
+
+def tradeoff_figure(rows: Sequence[dict], current: dict, metric: str = "hit",
+                    label: str | None = None) -> go.Figure:
+    """Accuracy (``metric``) against the mean number of finest cells kept over a sweep,
+    with the current setting marked."""
+    names = {"hit": "true cell among the kept", "top1": "best cell is the true one",
+             **{f"acc_{t}km": f"best guess within {t} km" for t in (1, 25, 200, 750, 2500)}}
+    fig = go.Figure()
+    if rows:
+        param = rows[0]["param"]
+        fig.add_trace(go.Scatter(
+            x=[r["kept"] for r in rows], y=[r[metric] for r in rows], mode="lines+markers+text",
+            text=[f"{_short(param)}={r['value']:g}" for r in rows], textposition="top center",
+            textfont=dict(size=10), name=f"sweep of {param}",
+            hovertemplate="%{text}<br>kept %{x:.2f}<br>%{y:.1%}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[current["kept"]], y=[current[metric]], mode="markers", name=label or "current",
+                             marker=dict(symbol="star", size=16, color=BEST_COLOR, line=dict(width=1, color="#222")),
+                             hovertemplate="current<br>kept %{x:.2f}<br>%{y:.1%}<extra></extra>"))
+    fig.update_layout(height=380, margin=dict(l=10, r=10, t=30, b=10),
+                      xaxis_title="mean finest cells kept", yaxis_title=names.get(metric, metric),
+                      yaxis_tickformat=".0%", legend=dict(orientation="h", y=-0.2))
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def _short(param: str) -> str:
+    return {"top_k": "k", "k_max": "k_max", "cumulative": "p", "min_prob": "min p"}.get(param, param)

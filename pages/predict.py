@@ -1,0 +1,282 @@
+"""Predict: drop street photos, see level by level where the model thinks they were taken,
+and tune the keep rules with their effect on val accuracy measured live."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import streamlit as st
+from streamlit_folium import st_folium
+
+from geohier import explorer, infer
+from geohier.errors import GeohierError
+from pages._common import workspace
+
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "heic", "heif"]
+K_RANGE = (1, 20)
+METRICS = {"hit": "True cell kept", "top1": "Top-1 cell", "acc_25km": "Within 25 km",
+           "acc_200km": "Within 200 km", "acc_750km": "Within 750 km", "acc_2500km": "Within 2500 km"}
+
+# ----------------------------------------------------------------------------- cached work
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def load_predictor(runs: tuple[str, ...], stamp: tuple) -> infer.Predictor:
+    return infer.load_predictor(list(runs))
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def upload_logits(runs: tuple[str, ...], stamp: tuple, sha: str, name: str, _data: bytes) -> dict:
+    """One forward pass per upload and run: moving a control re-uses these logits."""
+    predictor = load_predictor(runs, stamp)
+    try:
+        img, gps = predictor.read_image(_data, name)
+    except GeohierError as exc:
+        return {"error": str(exc)}
+    logits = {lv: z.cpu().numpy() for lv, z in predictor.logits([img]).items()}  # {lv: (1, C)}
+    img.thumbnail((360, 360))
+    return {"logits": logits, "gps": gps, "thumb": img, "error": None}
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def load_explorer(runs: tuple[str, ...], stamp: tuple, key: str, data_dir: str, models_dir: str,
+                  max_rows: int) -> explorer.Explorer:
+    """The explorer over the cached val logits (``key``: what they were computed from)."""
+    from pathlib import Path
+
+    from geohier.workspace import Workspace
+
+    predictor = load_predictor(runs, stamp)
+    return explorer.Explorer.for_predictor(predictor, Workspace(Path(data_dir), Path(models_dir)),
+                                           max_rows=max_rows)
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def sweep_rows(_ex: explorer.Explorer, key: str, rules_json: str, temperature: bool, param: str) -> list[dict]:
+    """The trade-off curve; keyed without the swept parameter, so moving that one control
+    only moves the marked point."""
+    rules = {int(lv): infer.KeepRule.from_dict(r) for lv, r in json.loads(rules_json).items()}
+    return _ex.sweep(rules, temperature, param)
+
+
+# ----------------------------------------------------------------------------- controls
+
+
+def _key(field: str, scope) -> str:
+    return f"predict_{field}_{scope}"
+
+
+DEFAULTS = {"rule": infer.DEFAULT_RULE, "top_k": infer.DEFAULT_TOP_K, "cumulative": infer.DEFAULT_CUMULATIVE,
+            "thresholds": ",".join(f"{t:.2f}" for t in infer.DEFAULT_THRESHOLDS), "k_max": infer.DEFAULT_K_MAX,
+            "min_prob": 0.0}
+
+
+def rule_controls(scope, label: str) -> infer.KeepRule:
+    """The widgets of one keep rule (every level, or one); returns the rule."""
+    for field, value in DEFAULTS.items():
+        if scope != "all":  # a level's controls start from the all-levels setting
+            value = st.session_state.get(_key(field, "all"), value)
+        st.session_state.setdefault(_key(field, scope), value)
+    rule = st.selectbox(f"Rule{label}", infer.RULES, key=_key("rule", scope),
+                        help="adaptive: keep 1, 2, 3 classes when the top probability reaches the thresholds, "
+                             "else k max; topk: a fixed number; cumulative: the smallest set reaching p")
+    st.slider(f"k{label}", *K_RANGE, key=_key("top_k", scope), disabled=rule != "topk",
+              help="topk rule: classes kept at this level")
+    st.text_input(f"Adaptive thresholds{label}", key=_key("thresholds", scope), disabled=rule != "adaptive",
+                  help="keep 1, 2, 3... classes when the top probability reaches these (decreasing)")
+    st.slider(f"k max{label}", *K_RANGE, key=_key("k_max", scope), disabled=rule != "adaptive",
+              help="adaptive rule: classes kept when the top probability is under every threshold")
+    st.slider(f"Cumulative p{label}", 0.05, 0.99, step=0.01, key=_key("cumulative", scope),
+              disabled=rule != "cumulative", help="cumulative rule: smallest set whose probability reaches p")
+    st.slider(f"Minimum probability{label}", 0.0, 0.5, step=0.005, format="%.3f", key=_key("min_prob", scope),
+              help="drop candidates under this probability (the top one is always kept)")
+    thresholds = infer.parse_thresholds(st.session_state[_key("thresholds", scope)])
+    return infer.KeepRule(rule, top_k=int(st.session_state[_key("top_k", scope)]),
+                          cumulative=float(st.session_state[_key("cumulative", scope)]), thresholds=thresholds,
+                          k_max=int(st.session_state[_key("k_max", scope)]),
+                          min_prob=float(st.session_state[_key("min_prob", scope)]))
+
+
+def apply_setting(param: str, value, levels) -> None:
+    """Button callback: set ``param`` to ``value`` on the Predict controls of every level."""
+    v = int(value) if param in ("top_k", "k_max") else float(value)
+    for scope in ("all", *levels):
+        st.session_state[_key(param, scope)] = v
+    st.session_state["predict_applied"] = f"{param} = {value:g} applied to every level"
+
+
+# ----------------------------------------------------------------------------- page
+
+ws = workspace()
+st.title("Predict")
+st.caption("Where was this street photo taken? Level by level, the model keeps the likeliest cells and "
+           "narrows them down within the kept parents.")
+
+choices = infer.run_choices(ws.models_dir)
+if not choices:
+    st.info("No trained run yet. Train one on the Train page or with `python -m pipeline train`; "
+            "`make run` builds the demo data and trains the small demo model.")
+    st.stop()
+
+with st.sidebar:
+    labels = [c.label for c in choices]
+    label = st.selectbox("Run", labels, key="predict_run",
+                         help="the newest finished run first; 'set' = one model per level (the seed's shape)")
+    choice = choices[labels.index(label)]
+runs = tuple(str(p) for p in choice.runs)
+stamp = infer.run_key(choice.runs)
+try:
+    with st.spinner("Loading the model..."):
+        predictor = load_predictor(runs, stamp)
+except GeohierError as exc:
+    st.error(str(exc))
+    st.stop()
+
+with st.sidebar:
+    temperature = st.toggle("Temperature scaling", value=True, key="predict_temperature",
+                            help="divide each level's logits by its calibrated temperature (meta.json)")
+    same = st.toggle("One rule for every level", value=True, key="predict_same")
+    try:
+        if same:
+            one = rule_controls("all", "")
+            rules = dict.fromkeys(predictor.levels, one)
+        else:
+            rules = {}
+            for lv in predictor.levels:
+                with st.expander(f"Level {lv} ({predictor.tree.num_classes[lv]:,} classes)",
+                                 expanded=lv == predictor.levels[0]):
+                    rules[lv] = rule_controls(lv, f" (L{lv})")
+    except GeohierError as exc:
+        st.error(str(exc))
+        st.stop()
+    if st.session_state.get("predict_applied"):
+        st.success(st.session_state.pop("predict_applied"))
+    st.caption(f"Run `{predictor.name}` · levels {', '.join(map(str, predictor.levels))} · "
+               f"input {predictor.presets[0].image_size} px")
+
+files = st.file_uploader("Street photos", type=UPLOAD_TYPES, accept_multiple_files=True, key="predict_upload",
+                         help="JPEG, PNG, WebP (HEIC with pillow-heif); EXIF GPS, when present, shows the error")
+tab_predict, tab_explore = st.tabs(["Prediction", "Threshold explorer"])
+
+with tab_predict:
+    loaded, names = [], []
+    for f in files or []:
+        data = f.getvalue()
+        with st.spinner(f"Reading {f.name}..."):
+            entry = upload_logits(runs, stamp, hashlib.sha256(data).hexdigest(), f.name, data)
+        if entry["error"]:
+            st.error(entry["error"])
+        else:
+            loaded.append(entry)
+            names.append(f.name)
+    if not files:
+        st.info("Drop one or more street photos above. Photos with EXIF GPS also show how far off the guess is.")
+    elif loaded:
+        logits = {lv: np.concatenate([e["logits"][lv] for e in loaded]) for lv in predictor.levels}
+        preds = predictor.predict_logits(logits, names, [e["gps"] for e in loaded], rules, temperature)
+        if len(preds) > 1:
+            st.dataframe(explorer.summary_frame(preds).drop(columns=["problem"]), hide_index=True,
+                         column_config={"prob": st.column_config.NumberColumn(format="%.3f")})
+        pick = st.selectbox("Photo", range(len(preds)), format_func=lambda i: names[i], key="predict_pick") \
+            if len(preds) > 1 else 0
+        pred, entry = preds[pick], loaded[pick]
+        best = pred.best
+        c1, c2 = st.columns([1, 2])
+        c1.image(entry["thumb"], caption=names[pick])
+        with c2:
+            st.metric("Best guess", best.place or best.country or best.cell,
+                      help=f"cell {best.cell} at {best.lat:.4f}, {best.lon:.4f}")
+            m1, m2, m3 = st.columns(3)
+            m1.metric("Country", best.country or "–")
+            m2.metric("Probability", f"{best.prob:.1%}",
+                      help=f"among the level-{max(pred.levels)} cells kept; the whole path's (joint) "
+                           f"probability is {best.joint:.1%}")
+            m3.metric(f"Cells kept (L{max(pred.levels)})", len(pred.levels[max(pred.levels)]))
+            if pred.true:
+                t1, t2 = st.columns(2)
+                t1.metric("Error (EXIF GPS)", f"{pred.true['error_km']:,.0f} km")
+                t2.metric("GeoScore", f"{pred.true['geoscore']:,.0f}")
+        st_folium(explorer.prediction_map(pred, predictor), height=480, use_container_width=True,
+                  returned_objects=[], key=f"predict_map_{pick}")
+        st.plotly_chart(explorer.level_bars(pred), width="stretch")
+        st.subheader("Candidates")
+        st.dataframe(explorer.candidates_frame(pred), hide_index=True,
+                     column_config={"prob": st.column_config.ProgressColumn("prob", min_value=0.0, max_value=1.0,
+                                                                            format="%.3f"),
+                                    "joint": st.column_config.NumberColumn(
+                                        "joint", format="%.4f", help="probability of the whole path")})
+        st.caption("prob: among the cells kept at this level (what the rules use); joint: the product of "
+                   "every level's probability along the path.")
+        with st.expander("Every level's kept cells"):
+            st.dataframe(explorer.levels_frame(pred), hide_index=True)
+
+with tab_explore:
+    st.caption("How the keep rules above trade accuracy for candidates on the val split: the model runs "
+               "once over it, then every control change is re-scored at once.")
+    max_rows = int(st.number_input("Val images (at most)", 100, 100_000, explorer.DEFAULT_MAX_ROWS, step=1000,
+                                   key="explorer_rows"))
+    try:
+        key = json.dumps(explorer.cache_key(predictor, ws, "val", max_rows), sort_keys=True)
+    except GeohierError as exc:
+        key = None
+        st.info(str(exc))
+    if key is not None and json.loads(key)["split_rows"] == 0:
+        st.info("The workspace has no val split yet: build the splits with `python -m pipeline labels`.")
+        key = None
+    if key is not None:
+        ready = explorer.has_cache(predictor, ws, "val", max_rows) or st.session_state.get("explorer_go") == key
+        if not ready:
+            rows = json.loads(key)["split_rows"]
+            st.info(f"The explorer needs the model's outputs on the val split ({min(rows, max_rows):,} images; "
+                    "computed once, then cached in the run directory).")
+            st.button("Compute val logits", key="explorer_compute",
+                      on_click=lambda: st.session_state.update(explorer_go=key))
+        if ready:
+            try:
+                if not explorer.has_cache(predictor, ws, "val", max_rows):
+                    bar = st.progress(0.0, text="Val logits...")
+                    explorer.load_val_logits(
+                        predictor, ws, "val", max_rows,
+                        progress=lambda d, t: bar.progress(min(1.0, d / max(t, 1)),
+                                                           text=f"Val logits: {d:,} / {t:,} images"))
+                    bar.empty()
+                ex = load_explorer(runs, stamp, key, str(ws.data_dir), str(ws.models_dir), max_rows)
+            except GeohierError as exc:
+                st.error(str(exc))
+                st.stop()
+            current = ex.evaluate(rules, temperature)
+            cols = st.columns(4)
+            for col, name in zip(cols, ("hit", "top1"), strict=False):
+                col.metric(METRICS[name], f"{current[name]:.1%}")
+            cols[2].metric(f"Mean cells kept (L{predictor.finest})", f"{current['kept']:.2f}")
+            cols[3].metric("GeoScore", f"{current['geoscore']:,.0f}")
+            for col, name in zip(st.columns(4), ("acc_25km", "acc_200km", "acc_750km", "acc_2500km"), strict=True):
+                col.metric(METRICS[name], f"{current[name]:.1%}")
+            st.caption(f"{current['rows']:,} val images · median error {current['median_km']:,.0f} km · "
+                       "true cell kept = the true finest cell is among the kept ones; top-1 = it is the best")
+            finest_rule = rules[predictor.finest]
+            params = ["top_k", "k_max", "cumulative", "min_prob"]
+            default_param = explorer.sweep_for(finest_rule)[0]
+            e1, e2 = st.columns(2)
+            param = e1.selectbox("Sweep", params, index=params.index(default_param), key="explorer_param",
+                                 help="the parameter varied on every level for the curve")
+            metric = e2.selectbox("Accuracy", list(METRICS), format_func=METRICS.get, key="explorer_metric")
+            base = {lv: dict(r.to_dict(), **{param: infer.KeepRule().to_dict()[param]})
+                    for lv, r in rules.items()}
+            curve = sweep_rows(ex, key, json.dumps({str(k): v for k, v in base.items()}, sort_keys=True),
+                               temperature, param)
+            st.plotly_chart(explorer.tradeoff_figure(curve, current, metric), width="stretch")
+            if curve:
+                values = [r["value"] for r in curve]
+                a1, a2 = st.columns([2, 1])
+                value = a1.select_slider(f"Setting to apply ({param})", values,
+                                         value=values[len(values) // 2], key="explorer_value")
+                row = curve[values.index(value)]
+                a1.caption(f"{param} = {value:g}: {METRICS[metric].lower()} {row[metric]:.1%}, "
+                           f"{row['kept']:.2f} cells kept")
+                a2.button(f"Apply {param} = {value:g}", key="explorer_apply", on_click=apply_setting,
+                          args=(param, value, predictor.levels))
+            st.dataframe([{"level": lv, "true cell kept": v.get("hit"), "top-1": v.get("top1"),
+                           "cells kept": v["kept"]} for lv, v in current["levels"].items()], hide_index=True)

@@ -1,0 +1,226 @@
+"""``python -m pipeline predict IMAGE...``: where were these photos taken?
+
+A thin parser over ``geohier.infer``: it picks the run (``--run``, a per-level set with
+``--runs``, or the newest finished run), turns the flags into one keep rule per level, and
+prints a table or, with ``--json``, one JSON object per image and line (DESIGN.md)::
+
+    {"image": "a.jpg",
+     "candidates": {"1": [{"cell": "0", "prob": 0.93, "joint": 0.93, "parent": null}, ...], ...,
+                    "8": [{"cell": "0/1/...", "prob": .., "joint": .., "parent": "0/1/..", "lat": ..,
+                           "lon": .., "bbox": [w, s, e, n], "country": .., "place": ..}, ...]},
+     "best": {"cell", "lat", "lon", "prob", "joint", "country", "place"},
+     "true": {"lat", "lon", "error_km", "geoscore"}}          # only with EXIF GPS
+    {"image": "broken.jpg", "error": "broken.jpg is truncated or corrupt (...)"}
+
+``prob`` is a cell's probability among the candidates considered at its level (what the
+keep rules use); ``joint`` the probability of its whole path (the product of every level's
+probability along it). A file that cannot be read gets ``error`` instead of ``best``; the
+others still run.
+Exit status: 0 when at least one image was predicted, 1 when none could be, 2 for a bad
+option or run (``error: ...``).
+
+Per-level values: ``--rule``, ``--top-k``, ``--cumulative``, ``--min-prob`` and ``--k-max``
+take one value for every level or ``LEVEL:VALUE`` pairs, e.g. ``--top-k 1:1,8:5`` (unnamed
+levels keep the default), as ``labels --min-images`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from geohier import infer
+from geohier.errors import InputError
+from geohier.workspace import Workspace
+
+EPILOG = ("exit status: 0 when at least one image was predicted (unreadable ones are reported "
+          "per image), 1 when none could be, 2 for a bad option or run")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="predict where photos were taken (hierarchical, level by level)",
+        description="Predict where street photos were taken: per-level candidates, the best cell with "
+                    "its country and nearest town, and the error when the photo has EXIF GPS.",
+        epilog=EPILOG)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP; HEIC with pillow-heif)")
+    p.add_argument("--run", default=None,
+                   help="run directory or name under the models directory (default: the newest finished run)")
+    p.add_argument("--runs", default=None, metavar="DIR,DIR",
+                   help="a per-level set: comma-separated run directories of one level each, same hierarchy "
+                        "(default: none)")
+    p.add_argument("--rule", default=infer.DEFAULT_RULE,
+                   help=f"keep rule per level: {' | '.join(infer.RULES)}, or LEVEL:RULE pairs "
+                        f"(default: {infer.DEFAULT_RULE})")
+    p.add_argument("--top-k", default=str(infer.DEFAULT_TOP_K), metavar="K",
+                   help=f"classes kept per level by the topk rule, or LEVEL:K pairs (default: {infer.DEFAULT_TOP_K})")
+    p.add_argument("--cumulative", default=str(infer.DEFAULT_CUMULATIVE), metavar="P",
+                   help="probability mass kept per level by the cumulative rule, or LEVEL:P pairs "
+                        f"(default: {infer.DEFAULT_CUMULATIVE})")
+    p.add_argument("--min-prob", default="0", metavar="P",
+                   help="drop candidates under this probability (the top one is always kept), or "
+                        "LEVEL:P pairs (default: 0)")
+    p.add_argument("--adaptive-thresholds", default=",".join(f"{t:.2f}" for t in infer.DEFAULT_THRESHOLDS),
+                   metavar="T1,T2,..",
+                   help="adaptive rule: keep 1, 2, 3.. classes when the top probability reaches these "
+                        "(default: 0.85,0.65,0.40)")
+    p.add_argument("--k-max", default=str(infer.DEFAULT_K_MAX), metavar="K",
+                   help=f"adaptive rule: classes kept below the last threshold, or LEVEL:K pairs "
+                        f"(default: {infer.DEFAULT_K_MAX})")
+    p.add_argument("--max-keep", type=int, default=infer.DEFAULT_MAX_KEEP, metavar="K",
+                   help=f"cumulative rule: at most this many classes per level (default: {infer.DEFAULT_MAX_KEEP})")
+    p.add_argument("--no-temperature", action="store_true",
+                   help="ignore the run's per-level temperatures (default: use them)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image and line (default: a table)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward pass (default: 16)")
+    p.add_argument("--show", type=int, default=5, metavar="N",
+                   help="finest-level candidates listed per image in the table (default: 5)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, a GPU when there is one)")
+    p.set_defaults(func=run)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def per_level(text, levels: Sequence[int], convert: Callable, name: str) -> dict[int, object]:
+    """``"5"`` -> every level 5; ``"1:1,8:5"`` -> those levels (others absent).
+
+    >>> per_level("1:2,8:5", [1, 3, 8], int, "top-k")
+    {1: 2, 8: 5}
+    >>> per_level("3", [1, 8], int, "top-k")
+    {1: 3, 8: 3}
+    """
+    out: dict[int, object] = {}
+    text = str(text).strip()
+    if not text:
+        raise InputError(f"--{name} is empty")
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    for part in parts:
+        if ":" in part:
+            lv_text, _, value = part.partition(":")
+            try:
+                lv = int(lv_text)
+            except ValueError:
+                raise InputError(f"--{name}: {lv_text!r} is not a level in {text!r}") from None
+            if lv not in levels:
+                raise InputError(f"--{name} names level {lv}, which the run does not predict "
+                                 f"(its levels: {', '.join(map(str, levels))})")
+            out[lv] = _convert(value, convert, name)
+        else:
+            v = _convert(part, convert, name)
+            out.update(dict.fromkeys(levels, v) | {k: w for k, w in out.items()})
+    return out
+
+
+def _convert(value: str, convert: Callable, name: str):
+    try:
+        return convert(value.strip())
+    except InputError:
+        raise
+    except (TypeError, ValueError):
+        raise InputError(f"--{name}: bad value {value!r}") from None
+
+
+def _rule_name(v: str) -> str:
+    if v not in infer.RULES:
+        raise InputError(f"unknown rule {v!r}; choose one of: {', '.join(infer.RULES)}")
+    return v
+
+
+def rules_from_args(args, levels: Sequence[int]) -> dict[int, infer.KeepRule]:
+    """One KeepRule per level from the parsed flags."""
+    thresholds = infer.parse_thresholds(args.adaptive_thresholds)
+    fields = {
+        "rule": per_level(args.rule, levels, _rule_name, "rule"),
+        "top_k": per_level(args.top_k, levels, int, "top-k"),
+        "cumulative": per_level(args.cumulative, levels, float, "cumulative"),
+        "min_prob": per_level(args.min_prob, levels, float, "min-prob"),
+        "k_max": per_level(args.k_max, levels, int, "k-max"),
+    }
+    out = {}
+    for lv in levels:
+        kw = {k: v[lv] for k, v in fields.items() if lv in v}
+        out[lv] = infer.KeepRule(thresholds=thresholds, max_keep=args.max_keep, **kw)
+    return out
+
+
+def resolve_runs(ws: Workspace, run: str | None = None, runs: str | Sequence | None = None) -> list[Path]:
+    """The run directories to load: ``runs`` (a set), ``run`` (a directory, or a name under
+    the models directory), else the newest finished run."""
+    if run and runs:
+        raise InputError("give --run or --runs, not both")
+    if runs:
+        items = [r.strip() for r in runs.split(",")] if isinstance(runs, str) else [str(r) for r in runs]
+        return [_run_path(ws, r) for r in items if r]
+    if run:
+        return [_run_path(ws, run)]
+    return [infer.newest_run(ws.models_dir)]
+
+
+def _run_path(ws: Workspace, name: str) -> Path:
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    if (ws.models_dir / name).is_dir():
+        return ws.models_dir / name
+    raise InputError(f"run {name!r} not found (neither a directory nor a run in {ws.models_dir})")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_table(pred: infer.Prediction, show: int = 5) -> str:
+    """A readable block for one image."""
+    if pred.error is not None:
+        return f"{pred.image}\n  error: {pred.error}\n"
+    b = pred.best
+    lines = [pred.image,
+             f"  best   {b.cell}  {b.lat:.4f}, {b.lon:.4f}  p={b.prob:.3f} (joint {b.joint:.3f})  "
+             f"{b.country or '(no country)'} · {b.place or '?'}"]
+    if pred.true:
+        t = pred.true
+        lines.append(f"  true   {t['lat']:.4f}, {t['lon']:.4f} (EXIF GPS)  error {t['error_km']:,.1f} km  "
+                     f"GeoScore {t['geoscore']:.0f}")
+    finest = max(pred.levels)
+    lines.append(f"  {'#':>2}  {'cell (level ' + str(finest) + ')':<24} {'prob':>6} {'joint':>6}  {'lat':>8} "
+                 f"{'lon':>9}  country / place")
+    for i, c in enumerate(pred.levels[finest][:show], 1):
+        where = " / ".join(v for v in (c.country, c.place) if v) or ""
+        lines.append(f"  {i:>2}  {c.cell:<24} {c.prob:>6.3f} {c.joint:>6.3f}  {c.lat:>8.3f} {c.lon:>9.3f}  {where}")
+    more = len(pred.levels[finest]) - show
+    if more > 0:
+        lines.append(f"      ... {more} more")
+    for lv in sorted(pred.levels):
+        if lv == finest:
+            continue
+        kept = ", ".join(f"{c.cell} {c.prob:.2f}" for c in pred.levels[lv])
+        lines.append(f"  level {lv}: {kept}")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace, ws: Workspace) -> int:
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    paths = resolve_runs(ws, args.run, args.runs)
+    predictor = infer.load_predictor(paths, device=args.device)
+    rules = rules_from_args(args, predictor.levels)
+    preds = predictor.predict_files(args.images, rules=rules, temperature=not args.no_temperature,
+                                    batch_size=args.batch_size, places=args.show if not args.json else 10)
+    out = sys.stdout
+    if not args.json:
+        out.write(f"run {predictor.name}  levels {','.join(map(str, predictor.levels))}  "
+                  f"rules: {'; '.join(f'L{lv} {r.describe()}' for lv, r in rules.items())}"
+                  f"{'  (no temperature)' if args.no_temperature else ''}\n\n")
+    for p in preds:
+        if args.json:
+            out.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
+        else:
+            out.write(format_table(p, args.show) + "\n")
+        out.flush()
+    failed = sum(p.error is not None for p in preds)
+    if failed:
+        print(f"{failed} of {len(preds)} image(s) could not be read", file=sys.stderr)
+    return 1 if failed == len(preds) else 0

@@ -1,0 +1,166 @@
+"""`python -m pipeline predict`: JSON lines, the table, bad files among good ones, options."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, jpeg_bytes
+from test_infer import make_tiny_run, tiny_hierarchy
+
+from pipeline import cli
+from pipeline.predict import per_level
+
+
+def main(argv):
+    """The real CLI entry (parsing, error handling, exit status) with only this command
+    registered, so these tests do not depend on the other commands' modules."""
+    saved = cli.COMMAND_MODULES
+    cli.COMMAND_MODULES = ("pipeline.predict",)
+    try:
+        return cli.main(argv)
+    finally:
+        cli.COMMAND_MODULES = saved
+
+
+@pytest.fixture(scope="module")
+def hierarchy():
+    return tiny_hierarchy()
+
+
+@pytest.fixture
+def run_dir(ws, hierarchy):
+    return make_tiny_run(ws.models_dir / "tiny", hierarchy)
+
+
+@pytest.fixture
+def photos(tmp_path, make_jpeg):
+    good = make_jpeg(tmp_path / "paris.jpg", color=(200, 60, 60), gps=(48.8566, 2.3522))
+    png = make_jpeg(tmp_path / "plain.png", color=(20, 90, 160), fmt="PNG")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(jpeg_bytes(size=(64, 64))[:250])
+    text = tmp_path / "readme.jpg"
+    text.write_text("hello\n")
+    return {"good": good, "png": png, "empty": empty, "truncated": truncated, "text": text,
+            "missing": tmp_path / "nowhere.jpg"}
+
+
+def _json_lines(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_json_one_object_per_image(ws, run_dir, photos, capsys):
+    rc = main(["predict", str(photos["good"]), str(photos["png"]), "--json"])  # default: newest run
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = _json_lines(out)
+    assert [r["image"] for r in rows] == [str(photos["good"]), str(photos["png"])]
+    for r in rows:
+        assert set(r) >= {"image", "candidates", "best"} and "error" not in r
+        assert set(r["candidates"]) == {"1", "3", "5"}
+        for lv, cands in r["candidates"].items():
+            assert cands and all({"cell", "prob", "joint", "parent"} <= set(c) for c in cands)
+            assert all(0 <= c["prob"] <= 1 for c in cands)
+            if lv == "1":
+                assert all(c["parent"] is None for c in cands)
+        assert set(r["best"]) == {"cell", "lat", "lon", "prob", "joint", "country", "place"}
+        assert r["best"]["cell"] == r["candidates"]["5"][0]["cell"]
+        assert -90 <= r["best"]["lat"] <= 90 and -180 <= r["best"]["lon"] <= 180
+    assert set(rows[0]["true"]) == {"lat", "lon", "error_km", "geoscore"}
+    assert "true" not in rows[1]
+
+
+def test_bad_files_are_reported_and_the_others_still_run(ws, run_dir, photos, capsys):
+    order = ["empty", "good", "truncated", "text", "missing", "png"]
+    rc = main(["predict", *(str(photos[k]) for k in order), "--json", "--batch-size", "1"])
+    cap = capsys.readouterr()
+    assert rc == 0  # at least one image was predicted
+    rows = _json_lines(cap.out)
+    assert [r["image"] for r in rows] == [str(photos[k]) for k in order]
+    by = dict(zip(order, rows, strict=True))
+    for k in ("empty", "truncated", "text", "missing"):
+        assert set(by[k]) == {"image", "error"} and str(photos[k]) in by[k]["error"]
+    assert "best" in by["good"] and "best" in by["png"]
+    assert "4 of 6 image(s) could not be read" in cap.err
+    assert "Traceback" not in cap.err
+
+
+def test_all_bad_exits_1(ws, run_dir, photos, capsys):
+    rc = main(["predict", str(photos["empty"]), str(photos["missing"]), "--run", str(run_dir)])
+    cap = capsys.readouterr()
+    assert rc == 1
+    assert "error:" in cap.out and "2 of 2" in cap.err
+
+
+def test_table(ws, run_dir, photos, capsys):
+    rc = main(["predict", str(photos["good"]), str(photos["text"]), "--run", "tiny", "--show", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "run tiny" in out and "best" in out and "level 1:" in out and "level 3:" in out
+    assert "EXIF GPS" in out and "GeoScore" in out
+    assert f"{photos['text']}\n  error:" in out
+
+
+def test_per_level_rules(ws, run_dir, photos, capsys):
+    rc = main(["predict", str(photos["good"]), "--json", "--rule", "topk", "--top-k", "2,1:1,5:3"])
+    r = _json_lines(capsys.readouterr().out)[0]
+    assert rc == 0
+    assert len(r["candidates"]["1"]) == 1 and len(r["candidates"]["3"]) <= 2 and len(r["candidates"]["5"]) <= 3
+    rc = main(["predict", str(photos["good"]), "--json", "--rule", "cumulative", "--cumulative", "0.01",
+               "--no-temperature"])
+    r = _json_lines(capsys.readouterr().out)[0]
+    assert rc == 0 and all(len(c) == 1 for c in r["candidates"].values())
+    rc = main(["predict", str(photos["good"]), "--json", "--min-prob", "0.999", "--k-max", "4",
+               "--adaptive-thresholds", "0.99,0.98"])
+    r = _json_lines(capsys.readouterr().out)[0]
+    assert rc == 0 and all(len(c) == 1 for c in r["candidates"].values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rule", "best"], "unknown rule 'best'"),
+    (["--top-k", "0"], "top-k must be an integer between 1"),
+    (["--top-k", "9:2"], "names level 9"),
+    (["--cumulative", "lots"], "bad value 'lots'"),
+    (["--adaptive-thresholds", "0.2,0.9"], "decreasing"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--run", "nope"], "run 'nope' not found"),
+])
+def test_bad_options(ws, run_dir, photos, capsys, argv, message):
+    rc = main(["predict", str(photos["good"]), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: " in err and message in err
+
+
+def test_no_run_says_how_to_train(ws, photos, capsys):
+    rc = main(["predict", str(photos["good"])])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no finished run" in err and "pipeline train" in err
+
+
+def test_per_level_set(ws, hierarchy, photos, capsys):
+    runs = [make_tiny_run(ws.models_dir / f"L{lv}", hierarchy, levels=(lv,), seed=lv, group="g")
+            for lv in hierarchy.levels]
+    rc = main(["predict", str(photos["good"]), "--json", "--runs", ",".join(str(r) for r in runs)])
+    r = _json_lines(capsys.readouterr().out)[0]
+    assert rc == 0 and set(r["candidates"]) == {"1", "3", "5"}
+    rc = main(["predict", str(photos["good"]), "--runs", "L1,L1"])
+    assert rc == 2 and "distinct levels" in capsys.readouterr().err
+
+
+def test_per_level_parser():
+    assert per_level("0.5", [1, 3], float, "x") == {1: 0.5, 3: 0.5}
+    assert per_level("3:0.2,0.5", [1, 3], float, "x") == {1: 0.5, 3: 0.2}
+
+
+def test_module_entry_point(ws, run_dir, photos):
+    """The real command line: JSON on stdout, nothing else, exit 0."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "predict", str(photos["good"]),
+                           str(photos["empty"]), "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = _json_lines(proc.stdout)
+    assert "best" in rows[0] and "error" in rows[1]

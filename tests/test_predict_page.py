@@ -1,0 +1,112 @@
+"""The Predict page (AppTest): no run, uploads good and bad, controls, the threshold explorer."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT, jpeg_bytes
+from streamlit.testing.v1 import AppTest
+from test_infer import make_tiny_run, make_workspace, tiny_hierarchy
+
+PAGE = str(ROOT / "pages" / "predict.py")
+
+
+def _page() -> AppTest:
+    return AppTest.from_file(PAGE, default_timeout=120).run()
+
+
+def _errors(at) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def test_no_run_says_how_to_train(ws):
+    at = _page()
+    assert not at.exception
+    assert "python -m pipeline train" in at.info[0].value and "make run" in at.info[0].value
+
+
+@pytest.fixture
+def tiny(ws):
+    return make_tiny_run(ws.models_dir / "tiny", tiny_hierarchy())
+
+
+def test_no_upload_yet(ws, tiny):
+    at = _page()
+    assert not at.exception
+    assert at.selectbox(key="predict_run").value.startswith("tiny")
+    assert any("Drop one or more street photos" in i.value for i in at.info)
+    # no manifest: the explorer says what it needs instead of failing
+    assert any("no manifest" in i.value for i in at.info)
+
+
+def test_upload_good_and_bad_files(ws, tiny):
+    at = _page()
+    at.file_uploader(key="predict_upload").set_value([
+        ("paris.jpg", jpeg_bytes(size=(80, 60), gps=(48.8566, 2.3522)), "image/jpeg"),
+        ("broken.jpg", b"\xff\xd8\xff\xe0 this is not really a jpeg", "image/jpeg"),
+        ("empty.png", b"", "image/png"),
+        ("tokyo.webp", jpeg_bytes(size=(70, 50), color=(20, 200, 90), fmt="WEBP"), "image/webp"),
+    ]).run()
+    assert not at.exception
+    errors = _errors(at)
+    assert len(errors) == 2
+    assert any("broken.jpg" in e for e in errors) and any("empty.png" in e for e in errors)
+    assert not any("Traceback" in e for e in errors)
+    metrics = {m.label: m.value for m in at.metric}
+    assert "Best guess" in metrics and "Error (EXIF GPS)" in metrics and "GeoScore" in metrics
+    assert metrics["Error (EXIF GPS)"].endswith("km")
+    # a summary of both good photos, the candidates of the picked one
+    assert at.selectbox(key="predict_pick").options == ["paris.jpg", "tokyo.webp"]
+    assert len(at.dataframe) >= 2
+    at.selectbox(key="predict_pick").set_value(1).run()
+    assert not at.exception
+    assert "Error (EXIF GPS)" not in {m.label for m in at.metric}  # tokyo.webp has no GPS
+
+
+def test_controls_change_the_kept_cells(ws, tiny):
+    at = _page()
+    at.file_uploader(key="predict_upload").set_value(("a.jpg", jpeg_bytes(), "image/jpeg")).run()
+    at.selectbox(key="predict_rule_all").set_value("topk").run()
+    at.slider(key="predict_top_k_all").set_value(1).run()
+    assert not at.exception
+    kept = lambda: next(m.value for m in at.metric if m.label.startswith("Cells kept"))  # noqa: E731
+    assert kept() == "1"
+    at.slider(key="predict_top_k_all").set_value(3).run()
+    assert 1 <= int(kept()) <= 3
+    # per-level controls, and the temperature switch
+    at.toggle(key="predict_same").set_value(False).run()
+    assert not at.exception
+    assert at.selectbox(key="predict_rule_5").value == "topk"  # starts from the shared setting
+    at.selectbox(key="predict_rule_1").set_value("cumulative").run()
+    at.toggle(key="predict_temperature").set_value(False).run()
+    assert not at.exception
+    # a bad threshold list is a message, not a traceback
+    at.selectbox(key="predict_rule_5").set_value("adaptive").run()
+    at.text_input(key="predict_thresholds_5").set_value("0.2,0.9").run()
+    assert not at.exception and any("decreasing" in e for e in _errors(at))
+
+
+def test_threshold_explorer(ws):
+    h = make_workspace(ws)
+    run = make_tiny_run(ws.models_dir / "tiny", h)
+    at = _page()
+    assert not at.exception
+    assert any("val split" in i.value for i in at.info)
+    at.button(key="explorer_compute").click().run()
+    assert not at.exception
+    assert (run / "val_logits.safetensors").exists() and (run / "val_logits.json").exists()
+    labels = {m.label for m in at.metric}
+    assert {"True cell kept", "Top-1 cell", "Within 25 km", "Within 2500 km"} <= labels
+    assert any(m.label.startswith("Mean cells kept") for m in at.metric)
+    assert at.selectbox(key="explorer_param").value == "k_max"  # the default rule is adaptive
+    # pick a setting on the curve and apply it to the Predict controls
+    at.selectbox(key="explorer_param").set_value("top_k").run()
+    at.select_slider(key="explorer_value").set_value(2).run()
+    at.button(key="explorer_apply").click().run()
+    assert not at.exception
+    assert at.session_state["predict_top_k_all"] == 2
+    assert at.slider(key="predict_top_k_all").value == 2
+    # the controls move the explorer's numbers without recomputing the logits
+    at.selectbox(key="predict_rule_all").set_value("topk").run()
+    assert not at.exception
+    kept = next(m.value for m in at.metric if m.label.startswith("Mean cells kept"))
+    assert float(kept) <= 2.0
