@@ -36,7 +36,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m pipeline",
+                     description="geohier's pipeline: from photos to a trained, evaluated, predicting run.")
     parser.add_argument("--data", default=None,
                         help="data directory (default: $GEOHIER_DATA or data/)")
     parser.add_argument("--models", default=None,
@@ -46,6 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
+
+
+def usage_markdown(width: int = 100) -> str:
+    """The README's CLI section: every command's usage, as argparse prints it."""
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)  # argparse wraps usage to the terminal width
+    try:
+        parser = build_parser()
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        blocks = [parser.format_usage().strip()]
+        for name, sub in subparsers.choices.items():
+            helptext = next(c.help for c in subparsers._choices_actions if c.dest == name)
+            blocks.append(f"# {helptext}\n{sub.format_usage().strip()}")
+    finally:
+        if old is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old
+    text = "\n\n".join(blocks).replace("usage: ", "")
+    # continuation lines were indented under "usage: ", which is gone
+    text = "\n".join(line[7:] if line.startswith(" " * 8) else line for line in text.splitlines())
+    return "```\n" + text + "\n```"
 
 
 def main(argv: list[str] | None = None) -> int:

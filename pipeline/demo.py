@@ -42,7 +42,9 @@ import math
 import os
 import sys
 import time
+import types
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -1170,6 +1172,23 @@ def _check_args(images, seed, size, workers) -> tuple[int, int, int, int]:
     return images, seed, size, workers
 
 
+@contextmanager
+def _bare_main():
+    """Hide the parent's ``__main__`` while spawned workers start.
+
+    A spawned worker re-imports the parent's main module. Under Streamlit (and AppTest)
+    that is the page script that asked for the build: run in a worker it dies at once, and
+    the pool restarts it forever. The workers need nothing from ``__main__``.
+    """
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
+
+
 def build_demo(ws: Workspace, images: int = DEFAULT_IMAGES, seed: int = DEFAULT_SEED,
                size: int = DEFAULT_SIZE, workers: int | None = None,
                progress: Callable[[int, int], None] | None = None,
@@ -1206,7 +1225,8 @@ def build_demo(ws: Workspace, images: int = DEFAULT_IMAGES, seed: int = DEFAULT_
         try:
             if workers > 1 and len(todo) >= POOL_MIN_IMAGES:
                 import multiprocessing as mp
-                pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(styles,))
+                with _bare_main():
+                    pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(styles,))
                 results = pool.imap(_render_task, tasks, chunksize=16)
             else:
                 _init_worker(styles)

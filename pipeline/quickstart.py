@@ -1,8 +1,9 @@
 """``python -m pipeline quickstart``: make a fresh workspace usable in one go.
 
 `make run` calls it before starting the dashboard: it builds the synthetic demo world when
-the manifest is empty, the label hierarchy when there is none, and trains the small demo
-model when no run has finished — each step only when missing, so it costs nothing once done.
+the manifest is empty, the label hierarchy when there is none, trains the small demo model
+when no run has finished, and evaluates the newest finished run when it has no eval.json —
+each step only when missing, so it costs nothing once done.
 ``next_step`` tells the home page what a user should do next.
 """
 
@@ -73,6 +74,13 @@ def quickstart(ws: Workspace, images: int | None = None, train: bool = True) -> 
         print("quickstart: training the demo model (a few minutes on a laptop) ...", flush=True)
         train_run(ws, demo_config())
         done.append("train")
+    runs = finished_runs(ws)
+    if train and runs and not (runs[-1] / "eval.json").exists():
+        from pipeline.evaluate import evaluate_run
+
+        print(f"quickstart: evaluating {runs[-1].name} on its test split ...", flush=True)
+        evaluate_run(runs[-1], ws)
+        done.append("evaluate")
     return done
 
 

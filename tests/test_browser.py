@@ -21,11 +21,17 @@ pytestmark = [
 ]
 
 PAGES = ["Home", "Coverage", "Data", "Train", "Accuracy", "Predict"]
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "photos"
 PLACES = [(48.85, 2.35), (51.5, -0.12), (40.71, -74.0), (-33.92, 18.42), (35.68, 139.69), (-23.55, -46.63)]
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
+    """A small but complete workspace: photos, a demo world, labels and one tiny trained run."""
+    from pipeline.demo import build_demo
+    from pipeline.labels import build_labels
+    from pipeline.train import demo_config, train
+
     root = tmp_path_factory.mktemp("browser")
     ws = Workspace(root / "data", root / "models")
     ws.data_dir.mkdir()
@@ -34,6 +40,10 @@ def app(tmp_path_factory):
         for i, (lat, lon) in enumerate(PLACES):
             m.store_image(jpeg_bytes(color=(40 * i % 255, 90, 160)), "jpg", source="photos",
                           source_id=f"p{i}.jpg", lat=lat, lon=lon, width=64, height=48)
+    build_demo(ws, images=120, seed=1, size=64, workers=1, show_bar=False)
+    build_labels(ws, levels=(1, 3), min_images=1)
+    train(ws, demo_config(levels=[1, 3], image_size=32, epochs=1, batch_size=32, max_steps=2, workers=0,
+                          run_name="tiny"))
     with streamlit_server(ws.data_dir, ws.models_dir, root / "streamlit.log") as url:
         yield url, ws
 
@@ -86,8 +96,83 @@ def test_home_shows_workspace(app, page):
     page.goto(url)
     wait_for_app(page)
     text = page.locator('[data-testid="stMain"]').inner_text()
-    assert "Images" in text and "6" in text
-    assert "labels" in text  # the next step for a workspace with images and no hierarchy
+    assert "Images" in text and "126" in text  # 6 photos + 120 demo images
+    assert "Predict page" in text  # the next step once a run has finished
+
+
+def find_map_frame(page, tries: int = 120):
+    """The frame holding a geohier Leaflet map, once it has drawn cells (or None)."""
+    for _ in range(tries):
+        for f in page.frames:
+            try:
+                el = f.locator(".leaflet-container[data-geohier-cells]")
+                if el.count() and int(el.first.get_attribute("data-geohier-cells") or 0) > 0:
+                    return f
+            except Exception:  # frames come and go while the component loads
+                continue
+        page.wait_for_timeout(500)
+    return None
+
+
+def test_data_page_min_images_control(app, page):
+    url, _ = app
+    page.goto(url + "/data")
+    wait_for_app(page)
+    main = page.locator('[data-testid="stMain"]')
+    assert "Gini" in main.inner_text()
+    assert find_map_frame(page) is not None, "the Data page's count map did not draw"
+    assert not exception_texts(page)
+
+
+def test_train_page_launches_a_job_that_finishes(app, page):
+    url, ws = app
+    page.goto(url + "/train")
+    wait_for_app(page)
+
+    def set_number(label: str, value: str) -> None:
+        box = page.locator(f'input[aria-label="{label}"]')
+        box.fill(value)
+        box.press("Tab")  # Enter would submit the form
+
+    set_number("Epochs", "1")
+    set_number("Batch size", "16")
+    set_number("Image size (px)", "32")
+    page.locator('input[aria-label="Run name (optional)"]').fill("browser-job")
+    page.get_by_role("button", name="Launch").click()
+    wait_for_app(page)
+    assert not exception_texts(page), exception_texts(page)
+    status = ws.models_dir / "browser-job" / "status.json"
+    for _ in range(360):  # the job trains for real in the background: up to 3 minutes
+        if status.exists() and '"done"' in status.read_text():
+            break
+        page.wait_for_timeout(500)
+    assert '"done"' in status.read_text(), status.read_text()
+    page.wait_for_timeout(3000)  # the runs panel refreshes every 2 s
+    screenshot(page, "train-job-done")
+    table = page.locator('[data-testid="stDataFrame"]').first
+    assert table.count() == 1
+    assert not exception_texts(page)
+
+
+def test_predict_upload_photo_and_broken_file(app, page, tmp_path):
+    url, _ = app
+    page.goto(url + "/predict")
+    wait_for_app(page)
+    photo = next(iter(sorted(PHOTOS.glob("*.jpg"))), None) if PHOTOS.is_dir() else None
+    if photo is None:  # outside the project checkout: a generated photo does the same job
+        photo = tmp_path / "street.jpg"
+        photo.write_bytes(jpeg_bytes(size=(320, 240), gps=(48.85, 2.35)))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"this is not a jpeg")
+    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files([str(photo), str(broken)])
+    wait_for_app(page)
+    assert find_map_frame(page) is not None, "the prediction map did not draw"
+    screenshot(page, "predict-upload")
+    assert page.locator('[data-testid="stDataFrame"]').count() >= 1
+    errors = page.locator('[data-testid="stAlertContentError"]')
+    assert errors.count() >= 1 and "broken.jpg" in errors.first.inner_text()
+    assert not exception_texts(page)
+    assert "Traceback" not in page.locator('[data-testid="stMain"]').inner_text()
 
 
 def test_coverage_map_draws_offline(app, page):
@@ -95,23 +180,9 @@ def test_coverage_map_draws_offline(app, page):
     page.goto(url)
     wait_for_app(page)
     open_page(page, "Coverage")
-    frame = None
-    drawn = 0
-    for _ in range(120):
-        for f in page.frames:
-            try:
-                if f.locator(".leaflet-container[data-geohier-cells]").count():
-                    frame = f
-            except Exception:  # frames come and go while the component loads
-                continue
-        if frame is not None:
-            drawn = int(frame.locator(".leaflet-container").first.get_attribute("data-geohier-cells") or 0)
-            if drawn > 0 and frame.locator(".leaflet-overlay-pane canvas").count() > 0:
-                break
-        page.wait_for_timeout(500)
+    frame = find_map_frame(page)
     screenshot(page, "coverage-map")
-    assert frame is not None, "no geohier Leaflet map in any frame"
-    assert drawn > 0, "the map drew no cells"
+    assert frame is not None, "no geohier Leaflet map with cells in any frame"
     assert frame.locator(".leaflet-overlay-pane canvas").count() > 0
     script_failures = [r for r in page.failed_requests if ".js" in r or ".css" in r]
     assert not script_failures, script_failures
