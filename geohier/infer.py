@@ -60,6 +60,7 @@ import torch
 
 from geohier import grid
 from geohier.errors import GeohierError, InputError, WorkspaceError
+from geohier.workspace import finished_runs, is_finished  # noqa: F401 - part of this module's API
 
 RULES = ("adaptive", "topk", "cumulative")
 DEFAULT_RULE = "adaptive"
@@ -538,35 +539,6 @@ def hierarchical_accuracy(logits: Mapping[int, torch.Tensor], tree: Tree, target
 
 
 # =========================================================================== runs
-
-
-def _run_state(run: Path) -> str | None:
-    try:
-        return json.loads((run / "status.json").read_text("utf-8")).get("state")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def is_finished(run: str | os.PathLike) -> bool:
-    """A run whose weights and meta.json exist and whose status (when it has one) is done."""
-    run = Path(run)
-    if not ((run / "meta.json").is_file() and (run / "model.safetensors").is_file()):
-        return False
-    state = _run_state(run)
-    return state in (None, "done") if (run / "status.json").exists() else True
-
-
-def _stamp(run: Path) -> float:
-    return max((run / f).stat().st_mtime for f in ("meta.json", "model.safetensors"))
-
-
-def finished_runs(models_dir: str | os.PathLike) -> list[Path]:
-    """Finished run directories under ``models_dir``, newest first."""
-    models_dir = Path(models_dir)
-    if not models_dir.is_dir():
-        return []
-    runs = [p for p in models_dir.iterdir() if p.is_dir() and is_finished(p)]
-    return sorted(runs, key=lambda p: (_stamp(p), p.name), reverse=True)
 
 
 NO_RUN_HELP = ("no finished run in {models}: train one with `python -m pipeline train` (or the Train page); "

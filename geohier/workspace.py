@@ -24,6 +24,7 @@ import of the same bytes), never a row without its file.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import tempfile
@@ -113,6 +114,38 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from ``path``; {} when the file is missing, unreadable or not an object."""
+    try:
+        d = json.loads(Path(path).read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def is_finished(run: str | os.PathLike) -> bool:
+    """A run whose weights and meta.json exist and whose status (when it has one) is done."""
+    run = Path(run)
+    if not ((run / "meta.json").is_file() and (run / "model.safetensors").is_file()):
+        return False
+    if not (run / "status.json").exists():
+        return True
+    return read_json(run / "status.json").get("state") in (None, "done")
+
+
+def finished_runs(models_dir: str | os.PathLike) -> list[Path]:
+    """Finished run directories under ``models_dir``, newest first (by their weights' time)."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        return []
+    runs = [p for p in models_dir.iterdir() if p.is_dir() and is_finished(p)]
+
+    def stamp(run: Path) -> float:
+        return max((run / f).stat().st_mtime for f in ("meta.json", "model.safetensors"))
+
+    return sorted(runs, key=lambda p: (stamp(p), p.name), reverse=True)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from geohier import grid, metrics
 from geohier.errors import GeohierError, InputError, WorkspaceError
-from geohier.workspace import Workspace, atomic_write_text, utcnow
+from geohier.workspace import Workspace, atomic_write_text, read_json, utcnow
 
 EVAL_FILE = "eval.json"
 EVAL_FORMAT = "geohier-eval/1"
@@ -196,7 +196,7 @@ def _check_not_running(run_dir: Path) -> None:
     run whose process died counts as failed, not running."""
     from pipeline import jobs
 
-    status = _read_json(run_dir / "status.json")
+    status = read_json(run_dir / "status.json")
     if status.get("state") in jobs.ACTIVE_STATES and status.get("pid") == os.getpid():
         return
     info = jobs.job_info(run_dir)
@@ -205,14 +205,6 @@ def _check_not_running(run_dir: Path) -> None:
     if info.alive and info.pid != os.getpid():
         raise WorkspaceError(f"run {run_dir.name}'s training process is still finishing (calibrating); "
                              "try again in a moment")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text("utf-8"))
-        return d if isinstance(d, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _load(run_dir: Path, device):
@@ -483,7 +475,7 @@ def read_history(run_dir: str | os.PathLike) -> list[dict]:
 
 def read_eval(run_dir: str | os.PathLike) -> dict | None:
     """A run's eval.json, or None when it has none (or it is unreadable)."""
-    d = _read_json(Path(run_dir) / EVAL_FILE)
+    d = read_json(Path(run_dir) / EVAL_FILE)
     return d or None
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from geohier import grid
 from geohier.errors import GeohierError, InputError, WorkspaceError
-from geohier.workspace import Workspace, atomic_write_text, utcnow
+from geohier.workspace import Workspace, atomic_write_text, read_json, utcnow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ACTIVE_STATES = ("queued", "running")
@@ -199,21 +199,13 @@ def max_jobs() -> int:
 
 # ----------------------------------------------------------------------------- files
 
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text("utf-8"))
-        return d if isinstance(d, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_status(run_dir: str | os.PathLike) -> dict:
     """A run's status.json ({} when missing or unreadable)."""
-    return _read_json(Path(run_dir) / STATUS_FILE)
+    return read_json(Path(run_dir) / STATUS_FILE)
 
 
 def _tail_file(path: Path, lines: int, max_bytes: int = 256_000) -> list[str]:
@@ -357,11 +349,11 @@ def job_info(run_dir: str | os.PathLike, log_lines: int = 20) -> JobInfo:
     disk (error: the last log lines), unless a cancel was requested (then cancelled)."""
     run_dir = Path(run_dir)
     status = read_status(run_dir)
-    job = _read_json(run_dir / JOB_FILE)
-    config = _read_json(run_dir / "config.json")
+    job = read_json(run_dir / JOB_FILE)
+    config = read_json(run_dir / "config.json")
     if not job and config.get("group"):
         # one run of a per-level set: the set's directory holds the job's process record
-        job = _read_json(run_dir.parent / str(config["group"]) / JOB_FILE)
+        job = read_json(run_dir.parent / str(config["group"]) / JOB_FILE)
     state = status.get("state") or ("done" if (run_dir / "meta.json").exists() else "unknown")
     pid, start = _job_pid(run_dir, status, job)
     alive = pid_alive(pid, start)
@@ -491,7 +483,7 @@ def launch(ws: Workspace, params: TrainParams, run_name: str | None = None, *,
 
 
 def _hierarchy_levels(ws: Workspace) -> tuple[int, ...] | None:
-    d = _read_json(ws.hierarchy_path)
+    d = read_json(ws.hierarchy_path)
     levels = d.get("levels")
     return tuple(int(v) for v in levels) if levels else None
 
@@ -522,7 +514,7 @@ def resume(ws: Workspace, run_dir: str | os.PathLike, *, epochs: int | None = No
     if epochs is not None:
         status["epochs"] = int(epochs)
     _write_json(run_dir / STATUS_FILE, status)
-    old = _read_json(run_dir / JOB_FILE)
+    old = read_json(run_dir / JOB_FILE)
     cmd = argv if argv is not None else resume_argv(ws, run_dir, epochs)
     _spawn(run_dir, cmd, {"backbone": old.get("backbone"), "levels": old.get("levels", []),
                           "params": old.get("params", {}), "resumed": True})
@@ -537,7 +529,7 @@ def cancel(run_dir: str | os.PathLike, grace_s: float = 10.0, wait: bool = False
     escalates. A job whose process is already gone is marked cancelled."""
     run_dir = Path(run_dir)
     status = read_status(run_dir)
-    job = _read_json(run_dir / JOB_FILE)
+    job = read_json(run_dir / JOB_FILE)
     state = status.get("state")
     if state not in ACTIVE_STATES:
         raise JobError(f"run {run_dir.name} is {state or 'not a job'}; only queued or running jobs can be cancelled")

@@ -9,22 +9,7 @@ each step only when missing, so it costs nothing once done.
 
 from __future__ import annotations
 
-import json
-
-from geohier.workspace import Workspace
-
-
-def finished_runs(ws: Workspace) -> list:
-    """Run directories whose status.json says done, oldest first."""
-    done = []
-    for run in ws.runs():
-        try:
-            state = json.loads((run / "status.json").read_text()).get("state")
-        except (OSError, ValueError):
-            continue
-        if state == "done":
-            done.append(run)
-    return done
+from geohier.workspace import Workspace, finished_runs
 
 
 def _image_count(ws: Workspace) -> int:
@@ -43,7 +28,7 @@ def next_step(ws: Workspace) -> dict:
     if not ws.hierarchy_path.exists():
         return {"text": "Images are in. Build the label hierarchy and the train/val/test splits.",
                 "command": "python -m pipeline labels --levels 1,3,5,8"}
-    if not finished_runs(ws):
+    if not finished_runs(ws.models_dir):
         return {"text": "Labels are ready. Train a model on the Train page, or from the shell.",
                 "command": "python -m pipeline train --backbone resnet18 --image-size 96 --epochs 5"}
     return {"text": "A trained run is ready: drop a photo on the Predict page, or compare runs on the "
@@ -67,19 +52,19 @@ def quickstart(ws: Workspace, images: int | None = None, train: bool = True) -> 
         print("quickstart: building the label hierarchy and splits ...", flush=True)
         build_labels(ws)
         done.append("labels")
-    if train and not finished_runs(ws):
+    if train and not finished_runs(ws.models_dir):
         from pipeline.train import demo_config
         from pipeline.train import train as train_run
 
         print("quickstart: training the demo model (a few minutes on a laptop) ...", flush=True)
         train_run(ws, demo_config())
         done.append("train")
-    runs = finished_runs(ws)
-    if train and runs and not (runs[-1] / "eval.json").exists():
+    runs = finished_runs(ws.models_dir)
+    if train and runs and not (runs[0] / "eval.json").exists():
         from pipeline.evaluate import evaluate_run
 
-        print(f"quickstart: evaluating {runs[-1].name} on its test split ...", flush=True)
-        evaluate_run(runs[-1], ws)
+        print(f"quickstart: evaluating {runs[0].name} on its test split ...", flush=True)
+        evaluate_run(runs[0], ws)
         done.append("evaluate")
     return done
 

@@ -57,7 +57,7 @@ from geohier.model import (
     unwrap,
 )
 from geohier.presets import EvalPreset, TrainPreset
-from geohier.workspace import Workspace, atomic_write_text, utcnow
+from geohier.workspace import Workspace, atomic_write_text, read_json, utcnow
 
 STATUS_FILE, CONFIG_FILE, LOG_FILE, METRICS_FILE = "status.json", "config.json", "log.txt", "metrics.jsonl"
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
@@ -446,7 +446,8 @@ class RunFiles:
         atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
-def read_json(path: Path) -> dict:
+def require_json(path: Path) -> dict:
+    """A JSON object from ``path``, or a WorkspaceError naming the file."""
     try:
         d = json.loads(Path(path).read_text("utf-8"))
     except (OSError, ValueError) as exc:
@@ -476,7 +477,7 @@ def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, scaler, co
 def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, scaler, device) -> dict:
     from safetensors.torch import load_file
 
-    doc = read_json(run_dir / STATE_JSON)
+    doc = require_json(run_dir / STATE_JSON)
     tensors = load_file(str(run_dir / STATE_TENSORS), device=str(device))
     state: dict = {}
     for key, t in tensors.items():
@@ -820,7 +821,7 @@ def _train(ws: Workspace, config: TrainConfig, env: DistEnv, resume_dir: Path | 
     if resume_dir is not None:
         if not (resume_dir / CONFIG_FILE).exists():
             raise WorkspaceError(f"{resume_dir} has no {CONFIG_FILE}: not a run that can be resumed")
-        prior = read_json(resume_dir / CONFIG_FILE)
+        prior = require_json(resume_dir / CONFIG_FILE)
         if prior.get("hierarchy_hash") != hierarchy.hash:
             raise TrainError(f"the workspace's hierarchy changed since run {resume_dir.name} started "
                              f"(hash {str(prior.get('hierarchy_hash'))[:12]} then, {hierarchy.hash[:12]} now): "
@@ -1104,10 +1105,7 @@ def _train_group(ws, config, group, levels, names, resume: bool) -> list[Path]:
 
 
 def _read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / STATUS_FILE).read_text("utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return read_json(run_dir / STATUS_FILE)
 
 
 RESUME_OVERRIDES = ("epochs", "workers", "device", "max_steps", "threads")
@@ -1123,7 +1121,7 @@ def resume(ws: Workspace, run_dir: str | os.PathLike, **overrides) -> list[Path]
             run_dir = alt
         else:
             raise WorkspaceError(f"--resume {run_dir}: no such run directory")
-    stored = read_json(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).exists() else None
+    stored = require_json(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).exists() else None
     if stored is None:
         raise WorkspaceError(f"{run_dir} has no {CONFIG_FILE}: not a run that can be resumed")
     cfg = TrainConfig.from_dict(stored)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from geohier.workspace import finished_runs
 from pipeline.cli import main
-from pipeline.quickstart import finished_runs, next_step
+from pipeline.quickstart import next_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,15 +45,16 @@ def test_next_step_progression(ws):
     assert "demo" in next_step(ws)["command"]
     run = ws.models_dir / "r1"
     run.mkdir()
-    (run / "config.json").write_text("{}")
+    for name in ("config.json", "meta.json", "model.safetensors"):
+        (run / name).write_text("{}")
     (run / "status.json").write_text(json.dumps({"state": "running"}))
-    assert finished_runs(ws) == []
+    assert finished_runs(ws.models_dir) == []
     (run / "status.json").write_text(json.dumps({"state": "done"}))
-    assert finished_runs(ws) == [run]
+    assert finished_runs(ws.models_dir) == [run]
     (ws.models_dir / "broken").mkdir()
     (ws.models_dir / "broken" / "meta.json").write_text("{}")
     (ws.models_dir / "broken" / "status.json").write_text("not json")
-    assert finished_runs(ws) == [run]
+    assert finished_runs(ws.models_dir) == [run]  # no weights: not finished
 
 
 def test_cli_unknown_command_is_one_line(capsys):
