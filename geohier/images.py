@@ -8,7 +8,7 @@ upload box) opens images through ``open_image``, so that they all agree on:
 - colour: any mode (1, L, LA, P, PA, RGBA, CMYK, I;16, I, F, ...) becomes 8-bit RGB, alpha
   composited on white and 16-bit greys scaled to 8 bits;
 - formats: whatever Pillow reads (JPEG, PNG, WebP, GIF, BMP, TIFF, ...), plus HEIC/HEIF
-  when pillow-heif is installed (registered on first use, never required);
+  through pillow-heif (in requirements.txt; registered on first use, optional for the library);
 - refusals: a missing, empty, truncated or non-image file, or one with more than
   ``MAX_PIXELS`` pixels (a decompression bomb), raises ``ImageReadError`` (an
   ``InputError``) whose message names the file and whose ``reason`` says which case it was.

@@ -292,6 +292,20 @@ def test_heic_without_pillow_heif_gets_a_hint(monkeypatch):
         open_image(fake)
 
 
+def test_heic_photo_is_read(tmp_path):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    img = Image.new("RGB", (64, 48), (200, 30, 30))
+    img.paste(Image.new("RGB", (32, 48), (30, 30, 200)), (0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the reader must turn it upright
+    path = tmp_path / "iphone.heic"
+    img.save(path, "HEIF", exif=exif.tobytes(), quality=95)
+    out = open_image(path)
+    assert out.mode == "RGB" and out.size == (48, 64)
+    assert image_info(path).ext == "heic"
+
+
 # ------------------------------------------------------------------ brightness and info
 
 
