@@ -13,6 +13,17 @@ from geohier.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Photo clusters for tiny workspaces and runs: (lat, lon, colour) of six cities on four
+# continents, each with a colour a tiny model can learn.
+CITIES = [
+    (48.85, 2.35, (200, 60, 60)),      # Paris
+    (52.52, 13.40, (60, 200, 60)),     # Berlin
+    (40.71, -74.00, (60, 60, 200)),    # New York
+    (-33.87, 151.21, (200, 200, 60)),  # Sydney
+    (-23.55, -46.63, (60, 200, 200)),  # Sao Paulo
+    (35.68, 139.69, (200, 60, 200)),   # Tokyo
+]
+
 
 @pytest.fixture
 def ws(tmp_path, monkeypatch) -> Workspace:

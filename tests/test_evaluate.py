@@ -10,19 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import CITIES  # noqa: E402
 
 from geohier.errors import InputError, WorkspaceError
 from pipeline import cli, evaluate
 
-# Clusters of photos in six countries: (lat, lon, colour). 6 images each: 4 train, 1 val, 1 test.
-CLUSTERS = [
-    (48.85, 2.35, (200, 60, 60)),      # Paris
-    (52.52, 13.40, (60, 200, 60)),     # Berlin
-    (40.71, -74.00, (60, 60, 200)),    # New York
-    (-33.87, 151.21, (200, 200, 60)),  # Sydney
-    (-23.55, -46.63, (60, 200, 200)),  # Sao Paulo
-    (35.68, 139.69, (200, 60, 200)),   # Tokyo
-]
+# Clusters of photos in six countries, 6 images each: 4 train, 1 val, 1 test.
+CLUSTERS = CITIES
 SPLIT_OF = ["train", "train", "train", "train", "val", "test"]
 
 

@@ -329,15 +329,7 @@ def test_hierarchical_accuracy_on_known_values():
 
 # ----------------------------------------------------------------------------- tiny runs
 
-# Photos in six cities: (lat, lon, colour).
-CITIES = [
-    (48.85, 2.35, (200, 60, 60)),      # Paris
-    (52.52, 13.40, (60, 200, 60)),     # Berlin
-    (40.71, -74.00, (60, 60, 200)),    # New York
-    (-33.87, 151.21, (200, 200, 60)),  # Sydney
-    (-23.55, -46.63, (60, 200, 200)),  # Sao Paulo
-    (35.68, 139.69, (200, 60, 200)),   # Tokyo
-]
+from conftest import CITIES  # noqa: E402 - photos in six cities: (lat, lon, colour)
 
 
 def tiny_hierarchy(levels=(1, 3, 5)):
