@@ -48,6 +48,17 @@ class ModelError(GeohierError):
     """A backbone, a weights file or a checkpoint cannot be used."""
 
 
+def _read_safetensors(path: Path, error: type[Exception], message: str) -> dict:
+    """Tensors of a safetensors file, or ``error(message: reason)`` when it cannot be read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise error(f"{message}: {exc}") from None
+
+
 def check_backbone(name: str) -> str:
     """``name`` if torchvision builds it here, else a ModelError listing the valid names."""
     if name not in BACKBONES:
@@ -192,15 +203,9 @@ def _load_backbone_file(model: GeoModel, path: Path) -> None:
     geohier checkpoint (``backbone.conv1.weight`` ..., ``heads.*``). The final classifier and
     the heads of the file are ignored; anything else that does not fit is an error.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise InputError(f"weights file {path} does not exist (use imagenet, none or a .safetensors file)")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"cannot read weights file {path} as safetensors: {exc}") from None
+    state = _read_safetensors(path, InputError, f"cannot read weights file {path} as safetensors")
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     drop = _classifier_prefixes(model.config.backbone)
@@ -370,8 +375,6 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     weights whose shapes differ from the heads, and, when ``expect_hash`` is given (the
     current workspace's hierarchy), a run trained on another hierarchy.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
@@ -383,10 +386,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     path = run_dir / WEIGHTS_FILE
     if not path.is_file():
         raise WorkspaceError(f"{where}no {WEIGHTS_FILE}")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise WorkspaceError(f"{where}cannot read {path}: {exc}") from None
+    state = _read_safetensors(path, WorkspaceError, f"{where}cannot read {path}")
     model = GeoModel(config)
     own = model.state_dict()
     for lv in config.levels:
