@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from geohier import grid
+from geohier import geodesy, grid
 from geohier.errors import CellIdError, GeohierError, InvalidCoordinateError, InvalidLevelError
 
 
@@ -86,7 +86,9 @@ def test_compact_and_slash_ids_agree():
 
 def test_area_sums_to_earth():
     total = sum(grid.area_km2(c) for c in (grid.from_key(k, 2) for k in range(16)))
-    assert total == pytest.approx(4 * math.pi * grid.EARTH_RADIUS_KM**2, rel=1e-9)
+    assert total == pytest.approx(4 * math.pi * 6371.0**2, rel=1e-9)  # geodesy's one radius
+    assert grid.EARTH_RADIUS_KM == geodesy.EARTH_RADIUS_KM == 6371.0
+    assert grid.area_km2(grid.Cell(1, 0, 0)) == pytest.approx(127_516_118.0, abs=1.0)  # pi R^2
     keys = grid.all_cells(5)
     assert grid.key_areas_km2(keys, 5).sum() == pytest.approx(total, rel=1e-9)
 
@@ -150,3 +152,65 @@ def test_fine_id_starts_with_coarse_id(p):
     assert l8.startswith(l3 + "/")
     b = grid.bounds(grid.cell(*p, 8))
     assert b.south - 1e-9 <= p[0] <= b.north + 1e-9 and b.west - 1e-9 <= p[1] <= b.east + 1e-9
+
+
+# Points on and next to every kind of edge: poles, equator, meridians of the finest level,
+# the antimeridian from both sides, longitudes that need wrapping, values that round up.
+EDGE_LAT = [90.0, -90.0, 0.0, -0.0, 45.0, 89.99999999999999, -89.99999999999999, 0.703125, -0.703125,
+            1e-300, -1e-300, 33.3]
+EDGE_LON = [-180.0, 180.0, 179.99999999999997, -179.99999999999997, 0.0, -90.0, 1.40625, -1.40625,
+            540.0, -540.0001, 1e6, 360.0, 17.7]
+
+
+def _reference_keys(lat, lon, level):
+    rows, cols = grid.rowcol(lat, lon, level)
+    return grid.rowcol_to_key(rows, cols, level)
+
+
+@pytest.mark.parametrize("levels", [(1, 3, 5, 8), (2,), (12,), (10, 13), (1, 16, 24)])
+def test_encode_matches_rowcol_on_edges_and_across_blocks(levels, monkeypatch):
+    monkeypatch.setattr(grid, "ENCODE_BLOCK", 7)  # many blocks, a short last one
+    lat, lon = (a.ravel() for a in np.meshgrid(EDGE_LAT, EDGE_LON))
+    rng = np.random.default_rng(1)
+    lat = np.concatenate([lat, rng.uniform(-90, 90, 300)])
+    lon = np.concatenate([lon, rng.uniform(-400, 400, 300)])
+    keys = grid.encode(lat, lon, levels)
+    for lv in levels:
+        assert keys[lv].dtype == np.int64
+        assert np.array_equal(keys[lv], _reference_keys(lat, lon, lv)), lv
+
+
+def test_encode_keeps_shapes_and_takes_empty_input():
+    lat = np.array([[10.0, -10.0], [45.0, 90.0]])
+    lon = np.array([[20.0, -20.0], [180.0, 0.0]])
+    keys = grid.encode(lat, lon, [1, 8])
+    assert keys[8].shape == (2, 2) and np.array_equal(keys[1], keys[8] >> 14)
+    assert keys[8][1, 1] == grid.key(grid.cell(90.0, 0.0, 8))
+    assert grid.encode(np.float64(-33.92), 18.42, 1).tolist() == 3
+    empty = grid.encode([], [], [3, 5])
+    assert empty[3].shape == (0,) and empty[5].dtype == np.int64
+    with pytest.raises(InvalidCoordinateError, match="differ in shape"):
+        grid.encode([0, 1], [0], 3)
+
+
+def test_invalid_point_in_a_later_block_is_named(monkeypatch):
+    monkeypatch.setattr(grid, "ENCODE_BLOCK", 4)
+    lat = np.zeros(10)
+    lon = np.zeros(10)
+    lon[9] = np.nan
+    with pytest.raises(InvalidCoordinateError, match=r"point 9 is invalid \(lat 0.0, lon nan\)"):
+        grid.encode(lat, lon, [1, 3])
+    lat[6] = -90.5
+    with pytest.raises(InvalidCoordinateError, match="point 6 "):
+        grid.encode(lat, lon, 3)
+
+
+@given(points, st.integers(1, 24))
+@example((90.0, 179.99999999999997), 24)
+@example((-90.0, -180.0), 13)
+def test_encode_agrees_with_cell(p, level):
+    assert int(grid.encode([p[0]], [p[1]], level)[0]) == grid.key(grid.cell(*p, level))
+
+
+def test_haversine_alias_is_geodesys():
+    assert grid.haversine_km is geodesy.haversine_km
