@@ -7,7 +7,7 @@ threshold explorer's response time.
      combination: for each kept parent, a Python loop writes its children's logits times
      the parent's probability into a -inf mask, then a softmax;
    - ours: one resnet50 backbone with four heads (``geohier.model``) and
-     ``geohier.infer.combine`` (log space, vectorised).
+     ``geohier.combine.combine`` (log space, vectorised).
    Goals: ours <= 1.15x plain, and >= 3.4x faster than the seed's way.
 2. Batch throughput (images/s) of the three.
 3. The combination alone per image (seed's loop vs ``combine``), and the explorer: one
@@ -36,8 +36,8 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from geohier.combine import KeepRule, Tree, combine  # noqa: E402
 from geohier.explorer import synthetic, synthetic_hierarchy  # noqa: E402
-from geohier.infer import KeepRule, Tree, combine  # noqa: E402
 from geohier.model import build_model  # noqa: E402
 
 LEVELS = (1, 3, 5, 8)

@@ -3,7 +3,7 @@
 The model runs over the val split once; its per-level logits are cached in the run
 directory (``val_logits.safetensors``, with ``val_logits.json`` for the targets, positions
 and what the cache was computed from). After that, every setting of the keep rules is
-just ``geohier.infer.combine`` over the cached logits, vectorised over all rows at once,
+just ``geohier.combine.combine`` over the cached logits, vectorised over all rows at once,
 so a control change is answered in tens of milliseconds for 10,000 images:
 
 - ``hit``: the true finest cell is among the kept finest cells;
@@ -12,11 +12,11 @@ so a control change is answered in tens of milliseconds for 10,000 images:
 - ``kept``: the mean number of finest cells kept (the price of a high hit rate).
 
 ``Explorer.sweep`` varies one parameter (k, k_max, p or min_prob) on every level at once and
-returns the trade-off curve. The numbers are ``geohier.infer.hierarchical_accuracy``'s,
+returns the trade-off curve. The numbers are ``geohier.combine.hierarchical_accuracy``'s,
 the function the evaluate command uses too, so for the same rule they agree.
 
 >>> import numpy as np, torch
->>> from geohier.infer import KeepRule, Tree
+>>> from geohier.combine import KeepRule, Tree
 >>> tree = Tree.from_parents([1, 2], {2: [0, 0, 1, 1]})
 >>> val = ValSet((1, 2), {1: torch.tensor([[3.0, 0.0]]), 2: torch.tensor([[2.0, 0.0, 0.0, 0.0]])},
 ...              {1: np.array([0]), 2: np.array([0])}, np.array([10.0]), np.array([10.0]))
@@ -40,9 +40,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from geohier import grid
+from geohier import forward, geodesy, grid
+from geohier.combine import KeepRule, Tree, hierarchical_accuracy, rules_for
 from geohier.errors import InputError, WorkspaceError
-from geohier.infer import KeepRule, Predictor, Tree, hierarchical_accuracy, rules_for
+from geohier.predictor import Predictor
+from geohier.runs import Run
 from geohier.workspace import Workspace, atomic_write_text
 
 FORMAT = "geohier-val-logits/1"
@@ -159,7 +161,7 @@ def cache_key(predictor: Predictor, ws: Workspace, split: str, max_rows: int) ->
     ids = _split_ids(ws, split)
     return {"format": FORMAT, "split": split, "max_rows": int(max_rows),
             "hierarchy_hash": predictor.hierarchy.hash, "levels": list(predictor.levels),
-            "weights": {r.name: _stamp(r / "model.safetensors") for r in predictor.runs},
+            "weights": {r.name: _stamp(Run(r).weights_path) for r in predictor.runs},
             "data_dir": str(ws.data_dir),
             "split_ids": hashlib.sha256(ids.tobytes()).hexdigest(), "split_rows": int(ids.size)}
 
@@ -250,25 +252,22 @@ def compute_val_logits(predictor: Predictor, ws: Workspace, split: str = "val",
         raise InputError(f"the {split} split of {ws.data_dir} has no usable image "
                          "(build splits with `python -m pipeline labels`)")
     done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
     outs: dict[int, torch.Tensor] = {}
     kept_index = None
     ds0 = per_group[0][1]
     for members, ds in per_group:
-        chunks: dict[int, list[torch.Tensor]] = {}
-        index = []
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate)
-        with torch.inference_mode():
-            for batch in loader:
-                if batch.images.numel():
-                    x = batch.images.to(predictor.device)
-                    for i in members:
-                        for lv, z in predictor.models[i](x).items():
-                            chunks.setdefault(lv, []).append(z.float().cpu())  # (B, C_lv)
-                    index.append(batch.index)
-                done += len(batch.index) + len(batch.skipped)
-                if progress is not None:
-                    progress(done, total)
-        idx = torch.cat(index).numpy() if index else np.zeros(0, np.int64)
+        num_classes = {lv: predictor.tree.num_classes[lv] for i in members for lv in predictor.part_levels[i]}
+        got = forward.collect([predictor.models[i] for i in members], loader, predictor.device, num_classes,
+                              progress=tick)
+        idx = got.index
         if kept_index is None:
             kept_index = idx
         elif not np.array_equal(kept_index, idx):  # a file failed in one pass only: keep the common rows
@@ -276,8 +275,7 @@ def compute_val_logits(predictor: Predictor, ws: Workspace, split: str = "val",
             for lv in list(outs):
                 outs[lv] = outs[lv][torch.from_numpy(np.searchsorted(kept_index, common))]
             kept_index = common
-        for lv, parts in chunks.items():
-            z = torch.cat(parts)
+        for lv, z in got.logits.items():
             outs[lv] = z[torch.from_numpy(np.searchsorted(idx, kept_index))]
     levels = predictor.levels
     cols = list(ds0.levels)
@@ -399,7 +397,7 @@ def candidates_frame(pred) -> pd.DataFrame:
     finest = max(pred.levels)
     rows = [{"rank": i, "cell": c.cell, "prob": c.prob, "joint": c.joint, "parent": c.parent, "country": c.country,
              "place": c.place, "lat": round(c.lat, 4), "lon": round(c.lon, 4),
-             "km from truth": (round(float(grid.haversine_km(c.lat, c.lon, pred.true["lat"], pred.true["lon"])), 1)
+             "km from truth": (round(float(geodesy.haversine_km(c.lat, c.lon, pred.true["lat"], pred.true["lon"])), 1)
                                if pred.true else None)}
             for i, c in enumerate(pred.levels[finest], 1)]
     return pd.DataFrame(rows)

@@ -10,8 +10,11 @@ import numpy as np
 import streamlit as st
 from streamlit_folium import st_folium
 
-from geohier import explorer, infer
+from geohier import combine, explorer
 from geohier.errors import GeohierError
+from geohier.predictor import Predictor
+from geohier.predictor import load_predictor as load_run_predictor
+from geohier.runs import run_choices, runs_key
 from pages._common import workspace
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "heic", "heif"]
@@ -23,8 +26,8 @@ METRICS = {"hit": "True cell kept", "top1": "Top-1 cell", "acc_25km": "Within 25
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def load_predictor(runs: tuple[str, ...], stamp: tuple) -> infer.Predictor:
-    return infer.load_predictor(list(runs))
+def load_predictor(runs: tuple[str, ...], stamp: tuple) -> Predictor:
+    return load_run_predictor(list(runs))
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
@@ -57,7 +60,7 @@ def load_explorer(runs: tuple[str, ...], stamp: tuple, key: str, data_dir: str, 
 def sweep_rows(_ex: explorer.Explorer, key: str, rules_json: str, temperature: bool, param: str) -> list[dict]:
     """The trade-off curve; keyed without the swept parameter, so moving that one control
     only moves the marked point."""
-    rules = {int(lv): infer.KeepRule.from_dict(r) for lv, r in json.loads(rules_json).items()}
+    rules = {int(lv): combine.KeepRule.from_dict(r) for lv, r in json.loads(rules_json).items()}
     return _ex.sweep(rules, temperature, param)
 
 
@@ -68,18 +71,18 @@ def _key(field: str, scope) -> str:
     return f"predict_{field}_{scope}"
 
 
-DEFAULTS = {"rule": infer.DEFAULT_RULE, "top_k": infer.DEFAULT_TOP_K, "cumulative": infer.DEFAULT_CUMULATIVE,
-            "thresholds": ",".join(f"{t:.2f}" for t in infer.DEFAULT_THRESHOLDS), "k_max": infer.DEFAULT_K_MAX,
+DEFAULTS = {"rule": combine.DEFAULT_RULE, "top_k": combine.DEFAULT_TOP_K, "cumulative": combine.DEFAULT_CUMULATIVE,
+            "thresholds": ",".join(f"{t:.2f}" for t in combine.DEFAULT_THRESHOLDS), "k_max": combine.DEFAULT_K_MAX,
             "min_prob": 0.0}
 
 
-def rule_controls(scope, label: str) -> infer.KeepRule:
+def rule_controls(scope, label: str) -> combine.KeepRule:
     """The widgets of one keep rule (every level, or one); returns the rule."""
     for field, value in DEFAULTS.items():
         if scope != "all":  # a level's controls start from the all-levels setting
             value = st.session_state.get(_key(field, "all"), value)
         st.session_state.setdefault(_key(field, scope), value)
-    rule = st.selectbox(f"Rule{label}", infer.RULES, key=_key("rule", scope),
+    rule = st.selectbox(f"Rule{label}", combine.RULES, key=_key("rule", scope),
                         help="adaptive: keep 1, 2, 3 classes when the top probability reaches the thresholds, "
                              "else k max; topk: a fixed number; cumulative: the smallest set reaching p")
     st.slider(f"k{label}", *K_RANGE, key=_key("top_k", scope), disabled=rule != "topk",
@@ -92,8 +95,8 @@ def rule_controls(scope, label: str) -> infer.KeepRule:
               disabled=rule != "cumulative", help="cumulative rule: smallest set whose probability reaches p")
     st.slider(f"Minimum probability{label}", 0.0, 0.5, step=0.005, format="%.3f", key=_key("min_prob", scope),
               help="drop candidates under this probability (the top one is always kept)")
-    thresholds = infer.parse_thresholds(st.session_state[_key("thresholds", scope)])
-    return infer.KeepRule(rule, top_k=int(st.session_state[_key("top_k", scope)]),
+    thresholds = combine.parse_thresholds(st.session_state[_key("thresholds", scope)])
+    return combine.KeepRule(rule, top_k=int(st.session_state[_key("top_k", scope)]),
                           cumulative=float(st.session_state[_key("cumulative", scope)]), thresholds=thresholds,
                           k_max=int(st.session_state[_key("k_max", scope)]),
                           min_prob=float(st.session_state[_key("min_prob", scope)]))
@@ -114,7 +117,7 @@ st.title("Predict")
 st.caption("Where was this street photo taken? Level by level, the model keeps the likeliest cells and "
            "narrows them down within the kept parents.")
 
-choices = infer.run_choices(ws.models_dir)
+choices = run_choices(ws.models_dir)
 if not choices:
     st.info("No trained run yet. Train one on the Train page or with `python -m pipeline train`; "
             "`make run` builds the demo data and trains the small demo model.")
@@ -126,7 +129,7 @@ with st.sidebar:
                          help="the newest finished run first; 'set' = one model per level (the seed's shape)")
     choice = choices[labels.index(label)]
 runs = tuple(str(p) for p in choice.runs)
-stamp = infer.run_key(choice.runs)
+stamp = runs_key(choice.runs)
 try:
     with st.spinner("Loading the model..."):
         predictor = load_predictor(runs, stamp)
@@ -263,7 +266,7 @@ with tab_explore:
             param = e1.selectbox("Sweep", params, index=params.index(default_param), key="explorer_param",
                                  help="the parameter varied on every level for the curve")
             metric = e2.selectbox("Accuracy", list(METRICS), format_func=METRICS.get, key="explorer_metric")
-            base = {lv: dict(r.to_dict(), **{param: infer.KeepRule().to_dict()[param]})
+            base = {lv: dict(r.to_dict(), **{param: combine.KeepRule().to_dict()[param]})
                     for lv, r in rules.items()}
             curve = sweep_rows(ex, key, json.dumps({str(k): v for k, v in base.items()}, sort_keys=True),
                                temperature, param)

@@ -1,6 +1,6 @@
 """``python -m pipeline predict IMAGE...``: where were these photos taken?
 
-A thin parser over ``geohier.infer``: it picks the run (``--run``, a per-level set with
+A thin parser over ``geohier.predictor``: it picks the run (``--run``, a per-level set with
 ``--runs``, or the newest finished run), turns the flags into one keep rule per level, and
 prints a table or, with ``--json``, one JSON object per image and line (DESIGN.md)::
 
@@ -32,8 +32,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from geohier import infer
+from geohier import combine
 from geohier.errors import InputError
+from geohier.predictor import Prediction, load_predictor
+from geohier.runs import newest_run, resolve_run
 from geohier.workspace import Workspace
 
 EPILOG = ("exit status: 0 when at least one image was predicted (unreadable ones are reported "
@@ -52,26 +54,26 @@ def register(sub) -> None:
     p.add_argument("--runs", default=None, metavar="DIR,DIR",
                    help="a per-level set: comma-separated run directories of one level each, same hierarchy "
                         "(default: none)")
-    p.add_argument("--rule", default=infer.DEFAULT_RULE,
-                   help=f"keep rule per level: {' | '.join(infer.RULES)}, or LEVEL:RULE pairs "
-                        f"(default: {infer.DEFAULT_RULE})")
-    p.add_argument("--top-k", default=str(infer.DEFAULT_TOP_K), metavar="K",
-                   help=f"classes kept per level by the topk rule, or LEVEL:K pairs (default: {infer.DEFAULT_TOP_K})")
-    p.add_argument("--cumulative", default=str(infer.DEFAULT_CUMULATIVE), metavar="P",
+    p.add_argument("--rule", default=combine.DEFAULT_RULE,
+                   help=f"keep rule per level: {' | '.join(combine.RULES)}, or LEVEL:RULE pairs "
+                        f"(default: {combine.DEFAULT_RULE})")
+    p.add_argument("--top-k", default=str(combine.DEFAULT_TOP_K), metavar="K",
+                   help=f"classes kept per level by the topk rule, or LEVEL:K pairs (default: {combine.DEFAULT_TOP_K})")
+    p.add_argument("--cumulative", default=str(combine.DEFAULT_CUMULATIVE), metavar="P",
                    help="probability mass kept per level by the cumulative rule, or LEVEL:P pairs "
-                        f"(default: {infer.DEFAULT_CUMULATIVE})")
+                        f"(default: {combine.DEFAULT_CUMULATIVE})")
     p.add_argument("--min-prob", default="0", metavar="P",
                    help="drop candidates under this probability (the top one is always kept), or "
                         "LEVEL:P pairs (default: 0)")
-    p.add_argument("--adaptive-thresholds", default=",".join(f"{t:.2f}" for t in infer.DEFAULT_THRESHOLDS),
+    p.add_argument("--adaptive-thresholds", default=",".join(f"{t:.2f}" for t in combine.DEFAULT_THRESHOLDS),
                    metavar="T1,T2,..",
                    help="adaptive rule: keep 1, 2, 3.. classes when the top probability reaches these "
                         "(default: 0.85,0.65,0.40)")
-    p.add_argument("--k-max", default=str(infer.DEFAULT_K_MAX), metavar="K",
+    p.add_argument("--k-max", default=str(combine.DEFAULT_K_MAX), metavar="K",
                    help=f"adaptive rule: classes kept below the last threshold, or LEVEL:K pairs "
-                        f"(default: {infer.DEFAULT_K_MAX})")
-    p.add_argument("--max-keep", type=int, default=infer.DEFAULT_MAX_KEEP, metavar="K",
-                   help=f"cumulative rule: at most this many classes per level (default: {infer.DEFAULT_MAX_KEEP})")
+                        f"(default: {combine.DEFAULT_K_MAX})")
+    p.add_argument("--max-keep", type=int, default=combine.DEFAULT_MAX_KEEP, metavar="K",
+                   help=f"cumulative rule: at most this many classes per level (default: {combine.DEFAULT_MAX_KEEP})")
     p.add_argument("--no-temperature", action="store_true",
                    help="ignore the run's per-level temperatures (default: use them)")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line (default: a table)")
@@ -125,14 +127,14 @@ def _convert(value: str, convert: Callable, name: str):
 
 
 def _rule_name(v: str) -> str:
-    if v not in infer.RULES:
-        raise InputError(f"unknown rule {v!r}; choose one of: {', '.join(infer.RULES)}")
+    if v not in combine.RULES:
+        raise InputError(f"unknown rule {v!r}; choose one of: {', '.join(combine.RULES)}")
     return v
 
 
-def rules_from_args(args, levels: Sequence[int]) -> dict[int, infer.KeepRule]:
+def rules_from_args(args, levels: Sequence[int]) -> dict[int, combine.KeepRule]:
     """One KeepRule per level from the parsed flags."""
-    thresholds = infer.parse_thresholds(args.adaptive_thresholds)
+    thresholds = combine.parse_thresholds(args.adaptive_thresholds)
     fields = {
         "rule": per_level(args.rule, levels, _rule_name, "rule"),
         "top_k": per_level(args.top_k, levels, int, "top-k"),
@@ -143,7 +145,7 @@ def rules_from_args(args, levels: Sequence[int]) -> dict[int, infer.KeepRule]:
     out = {}
     for lv in levels:
         kw = {k: v[lv] for k, v in fields.items() if lv in v}
-        out[lv] = infer.KeepRule(thresholds=thresholds, max_keep=args.max_keep, **kw)
+        out[lv] = combine.KeepRule(thresholds=thresholds, max_keep=args.max_keep, **kw)
     return out
 
 
@@ -154,25 +156,16 @@ def resolve_runs(ws: Workspace, run: str | None = None, runs: str | Sequence | N
         raise InputError("give --run or --runs, not both")
     if runs:
         items = [r.strip() for r in runs.split(",")] if isinstance(runs, str) else [str(r) for r in runs]
-        return [_run_path(ws, r) for r in items if r]
+        return [resolve_run(ws.models_dir, r).path for r in items if r]
     if run:
-        return [_run_path(ws, run)]
-    return [infer.newest_run(ws.models_dir)]
-
-
-def _run_path(ws: Workspace, name: str) -> Path:
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return p
-    if (ws.models_dir / name).is_dir():
-        return ws.models_dir / name
-    raise InputError(f"run {name!r} not found (neither a directory nor a run in {ws.models_dir})")
+        return [resolve_run(ws.models_dir, run).path]
+    return [newest_run(ws.models_dir).path]
 
 
 # ----------------------------------------------------------------------------- output
 
 
-def format_table(pred: infer.Prediction, show: int = 5) -> str:
+def format_table(pred: Prediction, show: int = 5) -> str:
     """A readable block for one image."""
     if pred.error is not None:
         return f"{pred.image}\n  error: {pred.error}\n"
@@ -205,7 +198,7 @@ def run(args: argparse.Namespace, ws: Workspace) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths = resolve_runs(ws, args.run, args.runs)
-    predictor = infer.load_predictor(paths, device=args.device)
+    predictor = load_predictor(paths, device=args.device)
     rules = rules_from_args(args, predictor.levels)
     preds = predictor.predict_files(args.images, rules=rules, temperature=not args.no_temperature,
                                     batch_size=args.batch_size, places=args.show if not args.json else 10)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from conftest import ROOT, jpeg_bytes
-from test_infer import make_tiny_run, tiny_hierarchy
+from test_predictor import make_tiny_run, tiny_hierarchy
 
 from pipeline import cli
 from pipeline.predict import per_level
@@ -127,7 +127,7 @@ def test_per_level_rules(ws, run_dir, photos, capsys):
     (["--cumulative", "lots"], "bad value 'lots'"),
     (["--adaptive-thresholds", "0.2,0.9"], "decreasing"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--run", "nope"], "run 'nope' not found"),
+    (["--run", "nope"], "no run 'nope': neither a directory nor a run in"),
 ])
 def test_bad_options(ws, run_dir, photos, capsys, argv, message):
     rc = main(["predict", str(photos["good"]), *argv])

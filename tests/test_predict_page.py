@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import ROOT, jpeg_bytes
 from streamlit.testing.v1 import AppTest
-from test_infer import make_tiny_run, make_workspace, tiny_hierarchy
+from test_explorer import make_workspace
+from test_predictor import make_tiny_run, tiny_hierarchy
 
 PAGE = str(ROOT / "pages" / "predict.py")
 

