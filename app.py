@@ -5,6 +5,7 @@ Navigation and the home page. Every other page is a thin script in pages/.
 
 import streamlit as st
 
+from geohier.runs import list_runs
 from pages._common import manifest_summary, manifest_version, workspace
 from pipeline.quickstart import next_step
 
@@ -16,7 +17,7 @@ def home() -> None:
     st.title("geohier")
     st.caption("Where was this street photo taken? A multi-level quadtree classifier and its research loop.")
     summary = manifest_summary(str(ws.data_dir), str(ws.models_dir), manifest_version(ws))
-    runs = ws.runs()
+    runs = list_runs(ws.models_dir)
     c1, c2, c3 = st.columns(3)
     c1.metric("Images", f"{summary['images']:,}")
     c2.metric("Cells with data (L8)", f"{summary['cells']:,}")

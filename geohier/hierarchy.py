@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from geohier import grid
+from geohier import geodesy, grid
 from geohier.errors import GeohierError, InputError, InvalidLevelError
 from geohier.workspace import SPLITS, atomic_write_text, utcnow
 
@@ -590,9 +590,7 @@ def _merge_buckets(lat, lon, bucket, bucket_level, link_m, max_group) -> np.ndar
     # Points in one ~10 m cell are in one bucket: search on one point per such cell.
     fine = grid.encode(lat, lon, max(_DEDUP_LEVEL, bucket_level))
     _, rep = np.unique(fine, return_index=True)
-    rl, ro = np.radians(lat[rep]), np.radians(lon[rep])
-    r_m = 6371000.0
-    xyz = np.column_stack([np.cos(rl) * np.cos(ro), np.cos(rl) * np.sin(ro), np.sin(rl)]) * r_m
+    xyz = geodesy.unit_vectors(lat[rep], lon[rep]) * geodesy.EARTH_RADIUS_M  # (P, 3) metres
     pairs = cKDTree(xyz).query_pairs(link_m, output_type="ndarray")
     if pairs.size == 0:
         return ub[inv]

@@ -6,7 +6,7 @@ Conventions shared by every function here:
   indices; a target < 0 (``-1`` = cell dropped at this level, ``-100`` = PyTorch's
   ``ignore_index``) is ignored.
 - Accuracies are fractions in [0, 1] (pages multiply by 100 for display).
-- Distances are great-circle km with R = 6371 km (``geohier.grid.haversine_km``), the
+- Distances are great-circle km with R = 6371 km (``geohier.geodesy.haversine_km``), the
   value of the Im2GPS / OSV-5M geolocation protocol.
 
 >>> topk_accuracy([[0.1, 0.9], [0.8, 0.2]], [1, 1], ks=(1, 2))
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from geohier import grid
+from geohier import geodesy
 
 #: Distance thresholds (km) of the standard geolocation protocol: street, city, region,
 #: country, continent.
@@ -107,14 +107,8 @@ def topk_accuracy(logits, targets, ks: Sequence[int] = (1, 5, 10)) -> dict[int, 
 
 # ----------------------------------------------------------------------------- distances
 
-def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:
-    """Great-circle distance in km (R = 6371); see ``geohier.grid.haversine_km``.
-
-    >>> round(float(haversine_km(48.8566, 2.3522, 51.5074, -0.1278)), 1)
-    343.6
-    """
-    return grid.haversine_km(np.asarray(lat1, dtype=np.float64), np.asarray(lon1, dtype=np.float64),
-                             np.asarray(lat2, dtype=np.float64), np.asarray(lon2, dtype=np.float64))
+# one haversine for the whole project (R = 6371 km, as OSV-5M's evaluation)
+haversine_km = geodesy.haversine_km
 
 
 def geoscore(distance_km) -> np.ndarray | float:
@@ -129,39 +123,57 @@ def geoscore(distance_km) -> np.ndarray | float:
 
 
 def km_accuracy(distance_km, thresholds: Sequence[float] = KM_THRESHOLDS) -> dict[str, float]:
-    """Fraction of distances <= each threshold, keyed ``acc_<t>km``.
+    """Fraction of distances strictly below each threshold, keyed ``acc_<t>km``.
 
-    >>> km_accuracy([0.5, 30.0, 3000.0], thresholds=(1, 25, 2500))
+    Strict ``<`` as in OSV-5M's evaluation: an error of exactly 25 km is not "within 25 km".
+
+    >>> km_accuracy([0.5, 25.0, 3000.0], thresholds=(1, 25, 2500))
     {'acc_1km': 0.3333333333333333, 'acc_25km': 0.3333333333333333, 'acc_2500km': 0.6666666666666666}
     """
     d = np.asarray(distance_km, dtype=np.float64).reshape(-1)
     out = {}
     for t in thresholds:
         name = f"acc_{int(t) if float(t).is_integer() else t}km"
-        out[name] = float((d <= t).mean()) if d.size else 0.0
+        out[name] = float((d < t).mean()) if d.size else 0.0
     return out
 
 
+#: The keys of a ``geo`` block (eval.json, ``score``, the leaderboard), in display order.
+GEO_KEYS = tuple(f"acc_{t}km" for t in KM_THRESHOLDS) + ("geoscore", "geoscore_rounded", "median_km",
+                                                           "mean_km", "n")
+
+
 def distance_metrics(distance_km, thresholds: Sequence[float] = KM_THRESHOLDS) -> dict[str, float]:
-    """The geolocation protocol on precomputed distances: ``acc_<t>km`` for each
-    threshold, ``median_km``, ``mean_km``, ``geoscore`` (mean) and ``n``."""
+    """The geolocation protocol on precomputed distances (OSV-5M's, exactly):
+
+    ``acc_<t>km`` (strict ``<``) for each threshold; ``geoscore`` = mean of
+    5000 * exp(-d / 1492.7), unrounded; ``geoscore_rounded`` = the mean of each image's score
+    rounded to an integer first (PIGEON's way of reporting it); ``median_km``, ``mean_km``;
+    ``n``. Statistics of an empty set are NaN.
+
+    >>> m = distance_metrics([0.0, 1492.7])
+    >>> round(m["geoscore"], 3), m["geoscore_rounded"]
+    (3419.699, 3419.5)
+    """
     d = np.asarray(distance_km, dtype=np.float64).reshape(-1)
     out: dict[str, float] = km_accuracy(d, thresholds)
     if d.size:
-        out.update(median_km=float(np.median(d)), mean_km=float(d.mean()),
-                   geoscore=float(geoscore(d).mean()))
+        s = geoscore(d)
+        out.update(geoscore=float(np.mean(s)), geoscore_rounded=float(np.mean(np.round(s))),
+                   median_km=float(np.median(d)), mean_km=float(d.mean()))
     else:
-        out.update(median_km=float("nan"), mean_km=float("nan"), geoscore=float("nan"))
+        out.update(geoscore=float("nan"), geoscore_rounded=float("nan"), median_km=float("nan"),
+                   mean_km=float("nan"))
     out["n"] = int(d.size)
     return out
 
 
 def geo_metrics(pred_lat, pred_lon, true_lat, true_lon,
                 thresholds: Sequence[float] = KM_THRESHOLDS) -> dict[str, float]:
-    """Accuracy within 1/25/200/750/2500 km, median / mean error km and mean GeoScore.
+    """``distance_metrics`` of the haversine distances between predicted and true points.
 
     Keys: ``acc_1km``, ``acc_25km``, ``acc_200km``, ``acc_750km``, ``acc_2500km``,
-    ``median_km``, ``mean_km``, ``geoscore``, ``n`` (NaN statistics when n = 0).
+    ``geoscore``, ``geoscore_rounded``, ``median_km``, ``mean_km``, ``n``.
 
     >>> m = geo_metrics([0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 10.0])
     >>> m["acc_1km"], m["acc_2500km"], round(m["median_km"], 1)
@@ -170,8 +182,6 @@ def geo_metrics(pred_lat, pred_lon, true_lat, true_lon,
     d = haversine_km(pred_lat, pred_lon, true_lat, true_lon)
     return distance_metrics(d, thresholds)
 
-
-# ----------------------------------------------------------------------------- calibration
 
 def reliability_bins(probs, targets, bins: int = DEFAULT_BINS) -> dict:
     """Reliability-diagram table of the top-1 prediction in ``bins`` equal-width

@@ -6,7 +6,7 @@ pass serves every level. The seed's "one model per level" shape is simply a run 
 model has a single level.
 
 Like nanoGPT's ``GPTConfig``, a small dataclass (``ModelConfig``) describes the model and is
-stored in the run's meta.json (``arch``), so ``load_run`` rebuilds the model from the run
+stored in the run's meta (``arch``), so ``load_run`` rebuilds the model from the run
 directory alone. Tensors are stored with safetensors and everything else as JSON: loading a
 checkpoint never unpickles anything.
 
@@ -30,6 +30,7 @@ import torchvision
 from torch import nn
 
 from geohier.errors import GeohierError, InputError, WorkspaceError
+from geohier.runs import META_FILE, WEIGHTS_FILE
 from geohier.workspace import atomic_write_text
 
 RUN_FORMAT = "geohier-run/1"
@@ -40,8 +41,6 @@ BACKBONES = ("resnet50", "resnet18", "resnet34", "mobilenet_v3_large", "efficien
 WEIGHTS_HELP = "imagenet | none | a local .safetensors file"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "meta.json"
 
 
 class ModelError(GeohierError):
@@ -68,7 +67,7 @@ def check_backbone(name: str) -> str:
 
 @dataclass
 class ModelConfig:
-    """What ``GeoModel`` needs to rebuild itself (stored as meta.json's ``arch``)."""
+    """What ``GeoModel`` needs to rebuild itself (stored as the run meta's ``arch``)."""
 
     backbone: str = DEFAULT_BACKBONE
     levels: list[int] = field(default_factory=list)
@@ -302,7 +301,7 @@ def save_tensors_atomic(path: str | os.PathLike, tensors: Mapping[str, torch.Ten
 
 
 def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, meta: dict) -> None:
-    """Write model.safetensors then meta.json into ``run_dir``, each atomically.
+    """Write the weights (safetensors) then the meta (JSON) into ``run_dir``, each atomically.
 
     ``meta`` is completed with ``format`` and ``arch`` (from the model) when missing.
     """
@@ -317,7 +316,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, meta: dict) ->
 
 
 def read_meta(run_dir: str | os.PathLike) -> dict:
-    """A run's meta.json, checked for its format."""
+    """A run's meta, checked for its format."""
     path = Path(run_dir) / META_FILE
     if not path.is_file():
         raise WorkspaceError(f"{Path(run_dir)} is not a finished run: no {META_FILE}")
@@ -331,19 +330,19 @@ def read_meta(run_dir: str | os.PathLike) -> dict:
 
 
 def check_meta(meta: dict, where: str = "") -> ModelConfig:
-    """The model config of a meta.json, after checking it against its own hierarchy:
+    """The model config of a run's meta, after checking it against its own hierarchy:
     the hierarchy's hash, and every head's class count against that level's class list."""
     try:
         config = ModelConfig.from_dict(meta["arch"])
     except (TypeError, ValueError, KeyError) as exc:
-        raise ModelError(f"{where}meta.json has an unusable arch: {exc}") from None
+        raise ModelError(f"{where}{META_FILE} has an unusable arch: {exc}") from None
     hier = meta.get("hierarchy")
     if not isinstance(hier, dict) or "classes" not in hier:
-        raise ModelError(f"{where}meta.json has no hierarchy: cannot tell which class is which")
+        raise ModelError(f"{where}{META_FILE} has no hierarchy: cannot tell which class is which")
     stored = meta.get("hierarchy_hash")
     actual = _hierarchy_hash(hier, where)
     if stored is None or actual != stored:
-        raise ModelError(f"{where}meta.json's hierarchy does not match its hash ({actual} != {stored}); "
+        raise ModelError(f"{where}{META_FILE}'s hierarchy does not match its hash ({actual} != {stored}); "
                          "the class lists were changed after training")
     for lv in config.levels:
         cells = hier["classes"].get(str(lv), {}).get("cells")
@@ -357,21 +356,19 @@ def check_meta(meta: dict, where: str = "") -> ModelConfig:
 
 def _hierarchy_hash(hier: dict, where: str = "") -> str | None:
     """The hash of a hierarchy dict, recomputed by geohier.hierarchy when it can."""
-    try:
-        from geohier.hierarchy import Hierarchy
-    except ImportError:  # pragma: no cover - hierarchy.py is part of the package
-        return hier.get("hash")
+    from geohier.hierarchy import Hierarchy
+
     try:
         return Hierarchy.from_dict(hier).hash
     except GeohierError as exc:
-        raise ModelError(f"{where}meta.json's hierarchy is unusable: {exc}") from None
+        raise ModelError(f"{where}{META_FILE}'s hierarchy is unusable: {exc}") from None
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
              expect_hash: str | None = None) -> tuple[GeoModel, dict]:
     """Rebuild a run's model from its directory alone: ``(model in eval mode, meta)``.
 
-    Refuses (ModelError) a meta.json whose hierarchy does not match its hash or its heads,
+    Refuses (ModelError) a meta whose hierarchy does not match its hash or its heads,
     weights whose shapes differ from the heads, and, when ``expect_hash`` is given (the
     current workspace's hierarchy), a run trained on another hierarchy.
     """
@@ -392,13 +389,13 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     for lv in config.levels:
         w = state.get(f"heads.{lv}.weight")
         if w is not None and w.shape[0] != config.num_classes[lv]:
-            raise ModelError(f"{where}weights have {w.shape[0]} level-{lv} classes, meta.json says "
+            raise ModelError(f"{where}weights have {w.shape[0]} level-{lv} classes, {META_FILE} says "
                              f"{config.num_classes[lv]}")
     bad = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if bad or missing or unexpected:
-        raise ModelError(f"{where}{WEIGHTS_FILE} does not fit the {config.backbone} described in meta.json "
+        raise ModelError(f"{where}{WEIGHTS_FILE} does not fit the {config.backbone} described in {META_FILE} "
                          f"(shape mismatches: {bad[:3]}, missing: {missing[:3]}, unexpected: {unexpected[:3]})")
     model.load_state_dict(state)
     return model.to(device).eval(), meta

@@ -283,7 +283,7 @@ def tail_file(path: str | os.PathLike, lines: int, max_bytes: int = 256_000) -> 
             data = f.read().decode("utf-8", "replace")
     except OSError:
         return []
-    out = [ln.rsplit("\r", 1)[-1].rstrip() for ln in data.splitlines()]
+    out = [ln.rsplit("\r", 1)[-1].rstrip() for ln in data.split("\n")]  # not splitlines: it splits at \r
     out = [ln for ln in out if ln]
     return out[-lines:] if lines > 0 else []
 

@@ -2,49 +2,41 @@
 
 from __future__ import annotations
 
-import os
-
 import pandas as pd
 import streamlit as st
 
 from geohier import accuracy_charts as ac
+from geohier import runs as runs_
 from geohier.errors import GeohierError
+from geohier.runs import Run
 from pages._common import workspace
-from pipeline import evaluate, jobs
+from pipeline import evaluate
 
 st.title("Accuracy")
 ws = workspace()
 
 
-def _stamp(path) -> float:
-    try:
-        s = os.stat(path)
-        return s.st_mtime_ns + s.st_size
-    except OSError:
-        return 0.0
-
-
 @st.cache_data(show_spinner=False, max_entries=64)
 def _history(run_dir: str, stamp: float) -> list[dict]:
-    return evaluate.read_history(run_dir)
+    return Run(run_dir).history()
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _eval(run_dir: str, stamp: float) -> dict | None:
-    return evaluate.read_eval(run_dir)
+    return Run(run_dir).eval()
 
 
-runs = [p for p in jobs.run_dirs(ws)
-        if (p / "metrics.jsonl").exists() or (p / evaluate.EVAL_FILE).exists() or (p / "meta.json").exists()]
+runs = [r for r in runs_.list_runs(ws.models_dir)
+        if r.metrics_path.exists() or r.eval_path.exists() or r.meta_path.exists()]
 if not runs:
     st.info("No trained runs yet. Train one on the Train page, or run "
             "`python -m pipeline train --backbone resnet18 --image-size 96 --epochs 5`.")
     st.stop()
 
-by_name = {p.name: p for p in runs}
-histories = {p.name: _history(str(p), _stamp(p / "metrics.jsonl")) for p in runs}
-evals = {p.name: _eval(str(p), _stamp(p / evaluate.EVAL_FILE)) for p in runs}
-newest = sorted(runs, key=lambda p: _stamp(p / "metrics.jsonl"), reverse=True)
+by_name = {r.name: r for r in runs}
+histories = {r.name: _history(str(r.path), r.mtime(runs_.METRICS_FILE)) for r in runs}
+evals = {r.name: _eval(str(r.path), r.mtime(runs_.EVAL_FILE)) for r in runs}
+newest = sorted(runs, key=lambda r: r.mtime(runs_.METRICS_FILE), reverse=True)
 
 with st.sidebar:
     chosen = st.multiselect("Runs", list(by_name), default=[p.name for p in newest[:2]],
@@ -64,7 +56,7 @@ if curves:
     st.caption("Train (dashed, on augmented images while learning) and val (solid). Chance at a level is "
                "1 / its number of classes.")
 else:
-    st.caption("The chosen runs have no finished epoch yet (metrics.jsonl is empty).")
+    st.caption("The chosen runs have no finished epoch yet (their metrics history is empty).")
 
 # ----------------------------------------------------------------------------- distances
 
@@ -83,18 +75,17 @@ if with_eval:
     })
 for name in missing:
     c1, c2 = st.columns([3, 1])
-    state = jobs.job_info(by_name[name]).state
-    if state in jobs.ACTIVE_STATES:
-        c1.write(f"**{name}** is {state}: evaluate it once it has finished.")
+    if runs_.is_training(by_name[name]):
+        c1.write(f"**{name}** is {by_name[name].state}: evaluate it once it has finished.")
         continue
-    if not (by_name[name] / "meta.json").exists():
-        c1.write(f"**{name}** has no saved model (meta.json) to evaluate.")
+    if not by_name[name].has_model():
+        c1.write(f"**{name}** has no saved model to evaluate.")
         continue
-    c1.write(f"**{name}** has no evaluation yet (eval.json).")
+    c1.write(f"**{name}** has no evaluation yet.")
     if c2.button("Evaluate", key=f"eval-{name}"):
         try:
             with st.spinner(f"Evaluating {name} on its test split..."):
-                evaluate.evaluate_run(by_name[name], ws, progress=False)
+                evaluate.evaluate_run(by_name[name].path, ws, progress=False)
             st.cache_data.clear()
             st.rerun()
         except GeohierError as exc:
@@ -130,7 +121,7 @@ if rel:
 st.subheader("Per country")
 countries = ev.get("countries") or []
 if not countries:
-    st.caption("No per-country table in this eval.json (no test image on land, or an older evaluation).")
+    st.caption("No per-country table in this evaluation (no test image on land, or an older evaluation).")
 else:
     metric_c = st.selectbox("Country metric", ["country_acc", "acc_750km", "acc_200km", "acc_25km"],
                             format_func=lambda m: {"country_acc": "predicted point in the right country"}.get(

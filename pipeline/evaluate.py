@@ -3,7 +3,7 @@
 ``calibrate_run`` fits one softmax temperature per level on the val split (minimising
 the NLL) and stores it in the run's meta.json with the calibration error before and
 after. ``evaluate_run`` measures the run on its test split (or val, or an external CSV
-of path, lat, lon) and writes eval.json:
+of path, lat, lon) and writes the run's eval report:
 
 - per level: top-1/5/10, NLL and expected calibration error before/after temperature,
   with the reliability-diagram bins of both;
@@ -33,11 +33,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from geohier import grid, metrics
+from geohier import forward, geodesy, grid, metrics, runs
 from geohier.errors import GeohierError, InputError, WorkspaceError
-from geohier.workspace import Workspace, atomic_write_text, read_json, utcnow
+from geohier.runs import Run
+from geohier.workspace import Workspace, utcnow
 
-EVAL_FILE = "eval.json"
 EVAL_FORMAT = "geohier-eval/1"
 SPLIT_CHOICES = ("test", "val")
 
@@ -46,17 +46,6 @@ SPLIT_CHOICES = ("test", "val")
 
 
 # ----------------------------------------------------------------------------- inputs
-
-def resolve_run(ws: Workspace, run: str | os.PathLike) -> Path:
-    """A run directory from a path or a run name under models/."""
-    p = Path(run).expanduser()
-    if p.is_dir():
-        return p.resolve()
-    q = ws.models_dir / str(run)
-    if q.is_dir():
-        return q
-    raise WorkspaceError(f"no run {str(run)!r}: neither a directory nor a run in {ws.models_dir}")
-
 
 def csv_columns(header: list[str], source: str = "the CSV") -> tuple[str, str, str]:
     """(image column, lat column, lon column) of a CSV header, matched by
@@ -145,65 +134,47 @@ class PointsDataset(Dataset):
 
 # ----------------------------------------------------------------------------- running the model
 
-def _device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def collect_logits(model, dataset, levels: list[int], batch_size: int = 64, num_workers: int = 0,
                    device: str | None = None, progress: bool = True) -> dict:
     """Run ``model`` over ``dataset``: ``{"logits": {level: (N, C) float32}, "labels": {level:
     (N,)}, "lat", "lon" (N,), "index" (N,), "skipped": [...]}`` for the images that decoded."""
     from geohier.dataset import collate
 
-    dev = _device(device)
+    dev = forward.resolve_device(device)
     model = model.to(dev).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate)
-    ds_levels = list(dataset.levels)
-    outs: dict[int, list[torch.Tensor]] = {lv: [] for lv in levels}
-    idx_all, skipped = [], []
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(dataset), desc="evaluate", unit="img", file=sys.stderr, leave=False)
-    with torch.inference_mode():
-        for batch in loader:
-            skipped.extend(batch.skipped)
-            if batch.images.numel():
-                x = batch.images.to(dev, non_blocking=True)
-                with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-                    out = model(x)
-                for lv in levels:
-                    outs[lv].append(out[lv].float().cpu())  # (B, C_lv)
-                idx_all.append(batch.index)
-            if bar is not None:
-                bar.update(len(batch.index) + len(batch.skipped))
-    if bar is not None:
-        bar.close()
-    idx = torch.cat(idx_all).numpy() if idx_all else np.zeros(0, np.int64)
-    logits = {lv: (torch.cat(outs[lv]) if outs[lv] else torch.zeros(0, model.config.num_classes[lv]))
-              for lv in levels}
+    try:
+        out = forward.collect(model, loader, dev, {lv: model.config.num_classes[lv] for lv in levels},
+                              progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    idx = out.index
+    ds_levels = list(dataset.levels)
     labels = {lv: dataset.labels[idx, ds_levels.index(lv)] for lv in levels}
-    return {"logits": logits, "labels": labels, "lat": dataset.lat[idx], "lon": dataset.lon[idx],
-            "index": idx, "skipped": skipped}
+    return {"logits": out.logits, "labels": labels, "lat": dataset.lat[idx], "lon": dataset.lon[idx],
+            "index": idx, "skipped": out.skipped}
 
 
 def _check_not_running(run_dir: Path) -> None:
     """Refuse a run that another live process is still training (it rewrites meta.json and
     the weights). The training process itself may calibrate its own run at the end, and a
     run whose process died counts as failed, not running."""
-    from pipeline import jobs
-
-    status = read_json(run_dir / "status.json")
-    if status.get("state") in jobs.ACTIVE_STATES and status.get("pid") == os.getpid():
+    run = Run(run_dir)
+    state = run.status().get("state")
+    pid, start = runs.training_pid(run)
+    if pid == os.getpid():
         return
-    info = jobs.job_info(run_dir)
-    if info.state in jobs.ACTIVE_STATES:
-        raise WorkspaceError(f"run {run_dir.name} is still {info.state}; evaluate it when it has finished")
-    if info.alive and info.pid != os.getpid():
-        raise WorkspaceError(f"run {run_dir.name}'s training process is still finishing (calibrating); "
+    alive = runs.pid_alive(pid, start)
+    if state in runs.ACTIVE_STATES and alive:
+        raise WorkspaceError(f"run {run.name} is still {state}; evaluate it when it has finished")
+    if alive:
+        raise WorkspaceError(f"run {run.name}'s training process is still finishing (calibrating); "
                              "try again in a moment")
 
 
@@ -269,13 +240,13 @@ def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 6
                         "nll_before": metrics.nll(z, y, 1.0) if n else None,
                         "nll_after": metrics.nll(z, y, t) if n else None}
         temps[str(lv)] = t
-    # re-read meta.json right before writing: the smallest window for a concurrent writer
-    from geohier.model import META_FILE, read_meta
+    # re-read the meta right before writing: the smallest window for a concurrent writer
+    from geohier.model import read_meta
 
     fresh = read_meta(run_dir)
     fresh["temperatures"] = temps
     fresh["calibration"] = _clean({"split": "val", "fitted_at": utcnow(), "levels": out})
-    atomic_write_text(run_dir / META_FILE, json.dumps(fresh, indent=1) + "\n")
+    Run(run_dir).write_meta(fresh)
     return _clean(out)
 
 
@@ -292,10 +263,8 @@ def finest_predictions(logits: dict, meta: dict, hierarchy, levels: list[int]) -
     out = {"argmax": z.argmax(1).numpy().astype(np.int64) if z.shape[0] else np.zeros(0, np.int64)}
     if len(levels) < 2 or z.shape[0] == 0:
         return out
-    try:
-        from geohier import infer
-    except ImportError:
-        return out
+    from geohier import infer
+
     temps = {int(k): float(v) for k, v in (meta.get("temperatures") or {}).items()}
     tree = infer.Tree.from_hierarchy(hierarchy, levels)
     best = []
@@ -322,12 +291,9 @@ def predicted_points(pred: np.ndarray, meta: dict, hierarchy, level: int) -> tup
 
 
 def _countries(lat, lon) -> tuple[np.ndarray, np.ndarray] | None:
-    """(country name, ISO 3166 alpha-3 code) of each point ("" where none), or None
-    without the geography module."""
-    try:
-        from geohier.geography import country_of
-    except ImportError:
-        return None
+    """(country name, ISO 3166 alpha-3 code) of each point ("" where none)."""
+    from geohier.geography import country_of
+
     if len(lat) == 0:
         return np.zeros(0, object), np.zeros(0, object)
     table = country_of(np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64))
@@ -341,11 +307,8 @@ def country_table(true_lat, true_lon, pred_lat, pred_lon, distances, min_images:
     """Per country of the true location: ``country`` (name), ``iso3``, ``n``,
     ``country_acc`` (predicted point in the same country), km accuracies, median / mean
     km, GeoScore; largest countries first. Points in no country (the sea) are left out;
-    empty without the geography module."""
-    truth = _countries(true_lat, true_lon)
-    if truth is None:
-        return []
-    true_name, true_iso = truth
+    """
+    true_name, true_iso = _countries(true_lat, true_lon)
     pred_name = _countries(pred_lat, pred_lon)[0]
     distances = np.asarray(distances, dtype=np.float64)
     rows = []
@@ -423,14 +386,14 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     geo_by_rule = {}
     for rule, pred in preds.items():
         plat, plon, point = predicted_points(pred, meta, hierarchy, finest)
-        dist = metrics.haversine_km(plat, plon, collected["lat"], collected["lon"])
+        dist = geodesy.haversine_km(plat, plon, collected["lat"], collected["lon"])
         geo_by_rule[rule] = metrics.distance_metrics(dist)
         geo_by_rule[rule].update(level=finest, point=point, rule=rule)
     # the headline uses what `predict` answers: the hierarchical walk when there is one
     rule = "hierarchical" if "hierarchical" in preds else "argmax"
     geo = geo_by_rule[rule]
     plat, plon, point = predicted_points(preds[rule], meta, hierarchy, finest)
-    dist = metrics.haversine_km(plat, plon, collected["lat"], collected["lon"])
+    dist = geodesy.haversine_km(plat, plon, collected["lat"], collected["lon"])
     countries = country_table(collected["lat"], collected["lon"], plat, plon, dist)
     result = {
         "format": EVAL_FORMAT, "run": run_dir.name, "created_at": utcnow(), "source": source,
@@ -440,10 +403,10 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         "countries": countries,
         "calibration": meta.get("calibration"),
         "hierarchy_hash": meta.get("hierarchy_hash"), "time_s": round(time.perf_counter() - t0, 3),
-        "device": str(_device(device)),
+        "device": str(forward.resolve_device(device)),
     }
     result = _clean(result)
-    atomic_write_text(run_dir / EVAL_FILE, json.dumps(result, indent=1) + "\n")
+    Run(run_dir).write_eval(result)
     return result
 
 
@@ -452,31 +415,6 @@ def _has_split(ws: Workspace, split: str) -> bool:
         return False
     with ws.manifest() as m:
         return m.count("split = ?", (split,)) > 0
-
-
-def read_history(run_dir: str | os.PathLike) -> list[dict]:
-    """A run's metrics.jsonl records (one per epoch; unreadable lines skipped), by epoch."""
-    path = Path(run_dir) / "metrics.jsonl"
-    out = []
-    try:
-        lines = path.read_text("utf-8").splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "epoch" in rec:
-            out.append(rec)
-    by_epoch = {int(r["epoch"]): r for r in out}  # a resumed run may repeat an epoch: keep the last
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def read_eval(run_dir: str | os.PathLike) -> dict | None:
-    """A run's eval.json, or None when it has none (or it is unreadable)."""
-    d = read_json(Path(run_dir) / EVAL_FILE)
-    return d or None
 
 
 # ----------------------------------------------------------------------------- report
@@ -503,7 +441,7 @@ def format_report(result: dict) -> str:
             lines.append(f"{r['country'][:16]:<16} {r['n']:>6} {_pct(r.get('country_acc')):>8} "
                          f"{_pct(r.get('acc_25km'))} {_pct(r.get('acc_750km'))} {_num(r.get('median_km'), 10, 1)}")
         if len(result["countries"]) > 15:
-            lines.append(f"... {len(result['countries']) - 15} more in eval.json")
+            lines.append(f"... {len(result['countries']) - 15} more in {runs.EVAL_FILE}")
     return "\n".join(lines)
 
 
@@ -522,7 +460,7 @@ def _num(v, width, digits) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 def register(sub) -> None:
-    p = sub.add_parser("evaluate", help="calibrate and evaluate a trained run (writes eval.json)",
+    p = sub.add_parser("evaluate", help="calibrate and evaluate a trained run (writes the run's eval report)",
                        description=__doc__.splitlines()[0])
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory, or a run name under --models")
     p.add_argument("--csv", default=None, help="evaluate on an external CSV of path,lat,lon "
@@ -538,8 +476,8 @@ def register(sub) -> None:
     cal.add_argument("--calibrate", dest="calibrate", action="store_true", default=None,
                      help="refit the temperatures on the val split first (default: only when none fitted yet)")
     cal.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                     help="keep meta.json's temperatures as they are")
-    p.add_argument("--json", action="store_true", help="print eval.json instead of the table")
+                     help="keep the run's fitted temperatures as they are")
+    p.add_argument("--json", action="store_true", help=f"print {runs.EVAL_FILE} instead of the table")
     p.set_defaults(func=run)
 
 
@@ -548,7 +486,7 @@ def run(args, ws: Workspace) -> int:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.images_root and not args.csv:
         raise InputError("--images-root goes with --csv")
-    run_dir = resolve_run(ws, args.run_dir)
+    run_dir = runs.resolve_run(ws.models_dir, args.run_dir).path
     result = evaluate_run(run_dir, ws, csv=args.csv, images_root=args.images_root, split=args.split,
                           batch_size=args.batch_size, device=args.device, num_workers=args.workers,
                           calibrate=args.calibrate, progress=sys.stderr.isatty())
@@ -556,5 +494,5 @@ def run(args, ws: Workspace) -> int:
         print(json.dumps(result, indent=1))
     else:
         print(format_report(result))
-        print(f"\nwrote {run_dir / EVAL_FILE}")
+        print(f"\nwrote {Run(run_dir).eval_path}")
     return 0

@@ -55,6 +55,12 @@ def test_haversine_paris_london():
     assert float(d) == pytest.approx(343.5, abs=0.2)
 
 
+def test_doctests():
+    import doctest
+
+    assert doctest.testmod(metrics).failed == 0
+
+
 def test_haversine_one_degree_and_antipode():
     assert float(metrics.haversine_km(0, 0, 0, 1)) == pytest.approx(2 * math.pi * 6371 / 360)
     assert float(metrics.haversine_km(0, 0, 0, 180)) == pytest.approx(math.pi * 6371)
@@ -81,14 +87,33 @@ def test_geo_metrics_hand_computed():
     assert m["median_km"] == pytest.approx((d[2] + d[3]) / 2)
     assert m["mean_km"] == pytest.approx(d.mean())
     assert m["geoscore"] == pytest.approx(np.mean(5000 * np.exp(-d / 1492.7)))
+    assert m["geoscore_rounded"] == pytest.approx(np.mean(np.round(5000 * np.exp(-d / 1492.7))))
     assert set(m) == {"acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km",
-                      "median_km", "mean_km", "geoscore", "n"}
+                      "median_km", "mean_km", "geoscore", "geoscore_rounded", "n"} == set(metrics.GEO_KEYS)
 
 
-def test_geo_metrics_threshold_is_inclusive_and_empty():
-    assert metrics.km_accuracy([25.0], thresholds=(25,)) == {"acc_25km": 1.0}
+def test_geo_metrics_threshold_is_strict_as_osv5m_and_empty():
+    # OSV-5M counts d < t: exactly 25 km is not within 25 km, a hair under is
+    assert metrics.km_accuracy([25.0], thresholds=(25,)) == {"acc_25km": 0.0}
+    assert metrics.km_accuracy([np.nextafter(25.0, 0)], thresholds=(25,)) == {"acc_25km": 1.0}
+    # a point 25 km east on the equator, through the haversine: not within 25 km either
+    east = 25.0 / (2 * math.pi * 6371 / 360)
+    d = float(metrics.haversine_km(0, 0, 0, east))
+    assert d == pytest.approx(25.0, abs=1e-9)
+    m1 = metrics.geo_metrics([0.0], [east * (1 - 1e-9)], [0.0], [0.0])
+    assert m1["acc_25km"] == 1.0
+
+
+def test_geoscore_rounded_is_per_image():
+    # two images whose scores are x.4 and y.6: rounded per image, then averaged
+    d = np.array([-1492.7 * math.log(4000.4 / 5000), -1492.7 * math.log(3000.6 / 5000)])
+    m = metrics.distance_metrics(d)
+    assert m["geoscore"] == pytest.approx(3500.5)
+    assert m["geoscore_rounded"] == pytest.approx(3500.5)  # (4000 + 3001) / 2
+    m = metrics.distance_metrics(d[:1])
+    assert m["geoscore"] == pytest.approx(4000.4) and m["geoscore_rounded"] == 4000.0
     m = metrics.distance_metrics([])
-    assert m["n"] == 0 and m["acc_1km"] == 0.0 and math.isnan(m["median_km"])
+    assert m["n"] == 0 and m["acc_1km"] == 0.0 and math.isnan(m["median_km"]) and math.isnan(m["geoscore_rounded"])
 
 
 # ----------------------------------------------------------------------------- calibration
