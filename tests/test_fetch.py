@@ -25,6 +25,7 @@ from geohier import grid
 from geohier.errors import CellIdError, InputError
 from pipeline import cli
 from pipeline import fetch as F
+from pipeline import mapillary as M
 from tests.mapillary_server import REDUCE_DATA_BODY, MapillaryServer, offset_m, thumb_jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,8 +262,8 @@ def test_429_honours_retry_after(ws, srv):
 
 def test_retry_after_as_http_date():
     r = types.SimpleNamespace(headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})
-    assert F._retry_after(r) == 0.0  # in the past
-    assert F._retry_after(types.SimpleNamespace(headers={"Retry-After": "3"})) == 3.0
+    assert M.retry_after_s(r) == 0.0  # in the past
+    assert M.retry_after_s(types.SimpleNamespace(headers={"Retry-After": "3"})) == 3.0
 
 
 def test_backoff_grows_exponentially(ws, srv):
@@ -383,7 +384,7 @@ def test_401_stops_everything_without_the_token(ws, srv):
     for c in (CELL, CELL2):
         srv.seed_cells([box(c)], per_cell=2)
     bad = "MLY|4242|wrong-token-abc"
-    with pytest.raises(F.TokenError) as exc:
+    with pytest.raises(M.TokenError) as exc:
         F.fetch(ws, [CELL, CELL2], opts(srv, concurrency=1), bad)
     msg = str(exc.value)
     assert "rejected the access token" in msg and "401" in msg
@@ -403,16 +404,16 @@ def test_401_from_the_cli(ws, srv, monkeypatch, capsys):
 
 def test_missing_or_malformed_token(ws, tmp_path, monkeypatch):
     monkeypatch.delenv("MAPILLARY_ACCESS_TOKEN", raising=False)
-    with pytest.raises(F.TokenError, match="MAPILLARY_ACCESS_TOKEN"):
-        F.read_token()
+    with pytest.raises(M.TokenError, match="MAPILLARY_ACCESS_TOKEN"):
+        M.read_token()
     f = tmp_path / "tok"
     f.write_text("  MLY|9|abc  \n")
-    assert F.read_token(f) == "MLY|9|abc"
-    with pytest.raises(F.TokenError) as exc:
-        F.check_token("MLY|9|has space")
+    assert M.read_token(f) == "MLY|9|abc"
+    with pytest.raises(M.TokenError) as exc:
+        M.check_token("MLY|9|has space")
     assert "has space" not in str(exc.value)
     with pytest.raises(InputError, match="not found"):
-        F.read_token(tmp_path / "missing")
+        M.read_token(tmp_path / "missing")
 
 
 def test_token_never_printed_logged_or_stored(ws, srv, tmp_path):
@@ -445,7 +446,7 @@ def test_token_never_printed_logged_or_stored(ws, srv, tmp_path):
 
 
 def test_rate_limiter_spacing():
-    lim = F.RateLimiter(1200)  # 20 per second
+    lim = M.RateLimiter(1200)  # 20 per second
     t = []
     for _ in range(11):
         lim.acquire()
