@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from geohier import combine as cb
 from geohier import forward, geodesy, grid, metrics, runs
 from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.runs import Run
@@ -255,22 +256,19 @@ def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 6
 def finest_predictions(logits: dict, meta: dict, hierarchy, levels: list[int]) -> dict[str, np.ndarray]:
     """Predicted finest-level class per row: ``{"argmax": ..., "hierarchical": ...}``.
 
-    ``argmax`` is the finest head alone; ``hierarchical`` (several levels, and
-    geohier.infer available) walks down the levels with the Predictor's default keep rule
+    ``argmax`` is the finest head alone; ``hierarchical`` (several levels) walks down the levels with the Predictor's default keep rule
     and the run's temperatures, as ``pipeline predict`` does."""
     finest = max(levels)
     z = logits[finest]
     out = {"argmax": z.argmax(1).numpy().astype(np.int64) if z.shape[0] else np.zeros(0, np.int64)}
     if len(levels) < 2 or z.shape[0] == 0:
         return out
-    from geohier import infer
-
     temps = {int(k): float(v) for k, v in (meta.get("temperatures") or {}).items()}
-    tree = infer.Tree.from_hierarchy(hierarchy, levels)
+    tree = cb.Tree.from_hierarchy(hierarchy, levels)
     best = []
     for i in range(0, z.shape[0], 1024):  # bounded memory on big test sets
         chunk = {lv: logits[lv][i:i + 1024] for lv in levels}
-        best.append(infer.combine(chunk, tree, None, temps).best().cpu().numpy())
+        best.append(cb.combine(chunk, tree, None, temps).best().cpu().numpy())
     out["hierarchical"] = np.concatenate(best).astype(np.int64)
     return out
 
