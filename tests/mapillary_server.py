@@ -10,9 +10,14 @@ documented shape of ``GET /images``::
                   "is_pano": false, "thumb_1024_url": "http://127.0.0.1:PORT/thumb/<id>.jpg"}]}
 
 with only the requested fields, ``limit`` honoured, a Mapillary-like 401 for a missing or
-wrong token, and an oversized bbox (> ``max_bbox`` deg²) rejected the way the API does
-(HTTP 500, "Please reduce the amount of data you're asking for"). Thumbnails are real,
-deterministic JPEGs made with PIL.
+wrong token, an unknown field refused as the Graph API does (code 100, "Tried accessing
+nonexisting field"), and an oversized bbox (> ``max_bbox`` deg²) rejected the way the API
+does (HTTP 500, "Please reduce the amount of data you're asking for"). Thumbnails are
+real, deterministic JPEGs made with PIL.
+
+Errors carry the Graph API's body whatever the HTTP status,
+``{"error": {"message", "type", "code", "error_subcode", "fbtrace_id"}}``, in the shapes
+the real service sends (its expired-token answer is an HTTP 500, code 190).
 
 Faults are injected on demand with :meth:`MapillaryServer.inject`; every request is
 recorded (time, path, status) for the rate-limit checks.
@@ -46,6 +51,20 @@ REDUCE_DATA_BODY = {
         "fbtrace_id": "AbCdEfGhIjKlMnOp",
     }
 }
+EXPIRED_TOKEN_BODY = {  # as graph.mapillary.com answers an expired token: with HTTP 500
+    "error": {
+        "message": "Invalid OAuth 2.0 Access Token",
+        "type": "MLYApiException",
+        "code": 190,
+        "fbtrace_id": "AxYz0123456789abcd",
+    }
+}
+RATE_MESSAGES = {
+    4: "(#4) Application request limit reached",
+    17: "(#17) User request limit reached",
+    32: "(#32) Page request limit reached",
+    613: "(#613) Calls to this api have exceeded the rate limit.",
+}
 BAD_TOKEN_BODY = {
     "error": {
         "message": "Invalid OAuth access token - Cannot parse access token",
@@ -56,7 +75,24 @@ BAD_TOKEN_BODY = {
 }
 THUMB_FIELDS = ("thumb_256_url", "thumb_1024_url", "thumb_2048_url", "thumb_original_url")
 KNOWN_FIELDS = ("id", "geometry", "captured_at", "compass_angle", "sequence", "is_pano") + THUMB_FIELDS
-FAULT_KINDS = ("429", "500", "reduce", "timeout", "malformed", "drop", "truncate", "401")
+FAULT_KINDS = ("429", "500", "reduce", "timeout", "malformed", "drop", "truncate", "401",
+               "expired", "field", "rate", "503", "502", "504")
+
+
+def field_body(name: str) -> dict:
+    """The Graph API's answer to a field it does not know (HTTP 400, code 100)."""
+    return {"error": {"message": f"(#100) Tried accessing nonexisting field ({name}) on node type (Image)",
+                      "type": "OAuthException", "code": 100, "fbtrace_id": "F1e1dF1e1dF1e1dF"}}
+
+
+def rate_body(code: int = 4, backoff_ms: int | None = None) -> dict:
+    """A rate-limit answer with code 4, 17, 32 or 613, and a ``backoff`` in ms when given."""
+    err = {"message": RATE_MESSAGES[code], "type": "OAuthException", "code": code,
+           "error_subcode": 2446079 if code == 613 else None, "fbtrace_id": "R4t3R4t3R4t3R4t3"}
+    err = {k: v for k, v in err.items() if v is not None}
+    if backoff_ms is not None:
+        err["backoff"] = backoff_ms
+    return {"error": err}
 
 
 @dataclass
@@ -79,6 +115,11 @@ class Fault:
     retry_after: str | None = None
     sleep: float = 1.0   # for "timeout"
     ids: frozenset | None = None  # thumb faults: only these image ids
+    after: int = 0       # let this many matching requests through first
+    code: int = 4        # "rate": the Graph API code
+    status: int = 400    # "rate": the HTTP status
+    backoff_ms: int | None = None  # "rate": the body's backoff field
+    field: str = "thumb_1024_url"  # "field": the field refused
 
 
 @dataclass
@@ -157,7 +198,8 @@ class MapillaryServer:
         return out
 
     def inject(self, kind: str, times: int = 1, target: str | None = None, retry_after=None,
-               sleep: float = 1.0, ids=None) -> None:
+               sleep: float = 1.0, ids=None, *, after: int = 0, code: int = 4, status: int = 400,
+               backoff_ms: int | None = None, field: str = "thumb_1024_url") -> None:
         """Make the next ``times`` matching requests fail with ``kind``:
 
         - ``"429"``: Too Many Requests, with ``Retry-After: retry_after`` when given
@@ -168,15 +210,22 @@ class MapillaryServer:
         - ``"drop"``: close the connection without an answer
         - ``"truncate"``: a thumbnail cut in half (only for target "thumb")
         - ``"401"``: the bad-token answer
+        - ``"expired"``: HTTP 500 with the API's expired-token body (code 190, MLYApiException)
+        - ``"field"``: HTTP 400, code 100 "Tried accessing nonexisting field (``field``)"
+        - ``"rate"``: HTTP ``status`` with rate-limit code ``code`` (4, 17, 32, 613) and, when
+          given, ``backoff_ms`` in the body
+        - ``"503"``: Service Unavailable with code 2; ``"502"`` / ``"504"``: a proxy's HTML page
 
-        ``target`` is "images" (default) or "thumb"; ``ids`` restricts thumb faults to images.
+        ``target`` is "images" (default) or "thumb"; ``ids`` restricts thumb faults to images;
+        ``after`` lets that many matching requests through before the fault starts.
         """
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; known: {FAULT_KINDS}")
         target = target or ("thumb" if kind == "truncate" else "images")
         with self._lock:
             self._faults.append(Fault(kind, target, times, None if retry_after is None else str(retry_after),
-                                      sleep, None if ids is None else frozenset(map(str, ids))))
+                                      sleep, None if ids is None else frozenset(map(str, ids)), int(after),
+                                      int(code), int(status), backoff_ms, str(field)))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -220,6 +269,9 @@ class MapillaryServer:
                 if f.target != target or f.times == 0:
                     continue
                 if f.ids is not None and image_id not in f.ids:
+                    continue
+                if f.after > 0:
+                    f.after -= 1
                     continue
                 if f.times > 0:
                     f.times -= 1
@@ -318,6 +370,25 @@ class _Handler(BaseHTTPRequestHandler):
         if k == "401":
             self._json(401, BAD_TOKEN_BODY)
             return 401
+        if k == "expired":
+            self._json(500, EXPIRED_TOKEN_BODY)
+            return 500
+        if k == "field":
+            self._json(400, field_body(fault.field))
+            return 400
+        if k == "rate":
+            headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
+            self._json(fault.status, rate_body(fault.code, fault.backoff_ms), headers)
+            return fault.status
+        if k == "503":
+            self._json(503, {"error": {"message": "Service temporarily unavailable", "type": "OAuthException",
+                                       "code": 2, "fbtrace_id": "S3rv1c3S3rv1c3S3"}})
+            return 503
+        if k in ("502", "504"):
+            title = "502 Bad Gateway" if k == "502" else "504 Gateway Time-out"
+            self._send(int(k), f"<html><head><title>{title}</title></head><body>{title}</body></html>".encode(),
+                       "text/html")
+            return int(k)
         if k == "timeout":
             time.sleep(fault.sleep)
             return None  # then answer normally (the client has given up by now)
@@ -364,7 +435,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(400, {"error": {"message": "Invalid parameter", "type": "GraphMethodException", "code": 100}})
             return 400
         unknown = [f for f in fields if f not in KNOWN_FIELDS]
-        if unknown or not (1 <= limit <= 2000) or e <= w or n <= s:
+        if unknown:
+            self._json(400, field_body(unknown[0]))
+            return 400
+        if not (1 <= limit <= 2000) or e <= w or n <= s:
             self._json(400, {"error": {"message": f"Invalid parameter {unknown}", "type": "GraphMethodException",
                                        "code": 100}})
             return 400
