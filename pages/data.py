@@ -8,25 +8,20 @@ counts), and the button that writes hierarchy.json and the splits.
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from geohier import charts, grid
+from geohier import charts, grid, maps
 from geohier.errors import GeohierError
 from geohier.hierarchy import DEFAULT_MIN_IMAGES, Hierarchy, kept_summary, select_classes
 from geohier.workspace import Workspace
 from pages._common import manifest_summary, manifest_version, workspace
+from pipeline import tasks
 from pipeline.labels import build_labels, cell_table, level_counts
-
-MAX_MAP_CELLS = 60_000  # one canvas layer copes; beyond, the browser would crawl
-RAMP = ("#ffeda0", "#feb24c", "#fd8d3c", "#e31a1c", "#800026")  # warm: stands out on the blue sea
-
 
 # --------------------------------------------------------------------------- cached reads
 
@@ -43,24 +38,7 @@ def _cells(data_dir: str, models_dir: str, version: float, level: int) -> pd.Dat
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def _map_html(keys: tuple, counts: tuple, countries: tuple, level: int) -> str:
-    from geohier import maps
-
-    n = np.asarray(counts)
-    m = maps.base_map()
-    colours = maps.color_scale(n, log=True, vmin=1, vmax=max(int(n.max()), 2), colors=RAMP)
-    maps.cells_layer(np.asarray(keys), level, colours, fields={"images": n, "country": list(countries)},
-                     tooltip=[("cell", "Cell"), ("country", "Country"), ("images", "Images")],
-                     name=f"Images per level-{level} cell", fill_opacity=0.8,
-                     weight=0.5 if level <= 6 else 0.2).add_to(m)
-    w, south, e, north = (float(f(a)) for f, a in zip((np.min, np.min, np.max, np.max),
-                                                        grid.key_bounds(np.asarray(keys), level), strict=True))
-    m.fit_bounds([[max(south, -80.0), w], [min(north, 80.0), e]])  # zoom to the data
-    top = max(int(n.max()), 1)
-    stops = sorted({1, *[10**k for k in range(1, 7) if 10**k < top], top})
-    legend = maps.color_scale(stops, log=True, vmin=1, vmax=max(top, 2), colors=RAMP)
-    maps.add_legend(m, list(zip(legend, [f"{s:,}" for s in stops], strict=True)),
-                    title="Images per cell", note="log colour scale")
-    return maps.offline_html(m)
+    return maps.offline_html(maps.images_map(keys, counts, countries, level))
 
 
 @st.cache_data(show_spinner=False)
@@ -74,68 +52,10 @@ def _hierarchy(path: str, mtime: float) -> dict | None:
 # --------------------------------------------------------------------------- background work
 
 
-@dataclass
-class Task:
-    """A demo build or a fetch running in a background thread (no secrets in here)."""
-
-    kind: str
-    state: str = "running"  # running | done | failed | stopped
-    done: int = 0
-    total: int = 0
-    detail: str = ""
-    result: str = ""
-    error: str = ""
-    started: float = field(default_factory=time.time)
-    stop: threading.Event = field(default_factory=threading.Event)
-    seen_end: bool = False
-
-
 @st.cache_resource
-def _tasks() -> dict[str, Task]:
-    # One registry per server process, keyed by data dir + kind: a build outlives reruns.
-    return {}
-
-
-def _start(kind: str, ws: Workspace, target, *args) -> None:
-    key = f"{ws.data_dir}:{kind}"
-    current = _tasks().get(key)
-    if current is not None and current.state == "running":
-        return
-    task = Task(kind)
-    _tasks()[key] = task
-
-    def body():
-        try:
-            task.result = target(task, *args)
-            task.state = "stopped" if task.stop.is_set() else "done"
-        except GeohierError as exc:
-            task.error, task.state = str(exc), "failed"
-        except Exception as exc:  # a bug: still end the task and say what broke
-            task.error, task.state = f"{type(exc).__name__}: {exc}", "failed"
-
-    threading.Thread(target=body, name=f"geohier-{kind}", daemon=True).start()
-
-
-def _run_demo(task: Task, ws: Workspace, images: int, seed: int) -> str:
-    from pipeline.demo import build_demo
-
-    def progress(done: int, total: int) -> None:
-        task.done, task.total = int(done), int(total)
-
-    out = build_demo(ws, images=images, seed=seed, progress=progress, show_bar=False)
-    return f"demo world: {out.get('added', 0):,} images added, {out.get('skipped', 0):,} already there"
-
-
-def _run_fetch(task: Task, ws: Workspace, cells: list[str], options, token: str) -> str:
-    from pipeline.fetch import fetch
-
-    def progress(p) -> None:
-        task.done, task.total = p.cells_finished, p.cells_total
-        task.detail = (f"{p.images_kept:,} images kept · {p.done} done, {p.empty} empty, {p.errors} errors · "
-                       f"{p.requests_per_s:.1f} requests/s")
-
-    report = fetch(ws, cells, options, token, progress=progress, stop_event=task.stop)
-    return report.summary()
+def _runner() -> tasks.TaskRunner:
+    # One runner per server process: a build outlives the reruns that poll it.
+    return tasks.TaskRunner()
 
 
 def _start_fetch(ws: Workspace, spec: str, level: int, per_cell: int, api_url: str) -> None:
@@ -143,44 +63,36 @@ def _start_fetch(ws: Workspace, spec: str, level: int, per_cell: int, api_url: s
     token = st.session_state.get("fetch_token", "")
     st.session_state["fetch_token"] = ""
     try:
-        from pipeline.fetch import FetchOptions, read_token, select_cells
-
-        token = token.strip() or read_token()  # else MAPILLARY_ACCESS_TOKEN
-        options = FetchOptions(per_cell=int(per_cell), api_url=api_url.strip()).validate()
-        cells = select_cells(spec, level)
-        if not cells:
-            raise GeohierError("no cells match that selection")
+        tasks.start_fetch(_runner(), ws, spec, level, per_cell, api_url, token)
     except GeohierError as exc:
         st.session_state["fetch_error"] = str(exc)
         return
     st.session_state.pop("fetch_error", None)
-    _start("fetch", ws, _run_fetch, ws, cells, options, token)
 
 
 def _task_panel(ws: Workspace, kind: str) -> None:
-    task = _tasks().get(f"{ws.data_dir}:{kind}")
+    key = tasks.task_key(ws, kind)
+    task = _runner().get(key)
     if task is None:
         return
-    running = task.state == "running"
+    running = task.running
 
     @st.fragment(run_every=1.0 if running else None)
     def panel():
-        t = _tasks().get(f"{ws.data_dir}:{kind}")
+        t = _runner().get(key)
         if t is None:
             return
-        frac = t.done / t.total if t.total else 0.0
-        label = f"{t.kind}: {t.done:,} / {t.total:,}" if t.total else f"{t.kind}: starting ..."
-        if t.state == "running":
-            st.progress(min(frac, 1.0), text=f"{label} · {time.time() - t.started:.0f} s")
+        if t.running:
+            st.progress(t.fraction, text=f"{t.label()} · {time.time() - t.started:.0f} s")
             if t.detail:
                 st.caption(t.detail)
             if t.kind == "fetch" and st.button("Stop the fetch", key="fetch_stop"):
-                t.stop.set()
-        elif t.state == "failed":
+                t.cancel()
+        elif t.state == tasks.FAILED:
             st.error(t.error)
         else:
             st.success(t.result or f"{t.kind} {t.state}")
-        if t.state != "running" and running and not t.seen_end:
+        if not t.running and running and not t.seen_end:
             t.seen_end = True
             st.rerun()  # the whole page: the counts changed
 
@@ -195,8 +107,7 @@ st.caption("Where the images are, how imbalanced the classes are, and the label 
 version = manifest_version(ws)
 summary = manifest_summary(str(ws.data_dir), str(ws.models_dir), version)
 
-recent = [t for k, t in _tasks().items() if k.startswith(f"{ws.data_dir}:")
-          and (t.state == "running" or time.time() - t.started < 600)]
+recent = _runner().recent(tasks.workspace_prefix(ws))
 with st.expander("Get images: the offline demo world or Mapillary", expanded=summary["images"] == 0 or bool(recent)):
     demo_tab, fetch_tab = st.tabs(["Demo world", "Mapillary"])
     with demo_tab:
@@ -205,7 +116,7 @@ with st.expander("Get images: the offline demo world or Mapillary", expanded=sum
         demo_images = c1.number_input("Images", min_value=10, max_value=200_000, value=4000, step=500)
         demo_seed = c2.number_input("Seed", min_value=0, value=0, step=1, key="demo_seed")
         if st.button("Build the demo world", type="primary"):
-            _start("demo", ws, _run_demo, ws, int(demo_images), int(demo_seed))
+            tasks.start_demo(_runner(), ws, int(demo_images), int(demo_seed))
         _task_panel(ws, "demo")
     with fetch_tab:
         st.write("Images from the Mapillary API v4 for the chosen cells. The token is used for this fetch "
@@ -260,7 +171,7 @@ try:
 except GeohierError as exc:  # e.g. the geography data is missing
     st.warning(f"no countries: {exc}")
     table = pd.DataFrame({"cell": grid.keys_to_ids(keys, level), "key": keys, "images": n, "country": ""})
-if len(table) > MAX_MAP_CELLS:
+if len(table) > maps.IMAGES_MAP_MAX_CELLS:
     st.info(f"{len(table):,} cells are too many to draw; inspect a coarser level.")
 else:
     try:

@@ -215,3 +215,20 @@ def test_huge_maps_keep_only_the_cells_with_images(monkeypatch):
     layers = [el for el in _walk(m) if isinstance(el, maps.CellsLayer)]
     assert len(json.loads(layers[0].payload)["keys"]) == 2
     assert "only cells with images are drawn" in maps.offline_html(m)
+
+
+def test_images_map_colours_cells_by_count_with_a_log_legend(monkeypatch):
+    m = maps.images_map([0, 5, 15], [1, 40, 1200], ["FR", "JP", ""], 2)
+    layers = [el for el in _walk(m) if isinstance(el, maps.CellsLayer)]
+    assert len(layers) == 1
+    payload = json.loads(layers[0].payload)
+    assert payload["keys"] == [0, 5, 15] and payload["props"]["images"] == [1, 40, 1200]
+    html = maps.offline_html(m)
+    assert "Images per cell" in html and "log colour scale" in html
+    for stop in ("1", "10", "100", "1,000", "1,200"):  # legend stops: powers of ten and the top
+        assert f"\\u003e{stop}\\u003c/div" in html, stop  # the legend's entries, JSON-escaped
+    assert not maps.network_references(html)
+    # Too many cells for a browser tab: a clear message, not a frozen page.
+    monkeypatch.setattr(maps, "IMAGES_MAP_MAX_CELLS", 2)
+    with pytest.raises(InputError, match="3 cells are too many to draw"):
+        maps.images_map([0, 5, 15], [1, 2, 3], ["", "", ""], 2)
