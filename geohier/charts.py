@@ -1,7 +1,9 @@
 """Plotly figures shared by the pages and the CLI, and the numbers behind them.
 
 The numeric helpers (``gini``, ``lorenz``, ``imbalance_stats``, ``count_bins``) are pure
-numpy and tested with hand-computed values; the ``fig_*`` functions only draw them.
+numpy and tested with hand-computed values; the ``fig_*`` functions only draw them. The
+Predict page's tables and figures of predictions (``summary_frame`` ... ``tradeoff_figure``)
+are here too; its map is ``geohier.maps.prediction_map``.
 
 >>> gini([1, 1, 1, 1]), gini([0, 0, 0, 1])
 (0.0, 0.75)
@@ -12,7 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
+
+from geohier import geodesy
 
 KEPT_COLOUR = "#2a7ab0"
 DROPPED_COLOUR = "#d9822b"
@@ -181,3 +186,90 @@ def fig_kept_by_min(counts, minimums: Sequence[int] = (1, 2, 5, 10, 20, 50, 100)
                       xaxis=dict(title="min images per cell", type="category"),
                       legend=dict(orientation="h", y=-0.3))
     return fig
+
+
+# --------------------------------------------------------------------------- predictions (Predict page)
+
+
+def summary_frame(preds: Sequence) -> pd.DataFrame:
+    """One row per image: best cell, probability, country, place, and the error when the
+    photo has EXIF GPS (or the reason it could not be read)."""
+    rows = []
+    for p in preds:
+        b = p.best
+        row = {"image": p.image, "best cell": b.cell if b else None, "prob": b.prob if b else None,
+               "joint": b.joint if b else None,
+               "country": b.country if b else None, "place": b.place if b else None,
+               "lat": round(b.lat, 4) if b else None, "lon": round(b.lon, 4) if b else None,
+               "error km": p.true["error_km"] if p.true else None,
+               "GeoScore": p.true["geoscore"] if p.true else None, "problem": p.error}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def candidates_frame(pred) -> pd.DataFrame:
+    """The kept finest-level cells of one prediction, ranked, with where they are."""
+    finest = max(pred.levels)
+    rows = [{"rank": i, "cell": c.cell, "prob": c.prob, "joint": c.joint, "parent": c.parent, "country": c.country,
+             "place": c.place, "lat": round(c.lat, 4), "lon": round(c.lon, 4),
+             "km from truth": (round(float(geodesy.haversine_km(c.lat, c.lon, pred.true["lat"], pred.true["lon"])), 1)
+                               if pred.true else None)}
+            for i, c in enumerate(pred.levels[finest], 1)]
+    return pd.DataFrame(rows)
+
+
+def levels_frame(pred) -> pd.DataFrame:
+    """Every kept candidate of every level (level, cell, prob, joint, parent)."""
+    return pd.DataFrame([{"level": lv, "cell": c.cell, "prob": c.prob, "joint": c.joint, "parent": c.parent}
+                         for lv in sorted(pred.levels) for c in pred.levels[lv]])
+
+
+def level_bars(pred) -> go.Figure:
+    """One bar chart per level: the kept candidates' probabilities."""
+    from plotly.subplots import make_subplots
+
+    levels = sorted(pred.levels)
+    fig = make_subplots(rows=1, cols=len(levels), subplot_titles=[f"Level {lv}" for lv in levels])
+    for i, lv in enumerate(levels, 1):
+        cands = pred.levels[lv]
+        fig.add_trace(go.Bar(x=[c.cell for c in cands], y=[c.prob for c in cands], name=f"L{lv}",
+                             marker_color=PROB_COLORS[min(i - 1, len(PROB_COLORS) - 1)],
+                             hovertemplate="%{x}<br>p = %{y:.3f}<extra></extra>"), row=1, col=i)
+        fig.update_xaxes(type="category", tickangle=-45, row=1, col=i)
+        fig.update_yaxes(range=[0, 1], row=1, col=i)
+    fig.update_layout(showlegend=False, height=300, margin=dict(l=10, r=10, t=40, b=10),
+                      yaxis_title="probability")
+    return fig
+
+
+PROB_COLORS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02")
+BEST_COLOR = "#d62728"
+TRUE_COLOR = "#2ca02c"
+
+
+def tradeoff_figure(rows: Sequence[dict], current: dict, metric: str = "hit",
+                    label: str | None = None) -> go.Figure:
+    """Accuracy (``metric``) against the mean number of finest cells kept over a sweep,
+    with the current setting marked."""
+    names = {"hit": "true cell among the kept", "top1": "best cell is the true one",
+             **{f"acc_{t}km": f"best guess within {t} km" for t in (1, 25, 200, 750, 2500)}}
+    fig = go.Figure()
+    if rows:
+        param = rows[0]["param"]
+        fig.add_trace(go.Scatter(
+            x=[r["kept"] for r in rows], y=[r[metric] for r in rows], mode="lines+markers+text",
+            text=[f"{_short(param)}={r['value']:g}" for r in rows], textposition="top center",
+            textfont=dict(size=10), name=f"sweep of {param}",
+            hovertemplate="%{text}<br>kept %{x:.2f}<br>%{y:.1%}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[current["kept"]], y=[current[metric]], mode="markers", name=label or "current",
+                             marker=dict(symbol="star", size=16, color=BEST_COLOR, line=dict(width=1, color="#222")),
+                             hovertemplate="current<br>kept %{x:.2f}<br>%{y:.1%}<extra></extra>"))
+    fig.update_layout(height=380, margin=dict(l=10, r=10, t=30, b=10),
+                      xaxis_title="mean finest cells kept", yaxis_title=names.get(metric, metric),
+                      yaxis_tickformat=".0%", legend=dict(orientation="h", y=-0.2))
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def _short(param: str) -> str:
+    return {"top_k": "k", "k_max": "k_max", "cumulative": "p", "min_prob": "min p"}.get(param, param)

@@ -37,6 +37,7 @@ from folium.map import Layer
 from folium.template import Template
 
 from geohier import geography, grid
+from geohier.charts import BEST_COLOR, TRUE_COLOR
 from geohier.errors import InputError, WorkspaceError
 
 LAND_DATA = "#2ca25f"  # green: land with images
@@ -474,3 +475,52 @@ def images_map(keys, counts, countries, level: int) -> folium.Map:
     add_legend(m, list(zip(legend, [f"{s:,}" for s in stops], strict=True)),
                title="Images per cell", note="log colour scale")
     return m
+
+
+# --------------------------------------------------------------------------- a prediction
+
+
+def prediction_map(pred, predictor) -> folium.Map:
+    """The kept finest-level cells coloured by probability, the kept cells of the coarser
+    levels outlined, the best guess (red) and the EXIF position (green) marked. Offline
+    Offline, like every map here."""
+    finest = max(pred.levels)
+    best = pred.best
+    m = base_map(center=(best.lat, best.lon), zoom=3, tiles=True)
+    levels = sorted(pred.levels)
+    for i, lv in enumerate(levels[:-1]):  # coarse levels: outlines, thicker further up
+        cands = pred.levels[lv]
+        keys = grid.ids_to_keys([c.cell for c in cands])[0]
+        cells_layer(keys, lv, "#000000", fill=False, stroke_color="#333333",
+                    weight=max(1.0, 3.0 - i * 0.7), opacity=0.9, interactive=False,
+                    name=f"Level {lv}: {len(cands)} kept").add_to(m)
+    cands = pred.levels[finest]
+    keys = grid.ids_to_keys([c.cell for c in cands])[0]
+    probs = np.array([c.prob for c in cands])
+    colors = color_scale(probs, vmin=0.0, vmax=max(float(probs.max()), 1e-9),
+                         colors=("#fff5eb", "#fdae6b", "#e6550d", "#7f2704"))
+    cells_layer(keys, finest, colors, fill_opacity=0.75, stroke_color="#7f2704", weight=1.0,
+                fields={"prob": [f"{p:.1%}" for p in probs],
+                        "rank": list(range(1, len(cands) + 1)),
+                        "country": [c.country or "" for c in cands],
+                        "place": [c.place or "" for c in cands]},
+                tooltip=[("cell", "Cell"), ("rank", "Rank"), ("prob", "Probability"),
+                         ("country", "Country"), ("place", "Nearest town")],
+                name=f"Level {finest}: {len(cands)} kept").add_to(m)
+    add_marker(m, best.lat, best.lon, color=BEST_COLOR,
+               tooltip=f"Best guess {best.cell} ({best.prob:.1%}) {best.place or ''}")
+    legend = [(BEST_COLOR, "Best guess"), ("#e6550d", f"Level {finest} cells (darker = likelier)"),
+              ("#ffffff", "Outlines: kept parent cells")]
+    points = [[c.lat, c.lon] for c in cands]
+    if pred.true:
+        t = pred.true
+        add_marker(m, t["lat"], t["lon"], color=TRUE_COLOR,
+                   tooltip=f"True location (EXIF GPS): {t['error_km']:,.0f} km off")
+        legend.insert(1, (TRUE_COLOR, f"True location ({t['error_km']:,.0f} km off)"))
+        points.append([t["lat"], t["lon"]])
+    add_legend(m, legend, title="Prediction")
+    w, s, e, n = (np.array([c.bbox for c in cands]).T if cands else ([best.lon],) * 4)
+    lats = [float(np.min(s)), float(np.max(n))] + [p[0] for p in points]
+    lons = [float(np.min(w)), float(np.max(e))] + [p[1] for p in points]
+    m.fit_bounds([[min(lats), min(lons)], [max(lats), max(lons)]], max_zoom=8)
+    return finish(m)

@@ -10,7 +10,7 @@ import numpy as np
 import streamlit as st
 from streamlit_folium import st_folium
 
-from geohier import combine, explorer
+from geohier import charts, combine, explorer, maps
 from geohier.errors import GeohierError
 from geohier.predictor import Predictor
 from geohier.predictor import load_predictor as load_run_predictor
@@ -180,7 +180,7 @@ with tab_predict:
         logits = {lv: np.concatenate([e["logits"][lv] for e in loaded]) for lv in predictor.levels}
         preds = predictor.predict_logits(logits, names, [e["gps"] for e in loaded], rules, temperature)
         if len(preds) > 1:
-            st.dataframe(explorer.summary_frame(preds).drop(columns=["problem"]), hide_index=True,
+            st.dataframe(charts.summary_frame(preds).drop(columns=["problem"]), hide_index=True,
                          column_config={"prob": st.column_config.NumberColumn(format="%.3f")})
         pick = st.selectbox("Photo", range(len(preds)), format_func=lambda i: names[i], key="predict_pick") \
             if len(preds) > 1 else 0
@@ -201,11 +201,11 @@ with tab_predict:
                 t1, t2 = st.columns(2)
                 t1.metric("Error (EXIF GPS)", f"{pred.true['error_km']:,.0f} km")
                 t2.metric("GeoScore", f"{pred.true['geoscore']:,.0f}")
-        st_folium(explorer.prediction_map(pred, predictor), height=480, use_container_width=True,
+        st_folium(maps.prediction_map(pred, predictor), height=480, use_container_width=True,
                   returned_objects=[], key=f"predict_map_{pick}")
-        st.plotly_chart(explorer.level_bars(pred), width="stretch")
+        st.plotly_chart(charts.level_bars(pred), width="stretch")
         st.subheader("Candidates")
-        st.dataframe(explorer.candidates_frame(pred), hide_index=True,
+        st.dataframe(charts.candidates_frame(pred), hide_index=True,
                      column_config={"prob": st.column_config.ProgressColumn("prob", min_value=0.0, max_value=1.0,
                                                                             format="%.3f"),
                                     "joint": st.column_config.NumberColumn(
@@ -213,7 +213,7 @@ with tab_predict:
         st.caption("prob: among the cells kept at this level (what the rules use); joint: the product of "
                    "every level's probability along the path.")
         with st.expander("Every level's kept cells"):
-            st.dataframe(explorer.levels_frame(pred), hide_index=True)
+            st.dataframe(charts.levels_frame(pred), hide_index=True)
 
 with tab_explore:
     st.caption("How the keep rules above trade accuracy for candidates on the val split: the model runs "
@@ -270,7 +270,7 @@ with tab_explore:
                     for lv, r in rules.items()}
             curve = sweep_rows(ex, key, json.dumps({str(k): v for k, v in base.items()}, sort_keys=True),
                                temperature, param)
-            st.plotly_chart(explorer.tradeoff_figure(curve, current, metric), width="stretch")
+            st.plotly_chart(charts.tradeoff_figure(curve, current, metric), width="stretch")
             if curve:
                 values = [r["value"] for r in curve]
                 a1, a2 = st.columns([2, 1])
