@@ -28,16 +28,8 @@ IGNORE_INDEX = -100
 
 def _open_image(path):
     """geohier.images.open_image (EXIF orientation, any mode -> RGB, InputError on bad files)."""
-    try:
-        from geohier.images import open_image
-    except ImportError:  # pragma: no cover - images.py is part of the package
-        from PIL import Image, ImageOps
+    from geohier.images import open_image
 
-        try:
-            with Image.open(path) as img:
-                return ImageOps.exif_transpose(img).convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise InputError(f"cannot read image {path}: {exc}") from None
     return open_image(path)
 
 
@@ -114,6 +106,7 @@ class ManifestDataset(Dataset):
             rng = np.random.default_rng(seed)
             idx = np.sort(rng.choice(idx, size=int(limit), replace=False))
         self.ids = frame["id"].to_numpy(np.int64)[idx]
+        self.keys = self.ids.astype(str).astype(object)  # how a truth set names its images
         self.paths = paths[idx]
         self.lat, self.lon = lat[idx], lon[idx]
         self.labels = labels[idx]

@@ -125,6 +125,19 @@ def read_json(path: str | os.PathLike) -> dict:
     return d if isinstance(d, dict) else {}
 
 
+def json_safe(x):
+    """``x`` made JSON-safe: NaN / infinity -> None, numpy scalars -> Python, keys -> str."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
 def is_finished(run: str | os.PathLike) -> bool:
     """A run whose weights and meta.json exist and whose status (when it has one) is done."""
     run = Path(run)

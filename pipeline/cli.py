@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "pipeline.labels",
     "pipeline.train",
     "pipeline.evaluate",
+    "pipeline.score",
     "pipeline.predict",
     "pipeline.quickstart",
 )

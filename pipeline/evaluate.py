@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv as csvlib  # the name `csv` is the CSV path argument below
 import json
-import math
 import os
 import sys
 import time
@@ -33,11 +32,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from geohier import benchmark, forward, geodesy, grid, metrics, runs, tables
 from geohier import combine as cb
-from geohier import forward, geodesy, grid, metrics, runs
 from geohier.errors import GeohierError, InputError, WorkspaceError
+from geohier.leaderboard import Leaderboard
 from geohier.runs import Run
-from geohier.workspace import Workspace, utcnow
+from geohier.workspace import Workspace, json_safe, utcnow
 
 EVAL_FORMAT = "geohier-eval/1"
 SPLIT_CHOICES = ("test", "val")
@@ -50,10 +50,8 @@ SPLIT_CHOICES = ("test", "val")
 
 def csv_columns(header: list[str], source: str = "the CSV") -> tuple[str, str, str]:
     """(image column, lat column, lon column) of a CSV header, matched by
-    ``pipeline.ingest.match_columns``; InputError naming a missing column and its aliases."""
-    from pipeline.ingest import match_columns
-
-    cols = match_columns([str(h) for h in header], source)
+    ``geohier.tables.match_columns``; InputError naming a missing column and its aliases."""
+    cols = tables.match_columns([str(h) for h in header], source)
     return cols.path or cols.id, cols.lat, cols.lon
 
 
@@ -66,8 +64,6 @@ def read_points_csv(csv: str | os.PathLike, images_root: str | os.PathLike | Non
     image is not found keeps its would-be path (counted as missing later); rows with
     invalid coordinates are dropped and counted in ``frame.attrs["invalid"]``.
     """
-    from pipeline.ingest import _Locator
-
     csv = Path(csv).expanduser()
     if not csv.is_file():
         raise InputError(f"CSV file {csv} does not exist")
@@ -83,12 +79,13 @@ def read_points_csv(csv: str | os.PathLike, images_root: str | os.PathLike | Non
     lat = pd.to_numeric(frame[latcol].str.strip(), errors="coerce").to_numpy(np.float64)
     lon = pd.to_numeric(frame[loncol].str.strip(), errors="coerce").to_numpy(np.float64)
     ok = grid.valid_points(lat, lon)
-    locate = _Locator(root)
+    locate = tables.Locator(root)
     paths = []
     for ref, good in zip(frame[ref_col].astype(str).str.strip(), ok, strict=True):
         found = locate.find(ref) if (good and ref) else None
         paths.append(str(found) if found is not None else str(root / ref))
-    out = pd.DataFrame({"path": paths, "lat": lat, "lon": lon})[ok].reset_index(drop=True)
+    keys = [tables.image_key(r) for r in frame[ref_col].astype(str)]
+    out = pd.DataFrame({"path": paths, "lat": lat, "lon": lon, "key": keys})[ok].reset_index(drop=True)
     out.attrs["invalid"] = int((~ok).sum())
     out.attrs["rows"] = int(len(frame))
     return out
@@ -106,6 +103,7 @@ class PointsDataset(Dataset):
         self.missing_examples = [str(p) for p in frame["path"][~exists][:5]]
         frame = frame[exists].reset_index(drop=True)
         self.paths = frame["path"].to_numpy(object)
+        self.keys = (frame["key"] if "key" in frame else frame["path"].map(tables.image_key)).to_numpy(object)
         self.lat = frame["lat"].to_numpy(np.float64)
         self.lon = frame["lon"].to_numpy(np.float64)
         if len(frame):
@@ -195,19 +193,6 @@ def _split_dataset(ws: Workspace, hierarchy, split: str, meta: dict):
     return ManifestDataset(ws, hierarchy, split, transform=EvalPreset.from_meta(meta))
 
 
-def _clean(x):
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 # ----------------------------------------------------------------------------- calibration
 
 def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 64,
@@ -246,9 +231,9 @@ def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 6
 
     fresh = read_meta(run_dir)
     fresh["temperatures"] = temps
-    fresh["calibration"] = _clean({"split": "val", "fitted_at": utcnow(), "levels": out})
+    fresh["calibration"] = json_safe({"split": "val", "fitted_at": utcnow(), "levels": out})
     Run(run_dir).write_meta(fresh)
-    return _clean(out)
+    return json_safe(out)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -381,30 +366,50 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         reliability[str(lv)] = {"before": before, "after": after}
     finest = max(levels)
     preds = finest_predictions(collected["logits"], meta, hierarchy, levels)
+    # the truth set: the CSV's rows, or the split's images; `evaluated`: those that decoded
+    truth = benchmark.read_truth(csv) if csv is not None else benchmark.TruthSet.from_points(
+        f"{split} split of {ws.data_dir.name}", ds.keys, ds.lat, ds.lon)
+    keys = ds.keys[collected["index"]]
+    evaluated = truth.subset(keys)
+    tlat, tlon = collected["lat"], collected["lon"]
     geo_by_rule = {}
     for rule, pred in preds.items():
         plat, plon, point = predicted_points(pred, meta, hierarchy, finest)
-        dist = geodesy.haversine_km(plat, plon, collected["lat"], collected["lon"])
-        geo_by_rule[rule] = metrics.distance_metrics(dist)
+        geo_by_rule[rule] = benchmark.score_points(tlat, tlon, plat, plon, areas=evaluated.areas)
         geo_by_rule[rule].update(level=finest, point=point, rule=rule)
     # the headline uses what `predict` answers: the hierarchical walk when there is one
     rule = "hierarchical" if "hierarchical" in preds else "argmax"
     geo = geo_by_rule[rule]
     plat, plon, point = predicted_points(preds[rule], meta, hierarchy, finest)
-    dist = geodesy.haversine_km(plat, plon, collected["lat"], collected["lon"])
-    countries = country_table(collected["lat"], collected["lon"], plat, plon, dist)
+    dist = geodesy.haversine_km(plat, plon, tlat, tlon)
+    countries = country_table(tlat, tlon, plat, plon, dist)
+    from pipeline.score import record_baselines, training_points
+
+    baselines = benchmark.baseline_scores(evaluated, *training_points(ws))
     result = {
         "format": EVAL_FORMAT, "run": run_dir.name, "created_at": utcnow(), "source": source,
         "images": int(len(collected["index"])), "skipped": len(collected["skipped"]),
         "levels": levels, "per_level": per_level, "geo": geo, "geo_by_rule": geo_by_rule,
+        "baselines": {name: {**b["geo"], "note": b["note"]} for name, b in baselines.items()},
+        "truth": truth.info(),
         "reliability": reliability,
         "countries": countries,
         "calibration": meta.get("calibration"),
         "hierarchy_hash": meta.get("hierarchy_hash"), "time_s": round(time.perf_counter() - t0, 3),
         "device": str(forward.resolve_device(device)),
     }
-    result = _clean(result)
+    result = json_safe(result)
     Run(run_dir).write_eval(result)
+    # the leaderboard scores the run on the whole truth set: images it could not read are
+    # missing predictions, as for any other system
+    board = Leaderboard(ws.data_dir)
+    entry = benchmark.score(truth, benchmark.Predictions(run_dir.name, keys, plat, plon))
+    full_lat, full_lon, _ = benchmark.align(truth, benchmark.Predictions(run_dir.name, keys, plat, plon))
+    board.record(truth.info() | {"hash": truth.hash}, run_dir.name, "run", entry["geo"],
+                 note=f"{levels} levels, rule {rule}",
+                 points={"key": truth.keys, "true_lat": truth.lat, "true_lon": truth.lon,
+                         "pred_lat": full_lat, "pred_lon": full_lon})
+    record_baselines(board, truth, ws)
     return result
 
 
