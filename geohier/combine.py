@@ -16,7 +16,7 @@ Why not the seed's way: the seed multiplied each child's *logit* by its parent's
 probability before a softmax. A logit is not a probability: scaling a negative logit by a
 small parent probability pulls it towards 0, i.e. *up*, so the children of an unlikely
 parent could outrank those of a likely one. Adding log-probabilities cannot do that
-(``tests/test_infer.py`` builds such a case).
+(``tests/test_combine.py`` builds such a case).
 
 What is kept at each level (``KeepRule``, one per level):
 
