@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from geohier.hierarchy import build_hierarchy  # noqa: E402
+from geohier.runs import Run  # noqa: E402
 from geohier.workspace import Workspace  # noqa: E402
 from pipeline import train as T  # noqa: E402
 
@@ -60,8 +61,7 @@ def make_workspace(root: Path, n: int, size: int, seed: int = 0) -> Workspace:
 
 
 def epoch_time(run_dir: Path) -> float:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return float(json.loads(lines[-1])["time_s"])
+    return float(Run(run_dir).history()[-1]["time_s"])
 
 
 def loader_vs_step(ws: Workspace, cfg: T.TrainConfig, batches: int = 6) -> tuple[float, float]:
@@ -72,7 +72,7 @@ def loader_vs_step(ws: Workspace, cfg: T.TrainConfig, batches: int = 6) -> tuple
     h = Hierarchy.load(ws.hierarchy_path)
     env = T.setup_env("cpu", cfg.threads, cfg.workers)  # the thread count train() uses
     data = T.load_data(ws, h, cfg, list(LEVELS), env)
-    loader = data["train_loader"]
+    loader = data.train_loader
     n, t0 = 0, time.perf_counter()
     for i, batch in enumerate(loader):
         n += batch.images.shape[0]
@@ -115,8 +115,8 @@ def main() -> int:
         quiet = open(root / "stderr.txt", "w")  # keep the runs' own log lines off the report
         old, sys.stderr = sys.stderr, quiet
         try:
-            multi_dir = T.train(ws, T.replace(cfg, run_name="multi"))
-            per_dirs = T.train_runs(ws, T.replace(cfg, per_level=True, run_name="seed"))
+            multi_dir = T.train(ws, replace(cfg, run_name="multi"))
+            per_dirs = T.train_runs(ws, replace(cfg, per_level=True, run_name="seed"))
         finally:
             sys.stderr = old
             quiet.close()

@@ -1,19 +1,27 @@
-"""Train: launch a training job in the background, watch it, cancel or resume it."""
+"""Train: launch a training job in the background, watch it, cancel or resume it.
+
+The form is TrainConfig's page fields (``pipeline.train.config_fields(page=True)``): each
+field's label, step and help come from its metadata, its messages from the one validator
+that the command line uses too.
+"""
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 
 import pandas as pd
 import streamlit as st
 
 from geohier.errors import GeohierError
 from geohier.model import BACKBONES
+from geohier.runs import ACTIVE_STATES, Run
+from geohier.workspace import read_json
 from pages._common import workspace
 from pipeline import jobs
+from pipeline.train.config import WEIGHT_CHOICES, config_fields, recommended_config, validate
 
 SHAPES = {"One model for all levels": False, "One model per level (the seed's shape)": True}
-WEIGHT_OPTIONS = ("none", "imagenet", "local file")
+WEIGHT_OPTIONS = (*WEIGHT_CHOICES, "local file")
 
 st.title("Train")
 ws = workspace()
@@ -33,85 +41,64 @@ if not ws.hierarchy_path.exists():
     st.stop()
 
 try:
-    hier_levels = [int(v) for v in json.loads(ws.hierarchy_path.read_text("utf-8"))["levels"]]
-except (OSError, ValueError, KeyError, TypeError) as exc:
+    hier_levels = [int(v) for v in read_json(ws.hierarchy_path)["levels"]]
+except (KeyError, TypeError, ValueError) as exc:
     st.error(f"cannot read {ws.hierarchy_path}: {exc}; rebuild it with `python -m pipeline labels`")
     st.stop()
 
-
-def _defaults() -> jobs.TrainParams:
-    """The small demo recipe on a CPU, train.py's own defaults on a GPU."""
-    import torch
-
-    from pipeline.train import TrainConfig, demo_config
-
-    c = TrainConfig() if torch.cuda.is_available() else demo_config()
-    return jobs.TrainParams(levels=",".join(map(str, hier_levels)), backbone=c.backbone, weights=c.weights,
-                            epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, image_size=c.image_size,
-                            label_smoothing=c.label_smoothing, haversine_tau=c.haversine_tau)
-
-
 if "train_defaults" not in st.session_state:
-    st.session_state.train_defaults = _defaults()
-d: jobs.TrainParams = st.session_state.train_defaults
+    # the small demo recipe on a CPU, the full defaults on a GPU
+    st.session_state.train_defaults = recommended_config(hier_levels)
+d = st.session_state.train_defaults
+
+
+def _widget(f, value):
+    """The widget of one TrainConfig field; returns the value it gives the config."""
+    ui, kind = f.metadata["page"], f.metadata["kind"]
+    label, help_ = ui["label"], ui.get("help")
+    if f.name == "levels":
+        return sorted(st.multiselect(label, hier_levels, default=value or hier_levels, help=help_))
+    if f.name == "per_level":
+        shapes = list(SHAPES)
+        return SHAPES[st.radio(label, shapes, index=int(bool(value)), help=help_)]
+    if f.name == "backbone":
+        return st.selectbox(label, BACKBONES, index=BACKBONES.index(value) if value in BACKBONES else 0, help=help_)
+    if f.name == "weights":
+        choice = st.selectbox(label, WEIGHT_OPTIONS,
+                              index=WEIGHT_OPTIONS.index(value) if value in WEIGHT_OPTIONS else 0, help=help_)
+        path = st.text_input("Local weights file (.safetensors)", "", help="used when Weights is 'local file'")
+        return path.strip() if choice == "local file" else choice
+    if kind == "bool":
+        return st.checkbox(label, value=bool(value), help=help_)
+    if kind == "int":
+        return int(st.number_input(label, value=int(value), step=int(ui.get("step", 1)), help=help_))
+    if kind == "float":
+        return float(st.number_input(label, value=float(value), step=float(ui.get("step", 0.1)),
+                                     format=ui.get("format", "%.3f"), help=help_))
+    return st.text_input(label, value or "", help=help_).strip() or None
+
 
 # ----------------------------------------------------------------------------- the form
 
 with st.form("train_form"):
     st.subheader("New run")
-    note = {}  # field -> placeholder under its widget, for validation messages
+    values, note = {}, {}  # field -> its value; field -> placeholder for its message
+    fields = config_fields(page=True)
     c1, c2 = st.columns(2)
-    with c1:
-        levels = st.multiselect("Levels", hier_levels, default=hier_levels,
-                                help="grid levels to classify (those of hierarchy.json)")
-        note["levels"] = st.empty()
-        shape = st.radio("Shape", list(SHAPES), help="one backbone with a head per level, or one model per level")
-        backbone = st.selectbox("Backbone", BACKBONES, index=BACKBONES.index(d.backbone) if d.backbone in BACKBONES else 0)
-        note["backbone"] = st.empty()
-        weights_choice = st.selectbox("Weights", WEIGHT_OPTIONS,
-                                      index=WEIGHT_OPTIONS.index(d.weights) if d.weights in WEIGHT_OPTIONS else 0,
-                                      help="imagenet downloads torchvision's weights once (needs the internet)")
-        weights_file = st.text_input("Local weights file (.safetensors)", "",
-                                     help="used when Weights is 'local file'")
-        note["weights"] = st.empty()
-        balanced = st.checkbox("Class-balanced sampling", value=d.balanced)
-        run_name = st.text_input("Run name (optional)", "", help="folder name under models/; default: backbone + time")
-        note["run_name"] = st.empty()
-    with c2:
-        epochs = st.number_input("Epochs", min_value=0, max_value=10_000, value=int(d.epochs), step=1)
-        note["epochs"] = st.empty()
-        batch_size = st.number_input("Batch size", min_value=0, max_value=100_000, value=int(d.batch_size), step=8)
-        note["batch_size"] = st.empty()
-        lr = st.number_input("Learning rate", min_value=0.0, max_value=100.0, value=float(d.lr), step=1e-4,
-                             format="%.5f")
-        note["lr"] = st.empty()
-        image_size = st.number_input("Image size (px)", min_value=0, max_value=4096, value=int(d.image_size), step=16)
-        note["image_size"] = st.empty()
-        label_smoothing = st.number_input("Label smoothing", min_value=0.0, max_value=1.0,
-                                          value=float(d.label_smoothing), step=0.05, format="%.2f")
-        note["label_smoothing"] = st.empty()
-        haversine_tau = st.number_input("Haversine smoothing tau (km, 0 = off)", min_value=0.0, max_value=100_000.0,
-                                        value=float(d.haversine_tau), step=25.0,
-                                        help="PIGEON's label smoothing over nearby cells")
-        note["haversine_tau"] = st.empty()
+    for f in fields:
+        with c2 if f.metadata["kind"] in ("int", "float") else c1:
+            values[f.name] = _widget(f, getattr(d, f.name))
+            note[f.name] = st.empty()
     submitted = st.form_submit_button("Launch", type="primary")
 
 if submitted:
-    weights = weights_file.strip() if weights_choice == "local file" else weights_choice
-    params = jobs.TrainParams(levels=",".join(map(str, sorted(levels))), per_level=SHAPES[shape],
-                              backbone=backbone, weights=weights, epochs=int(epochs), batch_size=int(batch_size),
-                              lr=float(lr), image_size=int(image_size), label_smoothing=float(label_smoothing),
-                              haversine_tau=float(haversine_tau), balanced=balanced)
-    errors = jobs.validate(params, tuple(hier_levels))
-    if not levels:
-        errors["levels"] = "pick at least one level"
-    if run_name.strip() and not jobs.RUN_NAME_RE.match(run_name.strip()):
-        errors["run_name"] = "use letters, digits, '.', '_' or '-' (at most 80)"
-    for field, msg in errors.items():
-        note.get(field, st).error(msg)
+    config = replace(d, **values)
+    errors = validate(config, tuple(hier_levels))
+    for name, msg in errors.items():
+        note.get(name, st).error(msg)
     if not errors:
         try:
-            run_dir = jobs.launch(ws, params, run_name.strip() or None)
+            run_dir = jobs.launch(ws, config)
             st.session_state.selected_run = run_dir.name
             st.success(f"Launched {run_dir.name}: it appears below and updates every 2 s.")
         except GeohierError as exc:
@@ -150,7 +137,7 @@ def runs_panel() -> None:
     if info.error:
         st.error(info.error.splitlines()[0])
     cols = st.columns(3)
-    if info.state in jobs.ACTIVE_STATES:
+    if info.state in ACTIVE_STATES:
         if cols[0].button("Cancel", key=f"cancel-{pick}"):
             try:
                 jobs.cancel(info.path)
@@ -160,7 +147,7 @@ def runs_panel() -> None:
     else:
         more = None
         if info.state == "done":
-            more = cols[1].number_input("Total epochs", min_value=1, max_value=10_000,
+            more = cols[1].number_input("Total epochs", min_value=1, max_value=jobs.MAX_RESUME_EPOCHS,
                                         value=int((info.epochs or 1) + 1), key=f"epochs-{pick}")
         label = "Train longer" if info.state == "done" else "Resume"
         if info.state in ("cancelled", "failed", "done") and cols[0].button(label, key=f"resume-{pick}"):
@@ -170,7 +157,7 @@ def runs_panel() -> None:
             except GeohierError as exc:
                 st.error(str(exc))
     st.caption("Log (last lines)")
-    st.code(jobs.tail_log(info.path, 30) or "(empty)", language=None)
+    st.code(Run(info.path).tail(30) or "(empty)", language=None)
 
 
 runs_panel()

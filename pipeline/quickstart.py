@@ -9,7 +9,8 @@ each step only when missing, so it costs nothing once done.
 
 from __future__ import annotations
 
-from geohier.workspace import Workspace, finished_runs
+from geohier.runs import finished_runs
+from geohier.workspace import Workspace
 
 
 def _image_count(ws: Workspace) -> int:
@@ -60,11 +61,11 @@ def quickstart(ws: Workspace, images: int | None = None, train: bool = True) -> 
         train_run(ws, demo_config())
         done.append("train")
     runs = finished_runs(ws.models_dir)
-    if train and runs and not (runs[0] / "eval.json").exists():
+    if train and runs and runs[0].eval() is None:
         from pipeline.evaluate import evaluate_run
 
         print(f"quickstart: evaluating {runs[0].name} on its test split ...", flush=True)
-        evaluate_run(runs[0], ws)
+        evaluate_run(runs[0].path, ws)
         done.append("evaluate")
     return done
 

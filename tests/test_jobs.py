@@ -6,11 +6,14 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
 from geohier.errors import InputError, WorkspaceError
+from geohier.runs import Run
 from pipeline import jobs
+from pipeline.train import TrainConfig, validate
 
 # A stand-in for `pipeline train`: writes status.json like train.py, ends as cancelled on
 # SIGTERM, or (mode "crash") prints a few lines and dies without a word in status.json.
@@ -78,25 +81,25 @@ def cleanup():
 # ----------------------------------------------------------------------------- parameters
 
 def test_validate_reports_each_bad_field():
-    ok = jobs.TrainParams()
-    assert jobs.validate(ok) == {}
-    bad = jobs.TrainParams(levels="1,0", backbone="vgg", weights="/no/such.safetensors", epochs=0,
-                           batch_size=-1, lr=0.0, image_size=8, label_smoothing=1.5, haversine_tau=-1.0)
-    errs = jobs.validate(bad)
+    ok = TrainConfig()
+    assert validate(ok) == {}
+    bad = TrainConfig(levels=[1, 0], backbone="vgg", weights="/no/such.safetensors", epochs=0,
+                      batch_size=-1, lr=0.0, image_size=8, label_smoothing=1.5, haversine_tau=-1.0)
+    errs = validate(bad)
     assert set(errs) == {"levels", "backbone", "weights", "epochs", "batch_size", "lr", "image_size",
                          "label_smoothing", "haversine_tau"}
     assert "resnet18" in errs["backbone"] and "does not exist" in errs["weights"]
-    assert jobs.validate(jobs.TrainParams(weights="foo"))["weights"].startswith("weights 'foo'")
-    errs = jobs.validate(jobs.TrainParams(levels="1,3,9"), available_levels=(1, 3, 5, 8))
+    assert validate(TrainConfig(weights="foo"))["weights"].startswith("weights 'foo'")
+    errs = validate(TrainConfig(levels=[1, 3, 9]), available_levels=(1, 3, 5, 8))
     assert "level(s) [9] are not in hierarchy.json" in errs["levels"]
 
 
 def test_train_argv_parses_with_train_parser(ws):
     from pipeline.train import config_from_args, get_args_parser
 
-    params = jobs.TrainParams(levels="1,3", per_level=True, backbone="resnet34", weights="none",
-                              epochs=3, batch_size=16, lr=0.002, image_size=64, label_smoothing=0.1,
-                              haversine_tau=25.0, balanced=True, workers=0, max_steps=2)
+    params = TrainConfig(levels=[1, 3], per_level=True, backbone="resnet34", weights="none",
+                         epochs=3, batch_size=16, lr=0.002, image_size=64, label_smoothing=0.1,
+                         haversine_tau=25.0, balanced=True, workers=0, max_steps=2)
     argv = jobs.train_argv(ws, params, "my-run")
     assert argv[:3] == [sys.executable, "-m", "pipeline"]
     assert all(isinstance(a, str) for a in argv)
@@ -108,6 +111,7 @@ def test_train_argv_parses_with_train_parser(ws):
     assert (cfg.lr, cfg.image_size, cfg.label_smoothing, cfg.haversine_tau, cfg.balanced) == \
         (0.002, 64, 0.1, 25.0, True)
     assert (cfg.run_name, cfg.workers, cfg.max_steps) == ("my-run", 0, 2)
+    assert cfg == replace(params, run_name="my-run")
     r = jobs.resume_argv(ws, ws.models_dir / "x", epochs=5)
     args = get_args_parser().parse_args(r[r.index("train") + 1:])
     assert args.resume == str(ws.models_dir / "x") and args.epochs == 5
@@ -115,17 +119,20 @@ def test_train_argv_parses_with_train_parser(ws):
 
 def test_launch_refuses_bad_input(ws):
     with pytest.raises(WorkspaceError, match="run `python -m pipeline labels` first"):
-        jobs.launch(ws, jobs.TrainParams())
-    with pytest.raises(InputError, match="epochs: epochs must be an integer"):
-        jobs.launch(ws, jobs.TrainParams(epochs=0), argv=["true"])
+        jobs.launch(ws, TrainConfig())
+    with pytest.raises(InputError, match="--epochs: epochs must be an integer"):
+        jobs.launch(ws, TrainConfig(epochs=0), argv=["true"])
     with pytest.raises(InputError, match="run name 'a b'"):
-        jobs.launch(ws, jobs.TrainParams(), "a b", argv=["true"])
+        jobs.launch(ws, TrainConfig(), "a b", argv=["true"])
+    with pytest.raises(InputError, match="weights file /no/w.safetensors does not exist"):
+        jobs.launch(ws, TrainConfig(weights="/no/w.safetensors"), argv=["true"])
+    assert not ws.models_dir.exists() or not any(ws.models_dir.iterdir())
 
 
 # ----------------------------------------------------------------------------- fake jobs
 
 def test_launch_list_tail_and_graceful_cancel(ws, cleanup):
-    run = jobs.launch(ws, jobs.TrainParams(epochs=2), "g1", argv=fake_argv(ws, "g1", "graceful"))
+    run = jobs.launch(ws, TrainConfig(epochs=2), "g1", argv=fake_argv(ws, "g1", "graceful"))
     cleanup.append(run)
     assert run == ws.models_dir / "g1"
     # the run is visible at once, queued or already running
@@ -137,14 +144,14 @@ def test_launch_list_tail_and_graceful_cancel(ws, cleanup):
     assert wait_for(lambda: jobs.job_info(run).state == "running")
     info = jobs.job_info(run)
     assert info.progress == 0.25 and info.eta_s == 30.0 and info.epochs == 2
-    assert wait_for(lambda: "epoch 1/2 started" in jobs.tail_log(run))
+    assert wait_for(lambda: "epoch 1/2 started" in Run(run).tail())
     assert jobs.cancel(run, grace_s=5, wait=True) == "cancelled"
     info = jobs.job_info(run)
     assert info.state == "cancelled" and not info.alive and info.eta_s is None
 
 
 def test_cancel_escalates_to_sigkill(ws, cleanup):
-    run = jobs.launch(ws, jobs.TrainParams(), "s1", argv=fake_argv(ws, "s1", "stubborn"))
+    run = jobs.launch(ws, TrainConfig(), "s1", argv=fake_argv(ws, "s1", "stubborn"))
     cleanup.append(run)
     assert wait_for(lambda: jobs.job_info(run).state == "running")
     t0 = time.monotonic()
@@ -156,7 +163,7 @@ def test_cancel_escalates_to_sigkill(ws, cleanup):
 
 
 def test_cancel_in_background_thread(ws, cleanup):
-    run = jobs.launch(ws, jobs.TrainParams(), "b1", argv=fake_argv(ws, "b1", "stubborn"))
+    run = jobs.launch(ws, TrainConfig(), "b1", argv=fake_argv(ws, "b1", "stubborn"))
     cleanup.append(run)
     assert wait_for(lambda: jobs.job_info(run).state == "running")
     assert jobs.cancel(run, grace_s=0.3) == "cancelling"
@@ -164,14 +171,14 @@ def test_cancel_in_background_thread(ws, cleanup):
 
 
 def test_dead_process_is_failed_with_log_tail(ws, cleanup):
-    run = jobs.launch(ws, jobs.TrainParams(), "c1", argv=fake_argv(ws, "c1", "crash"))
+    run = jobs.launch(ws, TrainConfig(), "c1", argv=fake_argv(ws, "c1", "crash"))
     cleanup.append(run)
     assert wait_for(lambda: jobs.job_info(run).state == "failed")
     info = jobs.job_info(run)
     assert "ended without finishing" in info.error
     assert "Traceback: something broke" in info.error
     # the verdict is on disk: a restarted dashboard sees the same
-    assert jobs.read_status(run)["state"] == "failed"
+    assert Run(run).status()["state"] == "failed"
 
 
 def test_reused_pid_is_not_our_job(ws):
@@ -192,14 +199,14 @@ def test_reused_pid_is_not_our_job(ws):
 
 
 def test_concurrency_limit(ws, cleanup, monkeypatch):
-    run = jobs.launch(ws, jobs.TrainParams(), "l1", argv=fake_argv(ws, "l1", "graceful"), limit=1)
+    run = jobs.launch(ws, TrainConfig(), "l1", argv=fake_argv(ws, "l1", "graceful"), limit=1)
     cleanup.append(run)
     with pytest.raises(jobs.JobError, match=r"1 job\(s\) already running \(l1\); the limit is 1"):
-        jobs.launch(ws, jobs.TrainParams(), "l2", argv=fake_argv(ws, "l2", "graceful"), limit=1)
+        jobs.launch(ws, TrainConfig(), "l2", argv=fake_argv(ws, "l2", "graceful"), limit=1)
     assert not (ws.models_dir / "l2").exists()
     monkeypatch.setenv("GEOHIER_MAX_JOBS", "2")
     assert jobs.max_jobs() == 2
-    run2 = jobs.launch(ws, jobs.TrainParams(), "l2", argv=fake_argv(ws, "l2", "graceful"))
+    run2 = jobs.launch(ws, TrainConfig(), "l2", argv=fake_argv(ws, "l2", "graceful"))
     cleanup.append(run2)
     monkeypatch.setenv("GEOHIER_MAX_JOBS", "zero")
     with pytest.raises(InputError, match="GEOHIER_MAX_JOBS"):
@@ -207,18 +214,18 @@ def test_concurrency_limit(ws, cleanup, monkeypatch):
     monkeypatch.delenv("GEOHIER_MAX_JOBS")
     assert jobs.max_jobs() >= 1
     with pytest.raises(jobs.JobError, match="already exists"):
-        jobs.launch(ws, jobs.TrainParams(), "l1", argv=fake_argv(ws, "l1", "graceful"), limit=5)
+        jobs.launch(ws, TrainConfig(), "l1", argv=fake_argv(ws, "l1", "graceful"), limit=5)
 
 
 def test_resume_fake(ws, cleanup):
-    run = jobs.launch(ws, jobs.TrainParams(), "z1", argv=fake_argv(ws, "z1", "graceful"))
+    run = jobs.launch(ws, TrainConfig(), "z1", argv=fake_argv(ws, "z1", "graceful"))
     cleanup.append(run)
     assert wait_for(lambda: jobs.job_info(run).state == "running")
     with pytest.raises(jobs.JobError, match="still running; cancel it before resuming"):
         jobs.resume(ws, run, argv=fake_argv(ws, "z1", "quick"))
     jobs.cancel(run, wait=True)
     jobs.resume(ws, run, argv=fake_argv(ws, "z1", "quick"))
-    assert jobs.read_status(run)["state"] in ("queued", "running", "done")
+    assert Run(run).status()["state"] in ("queued", "running", "done")
     assert json.loads((run / "job.json").read_text())["resumed"] is True
     assert jobs.wait(run, timeout=20).state == "done"
     with pytest.raises(jobs.JobError, match="finished its 2 epochs"):
@@ -232,13 +239,13 @@ def test_real_train_job_and_resume(ws, cleanup):
     from test_evaluate import make_tiny_workspace
 
     make_tiny_workspace(ws, (1, 3))
-    params = jobs.TrainParams(levels="1,3", backbone="resnet18", weights="none", epochs=1, batch_size=8,
-                              lr=0.001, image_size=32, workers=0, max_steps=1)
+    params = TrainConfig(levels=[1, 3], backbone="resnet18", weights="none", epochs=1, batch_size=8,
+                         lr=0.001, image_size=32, workers=0, max_steps=1)
     run = jobs.launch(ws, params, "real")
     cleanup.append(run)
-    assert jobs.read_status(run)["state"] in ("queued", "running")
+    assert Run(run).status()["state"] in ("queued", "running")
     info = jobs.wait(run, timeout=300)
-    assert info.state == "done", jobs.tail_log(run) + "\n" + (run / "console.txt").read_text()[-2000:]
+    assert info.state == "done", Run(run).tail() + "\n" + (run / "console.txt").read_text()[-2000:]
     assert info.progress == 1.0
     for f in ("config.json", "meta.json", "model.safetensors", "metrics.jsonl", "log.txt"):
         assert (run / f).exists(), f
@@ -248,7 +255,7 @@ def test_real_train_job_and_resume(ws, cleanup):
     # train longer: resume with 2 epochs
     jobs.resume(ws, run, epochs=2)
     info = jobs.wait(run, timeout=300)
-    assert info.state == "done" and info.epochs == 2, jobs.tail_log(run)
+    assert info.state == "done" and info.epochs == 2, Run(run).tail()
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
     # then the CLI evaluates it on its test split

@@ -141,10 +141,27 @@ def test_geo_loss_weights_levels_and_mixes():
     assert mparts[1].item() == pytest.approx(want.item(), rel=1e-6)
 
 
+def _schedule(total, warmup, base=1.0, start=0, steps=None):
+    """The rates torch's scheduler gives the optimizer at each step from ``start``."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = T.make_scheduler(opt, total, warmup, start_step=start)
+    lrs = []
+    for _ in range(total - start if steps is None else steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 def test_lr_schedule_and_level_weights_parsing():
-    lrs = [T.lr_at(s, 100, 10, 1.0) for s in range(100)]
+    lrs = _schedule(100, 10)
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False)) and lrs[-1] < 0.02
+    assert lrs == pytest.approx([T.warmup_cosine(s, 100, 10) for s in range(100)])
+    # a resumed schedule goes on where it stopped; a longer one where the new length says
+    assert _schedule(100, 10, start=40) == pytest.approx(lrs[40:])
+    assert _schedule(200, 10, start=40, steps=1) == pytest.approx([T.warmup_cosine(40, 200, 10)])
+    assert _schedule(10, 0, base=0.5)[0] == pytest.approx(0.5)
     assert T.parse_level_weights("1:1,8:0.5") == {1: 1.0, 8: 0.5}
     assert T.parse_level_weights("2,1", [1, 3]) == {1: 2.0, 3: 1.0}
     with pytest.raises(GeohierError, match="level-weights"):
@@ -210,10 +227,13 @@ def test_resume_continues_the_epoch_count_and_refuses_a_changed_hierarchy(tmp_pa
     assert [m["epoch"] for m in metrics(run)] == [1]
     state = json.loads((run / "train_state.json").read_text())
     assert state["epoch"] == 1 and state["step"] == 1
+    assert state["scheduler"] == {"last_epoch": 1, "base_lrs": [2e-3, 2e-3]}
     T.resume(ws, run, epochs=2)
     assert [m["epoch"] for m in metrics(run)] == [1, 2]
     assert status(run)["state"] == "done" and status(run)["epoch"] == 2
     assert json.loads((run / "train_state.json").read_text())["step"] == 2
+    # the schedule of the longer run (2 steps, no warm-up) was restored at step 1: its end
+    assert metrics(run)[-1]["lr"] == pytest.approx(2e-3 * T.warmup_cosine(1, 2, 0))
     with pytest.raises(GeohierError, match="already exists"):
         T.train(ws, tiny(run_name="r"))
     build_hierarchy([1, 2, -3], [4, 5, -6], [1, 3], min_images=1).save(ws.hierarchy_path)
@@ -256,7 +276,9 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path):
 
 
 def test_out_of_memory_says_what_to_lower(world, monkeypatch):
-    real = T.build_model
+    from pipeline.train import fit
+
+    real = fit.build_model
 
     def oom_model(*a, **k):
         m = real(*a, **k)
@@ -267,7 +289,7 @@ def test_out_of_memory_says_what_to_lower(world, monkeypatch):
         m.forward = boom
         return m
 
-    monkeypatch.setattr(T, "build_model", oom_model)
+    monkeypatch.setattr("pipeline.train.fit.build_model", oom_model)
     with pytest.raises(GeohierError, match=r"out of memory .*lower --batch-size or --image-size"):
         T.train(world, tiny(run_name="oom"))
     assert status(world.models_dir / "oom")["state"] == "failed"

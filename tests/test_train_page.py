@@ -54,8 +54,8 @@ def test_validation_messages_next_to_fields(ws):
     at = _by_label(at.button, "Launch").click().run()
     assert not at.exception
     errors = [e.value for e in at.error]
-    assert any("epochs must be an integer in [1, 1000]" in e for e in errors)
-    assert any("image size must be an integer in [16, 1024]" in e for e in errors)
+    assert any("epochs must be an integer in [1, 10000]" in e for e in errors)
+    assert any("image size must be an integer in [16, 2048]" in e for e in errors)
     assert any("weights file /nope/w.safetensors does not exist" in e for e in errors)
     assert any("letters, digits" in e for e in errors)
     assert not [p for p in ws.models_dir.iterdir()]  # nothing launched
