@@ -6,7 +6,7 @@ should cost about one per-level run: goal <= 0.35x the four runs' time.
 
 Both sides run ``pipeline.train.train`` on the same generated workspace (a few hundred
 small JPEGs, levels 1/3/5/8, resnet18 at 48 px, CPU) and are timed by the epoch's
-``time_s`` in metrics.jsonl (train loop only: no val split). A second section compares the
+``time_s`` in its metrics history (train loop only: no val split). A second section compares the
 data loader's throughput alone with the model step's throughput alone, to show which one
 bounds an epoch.
 

@@ -4,8 +4,8 @@ A job is ``python -m pipeline --data D --models M train ... --run-name NAME`` st
 own process group (``start_new_session``) from an argv built out of a validated
 TrainConfig (``pipeline.train.to_argv``; never a shell string). This module only starts and
 stops processes: everything about a job lives in its run directory, read and written
-through ``geohier.runs.Run`` (status queued here, then train's; job.json: pid, process
-group, process start time and argv; console.txt: the process's stdout + stderr), so jobs
+through ``geohier.runs.Run`` (status queued here, then train's; the job record: pid, process
+group, process start time and argv; the console: the process's stdout + stderr), so jobs
 survive a dashboard restart.
 
 A job whose process is gone (or whose pid now belongs to another program: psutil's start
@@ -168,7 +168,7 @@ def job_info(run_dir: str | os.PathLike | Run, log_lines: int = 20) -> JobInfo:
 
 
 def _job_record(run: Run) -> dict:
-    """job.json of the run, or of the per-level set it belongs to."""
+    """The job record of the run, or of the per-level set it belongs to."""
     job = run.job()
     group = run.config().get("group") if not job else None
     return Run(run.path.parent / str(group)).job() if group else job

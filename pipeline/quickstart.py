@@ -2,7 +2,7 @@
 
 `make run` calls it before starting the dashboard: it builds the synthetic demo world when
 the manifest is empty, the label hierarchy when there is none, trains the small demo model
-when no run has finished, and evaluates the newest finished run when it has no eval.json —
+when no run has finished, and evaluates the newest finished run when it has no evaluation —
 each step only when missing, so it costs nothing once done.
 ``next_step`` tells the home page what a user should do next.
 """

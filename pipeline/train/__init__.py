@@ -20,7 +20,7 @@ distributed     device and process group, collectives, the SIGTERM stop flag
 samplers        rank-sharded evaluation and class-balanced sampling
 data            datasets, loaders and class positions of a run
 state           optimizer / scaler / schedule state <-> safetensors + JSON
-progress        status.json, log.txt and metrics.jsonl while a run trains (through Run)
+progress        a run's status, log and metrics history while it trains (through Run)
 ==============  ==========================================================================
 
 A run directory (models/<run>/, owned by ``geohier.runs.Run``) receives its config, its

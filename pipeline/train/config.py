@@ -49,7 +49,7 @@ def _opt(default, kind: str, help: str, *, lo=None, hi=None, lo_open: bool = Fal
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on; stored as the run's config.json (``to_dict``)."""
+    """Everything a run depends on; stored as the run's config (``to_dict``)."""
 
     levels: list[int] | None = _opt(
         None, "levels", "comma-separated grid levels to train", shown_default="every level of hierarchy.json",
@@ -88,7 +88,7 @@ class TrainConfig:
     hflip: float = _opt(0.0, "float", "horizontal flip probability; flips swap the driving side", lo=0.0, hi=1.0)
     mixup: float = _opt(0.0, "float", "MixUp Beta alpha, 0 = off", lo=0.0, metavar="ALPHA")
     cutmix: float = _opt(0.0, "float", "CutMix Beta alpha, 0 = off", lo=0.0, metavar="ALPHA")
-    # no flag yet (the command never had one); a config.json or a caller may set it
+    # no flag yet (the command never had one); a stored run config or a caller may set it
     head_dropout: float = _opt(0.0, "float", "dropout before each level's head", lo=0.0, hi=1.0, hi_open=True,
                                cli=False)
     workers: int = _opt(2, "int", "data-loading processes", lo=0, hi=256, resume=True)
@@ -115,7 +115,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        """The config of a stored config.json (keys it does not know are ignored)."""
+        """The config of a stored run config (keys it does not know are ignored)."""
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         if kw.get("level_weights"):

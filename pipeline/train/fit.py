@@ -90,12 +90,12 @@ def prepare_run(ws: Workspace, cfg: TrainConfig, levels) -> Run:
 def train(ws: Workspace, config: TrainConfig, resume_dir: str | os.PathLike | None = None) -> Path:
     """Train one run (all of ``config.levels`` on one backbone) and return its directory.
 
-    With ``resume_dir``: continue that run from its last saved epoch (its config.json,
+    With ``resume_dir``: continue that run from its last saved epoch (its stored config,
     except for the epoch count, workers, device and max_steps given in ``config``).
-    Raises GeohierError for anything a user can fix; the run's status.json then says
+    Raises GeohierError for anything a user can fix; the run's status then says
     failed with the reason. A SIGTERM/SIGINT ends it as cancelled (returns normally).
     With ``config.per_level`` it trains one run per level (``train_runs``) and returns the
-    set's directory (models/<group>/, status.json and config.json of the set).
+    set's directory (models/<group>/, with the set's status and config).
     """
     if config.per_level:
         runs = train_runs(ws, config)
@@ -385,7 +385,7 @@ def train_runs(ws: Workspace, config: TrainConfig) -> list[Path]:
     ``<group>-L<k>``, each an ordinary run with one level (config.group names the set).
 
     The group name (``config.run_name``) also gets a directory holding the set's
-    status.json (overall progress) and a config.json listing the runs, so a job launcher
+    status (overall progress) and a config listing the runs, so a job launcher
     that watches ``models/<run_name>/`` sees the whole set."""
     if not config.per_level:
         return [train(ws, config)]

@@ -1,5 +1,5 @@
-"""What a training process tells the world while it runs: the run's status.json (state,
-epoch, step, progress, ETA; throttled), its log.txt (and the terminal), its metrics.jsonl.
+"""What a training process tells the world while it runs: the run's status (state, epoch,
+step, progress, ETA; throttled), its log (and the terminal), its metrics history.
 
 All of it through ``geohier.runs.Run``; every method is silent on ranks other than 0, so
 a torchrun job writes each line once.
@@ -27,7 +27,7 @@ class RunReport:
         self._last = 0.0
 
     def log(self, msg: str) -> None:
-        """A timestamped line in log.txt and on stderr (above the tqdm bar)."""
+        """A timestamped line in the run's log and on stderr (above the tqdm bar)."""
         if not self.main:
             return
         line = f"{datetime.now().strftime('%Y-%m-%d %H:%M:%S')} {msg}"
@@ -37,7 +37,7 @@ class RunReport:
         tqdm.write(line, file=sys.stderr)
 
     def log_text(self, text: str) -> None:
-        """Lines as they are (a traceback) in log.txt only."""
+        """Lines as they are (a traceback) in the run's log only."""
         if self.main:
             self.run.append_log(text)
 
