@@ -9,10 +9,14 @@ upload box) opens images through ``open_image``, so that they all agree on:
   composited on white and 16-bit greys scaled to 8 bits;
 - formats: whatever Pillow reads (JPEG, PNG, WebP, GIF, BMP, TIFF, ...), plus HEIC/HEIF
   through pillow-heif (in requirements.txt; registered on first use, optional for the library);
-- refusals: a missing, empty, truncated or non-image file, or one with more than
-  ``MAX_PIXELS`` pixels (a decompression bomb), raises ``ImageReadError`` (an
+- refusals: a missing, empty, truncated or non-image file, EXIF metadata without the
+  picture (the head of a JPEG cut after its header), a camera raw file, or one with more
+  than ``MAX_PIXELS`` pixels (a decompression bomb), raises ``ImageReadError`` (an
   ``InputError``) whose message names the file and whose ``reason`` says which case it was.
   ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` stays False: a truncated file is an error;
+- warnings: Pillow and its plugins warn about odd but readable files ("Invalid APNG",
+  "Corrupt EXIF data"); ``collect_warnings`` records them as one-line messages so that
+  a caller can count them in its summary instead of letting them print;
 - size: ``max_side`` shrinks a big photo while it is decoded (JPEG's DCT scaling through
   ``Image.draft``), so a 50 MP photo is never held at full size when 512 px are wanted.
 
@@ -36,6 +40,8 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -74,6 +80,7 @@ _ORIENTATION_FIX = {
 
 # Why a file gave no usable GPS position (the import summary counts these).
 GPS_MISSING = "no GPS"
+GPS_VOID = "GPS void"  # a GPS block whose GPSStatus is 'V': the receiver had no fix
 GPS_BROKEN = "broken EXIF"
 GPS_INVALID = "invalid coordinates"
 
@@ -84,6 +91,18 @@ READ_NOT_IMAGE = "not an image"
 READ_TRUNCATED = "truncated image"
 READ_TOO_LARGE = "too large"
 READ_UNREADABLE = "unreadable file"
+READ_NO_IMAGE_DATA = "EXIF without image data"
+READ_RAW = "camera raw file"
+
+# Camera raw formats Pillow cannot decode: by file extension, and by the signatures of
+# those that are not plain TIFF (Pillow may open a TIFF-based raw's small preview).
+RAW_EXTENSIONS = {".3fr", ".ari", ".arw", ".cr2", ".cr3", ".crw", ".dcr", ".dng", ".erf", ".iiq",
+                  ".k25", ".kdc", ".mef", ".mos", ".mrw", ".nef", ".nrw", ".orf", ".pef", ".raf",
+                  ".raw", ".rw2", ".rwl", ".sr2", ".srf", ".srw", ".x3f"}
+_RAW_SIGNATURES = ((0, b"IIU\x00", "Panasonic RW2"), (0, b"IIRO", "Olympus ORF"),
+                   (0, b"IIRS", "Olympus ORF"), (0, b"MMOR", "Olympus ORF"),
+                   (0, b"FUJIFILMCCD-RAW", "Fujifilm RAF"), (8, b"CR\x02", "Canon CR2"),
+                   (4, b"ftypcrx ", "Canon CR3"), (0, b"FOVb", "Sigma X3F"), (0, b"\x00MRM", "Minolta MRW"))
 
 # Pillow format name -> file extension used when an image is copied into the workspace.
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
@@ -179,6 +198,55 @@ def _looks_like_heif(data: bytes) -> bool:
     return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
 
 
+def raw_format(data: bytes, name: str = "") -> str | None:
+    """The camera raw format of a file that Pillow could not read (``"Panasonic RW2"``,
+    or the extension for TIFF-based raws such as NEF and DNG), or None.
+
+    >>> raw_format(b"IIU\\x00" + bytes(12))
+    'Panasonic RW2'
+    >>> raw_format(b"II*\\x00" + bytes(12), "DSC_0001.NEF")
+    'NEF'
+    """
+    for offset, magic, label in _RAW_SIGNATURES:
+        if data[offset:offset + len(magic)] == magic:
+            return label
+    suffix = os.path.splitext(name)[1].lower()
+    return suffix[1:].upper() if suffix in RAW_EXTENSIONS else None
+
+
+def _jpeg_header_end(data: bytes) -> tuple[bool, bool] | None:
+    """For a JPEG: (whether its segments reach the image data, i.e. a start-of-scan
+    marker, and whether an EXIF segment came before). None when it is not a JPEG."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    i, exif = 2, False
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return False, exif  # not a marker where one must be: broken header
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA:
+            return True, exif
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
+            exif = True
+        i += 2 + length
+    return False, exif
+
+
+def _header_failure(data: bytes, name: str, exc: Exception) -> ImageReadError:
+    """The right refusal for a file whose header Pillow could not parse."""
+    jpeg = _jpeg_header_end(data)
+    if jpeg is not None and not jpeg[0]:
+        if jpeg[1]:
+            return ImageReadError(f"{name} holds EXIF metadata but no image data (the file ends "
+                                  "before the picture starts)", READ_NO_IMAGE_DATA)
+        return ImageReadError(f"{name} is truncated: it ends inside its JPEG header", READ_TRUNCATED)
+    return ImageReadError(f"{name} is not a readable image ({exc})", READ_NOT_IMAGE)
+
+
 def _open_lazy(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
     """Identify the image and read its header (nothing decoded yet); refuse empty,
     non-image and over-limit files."""
@@ -193,14 +261,20 @@ def _open_lazy(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{name} is too large to open safely ({exc})", READ_TOO_LARGE) from None
-    except UnidentifiedImageError:
+    except UnidentifiedImageError as exc:
+        raw = raw_format(data, name)
+        if raw is not None:
+            raise ImageReadError(f"{name} is a camera raw file ({raw}), which geohier cannot decode: "
+                                 "export it as JPEG or TIFF first", READ_RAW) from None
         hint = ""
         if _looks_like_heif(data) and not heif_available():
             hint = " (it looks like HEIC/HEIF: `pip install pillow-heif` to read it)"
+        elif (jpeg := _jpeg_header_end(data)) is not None and not jpeg[0]:
+            raise _header_failure(data, name, exc) from None  # a JPEG cut inside its header
         raise ImageReadError(f"{name} is not an image file Pillow can read{hint}",
                              READ_NOT_IMAGE) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # broken headers
-        raise ImageReadError(f"{name} is not a readable image ({exc})", READ_NOT_IMAGE) from None
+        raise _header_failure(data, name, exc) from None
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     w, h = img.size
     if w < 1 or h < 1:
@@ -372,9 +446,9 @@ def _dms_to_degrees(value: Any) -> float:
 
 def gps_from_exif(exif: Image.Exif) -> tuple[tuple[float, float] | None, str | None]:
     """``((lat, lon), None)`` from an EXIF block, or ``(None, problem)`` with problem one of
-    GPS_MISSING (no GPS tags, or the receiver marked the fix void), GPS_BROKEN (tags present
-    but malformed) and GPS_INVALID (a position outside the globe, or exactly 0, 0, which
-    receivers without a fix write)."""
+    GPS_MISSING (no GPS tags), GPS_VOID (the receiver marked the fix void: GPSStatus 'V'),
+    GPS_BROKEN (tags present but malformed) and GPS_INVALID (a position outside the globe,
+    or exactly 0, 0, which receivers without a fix write)."""
     try:
         gps = exif.get_ifd(IFD_GPS)
     except Exception:
@@ -383,7 +457,7 @@ def gps_from_exif(exif: Image.Exif) -> tuple[tuple[float, float] | None, str | N
         return None, GPS_MISSING
     try:
         if _ref(gps.get(GPS_STATUS, "A")) == "V":  # "void": no fix when the photo was taken
-            return None, GPS_MISSING
+            return None, GPS_VOID
         lat = _dms_to_degrees(gps[GPS_LAT])
         lon = _dms_to_degrees(gps[GPS_LON])
         lat_ref, lon_ref = _ref(gps.get(GPS_LAT_REF, "N")), _ref(gps.get(GPS_LON_REF, "E"))
@@ -503,7 +577,7 @@ class ImageInfo:
     height: int
     orientation: int            # EXIF orientation tag, 1 when absent
     gps: tuple[float, float] | None
-    gps_problem: str | None     # None, GPS_MISSING, GPS_BROKEN or GPS_INVALID
+    gps_problem: str | None     # None, GPS_MISSING, GPS_VOID, GPS_BROKEN or GPS_INVALID
     captured_at: str | None
     brightness: float | None    # None unless decoded
 
@@ -535,3 +609,26 @@ def image_info(src: ImageSource, *, decode: bool = True, max_side: int = 256,
     if decode:
         light = brightness(open_image(NamedBytes(data, name), max_side=max_side, max_pixels=max_pixels))
     return ImageInfo(fmt, ext, w, h, orientation, gps, problem, when, light)
+
+
+@contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    """Record, instead of printing, every warning raised inside the block (Pillow's
+    "Invalid APNG", "Corrupt EXIF data", ...); yields the list that receives each one as
+    ``"<Category>: <first line of its message>"``, in order, repeats included.
+
+    >>> import warnings
+    >>> with collect_warnings() as seen:
+    ...     warnings.warn("Invalid APNG, will use default PNG image if possible")
+    >>> seen
+    ['UserWarning: Invalid APNG, will use default PNG image if possible']
+    """
+    seen: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # repeats count too: one per file, not one per process
+        try:
+            yield seen
+        finally:
+            for w in caught:
+                text = str(w.message).strip().splitlines()[0] if str(w.message).strip() else ""
+                seen.append(f"{w.category.__name__}: {text[:120]}")

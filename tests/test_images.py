@@ -15,6 +15,7 @@ from geohier.images import (
     GPS_BROKEN,
     GPS_INVALID,
     GPS_MISSING,
+    GPS_VOID,
     ImageReadError,
     brightness,
     image_info,
@@ -84,7 +85,7 @@ def test_gps_broken_and_invalid_are_told_apart():
                               3: "E", 4: (Fraction(0), Fraction(0), Fraction(0))})
     assert inspect_gps(null_island) == (None, GPS_INVALID)
     void_fix = _exif_jpeg({1: "N", 2: good, 3: "E", 4: good, 9: "V"})
-    assert inspect_gps(void_fix) == (None, GPS_MISSING)
+    assert inspect_gps(void_fix) == (None, GPS_VOID)
     for data in (bad_ref, too_many_minutes, out_of_range, null_island):
         assert read_gps(data) is None
 
@@ -324,3 +325,59 @@ def test_image_info_reads_everything_once(tmp_path):
     assert info.gps == pytest.approx((-33.9, 18.4), abs=1e-4) and info.gps_problem is None
     assert 100 < info.brightness < 200  # half near-white, half near-black
     assert image_info(data, decode=False).brightness is None
+
+
+# ------------------------------------------------------------------ odd files real tools make
+
+
+def invalid_apng() -> bytes:
+    """A PNG whose animation chunk claims 0 frames: Pillow warns "Invalid APNG" and
+    reads the default image."""
+    import struct
+    import zlib
+
+    png = _encode(Image.new("RGB", (4, 4), (10, 200, 10)), "PNG")
+    body = b"acTL" + struct.pack(">II", 0, 0)
+    chunk = struct.pack(">I", 8) + body + struct.pack(">I", zlib.crc32(body))
+    return png[:33] + chunk + png[33:]  # right after the signature and IHDR
+
+
+def test_exif_without_image_data_has_its_own_reason():
+    exif = Image.Exif()
+    exif[0x8825] = {1: "N", 2: (Fraction(40), Fraction(46), Fraction(13)), 3: "W",
+                    4: (Fraction(111), Fraction(53), Fraction(28))}
+    data = _encode(Image.new("RGB", (16, 16)), "JPEG", exif=exif.tobytes())
+    app1 = data.index(b"Exif\x00\x00") - 4
+    head = data[: app1 + 2 + int.from_bytes(data[app1 + 2:app1 + 4], "big")]  # SOI + APP1 only
+    assert "no image data" in _refused(images.NamedBytes(head, "head.jpg"), images.READ_NO_IMAGE_DATA, "head.jpg")
+    with pytest.raises(ImageReadError) as info:
+        image_info(head, decode=False)
+    assert info.value.reason == images.READ_NO_IMAGE_DATA
+    plain = _encode(Image.new("RGB", (16, 16)), "JPEG")
+    assert "JPEG header" in _refused(images.NamedBytes(plain[:40], "cut.jpg"), images.READ_TRUNCATED, "cut.jpg")
+
+
+def test_camera_raw_files_are_named_as_such(tmp_path):
+    rw2 = tmp_path / "P1000001.RW2"
+    rw2.write_bytes(b"IIU\x00\x08\x00\x00\x00" + bytes(200))
+    message = _refused(rw2, images.READ_RAW, "P1000001.RW2")
+    assert "Panasonic RW2" in message and "export it as JPEG" in message
+    nef = tmp_path / "DSC_0001.NEF"
+    nef.write_bytes(b"\x00\x01garbage" * 20)
+    assert "(NEF)" in _refused(nef, images.READ_RAW, "DSC_0001.NEF")
+    jpeg_named_nef = tmp_path / "preview.nef"  # content decides: a JPEG is a JPEG
+    jpeg_named_nef.write_bytes(_noise_jpeg((8, 8)))
+    assert open_image(jpeg_named_nef).size == (8, 8)
+    assert images.raw_format(b"\xff\xd8\xff\xe0", "a.jpg") is None
+
+
+def test_library_warnings_are_collected_not_printed(recwarn):
+    with images.collect_warnings() as seen:
+        img = open_image(images.NamedBytes(invalid_apng(), "anim.png"))
+    assert img.size == (4, 4)
+    assert seen == ["UserWarning: Invalid APNG, will use default PNG image if possible"]
+    assert len(recwarn) == 0  # nothing escaped to the warnings machinery
+    with images.collect_warnings() as again:
+        open_image(invalid_apng())
+        open_image(invalid_apng())
+    assert len(again) == 2  # every file counts, not only the first in the process
