@@ -615,7 +615,8 @@ def image_info(src: ImageSource, *, decode: bool = True, max_side: int = 256,
 def collect_warnings() -> Iterator[list[str]]:
     """Record, instead of printing, every warning raised inside the block (Pillow's
     "Invalid APNG", "Corrupt EXIF data", ...); yields the list that receives each one as
-    ``"<Category>: <first line of its message>"``, in order, repeats included.
+    ``"<Category>: <first line of its message>"``, in order, repeats included. The list
+    is filled when the block ends (read it after the ``with``).
 
     >>> import warnings
     >>> with collect_warnings() as seen:

@@ -9,7 +9,8 @@ is refused here, and its brightness measured). Good images are copied into
 import never leaves a row without its file), or referenced where they are with ``link``.
 
 Everything skipped is counted by reason in an ``ImportSummary``; a bad file is never an
-error. Only a missing folder or a CSV that cannot be used (no latitude column, not UTF-8,
+error. Warnings that Pillow raises while reading a file ("Invalid APNG", "Corrupt EXIF
+data") are counted there too, by message, with example files, and never printed raw. Only a missing folder or a CSV that cannot be used (no latitude column, not UTF-8,
 empty) raises ``InputError``.
 
 CSV columns are matched case-insensitively by alias (``CSV_ALIASES``): OSV-5M's
@@ -46,6 +47,7 @@ from geohier.images import (
     ImageReadError,
     NamedBytes,
     brightness,
+    collect_warnings,
     image_info,
     open_image,
 )
@@ -53,8 +55,10 @@ from geohier.workspace import Manifest, Workspace, sha256_bytes
 
 Progress = Callable[[int, int], None]  # progress(done, total)
 
-# Headline reasons, always shown in the summary (others appear when they happen).
+# Headline reasons, always shown in the summary (others appear when they happen: GPS_VOID,
+# truncated images, EXIF without image data, camera raw files, ...).
 MAIN_REASONS = (GPS_MISSING, READ_NOT_IMAGE, GPS_BROKEN, GPS_INVALID)
+WARNINGS_LABEL = "library warnings"  # the summary line that totals them
 MISSING_FILE = READ_MISSING
 INVALID_EMPTY = "invalid coordinates (empty)"
 INVALID_NUMBER = "invalid coordinates (not a number)"
@@ -93,11 +97,20 @@ class ImportSummary:
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few names
     cells: Counter = field(default_factory=Counter)              # compact L8 id -> images added
     interrupted: bool = False
+    warnings: Counter = field(default_factory=Counter)           # warning message -> count
+    warning_examples: dict[str, list[str]] = field(default_factory=dict)  # message -> first few names
 
     def skip(self, reason: str, name: str) -> None:
         self.skipped[reason] += 1
         names = self.examples.setdefault(reason, [])
         if len(names) < 5:
+            names.append(name)
+
+    def warn(self, message: str, name: str) -> None:
+        """Count a warning a library raised while reading ``name``."""
+        self.warnings[message] += 1
+        names = self.warning_examples.setdefault(message, [])
+        if len(names) < 5 and name not in names:
             names.append(name)
 
     def add(self, lat: float, lon: float) -> None:
@@ -123,7 +136,8 @@ class ImportSummary:
                 "added": self.added, "duplicates": self.duplicates,
                 "skipped": dict(self.skipped), "examples": dict(self.examples),
                 "cells": {lv: len(self.cells_at(lv)) for lv in grid.DEFAULT_LEVELS},
-                "top_cells": self.top_cells(), "interrupted": self.interrupted}
+                "top_cells": self.top_cells(), "interrupted": self.interrupted,
+                "warnings": dict(self.warnings), "warning_examples": dict(self.warning_examples)}
 
     def lines(self) -> list[str]:
         """The summary as printed by the CLI: outcome counts (the usual reasons of this kind
@@ -148,6 +162,13 @@ class ImportSummary:
             if names:
                 line += "   e.g. " + ", ".join(names[:3]) + (" ..." if self.skipped[key] > 3 else "")
             out.append(line)
+        if self.warnings:
+            out.append(f"  {WARNINGS_LABEL:<{width}}  {sum(self.warnings.values())}"
+                       "   (files read anyway; counted above by outcome)")
+            for message, n in sorted(self.warnings.items(), key=lambda kv: (-kv[1], kv[0])):
+                names = self.warning_examples.get(message, [])
+                out.append(f"    {message}  {n}   e.g. " + ", ".join(names[:3])
+                           + (" ..." if len(names) > 3 else ""))
         if self.added:
             touched = ", ".join(f"L{lv} {len(self.cells_at(lv))}" for lv in grid.DEFAULT_LEVELS)
             top = ", ".join(f"{c} ({n})" for c, n in self.top_cells())
@@ -166,7 +187,19 @@ def _add_file(m: Manifest, s: ImportSummary, path: Path, name: str, *, link: boo
               latlon: tuple[float, float] | None, row: dict, decode_side: int = 256) -> None:
     """Read, check and add one image file; count what happened in ``s``.
 
-    ``latlon`` None means "take it from the EXIF"."""
+    ``latlon`` None means "take it from the EXIF". Warnings raised while it is read are
+    counted in ``s`` under the file's name."""
+    seen: list[str] = []
+    try:
+        with collect_warnings() as seen:
+            _read_and_add(m, s, path, name, link=link, latlon=latlon, row=row, decode_side=decode_side)
+    finally:  # counted even when the import is interrupted on this file
+        for message in seen:
+            s.warn(message, name)
+
+
+def _read_and_add(m: Manifest, s: ImportSummary, path: Path, name: str, *, link: bool,
+                  latlon: tuple[float, float] | None, row: dict, decode_side: int) -> None:
     try:
         data = path.read_bytes()
     except FileNotFoundError:

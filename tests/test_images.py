@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -331,15 +332,9 @@ def test_image_info_reads_everything_once(tmp_path):
 
 
 def invalid_apng() -> bytes:
-    """A PNG whose animation chunk claims 0 frames: Pillow warns "Invalid APNG" and
-    reads the default image."""
-    import struct
-    import zlib
-
-    png = _encode(Image.new("RGB", (4, 4), (10, 200, 10)), "PNG")
-    body = b"acTL" + struct.pack(">II", 0, 0)
-    chunk = struct.pack(">I", 8) + body + struct.pack(">I", zlib.crc32(body))
-    return png[:33] + chunk + png[33:]  # right after the signature and IHDR
+    """A 4x4 PNG with an animation chunk (acTL) that claims 0 frames, inserted after its
+    IHDR: Pillow warns "Invalid APNG" and reads the default image."""
+    return (Path(__file__).parent / "data" / "invalid_apng.png").read_bytes()
 
 
 def test_exif_without_image_data_has_its_own_reason():

@@ -152,10 +152,14 @@ def test_same_relative_name_from_two_folders_is_kept_twice(ws, tmp_path, make_jp
     assert ids[0] == "IMG_0001.JPG" and ids[1].startswith("IMG_0001.JPG#")
 
 
+# The shared folder next to the repository (../shared), wherever the checkout lives.
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
 def test_real_photos_without_gps_are_counted_not_crashed(ws):
-    shared = Path("/work/shared/photos")
+    shared = SHARED / "photos"
     if not shared.is_dir():
-        pytest.skip("shared photos not present")
+        pytest.skip(f"shared photos not present ({shared})")
     s = import_photos(ws, shared)
     assert s.added == 0 and s.skipped["no GPS"] == s.total > 0
 
@@ -201,6 +205,44 @@ def test_cli_import_photos(ws, photo_dir, cli, capsys):
     assert "manifest: 2 images" in out and "Traceback" not in out + err
     assert cli(["import-photos", str(photo_dir), "--link", "--no-recursive"]) == 0
     assert _count(capsys.readouterr().out, "added") == 0
+
+
+def _void_gps_jpeg(path: Path) -> Path:
+    exif = Image.Exif()
+    good = (Fraction(10), Fraction(30), Fraction(0))
+    exif[0x8825] = {1: "N", 2: good, 3: "E", 4: good, 9: "V"}  # GPSStatus V: no fix
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(path, "JPEG", exif=exif.tobytes())
+    return path
+
+
+def test_void_gps_and_library_warnings_are_counted(ws, tmp_path, make_jpeg):
+    root = tmp_path / "in"
+    make_jpeg(root / "paris.jpg", gps=PARIS)
+    _void_gps_jpeg(root / "void.jpg")
+    apng = (Path(__file__).parent / "data" / "invalid_apng.png").read_bytes()
+    (root / "anim.png").write_bytes(apng)
+    (root / "anim2.png").write_bytes(apng + b"\0")  # other bytes, the same warning
+    s = import_photos(ws, root)
+    assert s.added == 1 and s.skipped["GPS void"] == 1 and s.skipped["no GPS"] == 2
+    message = "UserWarning: Invalid APNG, will use default PNG image if possible"
+    assert s.warnings == {message: 2}
+    assert s.warning_examples[message] == ["anim.png", "anim2.png"]
+    assert s.to_dict()["warnings"] == {message: 2}
+    text = "\n".join(s.lines())
+    assert _count(text, "GPS void") == 1 and _count(text, "library warnings") == 2
+    assert f"    {message}  2   e.g. anim.png, anim2.png" in text
+
+
+def test_cli_routes_warnings_into_the_summary(ws, tmp_path, cli, capsys):
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "anim.png").write_bytes((Path(__file__).parent / "data" / "invalid_apng.png").read_bytes())
+    _void_gps_jpeg(root / "void.jpg")
+    assert cli(["import-photos", str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert _count(out, "library warnings") == 1 and _count(out, "GPS void") == 1
+    assert "Invalid APNG" in out and "Invalid APNG" not in err
+    assert "Warning" not in err and "Traceback" not in err
 
 
 def test_cli_import_photos_missing_dir(ws, tmp_path, cli, capsys):
