@@ -374,7 +374,6 @@ def open_image(src: ImageSource, *, max_side: int | None = None,
         del data  # the decoder keeps its own reference while it needs one
         if max_side:
             img.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
-    orientation = _orientation(img)
     try:
         img.load()  # forces the full decode: a truncated file fails here
     except Image.DecompressionBombError as exc:
@@ -384,6 +383,9 @@ def open_image(src: ImageSource, *, max_side: int | None = None,
         reason = READ_TRUNCATED if "truncated" in text or isinstance(exc, EOFError) else READ_NOT_IMAGE
         what = "is truncated or corrupt" if reason == READ_TRUNCATED else "cannot be decoded"
         raise ImageReadError(f"{name} {what} ({text or type(exc).__name__})", reason) from None
+    # Read after decoding: some decoders (Pillow's TIFF) turn the picture upright themselves
+    # and drop the tag; reading it before would rotate such a picture twice.
+    orientation = _orientation(img)
     try:
         rgb = to_rgb(img)
     except (OSError, ValueError) as exc:
@@ -567,6 +569,18 @@ def brightness(img: Image.Image) -> float:
     return float(np.asarray(grey, dtype=np.float64).mean())
 
 
+def _stored_size(img: Image.Image) -> tuple[int, int]:
+    """Width and height as stored in the file, before any EXIF orientation: a TIFF's
+    ImageWidth/ImageLength tags (Pillow reports a TIFF's size already turned upright),
+    else Pillow's size."""
+    tags = getattr(img, "tag_v2", None)
+    try:
+        w, h = int(tags[256]), int(tags[257])  # ImageWidth, ImageLength
+    except (TypeError, KeyError, ValueError, IndexError):
+        return img.size
+    return (w, h) if w > 0 and h > 0 else img.size
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     """What an import needs to know about one image file."""
@@ -591,7 +605,7 @@ def image_info(src: ImageSource, *, decode: bool = True, max_side: int = 256,
     data = src if isinstance(src, bytes) else read_source(src, name)
     img = _open_lazy(data, name, max_pixels)
     orientation = _orientation(img)
-    w, h = img.size
+    w, h = _stored_size(img)
     if orientation in (5, 6, 7, 8):
         w, h = h, w
     try:

@@ -127,6 +127,18 @@ def test_orientation_6_swaps_width_and_height_and_rotates(tmp_path, make_jpeg):
     assert (info.width, info.height, info.orientation) == (48, 64, 6)
 
 
+@pytest.mark.parametrize("fmt", ["TIFF", "WEBP", "PNG"])
+def test_orientation_6_is_applied_once_in_every_format(tmp_path, make_jpeg, fmt):
+    # Pillow's TIFF decoder turns the picture upright itself (and drops the tag): it must
+    # not be turned a second time, and its displayed size must not be swapped twice.
+    path = make_jpeg(tmp_path / f"o.{fmt.lower()}", size=(64, 48), color=(20, 20, 20), orientation=6, fmt=fmt)
+    img = open_image(path)
+    assert img.size == (48, 64)
+    assert img.getpixel((24, 8))[0] > 200 and img.getpixel((24, 56))[0] < 60
+    info = image_info(path)
+    assert (info.width, info.height, info.orientation) == (48, 64, 6)
+
+
 @pytest.mark.parametrize("orientation, size", [(1, (64, 48)), (3, (64, 48)), (8, (48, 64)), (5, (48, 64))])
 def test_other_orientations(tmp_path, make_jpeg, orientation, size):
     path = make_jpeg(tmp_path / "o.jpg", size=(64, 48), orientation=orientation)
