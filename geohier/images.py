@@ -449,7 +449,8 @@ def _dms_to_degrees(value: Any) -> float:
 def gps_from_exif(exif: Image.Exif) -> tuple[tuple[float, float] | None, str | None]:
     """``((lat, lon), None)`` from an EXIF block, or ``(None, problem)`` with problem one of
     GPS_MISSING (no GPS tags), GPS_VOID (the receiver marked the fix void: GPSStatus 'V'),
-    GPS_BROKEN (tags present but malformed) and GPS_INVALID (a position outside the globe,
+    GPS_BROKEN (tags present but malformed, a zero denominator, or a missing N/S/E/W
+    reference) and GPS_INVALID (a position outside the globe,
     or exactly 0, 0, which receivers without a fix write)."""
     try:
         gps = exif.get_ifd(IFD_GPS)
@@ -462,8 +463,10 @@ def gps_from_exif(exif: Image.Exif) -> tuple[tuple[float, float] | None, str | N
             return None, GPS_VOID
         lat = _dms_to_degrees(gps[GPS_LAT])
         lon = _dms_to_degrees(gps[GPS_LON])
-        lat_ref, lon_ref = _ref(gps.get(GPS_LAT_REF, "N")), _ref(gps.get(GPS_LON_REF, "E"))
-        if lat_ref not in ("N", "S", "") or lon_ref not in ("E", "W", ""):
+        # A missing or empty reference leaves the hemisphere unknown: guessing N/E would put
+        # a southern or western photo on the wrong side of the globe, a silently wrong label.
+        lat_ref, lon_ref = _ref(gps.get(GPS_LAT_REF, "")), _ref(gps.get(GPS_LON_REF, ""))
+        if lat_ref not in ("N", "S") or lon_ref not in ("E", "W"):
             return None, GPS_BROKEN
     except (KeyError, ValueError, TypeError, ZeroDivisionError, OverflowError, IndexError):
         return None, GPS_BROKEN

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
+from PIL.TiffImagePlugin import IFDRational
 
 from geohier import images
 from geohier.errors import InputError
@@ -85,6 +86,10 @@ def test_gps_broken_and_invalid_are_told_apart():
     null_island = _exif_jpeg({1: "N", 2: (Fraction(0), Fraction(0), Fraction(0)),
                               3: "E", 4: (Fraction(0), Fraction(0), Fraction(0))})
     assert inspect_gps(null_island) == (None, GPS_INVALID)
+    no_lon_ref = _exif_jpeg({1: "N", 2: good, 4: good})  # west or east? unknown
+    assert inspect_gps(no_lon_ref) == (None, GPS_BROKEN)
+    zero_denominator = _exif_jpeg({1: "N", 2: (Fraction(10), IFDRational(30, 0), Fraction(0)), 3: "E", 4: good})
+    assert inspect_gps(zero_denominator) == (None, GPS_BROKEN)
     void_fix = _exif_jpeg({1: "N", 2: good, 3: "E", 4: good, 9: "V"})
     assert inspect_gps(void_fix) == (None, GPS_VOID)
     for data in (bad_ref, too_many_minutes, out_of_range, null_island):
