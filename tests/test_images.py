@@ -393,3 +393,10 @@ def test_library_warnings_are_collected_not_printed(recwarn):
         open_image(invalid_apng())
         open_image(invalid_apng())
     assert len(again) == 2  # every file counts, not only the first in the process
+
+
+def test_doctests():
+    import doctest
+
+    result = doctest.testmod(images)
+    assert result.failed == 0 and result.attempted >= 10
