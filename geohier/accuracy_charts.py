@@ -229,3 +229,90 @@ def country_map(countries: Sequence[dict], metric: str = "country_acc", height: 
     maps.add_legend(m, [("#d7191c", "0%"), ("#ffffbf", "50%"), ("#1a9641", "100%")],
                     title=metric.replace("_", " "), note="countries of the true locations")
     return maps.finish(m)
+
+
+# ----------------------------------------------------------------------------- leaderboard
+
+def leaderboard_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """A leaderboard table (``geohier.leaderboard.Leaderboard.table``) for display:
+    percentages for accuracies, rounded km, readable headers."""
+    out = pd.DataFrame({"system": table["name"], "kind": table["kind"]})
+    out["GeoScore"] = table["geoscore"]
+    out["median km"] = table["median_km"]
+    for t in KM_THRESHOLDS:
+        out[f"{t} km"] = 100 * pd.to_numeric(table[f"acc_{t}km"], errors="coerce")
+    out["country"] = 100 * pd.to_numeric(table["country_acc"], errors="coerce")
+    out["images"] = table["n"]
+    out["missing"] = table["missing"]
+    out["note"] = table["note"]
+    return out
+
+
+def fig_leaderboard_curve(table: pd.DataFrame, references: Sequence[dict] = REFERENCES) -> go.Figure:
+    """The distance curve of every leaderboard row (baselines dashed), with the published
+    references dotted, labelled as measured on their own dataset."""
+    evals = {}
+    for _, row in table.iterrows():
+        evals[str(row["name"])] = {"geo": {f"acc_{t}km": row[f"acc_{t}km"] for t in KM_THRESHOLDS}}
+    fig = fig_km_accuracy(evals, references)
+    for trace, (_, row) in zip(fig.data, table.iterrows()):
+        if row["kind"] == "baseline":
+            trace.line.dash = "dash"
+            trace.line.width = 2
+    return fig
+
+
+def error_map(points: pd.DataFrame, *, max_lines: int = 1500, seed: int = 0, height: int = 480):
+    """Lines from each true point to its prediction, coloured by error km (log scale, green
+    near, red far), sampled to ``max_lines`` with a fixed seed so the page stays fast.
+    Missing predictions are left out (their count is the caller's to show)."""
+    import folium
+
+    from geohier import geodesy, maps
+
+    pts = points.dropna(subset=["pred_lat", "pred_lon"])
+    if len(pts) > max_lines:
+        pts = pts.sample(max_lines, random_state=seed)
+    d = geodesy.haversine_km(pts["pred_lat"], pts["pred_lon"], pts["true_lat"], pts["true_lon"])
+    colours = maps.color_scale(d, log=True, vmin=1.0, vmax=20_000.0,
+                               colors=("#1a9850", "#fee08b", "#fdae61", "#d73027", "#7f0000"))
+    m = maps.base_map(height=height)
+    group = folium.FeatureGroup(name="errors")
+    for (tl, to, pl, po), km, c in zip(pts[["true_lat", "true_lon", "pred_lat", "pred_lon"]].to_numpy(), d, colours):
+        folium.PolyLine([(tl, to), (pl, po)], color=c, weight=1.5, opacity=0.7,
+                        tooltip=f"{km:,.0f} km").add_to(group)
+        folium.CircleMarker((tl, to), radius=2, color="#222222", weight=0.5, fill=True, fill_opacity=1).add_to(group)
+    group.add_to(m)
+    maps.add_legend(m, [("#1a9850", "< 25 km"), ("#fee08b", "~200 km"), ("#fdae61", "~750 km"),
+                        ("#d73027", "~2,500 km"), ("#7f0000", "20,000 km")], title="Error",
+                    note=f"{len(pts):,} of {len(points):,} images shown; dots are the true places")
+    return maps.finish(m)
+
+
+def cell_hit_map(points: pd.DataFrame, level: int):
+    """Cells of the true points at ``level``, coloured by hit rate (the prediction falls in
+    the same cell), with images and hits in the tooltip."""
+    from geohier import benchmark, maps
+
+    cells = benchmark.cell_hit_rates(points["true_lat"], points["true_lon"], points["pred_lat"],
+                                     points["pred_lon"], level)
+    m = maps.base_map()
+    colours = maps.color_scale(cells["hit_rate"], vmin=0.0, vmax=1.0,
+                               colors=("#d73027", "#fee08b", "#1a9850"))
+    layer = maps.cells_layer(cells["key"], level, colours,
+                             fields={"images": cells["images"].tolist(), "hits": cells["hits"].tolist(),
+                                     "hit %": (100 * cells["hit_rate"]).round(1).tolist()},
+                             tooltip=[("cell", "Cell"), ("images", "Images"), ("hits", "Hits"), ("hit %", "Hit rate %")],
+                             name=f"L{level} hit rate")
+    m.add_child(layer)
+    maps.add_legend(m, [("#d73027", "0%"), ("#fee08b", "50%"), ("#1a9850", "100%")],
+                    title=f"L{level} hit rate", note="cells of the true points; hit = prediction in the same cell")
+    return maps.finish(m)
+
+
+def hierarchy_frame(rows: Sequence[dict]) -> pd.DataFrame:
+    """``geohier.benchmark.hierarchy_misses`` rows for display."""
+    return pd.DataFrame([{"level": r["level"], "hit rate %": 100 * r["hit_rate"],
+                          "finest misses wrong here": r["wrong_parent"],
+                          "share of finest misses %": 100 * r["share"] if r["share"] == r["share"] else None}
+                         for r in rows])

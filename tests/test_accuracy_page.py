@@ -152,3 +152,46 @@ def test_run_without_eval_gets_a_button(ws):
     assert (run / "eval.json").exists()
     assert not at.error
     assert at.dataframe  # the km table of the new evaluation
+
+
+def _board(ws):
+    from geohier.leaderboard import Leaderboard
+
+    board = Leaderboard(ws.data_dir)
+    truth = {"hash": "abc123", "name": "im2gps3k", "images": 3}
+    pts = {"key": ["a", "b", "c"], "true_lat": [48.85, 35.68, -33.9], "true_lon": [2.35, 139.65, 18.4],
+           "pred_lat": [48.0, 40.0, float("nan")], "pred_lon": [2.0, -74.0, float("nan")]}
+    geo = {"acc_1km": 0.0, "acc_25km": 0.0, "acc_200km": 0.33, "acc_750km": 0.33, "acc_2500km": 0.33,
+           "geoscore": 1800.0, "median_km": 10000.0, "country_acc": 0.33, "n": 3, "missing": {"n": 1}}
+    board.record(truth, "my-run", "run", geo, points=pts)
+    board.record(truth, "GeoCLIP", "system", {**geo, "geoscore": 2500.0, "median_km": 900.0})
+    board.record(truth, "baseline: constant", "baseline", {**geo, "geoscore": 900.0}, note="training median")
+    return board
+
+
+def test_leaderboard_error_map_and_diagnostics(ws):
+    _board(ws)
+    at = _page().run()
+    assert not at.exception
+    frames = [d.value for d in at.dataframe]
+    board = next(f for f in frames if "system" in getattr(f, "columns", []) or hasattr(f, "data"))
+    data = board.data if hasattr(board, "data") else board
+    assert list(data["system"]) == ["GeoCLIP", "my-run", "baseline: constant"]
+    assert any("Hierarchy diagnostics" in m.value for m in at.markdown)
+    at.radio[0].set_value("cell hit rate").run()
+    assert not at.exception
+
+
+def test_error_and_cell_maps_are_offline():
+    import pandas as pd
+
+    from geohier import maps
+
+    pts = pd.DataFrame({"true_lat": [10.0, 20.0, 30.0], "true_lon": [10.0, 20.0, 30.0],
+                        "pred_lat": [10.0, 25.0, float("nan")], "pred_lon": [10.0, 20.0, float("nan")]})
+    html = maps.offline_html(ac.error_map(pts))
+    assert maps.network_references(html) == [] and "2 of 3 images shown" in html
+    html = maps.offline_html(ac.cell_hit_map(pts, 3))
+    assert maps.network_references(html) == [] and "Hit rate %" in html
+    rows = ac.hierarchy_frame([{"level": 1, "hit_rate": 0.5, "wrong_parent": 1, "share": 0.5}])
+    assert rows["share of finest misses %"][0] == 50.0

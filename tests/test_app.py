@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from geohier.workspace import finished_runs
+from geohier.runs import Run, finished_runs
 from pipeline.cli import main
 from pipeline.quickstart import next_step
 
@@ -50,11 +50,11 @@ def test_next_step_progression(ws):
     (run / "status.json").write_text(json.dumps({"state": "running"}))
     assert finished_runs(ws.models_dir) == []
     (run / "status.json").write_text(json.dumps({"state": "done"}))
-    assert finished_runs(ws.models_dir) == [run]
+    assert finished_runs(ws.models_dir) == [Run(run)]
     (ws.models_dir / "broken").mkdir()
     (ws.models_dir / "broken" / "meta.json").write_text("{}")
     (ws.models_dir / "broken" / "status.json").write_text("not json")
-    assert finished_runs(ws.models_dir) == [run]  # no weights: not finished
+    assert finished_runs(ws.models_dir) == [Run(run)]  # no weights: not finished
 
 
 def test_cli_unknown_command_is_one_line(capsys):

@@ -10,6 +10,7 @@ import pytest
 
 from geohier import grid
 from geohier.errors import InputError, InvalidCoordinateError, InvalidLevelError, WorkspaceError
+from geohier.runs import list_runs
 from geohier.workspace import (
     IMAGE_COLUMNS,
     MANIFEST_LEVEL,
@@ -59,8 +60,8 @@ def test_paths_resolve_and_runs(ws):
     (ws.models_dir / "a_run").mkdir()
     (ws.models_dir / "a_run" / "meta.json").write_text("{}")
     (ws.models_dir / "not_a_run").mkdir()
-    assert [p.name for p in ws.runs()] == ["a_run", "b_run"]
-    assert Workspace(ws.data_dir, ws.models_dir / "missing").runs() == []
+    assert [r.name for r in list_runs(ws.models_dir)] == ["a_run", "b_run"]
+    assert list_runs(ws.models_dir / "missing") == []
     assert not ws.has_manifest()
     ws.manifest().close()
     assert ws.has_manifest()
