@@ -138,29 +138,6 @@ def json_safe(x):
     return x
 
 
-def is_finished(run: str | os.PathLike) -> bool:
-    """A run whose weights and meta.json exist and whose status (when it has one) is done."""
-    run = Path(run)
-    if not ((run / "meta.json").is_file() and (run / "model.safetensors").is_file()):
-        return False
-    if not (run / "status.json").exists():
-        return True
-    return read_json(run / "status.json").get("state") in (None, "done")
-
-
-def finished_runs(models_dir: str | os.PathLike) -> list[Path]:
-    """Finished run directories under ``models_dir``, newest first (by their weights' time)."""
-    models_dir = Path(models_dir)
-    if not models_dir.is_dir():
-        return []
-    runs = [p for p in models_dir.iterdir() if p.is_dir() and is_finished(p)]
-
-    def stamp(run: Path) -> float:
-        return max((run / f).stat().st_mtime for f in ("meta.json", "model.safetensors"))
-
-    return sorted(runs, key=lambda p: (stamp(p), p.name), reverse=True)
-
-
 @dataclass(frozen=True)
 class Workspace:
     """The data and models directories of one project."""
@@ -204,16 +181,6 @@ class Workspace:
         """The absolute path of an image from its manifest ``path`` column."""
         p = Path(stored_path)
         return p if p.is_absolute() else self.data_dir / p
-
-    def runs(self) -> list[Path]:
-        """Run directories (any folder under models/ with a config.json or meta.json)."""
-        if not self.models_dir.is_dir():
-            return []
-        return sorted(
-            (p for p in self.models_dir.iterdir()
-             if p.is_dir() and ((p / "config.json").exists() or (p / "meta.json").exists())),
-            key=lambda p: p.name,
-        )
 
 
 class Manifest:
