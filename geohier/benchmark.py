@@ -151,10 +151,6 @@ class Predictions:
     duplicates: int = 0
 
 
-def _aliases(names: tuple[str, ...]) -> str:
-    return ", ".join(names)
-
-
 def read_predictions(path: str | os.PathLike, name: str | None = None) -> Predictions:
     """A prediction CSV: a key column (``tables.KEY_ALIASES``) and predicted coordinates
     (``tables.PRED_ALIASES``). Missing columns are an InputError naming them and the
@@ -167,11 +163,11 @@ def read_predictions(path: str | os.PathLike, name: str | None = None) -> Predic
     lon_col = tables.find_column(header, tables.PRED_ALIASES["lon"])
     missing = []
     if key_col is None:
-        missing.append(f"an image key ({_aliases(tables.KEY_ALIASES)})")
+        missing.append(f"an image key ({', '.join(tables.KEY_ALIASES)})")
     if lat_col is None:
-        missing.append(f"a predicted latitude ({_aliases(tables.PRED_ALIASES['lat'])})")
+        missing.append(f"a predicted latitude ({', '.join(tables.PRED_ALIASES['lat'])})")
     if lon_col is None:
-        missing.append(f"a predicted longitude ({_aliases(tables.PRED_ALIASES['lon'])})")
+        missing.append(f"a predicted longitude ({', '.join(tables.PRED_ALIASES['lon'])})")
     if missing:
         raise InputError(f"{path} lacks {'; '.join(missing)} (any case). Columns found: {shown}")
     if not rows:
@@ -249,12 +245,20 @@ def _areas(true_lat, true_lon, pred_lat, pred_lon, have, missing, areas) -> dict
     return out
 
 
-def score(truth: TruthSet, preds: Predictions, *, missing: str = "fail", geocode: bool = True) -> dict:
-    """Score a prediction file on a truth set: ``{"system", "truth", "geo", "matching"}``."""
+def score_aligned(truth: TruthSet, preds: Predictions, *, missing: str = "fail",
+                  geocode: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
+    """``score``'s result and the predicted (lat, lon) aligned to the truth rows (NaN where
+    missing), for callers that also keep the per-image points."""
     plat, plon, stats = align(truth, preds)
     geo = score_points(truth.lat, truth.lon, plat, plon, missing=missing, areas=truth.areas, geocode=geocode)
-    return {"system": preds.name, "truth": truth.info(), "geo": geo, "matching": stats,
-            "predictions": {"path": preds.path, "rows": preds.rows}}
+    result = {"system": preds.name, "truth": truth.info(), "geo": geo, "matching": stats,
+              "predictions": {"path": preds.path, "rows": preds.rows}}
+    return result, plat, plon
+
+
+def score(truth: TruthSet, preds: Predictions, *, missing: str = "fail", geocode: bool = True) -> dict:
+    """Score a prediction file on a truth set: ``{"system", "truth", "geo", "matching"}``."""
+    return score_aligned(truth, preds, missing=missing, geocode=geocode)[0]
 
 
 def baseline_scores(truth: TruthSet, train_lat=None, train_lon=None, *, level: int = 8, seed: int = 0,

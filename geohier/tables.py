@@ -61,7 +61,7 @@ class CsvColumns:
     source: str = "csv"  # csv | osv5m | im2gps3k
 
 
-def _aliases(role: str) -> str:
+def aliases(role: str) -> str:
     return ", ".join(CSV_ALIASES[role])
 
 
@@ -80,10 +80,10 @@ def match_columns(header: list[str], name: str = "the CSV") -> CsvColumns:
     for role, label in (("lat", "latitude"), ("lon", "longitude")):
         if found[role] is None:
             raise InputError(f"{name} has no {label} column; accepted names (any case): "
-                             f"{_aliases(role)}. Columns found: {shown}")
+                             f"{aliases(role)}. Columns found: {shown}")
     if found["id"] is None and found["path"] is None:
         raise InputError(f"{name} has no image id or path column; accepted names (any case): "
-                         f"{_aliases('id')} (an id) or {_aliases('path')} (a path). Columns found: {shown}")
+                         f"{aliases('id')} (an id) or {aliases('path')} (a path). Columns found: {shown}")
     lowered = set(by_lower)
     lat_name, lon_name = found["lat"].strip().lower(), found["lon"].strip().lower()
     id_name = (found["id"] or "").strip().lower()

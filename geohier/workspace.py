@@ -316,6 +316,10 @@ class Manifest:
         rel = Path("images") / sha[:2] / f"{sha}.{ext.lstrip('.').lower()}"
         dest = self.data_dir / rel
         if not dest.exists():
+            # a writer killed mid-write (kill -9) left its temporary file: this call writes the
+            # same bytes again, so the leftover goes
+            for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
             atomic_write_bytes(dest, data)
         return self.add_image(sha256=sha, path=rel.as_posix(), **row)
 

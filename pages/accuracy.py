@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 import streamlit as st
 
@@ -31,6 +33,13 @@ def _eval(run_dir: str, stamp: float) -> dict | None:
 runs = [r for r in runs_.list_runs(ws.models_dir)
         if r.metrics_path.exists() or r.eval_path.exists() or r.meta_path.exists()]
 # ----------------------------------------------------------------------------- leaderboard
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _points(data_dir: str, truth_hash: str, name: str, stamp: float):
+    # up to 50,000 per-image points: read once per leaderboard change, not every rerun
+    return Leaderboard(data_dir).points(truth_hash, name)
+
 
 board = Leaderboard(ws.data_dir)
 truth_sets = board.truth_sets()
@@ -72,7 +81,7 @@ if truth_sets:
         who = c1.selectbox("System", with_points)
         view = c2.radio("Map", ["errors", "cell hit rate"], horizontal=True)
         level = c3.selectbox("Level", [1, 3, 5, 8], index=1, disabled=view == "errors")
-        points = board.points(chosen_set, who)
+        points = _points(str(ws.data_dir), chosen_set, who, os.path.getmtime(board.path))
         from streamlit_folium import st_folium
 
         if view == "errors":

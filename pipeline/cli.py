@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "pipeline.demo",
     "pipeline.ingest",
     "pipeline.fetch",
+    "pipeline.merge",
     "pipeline.coverage",
     "pipeline.labels",
     "pipeline.train",

@@ -38,6 +38,7 @@ from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.leaderboard import Leaderboard
 from geohier.runs import Run
 from geohier.workspace import Workspace, json_safe, utcnow
+from pipeline.score import num, pct, record_baselines, training_points
 
 EVAL_FORMAT = "geohier-eval/1"
 SPLIT_CHOICES = ("test", "val")
@@ -383,8 +384,6 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     plat, plon, point = predicted_points(preds[rule], meta, hierarchy, finest)
     dist = geodesy.haversine_km(plat, plon, tlat, tlon)
     countries = country_table(tlat, tlon, plat, plon, dist)
-    from pipeline.score import record_baselines, training_points
-
     baselines = benchmark.baseline_scores(evaluated, *training_points(ws))
     result = {
         "format": EVAL_FORMAT, "run": run_dir.name, "created_at": utcnow(), "source": source,
@@ -403,13 +402,13 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     # the leaderboard scores the run on the whole truth set: images it could not read are
     # missing predictions, as for any other system
     board = Leaderboard(ws.data_dir)
-    entry = benchmark.score(truth, benchmark.Predictions(run_dir.name, keys, plat, plon))
-    full_lat, full_lon, _ = benchmark.align(truth, benchmark.Predictions(run_dir.name, keys, plat, plon))
+    entry, full_lat, full_lon = benchmark.score_aligned(truth, benchmark.Predictions(run_dir.name, keys, plat, plon))
     board.record(truth.info() | {"hash": truth.hash}, run_dir.name, "run", entry["geo"],
                  note=f"{levels} levels, rule {rule}",
                  points={"key": truth.keys, "true_lat": truth.lat, "true_lon": truth.lon,
                          "pred_lat": full_lat, "pred_lon": full_lon})
-    record_baselines(board, truth, ws)
+    # on the whole truth set; the same images as eval.json's when every image was read
+    record_baselines(board, truth, ws, scores=baselines if len(evaluated) == len(truth) else None)
     return result
 
 
@@ -430,19 +429,19 @@ def format_report(result: dict) -> str:
     lines.append(f"{'level':>5} {'classes':>7} {'n':>7} {'top1':>7} {'top5':>7} {'top10':>7} "
                  f"{'chance':>7} {'T':>6} {'ECE':>6} {'ECE(T)':>6}")
     for lv, r in result["per_level"].items():
-        lines.append(f"{lv:>5} {r['num_classes']:>7} {r['n']:>7} {_pct(r['top1'])} {_pct(r['top5'])} "
-                     f"{_pct(r['top10'])} {_pct(r['chance_top1'])} {r['temperature']:>6.2f} "
-                     f"{_num(r['ece_before'], 6, 3)} {_num(r['ece_after'], 6, 3)}")
+        lines.append(f"{lv:>5} {r['num_classes']:>7} {r['n']:>7} {pct(r['top1'])} {pct(r['top5'])} "
+                     f"{pct(r['top10'])} {pct(r['chance_top1'])} {r['temperature']:>6.2f} "
+                     f"{num(r['ece_before'], 6, 3)} {num(r['ece_after'], 6, 3)}")
     g = result["geo"]
     lines += ["", f"geolocation (level {g['level']}, predicted point = {g['point']}, rule = {g['rule']}):",
-              "  " + "  ".join(f"{t} km {_pct(g.get(f'acc_{t}km')).strip()}" for t in metrics.KM_THRESHOLDS),
-              f"  median {_num(g.get('median_km'), 0, 1).strip()} km, mean {_num(g.get('mean_km'), 0, 1).strip()} km, "
-              f"GeoScore {_num(g.get('geoscore'), 0, 0).strip()}"]
+              "  " + "  ".join(f"{t} km {pct(g.get(f'acc_{t}km')).strip()}" for t in metrics.KM_THRESHOLDS),
+              f"  median {num(g.get('median_km'), 0, 1).strip()} km, mean {num(g.get('mean_km'), 0, 1).strip()} km, "
+              f"GeoScore {num(g.get('geoscore'), 0, 0).strip()}"]
     if result.get("countries"):
         lines += ["", f"{'country':<16} {'n':>6} {'in-ctry':>8} {'25km':>7} {'750km':>7} {'median km':>10}"]
         for r in result["countries"][:15]:
-            lines.append(f"{r['country'][:16]:<16} {r['n']:>6} {_pct(r.get('country_acc')):>8} "
-                         f"{_pct(r.get('acc_25km'))} {_pct(r.get('acc_750km'))} {_num(r.get('median_km'), 10, 1)}")
+            lines.append(f"{r['country'][:16]:<16} {r['n']:>6} {pct(r.get('country_acc')):>8} "
+                         f"{pct(r.get('acc_25km'))} {pct(r.get('acc_750km'))} {num(r.get('median_km'), 10, 1)}")
         if len(result["countries"]) > 15:
             lines.append(f"... {len(result['countries']) - 15} more in {runs.EVAL_FILE}")
     return "\n".join(lines)
@@ -450,14 +449,6 @@ def format_report(result: dict) -> str:
 
 def _describe(src: dict) -> str:
     return f"the {src['split']} split" if src.get("kind") == "split" else f"{src.get('csv')}"
-
-
-def _pct(v) -> str:
-    return f"{'-':>7}" if v is None else f"{100 * v:6.1f}%"
-
-
-def _num(v, width, digits) -> str:
-    return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -24,13 +24,12 @@ sub-folders).
 from __future__ import annotations
 
 import argparse
-import codecs
 import csv
 import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +50,16 @@ from geohier.images import (
     image_info,
     open_image,
 )
+from geohier.tables import (  # the CSV formats at the doors, shared with evaluate and score
+    MISSING_REF,
+    CsvColumns,
+    Locator,
+    aliases,
+    check_text,
+    match_columns,
+    parse_coordinate,
+    rows,
+)
 from geohier.workspace import Manifest, Workspace, sha256_bytes
 
 Progress = Callable[[int, int], None]  # progress(done, total)
@@ -60,28 +69,8 @@ Progress = Callable[[int, int], None]  # progress(done, total)
 MAIN_REASONS = (GPS_MISSING, READ_NOT_IMAGE, GPS_BROKEN, GPS_INVALID)
 WARNINGS_LABEL = "library warnings"  # the summary line that totals them
 MISSING_FILE = READ_MISSING
-INVALID_EMPTY = "invalid coordinates (empty)"
-INVALID_NUMBER = "invalid coordinates (not a number)"
-INVALID_NAN = "invalid coordinates (NaN or infinite)"
-INVALID_RANGE = "invalid coordinates (out of range)"
-MISSING_REF = "no image id or path in the row"
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-_KNOWN_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
 
-# Accepted CSV column names (compared case-insensitively, surrounding spaces ignored).
-CSV_ALIASES: dict[str, tuple[str, ...]] = {
-    "id": ("id", "img_id", "image_id", "photo_id", "imgid"),
-    "path": ("path", "filename", "file_name", "file", "image", "img_path", "image_path",
-             "filepath", "file_path", "img"),
-    "lat": ("lat", "latitude", "gps_lat", "gps_latitude"),
-    "lon": ("lon", "lng", "long", "longitude", "gps_lon", "gps_lng", "gps_longitude"),
-    "sequence": ("sequence", "sequence_id", "seq", "seq_id"),
-    "captured_at": ("captured_at", "timestamp", "datetime", "date_taken", "taken_at", "time"),
-}
-# Columns that only OSV-5M's train.csv / test.csv carry (besides id, latitude, longitude).
-_OSV5M_MARKERS = {"thumb_original_url", "sequence", "captured_at", "unique_country", "land_cover",
-                  "quadtree_10_1000", "creator_username", "road_index", "drive_side"}
 
 
 @dataclass
@@ -293,71 +282,6 @@ def import_photos(ws: Workspace, root: str | os.PathLike, *, link: bool = False,
 # ---------------------------------------------------------------- CSV manifests
 
 
-@dataclass(frozen=True)
-class CsvColumns:
-    """Which header names of a CSV hold what, and which dataset it looks like."""
-
-    lat: str
-    lon: str
-    id: str | None = None
-    path: str | None = None
-    sequence: str | None = None
-    captured_at: str | None = None
-    source: str = "csv"  # csv | osv5m | im2gps3k
-
-
-def _aliases(role: str) -> str:
-    return ", ".join(CSV_ALIASES[role])
-
-
-def match_columns(header: list[str], name: str = "the CSV") -> CsvColumns:
-    """Map a CSV header to roles by alias (case-insensitive); raise InputError naming a
-    missing column and the names accepted for it."""
-    by_lower: dict[str, str] = {}
-    for h in header:
-        by_lower.setdefault((h or "").strip().lower(), h)
-
-    def find(role: str) -> str | None:
-        return next((by_lower[a] for a in CSV_ALIASES[role] if a in by_lower), None)
-
-    found = {role: find(role) for role in CSV_ALIASES}
-    shown = ", ".join(h for h in header if h) or "(none)"
-    for role, label in (("lat", "latitude"), ("lon", "longitude")):
-        if found[role] is None:
-            raise InputError(f"{name} has no {label} column; accepted names (any case): "
-                             f"{_aliases(role)}. Columns found: {shown}")
-    if found["id"] is None and found["path"] is None:
-        raise InputError(f"{name} has no image id or path column; accepted names (any case): "
-                         f"{_aliases('id')} (an id) or {_aliases('path')} (a path). Columns found: {shown}")
-    lowered = set(by_lower)
-    lat_name, lon_name = found["lat"].strip().lower(), found["lon"].strip().lower()
-    id_name = (found["id"] or "").strip().lower()
-    if id_name == "id" and (lat_name, lon_name) == ("latitude", "longitude") and lowered & _OSV5M_MARKERS:
-        source = "osv5m"
-    elif id_name == "img_id" and (lat_name, lon_name) == ("lat", "lon"):
-        source = "im2gps3k"
-    else:
-        source = "csv"
-    return CsvColumns(lat=found["lat"], lon=found["lon"], id=found["id"], path=found["path"],
-                      sequence=found["sequence"], captured_at=found["captured_at"], source=source)
-
-
-def parse_coordinate(text: str | None, limit: float) -> tuple[float | None, str | None]:
-    """``(value, None)`` or ``(None, reason)`` for a latitude (limit 90) or longitude (180)."""
-    text = (text or "").strip()
-    if not text:
-        return None, INVALID_EMPTY
-    try:
-        value = float(text)
-    except ValueError:
-        return None, INVALID_NUMBER
-    if not math.isfinite(value):
-        return None, INVALID_NAN
-    if abs(value) > limit:
-        return None, INVALID_RANGE
-    return value, None
-
-
 def parse_time(text: str | None) -> str | None:
     """A capture time as ISO 8601 UTC: epoch seconds or milliseconds (OSV-5M), or an ISO
     string (naive ones are kept as they are); None when empty or unparseable."""
@@ -385,82 +309,6 @@ def parse_time(text: str | None) -> str | None:
     return when.isoformat(timespec="seconds")
 
 
-def _check_text(path: Path) -> tuple[int, str]:
-    """(data rows, delimiter) of a CSV: proves it is non-empty UTF-8 before anything is
-    imported, and counts lines for the progress bar."""
-    decoder = codecs.getincrementaldecoder("utf-8-sig")()
-    newlines, first, last = 0, "", b"\n"
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(1 << 20)
-            try:
-                text = decoder.decode(block, final=not block)
-            except UnicodeDecodeError as exc:
-                bad = exc.object[exc.start] if exc.start < len(exc.object) else 0
-                line = newlines + bytes(exc.object[: exc.start]).count(b"\n") + 1
-                raise InputError(
-                    f"{path} is not UTF-8 text (byte 0x{bad:02x} on line {line}); "
-                    "save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)") from None
-            if not block:
-                break
-            if len(first) < 65536 and "\n" not in first:
-                first += text
-            newlines += block.count(b"\n")
-            last = block[-1:]
-    if not first.strip():
-        raise InputError(f"{path} is empty: expected a header line such as 'path,lat,lon'")
-    header = first.splitlines()[0]
-    delimiter = max(",;\t|", key=header.count) if any(c in header for c in ",;\t|") else ","
-    lines = newlines + (last != b"\n")  # a last line without its newline still counts
-    return max(0, lines - 1), delimiter
-
-
-def _rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        try:
-            if reader.fieldnames is None:
-                return
-            for row in reader:
-                yield reader.line_num, row
-        except csv.Error as exc:
-            raise InputError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
-
-
-class _Locator:
-    """Finds a CSV row's image under images_root (direct path, known extensions, then a
-    by-name index of the whole tree built on the first miss)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self._index: dict[str, Path] | None = None
-
-    def _build_index(self) -> dict[str, Path]:
-        index: dict[str, Path] = {}
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames.sort()
-            for f in sorted(filenames):
-                p = Path(dirpath) / f
-                index.setdefault(f, p)
-                if Path(f).suffix.lower() in IMAGE_EXTENSIONS:
-                    index.setdefault(Path(f).stem, p)
-        return index
-
-    def find(self, ref: str) -> Path | None:
-        ref_path = Path(ref)
-        base = ref_path if ref_path.is_absolute() else self.root / ref_path
-        candidates = [base]
-        if ref_path.suffix.lower() not in _KNOWN_SUFFIXES:
-            candidates += [base.with_name(base.name + e) for e in IMAGE_EXTENSIONS]
-            candidates += [base.with_name(base.name + e.upper()) for e in IMAGE_EXTENSIONS]
-        for c in candidates:
-            if c.is_file():
-                return c
-        if self._index is None:
-            self._index = self._build_index()
-        return self._index.get(ref_path.name)
-
-
 def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os.PathLike, *,
                link: bool = False, progress: Progress | None = None) -> ImportSummary:
     """Import the images a CSV lists with their coordinates (see the module docstring for
@@ -473,15 +321,15 @@ def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os
         raise InputError(f"{csv_path}: no such file" if not csv_path.exists() else f"{csv_path} is not a file")
     if not images_root.is_dir():
         raise InputError(f"{images_root}: no such directory (--images-root)")
-    total, delimiter = _check_text(csv_path)
+    total, delimiter = check_text(csv_path)
     with open(csv_path, encoding="utf-8-sig", newline="") as f:
         header = next(csv.reader(f, delimiter=delimiter), [])
     cols = match_columns(header, str(csv_path))
-    locate = _Locator(images_root)
+    locate = Locator(images_root)
     s = ImportSummary(cols.source, str(csv_path))
     with ws.manifest() as m:
         try:
-            for done, (line, row) in enumerate(_rows(csv_path, delimiter), start=1):
+            for done, (line, row) in enumerate(rows(csv_path, delimiter), start=1):
                 s.total += 1
                 _import_row(m, s, cols, locate, line, row, link)
                 if progress:
@@ -491,7 +339,7 @@ def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os
     return s
 
 
-def _import_row(m: Manifest, s: ImportSummary, cols: CsvColumns, locate: _Locator, line: int,
+def _import_row(m: Manifest, s: ImportSummary, cols: CsvColumns, locate: Locator, line: int,
                 row: dict[str, str], link: bool) -> None:
     ident = (row.get(cols.id) or "").strip() if cols.id else ""
     ref = (row.get(cols.path) or "").strip() if cols.path else ""
@@ -577,9 +425,9 @@ def register(sub) -> None:
     p = sub.add_parser(
         "import-csv", help="import images listed in a CSV with their coordinates (OSV-5M, Im2GPS3k, ...)",
         description="Import the images a CSV lists. Columns (any case): "
-                    f"id ({_aliases('id')}) or path ({_aliases('path')}); latitude ({_aliases('lat')}); "
-                    f"longitude ({_aliases('lon')}); optional sequence ({_aliases('sequence')}) and "
-                    f"capture time ({_aliases('captured_at')}). Rows with invalid coordinates or "
+                    f"id ({aliases('id')}) or path ({aliases('path')}); latitude ({aliases('lat')}); "
+                    f"longitude ({aliases('lon')}); optional sequence ({aliases('sequence')}) and "
+                    f"capture time ({aliases('captured_at')}). Rows with invalid coordinates or "
                     "missing files are counted and skipped.")
     p.add_argument("file", metavar="FILE", help="the CSV file (UTF-8; comma, semicolon or tab separated)")
     p.add_argument("--images-root", required=True, metavar="DIR",

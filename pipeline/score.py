@@ -31,11 +31,12 @@ def training_points(ws: Workspace):
     return frame["lat"].to_numpy(float), frame["lon"].to_numpy(float)
 
 
-def record_baselines(board: Leaderboard, truth: benchmark.TruthSet, ws: Workspace, geocode: bool = True) -> dict:
+def record_baselines(board: Leaderboard, truth: benchmark.TruthSet, ws: Workspace, geocode: bool = True,
+                     scores: dict | None = None) -> dict:
     """Score the baselines on ``truth`` (trained on the workspace's train split when there
-    is one) and record them; returns ``{name: {"geo", "note"}}``."""
-    tl, to = training_points(ws)
-    base = benchmark.baseline_scores(truth, tl, to, geocode=geocode)
+    is one), unless ``scores`` already holds them, and record them; returns
+    ``{name: {"geo", "note"}}``."""
+    base = scores if scores is not None else benchmark.baseline_scores(truth, *training_points(ws), geocode=geocode)
     for name, b in base.items():
         board.record(truth.info() | {"hash": truth.hash}, f"baseline: {name}", "baseline", b["geo"], note=b["note"])
     return base
@@ -50,17 +51,17 @@ def score_files(ws: Workspace, preds: list[str], truth_csv: str, names: list[str
     systems = []
     for i, path in enumerate(preds):
         p = benchmark.read_predictions(path, names[i] if names else None)
-        result = benchmark.score(truth, p, missing=missing, geocode=geocode)
+        result, plat, plon = benchmark.score_aligned(truth, p, missing=missing, geocode=geocode)
         systems.append(result)
         if save:
-            plat, plon, _ = benchmark.align(truth, p)
             board.record(truth.info() | {"hash": truth.hash}, p.name, "system", result["geo"],
                          note=f"scored from {path}",
                          points={"key": truth.keys, "true_lat": truth.lat, "true_lon": truth.lon,
                                  "pred_lat": plat, "pred_lon": plon},
                          extra={"matching": result["matching"]})
-    baselines = record_baselines(board, truth, ws, geocode) if save else \
-        benchmark.baseline_scores(truth, *training_points(ws), geocode=geocode)
+    baselines = benchmark.baseline_scores(truth, *training_points(ws), geocode=geocode)
+    if save:
+        record_baselines(board, truth, ws, scores=baselines)
     return {"truth": truth.info(), "systems": systems, "baselines": baselines}
 
 
@@ -75,9 +76,9 @@ def format_scores(out: dict) -> str:
     rows = [(s["system"], s["geo"]) for s in out["systems"]]
     rows += [(f"baseline: {n}", b["geo"]) for n, b in out["baselines"].items()]
     for name, g in rows:
-        lines.append(f"{name[:28]:<28} {_num(g.get('geoscore'), 8, 0)} {_num(g.get('median_km'), 10, 0)} "
-                     + " ".join(_pct(g.get(f"acc_{k}km")) for k in metrics.KM_THRESHOLDS)
-                     + f" {_pct(g.get('country_acc'))} {g['missing']['n']:>8}")
+        lines.append(f"{name[:28]:<28} {num(g.get('geoscore'), 8, 0)} {num(g.get('median_km'), 10, 0)} "
+                     + " ".join(pct(g.get(f"acc_{k}km"), 8) for k in metrics.KM_THRESHOLDS)
+                     + f" {pct(g.get('country_acc'), 8)} {g['missing']['n']:>8}")
     policies = {s["geo"]["missing"]["policy"] for s in out["systems"]}
     lines += ["", "missing predictions: " + "; ".join(sorted(policies))]
     for s in out["systems"]:
@@ -94,11 +95,13 @@ def format_scores(out: dict) -> str:
     return "\n".join(lines)
 
 
-def _pct(v) -> str:
-    return f"{'-':>8}" if v is None else f"{100 * v:7.1f}%"
+def pct(v, width: int = 7) -> str:
+    """A fraction as a right-aligned percentage ("-" for None): the reports' columns."""
+    return f"{'-':>{width}}" if v is None else f"{100 * v:{width - 1}.1f}%"
 
 
-def _num(v, width, digits) -> str:
+def num(v, width: int, digits: int) -> str:
+    """A number right-aligned to ``width`` with ``digits`` decimals ("-" for None)."""
     return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
 
 

@@ -165,8 +165,8 @@ def test_leaderboard_keeps_truth_sets_apart(tmp_path):
     board.record({"hash": "aaa", "name": "im2gps3k"}, "baseline: constant", "baseline",
                  {**geo, "geoscore": 4000.0, "median_km": float("nan")})
     board.record({"hash": "bbb", "name": "osv5m"}, "mine", "run", geo)
-    assert [t["hash"] for t in board.truth_sets()] == ["bbb", "aaa"] or {t["hash"] for t in board.truth_sets()} == {
-        "aaa", "bbb"}
+    sets = {t["hash"]: t for t in board.truth_sets()}
+    assert set(sets) == {"aaa", "bbb"} and sets["aaa"]["entries"] == 3 and sets["bbb"]["entries"] == 1
     table = board.table("aaa")
     assert list(table["name"]) == ["other", "mine", "baseline: constant"]  # baselines last
     best = best_rows(table)

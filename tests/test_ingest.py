@@ -15,18 +15,10 @@ from PIL import Image
 import pipeline.cli
 from geohier import grid
 from geohier.errors import InputError
+from geohier.tables import INVALID_EMPTY, INVALID_NAN, INVALID_NUMBER, INVALID_RANGE, match_columns
 from geohier.workspace import Manifest
 from pipeline import ingest
-from pipeline.ingest import (
-    INVALID_EMPTY,
-    INVALID_NAN,
-    INVALID_NUMBER,
-    INVALID_RANGE,
-    import_csv,
-    import_photos,
-    match_columns,
-    parse_time,
-)
+from pipeline.ingest import import_csv, import_photos, parse_time
 
 PARIS = (48.8584, 2.2945)
 CAPE_TOWN = (-33.9249, 18.4241)
