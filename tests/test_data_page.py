@@ -201,7 +201,7 @@ def test_fetch_from_the_page_never_keeps_the_token(ws):
         _wait_for_thread("geohier-fetch")
         at.run()
         assert not at.exception
-        assert any("3 images kept" in s.value for s in at.success), [s.value for s in at.success]
+        assert any("3 images kept" in s.value for s in at.success), ([s.value for s in at.success], [e.value for e in at.error])
         assert _metric(at, "Images") == "3"
         # A wrong token: the API's 401 is shown, the token is not.
         next(t for t in at.text_input if t.label == "Cells").set_value("0/1/2/3/0/1/2/3/0/1/2/2")
