@@ -47,6 +47,11 @@ STATE_JSON_FILE = "train_state.json"
 EVAL_FILE = "eval.json"
 JOB_FILE = "job.json"
 CONSOLE_FILE = "console.txt"
+# runs with embeddings (frozen backbones): the training images' embeddings, positions and
+# finest classes, for retrieval refinement (geohier.refine)
+NEIGHBOURS_FILE = "neighbours.safetensors"
+# a frozen run's backbone weights (a hard link to the embedding cache's copy where possible)
+BACKBONE_FILE = "backbone.safetensors"
 
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("done", "failed", "cancelled")
@@ -134,6 +139,14 @@ class Run:
     @property
     def console_path(self) -> Path:
         return self.path / CONSOLE_FILE
+
+    @property
+    def neighbours_path(self) -> Path:
+        return self.path / NEIGHBOURS_FILE
+
+    @property
+    def backbone_path(self) -> Path:
+        return self.path / BACKBONE_FILE
 
     # ------------------------------------------------------------------ what it is
 
