@@ -64,7 +64,7 @@ class ManifestDataset(Dataset):
     """Rows (id, path, lat, lon) of one split of the manifest, labelled by a hierarchy.
 
     ``levels``: a subset of the hierarchy's levels (default: all of them).
-    Attributes: ``levels``, ``ids``, ``paths`` (absolute), ``lat``, ``lon`` (float64
+    Attributes: ``levels``, ``ids``, ``sha256``, ``paths`` (absolute), ``lat``, ``lon`` (float64
     arrays), ``labels`` (N, n_levels) int64 with -100 where dropped, ``stats``
     ({"rows", "missing", "unlabelled", "images"}).
     """
@@ -78,7 +78,7 @@ class ManifestDataset(Dataset):
             raise GeohierError(f"no manifest in {ws.data_dir}: import or generate images first "
                                "(python -m pipeline demo)")
         with ws.manifest() as m:
-            frame = m.frame(["id", "path", "lat", "lon"], where="split = ?", params=(split,))
+            frame = m.frame(["id", "path", "lat", "lon", "sha256"], where="split = ?", params=(split,))
         self.split = split
         self.transform = transform
         self.levels = [int(v) for v in (levels or hierarchy.levels)]
@@ -106,6 +106,7 @@ class ManifestDataset(Dataset):
             rng = np.random.default_rng(seed)
             idx = np.sort(rng.choice(idx, size=int(limit), replace=False))
         self.ids = frame["id"].to_numpy(np.int64)[idx]
+        self.sha256 = frame["sha256"].to_numpy(object)[idx]  # the image bytes' hash: an embedding cache key
         self.keys = self.ids.astype(str).astype(object)  # how a truth set names its images
         self.paths = paths[idx]
         self.lat, self.lon = lat[idx], lon[idx]

@@ -1,8 +1,8 @@
 """Backbones with one linear head per grid level; checkpoints as safetensors + JSON.
 
-A ``GeoModel`` is a torchvision backbone whose final classifier layer is removed (so it
-returns its global pooled features) followed by one ``nn.Linear`` per level: one forward
-pass serves every level. The seed's "one model per level" shape is simply a run whose
+A ``GeoModel`` is a backbone (``geohier.backbones``: a torchvision classifier without its
+final layer, or a foundation model's image tower) that returns pooled features, followed
+by one ``nn.Linear`` per level: one forward pass serves every level. The seed's "one model per level" shape is simply a run whose
 model has a single level.
 
 Like nanoGPT's ``GPTConfig``, a small dataclass (``ModelConfig``) describes the model and is
@@ -29,25 +29,27 @@ import torch
 import torchvision
 from torch import nn
 
-from geohier.errors import GeohierError, InputError, WorkspaceError
-from geohier.runs import META_FILE, WEIGHTS_FILE
+from geohier.backbones import (
+    BACKBONES,  # noqa: F401 - re-exported: callers import them from geohier.model
+    WEIGHTS_HELP,  # noqa: F401
+    Backbone,
+    ModelError,
+    build_backbone,
+    check_backbone,
+    from_arch,
+    is_foundation,
+)
+from geohier.errors import GeohierError, WorkspaceError
+from geohier.runs import BACKBONE_FILE, META_FILE, WEIGHTS_FILE
 from geohier.workspace import atomic_write_text
 
 RUN_FORMAT = "geohier-run/1"
 DEFAULT_BACKBONE = "resnet50"
-# torchvision factory names, in the order the UI lists them (default first).
-BACKBONES = ("resnet50", "resnet18", "resnet34", "mobilenet_v3_large", "efficientnet_b0",
-             "convnext_tiny")
-WEIGHTS_HELP = "imagenet | none | a local .safetensors file"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ModelError(GeohierError):
-    """A backbone, a weights file or a checkpoint cannot be used."""
-
-
-def _read_safetensors(path: Path, error: type[Exception], message: str) -> dict:
+def read_safetensors(path: Path, error: type[Exception], message: str) -> dict:
     """Tensors of a safetensors file, or ``error(message: reason)`` when it cannot be read."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -58,21 +60,21 @@ def _read_safetensors(path: Path, error: type[Exception], message: str) -> dict:
         raise error(f"{message}: {exc}") from None
 
 
-def check_backbone(name: str) -> str:
-    """``name`` if torchvision builds it here, else a ModelError listing the valid names."""
-    if name not in BACKBONES:
-        raise ModelError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
-    return name
-
-
 @dataclass
 class ModelConfig:
-    """What ``GeoModel`` needs to rebuild itself (stored as the run meta's ``arch``)."""
+    """What ``GeoModel`` needs to rebuild itself (stored as the run meta's ``arch``).
+
+    ``backbone``: a spec (geohier.backbones); ``backbone_arch``: what rebuilds a
+    foundation backbone offline (its library's config; None for torchvision names);
+    ``frozen``: the backbone is not trained (its features are cached; the run's
+    checkpoint holds the heads, its backbone.safetensors the backbone)."""
 
     backbone: str = DEFAULT_BACKBONE
     levels: list[int] = field(default_factory=list)
     num_classes: dict[int, int] = field(default_factory=dict)
     head_dropout: float = 0.0
+    backbone_arch: dict | None = None
+    frozen: bool = False
 
     def __post_init__(self):
         check_backbone(self.backbone)
@@ -86,6 +88,8 @@ class ModelConfig:
         for lv, n in self.num_classes.items():
             if n < 1:
                 raise ModelError(f"level {lv} has {n} classes; a head needs at least 1")
+        if is_foundation(self.backbone) and not self.backbone_arch:
+            raise ModelError(f"backbone {self.backbone} has no stored architecture (arch.backbone_arch)")
 
     def to_dict(self) -> dict:
         """JSON form: level keys as strings (JSON object keys)."""
@@ -95,63 +99,49 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ModelConfig:
-        known = {k: d[k] for k in ("backbone", "levels", "num_classes", "head_dropout") if k in d}
+        known = {k: d[k] for k in ("backbone", "levels", "num_classes", "head_dropout", "backbone_arch", "frozen")
+                 if k in d}
         return cls(**known)
-
-
-def _strip_classifier(net: nn.Module) -> tuple[nn.Module, int]:
-    """Replace the last ``nn.Linear`` of a torchvision classifier by Identity.
-
-    What remains returns the pooled pre-logit features: 2048/512 for ResNets, 1280 for
-    MobileNetV3 (its 960->1280 pre-logit layer is kept: it is part of the pretrained net),
-    1280 for EfficientNet-B0, 768 for ConvNeXt-T (after its LayerNorm + flatten).
-    """
-    if isinstance(getattr(net, "fc", None), nn.Linear):  # ResNet
-        dim = net.fc.in_features
-        net.fc = nn.Identity()
-        return net, dim
-    cls = getattr(net, "classifier", None)
-    if isinstance(cls, nn.Sequential) and isinstance(cls[-1], nn.Linear):
-        dim = cls[-1].in_features
-        cls[-1] = nn.Identity()
-        return net, dim
-    raise ModelError(f"do not know how to remove the classifier of {type(net).__name__}")
-
-
-def _classifier_prefixes(name: str) -> tuple[str, ...]:
-    """State-dict key prefixes of the final classifier layer that _strip_classifier drops."""
-    if name.startswith("resnet"):
-        return ("fc.",)
-    if name == "mobilenet_v3_large":
-        return ("classifier.3.",)
-    if name == "efficientnet_b0":
-        return ("classifier.1.",)
-    return ("classifier.2.",)  # convnext_tiny
 
 
 class GeoModel(nn.Module):
     """A backbone and one linear head per level.
 
     ``forward(x)`` maps images (B, 3, H, W) to ``{level: logits (B, C_level)}``;
-    ``features(x)`` returns the shared pooled features (B, D).
+    ``features(x)`` returns the shared pooled features (B, D); ``forward_heads(f)`` the
+    logits of features (what a frozen run trains on cached embeddings). A torchvision
+    backbone is the torchvision module itself (state keys ``backbone.conv1.weight``); a
+    foundation one is a ``geohier.backbones.Backbone`` (``backbone.net.*``).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, backbone: Backbone | None = None):
         super().__init__()
         self.config = config
-        net = torchvision.models.get_model(config.backbone, weights=None)
-        self.backbone, self.feature_dim = _strip_classifier(net)
+        if backbone is None:
+            backbone = from_arch(config.backbone_arch) if config.backbone_arch else \
+                build_backbone(config.backbone, weights="none")
+        self.feature_dim = backbone.feature_dim
+        self.preprocess = dict(backbone.preprocess)
+        self.backbone = backbone.net if backbone.library == "torchvision" else backbone
         self.dropout = nn.Dropout(config.head_dropout) if config.head_dropout > 0 else nn.Identity()
         # ModuleDict keys must be strings: "1", "3", ... (so state-dict keys are "heads.3.weight").
         self.heads = nn.ModuleDict({str(lv): nn.Linear(self.feature_dim, config.num_classes[lv])
                                     for lv in config.levels})
+        if config.frozen:
+            self.backbone.requires_grad_(False)
 
     @property
     def levels(self) -> list[int]:
         return list(self.config.levels)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.frozen:
+            self.backbone.eval()  # a frozen backbone's norms and dropouts stay in inference mode
+        return self
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)  # (B, D)
+        return self.backbone(x).flatten(1)  # (B, D)
 
     def forward_heads(self, feats: torch.Tensor) -> dict[int, torch.Tensor]:
         f = self.dropout(feats)
@@ -159,6 +149,14 @@ class GeoModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         return self.forward_heads(self.features(x))  # {lv: (B, C_lv)}
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The heads' tensors (``heads.*``): a frozen run's model.safetensors."""
+        return {k: v for k, v in state_dict_tensors(self).items() if k.startswith("heads.")}
+
+    def backbone_state(self) -> dict[str, torch.Tensor]:
+        """The backbone's tensors under their GeoModel names (``backbone.*``)."""
+        return {k: v for k, v in state_dict_tensors(self).items() if k.startswith("backbone.")}
 
 
 # ----------------------------------------------------------------- weights
@@ -175,7 +173,7 @@ def imagenet_cache_path(backbone: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def _imagenet_state(backbone: str, download: bool = True) -> dict[str, torch.Tensor]:
+def imagenet_state(backbone: str, download: bool = True) -> dict[str, torch.Tensor]:
     weights = imagenet_weights(backbone)
     cached = imagenet_cache_path(backbone)
     if not cached.exists() and not download:
@@ -195,64 +193,27 @@ def _imagenet_state(backbone: str, download: bool = True) -> dict[str, torch.Ten
     return state
 
 
-def _load_backbone_file(model: GeoModel, path: Path) -> None:
-    """Load backbone weights from a local safetensors file.
-
-    Accepted key layouts: a torchvision state dict (``conv1.weight``, ``fc.weight`` ...) or a
-    geohier checkpoint (``backbone.conv1.weight`` ..., ``heads.*``). The final classifier and
-    the heads of the file are ignored; anything else that does not fit is an error.
-    """
-    if not path.is_file():
-        raise InputError(f"weights file {path} does not exist (use imagenet, none or a .safetensors file)")
-    state = _read_safetensors(path, InputError, f"cannot read weights file {path} as safetensors")
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    drop = _classifier_prefixes(model.config.backbone)
-    state = {k: v for k, v in state.items() if not k.startswith(drop)}
-    own = model.backbone.state_dict()
-    wrong_shape = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}"
-                   for k, v in state.items() if k in own and v.shape != own[k].shape]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if wrong_shape or missing or unexpected:
-        parts = []
-        if wrong_shape:
-            parts.append(f"{len(wrong_shape)} with another shape ({', '.join(wrong_shape[:3])})")
-        if missing:
-            parts.append(f"{len(missing)} missing ({', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])})")
-        raise InputError(f"weights file {path} does not fit a {model.config.backbone} backbone: "
-                         + "; ".join(parts))
-    model.backbone.load_state_dict(state)
-
-
 def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: Mapping[int, int] | None = None,
-                weights: str = "none", head_dropout: float = 0.0, download: bool = True) -> GeoModel:
+                weights: str = "none", head_dropout: float = 0.0, download: bool = True,
+                image_size: int | None = None, frozen: bool = False) -> GeoModel:
     """A ``GeoModel`` with heads for ``num_classes`` ({level: classes}).
 
-    ``weights``: ``"none"`` (random init), ``"imagenet"`` (torchvision's default weights,
-    downloaded into the torch cache on first use when ``download``), or the path of a
-    ``.safetensors`` file with backbone weights.
+    ``backbone``: a spec (``geohier.backbones``: a torchvision name, hf:, open_clip:,
+    timm:). ``weights``: ``"none"`` (random init), ``"imagenet"`` / ``"pretrained"``
+    (torchvision's ImageNet weights, downloaded into the torch cache on first use when
+    ``download``; a foundation spec's own weights), or the path of a ``.safetensors``
+    file with backbone weights. ``image_size``: the input size (a foundation model's own
+    by default). ``frozen``: the backbone is not trained.
     """
-    check_backbone(backbone)
     if not num_classes:
         raise ModelError("build_model needs the number of classes of at least one level")
-    config = ModelConfig(backbone=backbone, levels=sorted(int(k) for k in num_classes),
-                         num_classes=dict(num_classes), head_dropout=head_dropout)
-    w = str(weights)
-    model = GeoModel(config)
-    if w == "imagenet":
-        state = _imagenet_state(backbone, download=download)
-        drop = _classifier_prefixes(backbone)
-        model.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith(drop)})
-        return model
-    if w in ("none", "", "None"):
-        return model
-    if w.endswith(".safetensors") or Path(w).exists():
-        _load_backbone_file(model, Path(w).expanduser())
-        return model
-    raise InputError(f"unknown weights {weights!r}; use {WEIGHTS_HELP}")
+    bb = build_backbone(backbone, weights=weights, image_size=image_size, download=download)
+    config = ModelConfig(backbone=bb.spec, levels=sorted(int(k) for k in num_classes),
+                         num_classes=dict(num_classes), head_dropout=head_dropout,
+                         backbone_arch=None if bb.library == "torchvision" else bb.arch(), frozen=frozen)
+    model = GeoModel(config, bb)
+    model.backbone_info = bb.describe()
+    return model
 
 
 # ----------------------------------------------------------------- checkpoints
@@ -310,9 +271,36 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, meta: dict) ->
     meta = dict(meta)
     meta.setdefault("format", RUN_FORMAT)
     meta["arch"] = net.config.to_dict()
-    save_tensors_atomic(run_dir / WEIGHTS_FILE, state_dict_tensors(net),
+    meta.setdefault("input", dict(net.preprocess))
+    if getattr(net, "backbone_info", None):
+        meta.setdefault("backbone", net.backbone_info)
+    tensors = net.head_state() if net.config.frozen else state_dict_tensors(net)
+    if net.config.frozen and not (run_dir / BACKBONE_FILE).exists():
+        save_backbone(run_dir, net)
+    save_tensors_atomic(run_dir / WEIGHTS_FILE, tensors,
                         metadata={"format": RUN_FORMAT, "backbone": net.config.backbone})
     atomic_write_text(run_dir / META_FILE, json.dumps(meta, indent=1) + "\n")
+
+
+def save_backbone(run_dir: str | os.PathLike, model: nn.Module, source: str | os.PathLike | None = None) -> Path:
+    """A frozen run's ``backbone.safetensors``: a hard link to ``source`` (the embedding
+    cache's copy of the same weights, so re-training heads costs no disk) where the file
+    system allows, else a copy; written from the model when there is no ``source``."""
+    dest = Path(run_dir) / BACKBONE_FILE
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if source is not None and Path(source).is_file():
+        tmp = dest.with_name(f".{dest.name}.link")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, dest)
+        return dest
+    save_tensors_atomic(dest, unwrap(model).backbone_state(), metadata={"format": RUN_FORMAT})
+    return dest
 
 
 def read_meta(run_dir: str | os.PathLike) -> dict:
@@ -383,7 +371,13 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     path = run_dir / WEIGHTS_FILE
     if not path.is_file():
         raise WorkspaceError(f"{where}no {WEIGHTS_FILE}")
-    state = _read_safetensors(path, WorkspaceError, f"{where}cannot read {path}")
+    state = read_safetensors(path, WorkspaceError, f"{where}cannot read {path}")
+    if config.frozen:
+        bpath = run_dir / BACKBONE_FILE
+        if not bpath.is_file():
+            raise WorkspaceError(f"{where}a frozen-backbone run needs its {BACKBONE_FILE} (the backbone's "
+                                 "weights), which is missing")
+        state.update(read_safetensors(bpath, WorkspaceError, f"{where}cannot read {bpath}"))
     model = GeoModel(config)
     own = model.state_dict()
     for lv in config.levels:

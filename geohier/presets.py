@@ -32,10 +32,10 @@ class TrainPreset:
     def __init__(self, image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, *, min_scale: float = 0.5,
                  hflip_prob: float = 0.0, color_jitter: float = 0.2, rotation: float = 5.0,
-                 randaugment: bool = False, ra_magnitude: int = 9):
+                 randaugment: bool = False, ra_magnitude: int = 9, interpolation: str = "bilinear"):
         self.image_size = int(image_size)
         steps = [T.RandomResizedCrop(self.image_size, scale=(min_scale, 1.0),
-                                     interpolation=InterpolationMode.BILINEAR, antialias=True)]
+                                     interpolation=interpolation_mode(interpolation), antialias=True)]
         if hflip_prob > 0:
             steps.append(T.RandomHorizontalFlip(hflip_prob))
         if color_jitter > 0:
@@ -56,8 +56,18 @@ class TrainPreset:
         return f"TrainPreset({self.transforms})"
 
 
+def interpolation_mode(name: str) -> InterpolationMode:
+    """torchvision's InterpolationMode of a name (bilinear, bicubic, nearest, ...)."""
+    try:
+        return InterpolationMode(str(name).lower())
+    except ValueError:
+        raise ValueError(f"unknown interpolation {name!r}; use bilinear, bicubic or nearest") from None
+
+
 class EvalPreset:
-    """Resize the shorter side to ``image_size``, centre-crop a square, to tensor, normalise.
+    """Resize the shorter side to ``resize_size`` (default ``image_size``), centre-crop
+    ``image_size``, to tensor, normalise: a foundation backbone's own recipe (DINOv2:
+    resize 256 bicubic, crop 224) or a torchvision one's (bilinear, no margin).
 
     >>> from PIL import Image
     >>> tuple(EvalPreset(32)(Image.new("RGB", (64, 48))).shape)
@@ -65,12 +75,15 @@ class EvalPreset:
     """
 
     def __init__(self, image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD):
+                 std: Sequence[float] = IMAGENET_STD, resize_size: int | None = None,
+                 interpolation: str = "bilinear"):
         self.image_size = int(image_size)
+        self.resize_size = int(resize_size or image_size)
+        self.interpolation = str(interpolation)
         self.mean = [float(v) for v in mean]
         self.std = [float(v) for v in std]
         self.transforms = T.Compose([
-            T.Resize(self.image_size, interpolation=InterpolationMode.BILINEAR, antialias=True),
+            T.Resize(self.resize_size, interpolation=interpolation_mode(self.interpolation), antialias=True),
             T.CenterCrop(self.image_size),
             T.PILToTensor(),
             T.ToDtype(torch.float32, scale=True),
@@ -82,13 +95,16 @@ class EvalPreset:
 
     def to_dict(self) -> dict:
         """meta.json's ``input`` block."""
-        return {"image_size": self.image_size, "mean": self.mean, "std": self.std}
+        return {"image_size": self.image_size, "resize_size": self.resize_size, "mean": self.mean,
+                "std": self.std, "interpolation": self.interpolation}
 
     @classmethod
     def from_meta(cls, meta: Mapping) -> EvalPreset:
         """The preset a run was trained for, from its meta.json (or its ``input`` block)."""
         inp = meta.get("input", meta)
-        return cls(int(inp["image_size"]), inp.get("mean", IMAGENET_MEAN), inp.get("std", IMAGENET_STD))
+        return cls(int(inp["image_size"]), inp.get("mean", IMAGENET_MEAN), inp.get("std", IMAGENET_STD),
+                   inp.get("resize_size"), inp.get("interpolation", "bilinear"))
 
     def __repr__(self) -> str:
-        return f"EvalPreset(image_size={self.image_size}, mean={self.mean}, std={self.std})"
+        return (f"EvalPreset(image_size={self.image_size}, resize_size={self.resize_size}, "
+                f"interpolation={self.interpolation}, mean={self.mean}, std={self.std})")

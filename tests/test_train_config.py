@@ -29,7 +29,7 @@ from pipeline.train.config import config_fields, help_text
 
 def _everything_changed() -> TrainConfig:
     """A config whose every field with a flag differs from the default."""
-    return TrainConfig(levels=[1, 3], per_level=True, backbone="resnet18", weights="none", epochs=3,
+    return TrainConfig(levels=[1, 3], per_level=True, frozen=True, backbone="resnet18", weights="none", epochs=3,
                        batch_size=16, lr=0.002, weight_decay=0.1, warmup_epochs=0.5, image_size=64,
                        label_smoothing=0.2, haversine_tau=25.0, level_weights={1: 1.0, 3: 0.5}, balanced=True,
                        randaugment=True, hflip=0.5, mixup=0.2, cutmix=1.0, workers=0, threads=1, seed=7,
@@ -55,7 +55,7 @@ def test_every_field_has_help_with_its_default():
     assert help_text(by_name["epochs"]).endswith("(default: 10)")
     assert help_text(by_name["balanced"]).endswith("(default: off)")
     assert [f.name for f in config_fields(page=True)] == [
-        "levels", "per_level", "backbone", "weights", "epochs", "batch_size", "lr", "image_size",
+        "levels", "per_level", "backbone", "weights", "frozen", "epochs", "batch_size", "lr", "image_size",
         "label_smoothing", "haversine_tau", "balanced", "run_name"]
 
 

@@ -25,12 +25,13 @@ from datetime import datetime
 from pathlib import Path
 
 from geohier import grid
+from geohier.backbones import SPEC_HELP, check_backbone
 from geohier.errors import GeohierError, InputError
 from geohier.forward import DEVICE_HELP, resolve_device
-from geohier.model import BACKBONES, DEFAULT_BACKBONE, check_backbone
+from geohier.model import DEFAULT_BACKBONE
 
 MAX_IMAGE_SIZE = 2048
-WEIGHT_CHOICES = ("imagenet", "none")
+WEIGHT_CHOICES = ("imagenet", "pretrained", "none")
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 RUN_NAME_HELP = "use letters, digits, '.', '_' or '-' (at most 80)"
 
@@ -58,11 +59,19 @@ class TrainConfig:
         False, "bool", "the seed's shape: one model (run) per level instead of one shared backbone",
         page={"label": "Shape", "help": "one backbone with a head per level, or one model per level"})
     backbone: str = _opt(
-        DEFAULT_BACKBONE, "str", f"torchvision backbone: {', '.join(BACKBONES)}", metavar="NAME",
+        DEFAULT_BACKBONE, "str", f"backbone spec: {SPEC_HELP}", metavar="SPEC",
         page={"label": "Backbone"})
     weights: str = _opt(
-        "imagenet", "str", "initial backbone weights: imagenet, none or a .safetensors file",
-        page={"label": "Weights", "help": "imagenet downloads torchvision's weights once (needs the internet)"})
+        "imagenet", "str", "initial backbone weights: imagenet (a foundation spec: its own weights, also "
+        "'pretrained'), none or a .safetensors file",
+        page={"label": "Weights", "help": "imagenet downloads torchvision's weights once (needs the internet); "
+              "for hf:/open_clip:/timm: specs it means the model's own pretrained weights"})
+    frozen: bool = _opt(
+        False, "bool", "freeze the backbone: embed every image once into the workspace's embedding cache, "
+        "then train only the level heads on the cached features (no augmentation)",
+        page={"label": "Frozen backbone (heads on cached embeddings)",
+              "help": "embeds each image once (reused by later runs with the same backbone); an epoch then "
+                      "takes seconds"})
     epochs: int = _opt(10, "int", "epochs", lo=1, hi=10_000, resume=True, page={"label": "Epochs", "step": 1})
     batch_size: int = _opt(64, "int", "images per step and process", lo=1, hi=65_536,
                            page={"label": "Batch size", "step": 8})
@@ -214,7 +223,7 @@ def _check_weights(weights) -> str | None:
     if Path(w).expanduser().is_file():
         return None
     if not w.endswith(".safetensors"):
-        return f"weights {w!r}: use none, imagenet or a .safetensors file path"
+        return f"weights {w!r}: use none, imagenet, pretrained or a .safetensors file path"
     return f"weights file {w} does not exist"
 
 

@@ -35,12 +35,9 @@ class RunData:
         return getattr(self, key)
 
 
-def load_data(ws: Workspace, hierarchy, cfg, levels, env: DistEnv) -> RunData:
-    """Datasets and loaders of the train and val splits for ``levels`` (``cfg``: the run's
-    TrainConfig); a TrainError saying what to do when the train split has no image."""
-    train_tf = TrainPreset(cfg.image_size, IMAGENET_MEAN, IMAGENET_STD, hflip_prob=cfg.hflip,
-                           randaugment=cfg.randaugment)
-    eval_tf = EvalPreset(cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
+def split_datasets(ws: Workspace, hierarchy, cfg, levels, train_tf=None, eval_tf=None):
+    """The train and val ManifestDatasets of a run; a TrainError saying what to do when the
+    train split has fewer than two usable images."""
     train_ds = ManifestDataset(ws, hierarchy, "train", train_tf, limit=cfg.limit_train, seed=cfg.seed,
                                levels=levels)
     if len(train_ds) == 0:
@@ -54,6 +51,18 @@ def load_data(ws: Workspace, hierarchy, cfg, levels, env: DistEnv) -> RunData:
                              levels=levels)
     if cfg.limit_val == 0:
         val_ds = torch.utils.data.Subset(val_ds, [])
+    return train_ds, val_ds
+
+
+def load_data(ws: Workspace, hierarchy, cfg, levels, env: DistEnv, preprocess: dict | None = None) -> RunData:
+    """Datasets and loaders of the train and val splits for ``levels`` (``cfg``: the run's
+    TrainConfig; ``preprocess``: the backbone's input block, size / mean / std /
+    interpolation; ImageNet's at ``cfg.image_size`` by default)."""
+    prep = preprocess or {"image_size": cfg.image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    train_tf = TrainPreset(int(prep["image_size"]), prep["mean"], prep["std"], hflip_prob=cfg.hflip,
+                           randaugment=cfg.randaugment, interpolation=prep.get("interpolation", "bilinear"))
+    eval_tf = EvalPreset.from_meta({"input": prep})
+    train_ds, val_ds = split_datasets(ws, hierarchy, cfg, levels, train_tf, eval_tf)
     if cfg.balanced:
         sampler = BalancedSampler(train_ds.sample_weights(), env.rank, env.world, cfg.seed)
     else:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from geohier.errors import GeohierError, InputError, WorkspaceError
-from geohier.model import IMAGENET_MEAN, IMAGENET_STD, RUN_FORMAT, build_model, save_checkpoint, unwrap
+from geohier.model import RUN_FORMAT, build_model, save_checkpoint
 from geohier.presets import EvalPreset
 from geohier.runs import Run, resolve_run
 from geohier.workspace import Workspace, utcnow
@@ -174,6 +174,7 @@ class _Fit:
         torch.manual_seed(cfg.seed + env.rank)
         np.random.seed(cfg.seed + env.rank)
         self.write_config()
+        self.make_model()
         self.load_data()
         self.build()
         start_epoch, step = self.restore()
@@ -204,8 +205,17 @@ class _Fit:
                         f"levels {self.levels} classes {[h.num_classes[lv] for lv in self.levels]} on "
                         f"{self.env.device}" + (f" x{self.env.world} processes" if self.env.distributed else ""))
 
+    def make_model(self) -> None:
+        """The model (its backbone says what preprocessing the data gets)."""
+        cfg, env, h = self.cfg, self.env, self.hierarchy
+        self.net = build_model(cfg.backbone, {lv: h.num_classes[lv] for lv in self.levels}, weights=cfg.weights,
+                               head_dropout=cfg.head_dropout, image_size=cfg.image_size,
+                               frozen=cfg.frozen).to(env.device)
+        self.model = self.net
+
     def load_data(self) -> None:
-        self.data = data = load_data(self.ws, self.hierarchy, self.cfg, self.levels, self.env)
+        self.data = data = load_data(self.ws, self.hierarchy, self.cfg, self.levels, self.env,
+                                     preprocess=self.net.preprocess)
         ds = data.train_ds
         self.stats = {"missing": ds.stats["missing"], "unlabelled": ds.stats["unlabelled"], "unreadable": 0,
                       "train_images": len(ds), "val_images": len(data.val_ds)}
@@ -222,9 +232,8 @@ class _Fit:
     def build(self) -> None:
         """Model, loss, optimizer and grad scaler; the meta every checkpoint carries."""
         cfg, env, h, levels = self.cfg, self.env, self.hierarchy, self.levels
-        model = build_model(cfg.backbone, {lv: h.num_classes[lv] for lv in levels}, weights=cfg.weights,
-                            head_dropout=cfg.head_dropout).to(env.device)
-        if env.device.type == "cuda":
+        model = self.net
+        if env.device.type == "cuda" and not cfg.frozen:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         centroids = {}
@@ -234,8 +243,9 @@ class _Fit:
                 centroids[lv] = (torch.as_tensor(la, device=env.device), torch.as_tensor(lo, device=env.device))
         self.criterion = GeoLoss(levels, cfg.level_weights, cfg.label_smoothing, cfg.haversine_tau, centroids)
         # no weight decay on norms and biases (torchvision's --norm-weight-decay 0 habit)
-        decay = [p for p in model.parameters() if p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        trained = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone's are not
+        decay = [p for p in trained if p.ndim > 1]
+        no_decay = [p for p in trained if p.ndim <= 1]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         fp16 = self.amp and env.device.type == "cuda" and not torch.cuda.is_bf16_supported()
@@ -244,7 +254,8 @@ class _Fit:
         self.positions = (np.array([p[0] for p in pos]), np.array([p[1] for p in pos]))
         self.meta_base = {"format": RUN_FORMAT, "run": self.run.name, "hierarchy": h.to_dict(),
                           "hierarchy_hash": h.hash,
-                          "input": EvalPreset(cfg.image_size, IMAGENET_MEAN, IMAGENET_STD).to_dict(),
+                          "input": EvalPreset.from_meta({"input": self.net.preprocess}).to_dict(),
+                          "backbone": self.net.backbone_info,
                           "temperatures": {str(lv): 1.0 for lv in levels}, "config": cfg.to_dict(),
                           "cell_positions": {str(levels[-1]): pos}}
 
@@ -254,7 +265,11 @@ class _Fit:
             from safetensors.torch import load_file
 
             doc = load_train_state(self.run, self.optimizer, self.scaler, self.env.device)
-            unwrap(self.model).load_state_dict(load_file(str(self.run.weights_path), device=str(self.env.device)))
+            state = load_file(str(self.run.weights_path), device=str(self.env.device))
+            missing, unexpected = self.net.load_state_dict(state, strict=False)
+            if unexpected or any(not (self.cfg.frozen and k.startswith("backbone.")) for k in missing):
+                raise TrainError(f"{self.run.weights_path} does not fit the run's model (missing "
+                                 f"{missing[:3]}, unexpected {unexpected[:3]}); start a new run")
             for g in self.optimizer.param_groups:
                 g["initial_lr"] = self.cfg.lr  # the peak of the schedule (--lr of the run)
             self.report.truncate_metrics(int(doc["epoch"]))
@@ -316,7 +331,7 @@ class _Fit:
             return
         meta = {**self.meta_base, "metrics": self.last_record or {},
                 "training": {"epoch": epoch, "epochs": self.cfg.epochs, "state": state}}
-        save_checkpoint(self.run.path, self.model, meta)
+        save_checkpoint(self.run.path, self.net, meta)
         if with_state:
             save_train_state(self.run, self.optimizer, self.scaler, {"epoch": epoch, "step": step},
                              self.scheduler)

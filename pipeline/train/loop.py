@@ -97,11 +97,11 @@ def train_one_epoch(model: torch.nn.Module, criterion: GeoLoss, optimizer: torch
             if not env.distributed:
                 continue
             # every rank must take part in the step: a batch whose targets are all ignored
-            x = torch.zeros(2, 3, image_size, image_size)
+            x = torch.zeros(2, *x.shape[1:]) if x.ndim != 4 else torch.zeros(2, 3, image_size, image_size)
             y = torch.full((2, len(levels)), IGNORE_INDEX, dtype=torch.long)
         lr = optimizer.param_groups[0]["lr"]
         x = x.to(env.device, non_blocking=True)
-        if env.device.type == "cuda":
+        if env.device.type == "cuda" and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(env.device, non_blocking=True)
         x, mix = mixing(x)
