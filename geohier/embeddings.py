@@ -2,8 +2,8 @@
 
 Frozen-backbone training embeds every image once and trains small heads on the cached
 features. A cache is one folder per backbone + preprocessing, named by the hash of what
-produced the features (``cache_key(describe)``: spec, weights fingerprint, image size,
-mean, std, interpolation)::
+produced the features (``cache_key(describe)``: spec, a content hash of the weights,
+image size, mean, std, interpolation)::
 
     data/embeddings/<key>/
       describe.json                       what produced the features (format, key, describe)
@@ -54,23 +54,40 @@ from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.workspace import atomic_write_text, json_safe, read_json, utcnow
 
 FORMAT = "geohier-embeddings/1"
+EMBEDDINGS_DIR = "embeddings"     # under the workspace's data directory
 DESCRIBE_FILE = "describe.json"
 INDEX_FILE = "index.json"
 SHARD_GLOB = "shard-*.safetensors"
 FEATURES = "features"             # the one tensor of a shard
 FP16_MAX = 65504.0                # features beyond float16's range are clamped, not stored as inf
 UNREADABLE_EXAMPLES = 5
+NAMES_NOT_KEYED = ("weights", "source", "revision")  # where weights came from, when their hash is known
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def cache_root(ws) -> Path:
+    """Where a workspace keeps its embedding caches: ``ws.data_dir / "embeddings"``."""
+    return Path(ws.data_dir) / EMBEDDINGS_DIR
 
 
 def cache_key(describe: Mapping) -> str:
     """The cache's name: 16 hex digits of the sha256 of ``describe`` (and FORMAT) as
-    canonical JSON, so the order of the keys does not matter.
+    canonical JSON, so the order of the keys does not matter. Where ``describe`` holds a
+    ``weights_sha256`` (a content hash of the weights), the names of where the weights came
+    from (``weights``: a label or a file path, ``source``, ``revision``) are left out: the
+    same weights give the same features, whatever they are called or wherever they lie.
 
     >>> cache_key({"a": 1, "b": [0.5, 2]}) == cache_key({"b": (0.5, 2), "a": 1})
     True
+    >>> d = {"spec": "resnet18", "weights_sha256": "ab" * 32}
+    >>> cache_key(d | {"weights": "/a/w.safetensors"}) == cache_key(d | {"weights": "/b/w.safetensors"})
+    True
     """
-    text = json.dumps({"format": FORMAT, "describe": json_safe(dict(describe))},
+    d = dict(describe)
+    if d.get("weights_sha256"):
+        for name in NAMES_NOT_KEYED:
+            d.pop(name, None)
+    text = json.dumps({"format": FORMAT, "describe": json_safe(d)},
                       sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -296,10 +313,11 @@ class EmbeddingCache:
                 "ids": json.dumps(ids, separators=(",", ":")), "sha256": json.dumps(shas, separators=(",", ":"))}
         path = self.path / _shard_name(rank)
         save_tensors_atomic(path, {FEATURES: half}, metadata=meta)
-        shards = dict(self._shards)
-        shards[path.name] = {"rows": len(shas), "dim": dim, "bytes": path.stat().st_size, "ids": ids,
-                             "sha256": shas, "rank": int(rank), "created_at": now}
-        self._set_shards(shards)
+        self._shards[path.name] = {"rows": len(shas), "dim": dim, "bytes": path.stat().st_size, "ids": ids,
+                                   "sha256": shas, "rank": int(rank), "created_at": now}
+        self._rows.update((sha, (path.name, r)) for r, sha in enumerate(shas))  # the newest row wins
+        self.dim = dim
+        self.index_stale = True
         if write_index:
             self.write_index()
 
@@ -493,8 +511,7 @@ def embed(model: torch.nn.Module, preprocess: Callable, ids, shas, paths, cache:
         new, unreadable, examples = _embed_rows(
             model, preprocess, [ids[i] for i in mine], [shas[i] for i in mine], [paths[i] for i in mine],
             cache, batch_size=batch_size, device=device, workers=workers, dtype=dtype,
-            shard_rows=shard_rows, progress=progress if main else False, rank=rank,
-            write_index=world == 1)
+            shard_rows=shard_rows, progress=progress if main else False, rank=rank)
     if world > 1:
         _barrier(env)
         if main:
@@ -502,7 +519,7 @@ def embed(model: torch.nn.Module, preprocess: Callable, ids, shas, paths, cache:
         _barrier(env)
         cache.sync()
     elif cache.index_stale:
-        cache.write_index()  # a shard the index did not list (a killed run), or no index at all
+        cache.write_index()  # once, at the end (and for a shard a killed run did not list)
     totals = _gather((new, unreadable, examples), env)
     new = sum(t[0] for t in totals)
     unreadable = sum(t[1] for t in totals)
@@ -514,8 +531,11 @@ def embed(model: torch.nn.Module, preprocess: Callable, ids, shas, paths, cache:
 
 
 def _embed_rows(model, preprocess, ids, shas, paths, cache, *, batch_size, device, workers, dtype,
-                shard_rows, progress, rank, write_index) -> tuple[int, int, list[str]]:
-    """One process's part of ``embed``: (embedded, unreadable, examples)."""
+                shard_rows, progress, rank) -> tuple[int, int, list[str]]:
+    """One process's part of ``embed``: (embedded, unreadable, examples). Shards are
+    written as they fill; the index is not (rewriting it per shard would cost time
+    quadratic in the images): ``embed`` writes it at the end, and a killed run's shards
+    are found again from their headers."""
     loader = torch.utils.data.DataLoader(
         _Images(paths, preprocess), batch_size=batch_size, shuffle=False, num_workers=int(workers),
         collate_fn=_collate, pin_memory=device.type == "cuda",
@@ -535,7 +555,7 @@ def _embed_rows(model, preprocess, ids, shas, paths, cache, *, batch_size, devic
         while len(buf_idx) - start >= (shard_rows if full_only else 1):
             part = buf_idx[start:start + shard_rows]
             cache.add([ids[i] for i in part], [shas[i] for i in part], feats[start:start + len(part)],
-                      rank=rank, write_index=write_index)
+                      rank=rank, write_index=False)
             stored += len(part)
             start += len(part)
         buf_idx = buf_idx[start:]
@@ -563,6 +583,8 @@ def _embed_rows(model, preprocess, ids, shas, paths, cache, *, batch_size, devic
             # what was embedded before the failure is kept (a kill -9 loses the buffer only)
             try:
                 flush()
+                if rank == 0 and cache.index_stale:
+                    cache.write_index()
             except Exception:  # noqa: S110 - the original error is the one to report
                 pass
             raise

@@ -110,6 +110,9 @@ def test_cache_key_is_stable_over_ordering_and_changes_with_what_produced_the_fe
     keys.add(cache_key(DESCRIBE | {"weights_sha256": "1" * 64}))
     keys.add(cache_key(DESCRIBE | {"spec": "resnet18"}))
     assert len(keys) == 7
+    # the same weights bytes under another name or path: the same features, the same cache
+    assert cache_key(DESCRIBE | {"weights": "/elsewhere/w.safetensors", "source": "x"}) == cache_key(DESCRIBE)
+    assert cache_key({"spec": "a", "weights": "w1"}) != cache_key({"spec": "a", "weights": "w2"})  # no hash
 
 
 def test_add_get_round_trip_stores_float16_and_returns_float32(tmp_path):
@@ -223,6 +226,7 @@ def test_a_failure_mid_way_keeps_what_was_embedded_and_the_rerun_does_the_rest(w
         run(failing, ws, ids, shas, paths, batch_size=2, shard_rows=2)
     cache = EmbeddingCache.open(root(ws), DESCRIBE)
     assert len(cache) == 4 and len(list(cache.path.glob("shard-*"))) == 2  # two shards of 2 rows
+    assert json.loads((cache.path / "index.json").read_text())["n"] == 4 and not cache.index_stale
     model = Tiny()
     out, cache = run(model, ws, ids, shas, paths, batch_size=2, shard_rows=4)
     assert (out["new"], out["reused"], model.rows) == (7, 4, 7)
@@ -366,3 +370,12 @@ def test_two_ranks_under_torchrun_each_write_their_shards_and_rank0_the_index(ws
     model = Tiny()
     out, _ = run(model, ws, ids, shas, paths)  # one process, after the two
     assert (out["new"], out["reused"], model.calls) == (0, 8, 0)
+
+
+def test_autocast_dtype_only_on_a_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert all(E.amp_dtype(a, cpu) is None for a in (None, "auto", "bf16", "fp16", True))
+    assert E.amp_dtype("fp16", gpu) is torch.float16 and E.amp_dtype("bf16", gpu) is torch.bfloat16
+    assert E.amp_dtype("none", gpu) is None and E.amp_dtype(False, gpu) is None
+    with pytest.raises(InputError, match="unknown amp"):
+        E.amp_dtype("fp8", gpu)
