@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "pipeline.merge",
     "pipeline.coverage",
     "pipeline.labels",
+    "pipeline.embed",
     "pipeline.train",
     "pipeline.evaluate",
     "pipeline.score",
