@@ -237,7 +237,8 @@ def build_backbone(spec: str, weights: str = "pretrained", image_size: int | Non
     own; ImageNet for torchvision), ``none`` (random init of the architecture) or a local
     ``.safetensors`` file of backbone weights. ``image_size``: input size (default: the
     model's own; ViTs interpolate their position embeddings where the library can).
-    ``download``: may fetch a hub model the spec names (else local files only)."""
+    ``download``: may fetch a hub model the spec names (else local files only). A random
+    init (``none``) is seeded, so it is the same every time."""
     parsed = parse_spec(spec)
     w = str(weights or "none").strip()
     builders = {"torchvision": _torchvision, "hf": _hf, "open_clip": _open_clip, "timm": _timm}
@@ -248,8 +249,12 @@ def build_backbone(spec: str, weights: str = "pretrained", image_size: int | Non
             raise InputError(f"unknown weights {weights!r}; use {WEIGHTS_HELP}")
         if not file.is_file():
             raise InputError(f"weights file {file} does not exist (use imagenet, none or a .safetensors file)")
-    bb = builders[parsed.library](parsed, pretrained=w in PRETRAINED and file is None,
-                                  image_size=image_size, download=download)
+    pretrained = w in PRETRAINED and file is None
+    with torch.random.fork_rng(devices=[]):
+        # a random init is seeded: the same architecture gets the same weights (and the
+        # same embedding cache) every time, whatever the caller's random state
+        torch.manual_seed(0)
+        bb = builders[parsed.library](parsed, pretrained=pretrained, image_size=image_size, download=download)
     bb.weights = w if file is None else str(file.resolve())
     if file is not None:
         load_backbone_file(bb, file)

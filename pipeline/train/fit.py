@@ -123,7 +123,10 @@ def _train(ws: Workspace, cfg: TrainConfig, env: DistEnv, resumed: Run | None) -
         with stop:  # before "running" is announced: a cancel from then on is always graceful
             report.update(state="running", epoch=0, epochs=cfg.epochs, step=0, steps=None, progress=0.0,
                           eta_s=None, error=None, run=run.name, device=str(env.device), world_size=env.world)
-            _Fit(ws, cfg, env, hierarchy, run, report, stop, resumed=resumed is not None).fit()
+            fit_class = _Fit
+            if cfg.frozen:
+                from pipeline.train.frozen import FrozenFit as fit_class
+            fit_class(ws, cfg, env, hierarchy, run, report, stop, resumed=resumed is not None).fit()
             return run.path
     except torch.OutOfMemoryError:
         msg = (f"out of memory at --batch-size {cfg.batch_size} and --image-size {cfg.image_size} "

@@ -1,0 +1,89 @@
+"""Tiny, randomly initialised foundation models saved as local folders, built from configs
+(no download): what the tests point ``hf:DIR``, ``open_clip:DIR`` and ``timm:DIR`` at."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SIZE = 32  # px: the models' native input size
+
+
+def hf_clip(root: Path) -> Path:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    d = Path(root) / "hf-clip"
+    if not d.exists():
+        torch.manual_seed(0)
+        CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=SIZE, patch_size=8)).save_pretrained(d)
+        CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(d)
+    return d
+
+
+def hf_siglip(root: Path) -> Path:
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    d = Path(root) / "hf-siglip"
+    if not d.exists():
+        torch.manual_seed(0)
+        SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=SIZE, patch_size=8)).save_pretrained(d)
+        SiglipImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(d)
+    return d
+
+
+def hf_dinov2(root: Path) -> Path:
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    d = Path(root) / "hf-dinov2"
+    if not d.exists():
+        torch.manual_seed(0)
+        Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=SIZE, patch_size=8)).save_pretrained(d)
+        # DINOv2's own recipe: resize the shorter side a little larger, then centre-crop
+        BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": SIZE, "width": SIZE},
+                          do_center_crop=True, image_mean=[0.485, 0.456, 0.406],
+                          image_std=[0.229, 0.224, 0.225]).save_pretrained(d)
+    return d
+
+
+OPEN_CLIP_CFG = {"embed_dim": 16,
+                 "vision_cfg": {"image_size": SIZE, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+                 "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1}}
+
+
+def open_clip_dir(root: Path) -> Path:
+    """An OpenCLIP hub-style folder: open_clip_config.json + open_clip_model.safetensors."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    d = Path(root) / "open-clip"
+    if not d.exists():
+        d.mkdir(parents=True)
+        (d / "open_clip_config.json").write_text(json.dumps(
+            {"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}))
+        torch.manual_seed(0)
+        model = open_clip.create_model(f"local-dir:{d}", load_weights=False)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
+    return d
+
+
+def timm_dir(root: Path) -> Path:
+    """A timm hub-style folder: config.json (architecture, pretrained_cfg) + model.safetensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    d = Path(root) / "timm-vit"
+    if not d.exists():
+        d.mkdir(parents=True)
+        torch.manual_seed(0)
+        model = timm.create_model("test_vit", pretrained=False, num_classes=0)
+        cfg = {"architecture": "test_vit", "num_classes": 0,
+               "pretrained_cfg": {"input_size": [3, 160, 160], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                                  "interpolation": "bicubic", "crop_pct": 0.95}}
+        (d / "config.json").write_text(json.dumps(cfg))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    return d
