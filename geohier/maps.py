@@ -40,6 +40,7 @@ from geohier import geography, grid
 from geohier.charts import BEST_COLOR, TRUE_COLOR
 from geohier.errors import InputError, WorkspaceError
 
+NEIGHBOUR_COLOR = "#756bb1"  # purple: training images a refined guess was averaged from
 LAND_DATA = "#2ca25f"  # green: land with images
 LAND_NO_DATA = "#9e9e9e"  # grey: land without images
 OCEAN = "#6baed6"  # blue: ocean
@@ -482,8 +483,9 @@ def images_map(keys, counts, countries, level: int) -> folium.Map:
 
 def prediction_map(pred, predictor) -> folium.Map:
     """The kept finest-level cells coloured by probability, the kept cells of the coarser
-    levels outlined, the best guess (red) and the EXIF position (green) marked. Offline
-    Offline, like every map here."""
+    levels outlined, the best guess (red) and the EXIF position (green) marked; a refined
+    guess also shows the training images it was averaged from (purple) and the cell's own
+    position (white). Offline, like every map here."""
     finest = max(pred.levels)
     best = pred.best
     m = base_map(center=(best.lat, best.lon), zoom=3, tiles=True)
@@ -507,10 +509,22 @@ def prediction_map(pred, predictor) -> folium.Map:
                 tooltip=[("cell", "Cell"), ("rank", "Rank"), ("prob", "Probability"),
                          ("country", "Country"), ("place", "Nearest town")],
                 name=f"Level {finest}: {len(cands)} kept").add_to(m)
+    refined = getattr(best, "refined", None)  # retrieval refinement moved the guess (geohier.refine)
+    if refined is not None:
+        for nb in refined.neighbours:
+            add_marker(m, nb["lat"], nb["lon"], color=NEIGHBOUR_COLOR, radius=4,
+                       tooltip=f"Training image {nb['id']}: similarity {nb['sim']:.3f}, weight {nb['weight']:.0%}")
+        add_marker(m, refined.cell_lat, refined.cell_lon, color="#ffffff", radius=5,
+                   tooltip=f"Cell {best.cell}'s position (the unrefined guess)")
     add_marker(m, best.lat, best.lon, color=BEST_COLOR,
-               tooltip=f"Best guess {best.cell} ({best.prob:.1%}) {best.place or ''}")
-    legend = [(BEST_COLOR, "Best guess"), ("#e6550d", f"Level {finest} cells (darker = likelier)"),
+               tooltip=f"{'Refined best guess' if refined is not None else 'Best guess'} {best.cell} "
+                       f"({best.prob:.1%}) {best.place or ''}")
+    legend = [(BEST_COLOR, "Best guess" if refined is None else
+               f"Best guess, refined by {len(refined.neighbours)} nearest training image(s)"),
+              ("#e6550d", f"Level {finest} cells (darker = likelier)"),
               ("#ffffff", "Outlines: kept parent cells")]
+    if refined is not None:
+        legend[1:1] = [(NEIGHBOUR_COLOR, "Nearest training images"), ("#ffffff", "Cell position (unrefined)")]
     points = [[c.lat, c.lon] for c in cands]
     if pred.true:
         t = pred.true

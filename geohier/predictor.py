@@ -6,7 +6,10 @@ were taken.
 runs them through ``geohier.forward`` in batches and combines the per-level logits with
 ``geohier.combine.combine``; the finest candidates get a position (the mean of the
 class's training images, else the cell centroid), a bounding box, and a country and
-nearest town from offline data. ``load_predictor`` keeps the last few predictors loaded,
+nearest town from offline data. With ``refine=True`` (a single run that carries
+``neighbours.safetensors``), the guess moves from the cell's position to the
+similarity-weighted position of the most similar training images inside the kept cells
+(``geohier.refine``). ``load_predictor`` keeps the last few predictors loaded,
 keyed by the runs' model files (``geohier.runs.runs_key``) and the device, so the CLI and
 the pages load a run once and reload it when it is retrained.
 """
@@ -25,14 +28,32 @@ import numpy as np
 import torch
 
 from geohier import geodesy, grid
+from geohier import refine as rf
 from geohier.combine import Combined, KeepRule, Tree, combine, rules_for
 from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.forward import forward_batches, resolve_device
-from geohier.runs import Run, as_runs, runs_key
+from geohier.runs import NEIGHBOURS_FILE, Run, as_runs, runs_key
 
 #: Predictors kept loaded by ``load_predictor`` (the CLI loads one per process; the pages
 #: switch between a couple of runs).
 CACHE_SIZE = 2
+
+
+@dataclass
+class Refinement:
+    """How a refined candidate's point was found: the cell's own position
+    (``cell_lat``/``cell_lon``, where the unrefined guess was) and the training images it
+    was averaged from, most similar first: ``{"id", "lat", "lon", "sim", "weight"}``."""
+
+    cell_lat: float
+    cell_lon: float
+    neighbours: list[dict]
+    k: int = rf.DEFAULT_K
+    tau: float = rf.DEFAULT_TAU
+
+    def to_dict(self) -> dict:
+        return {"cell_lat": round(self.cell_lat, 5), "cell_lon": round(self.cell_lon, 5), "k": self.k,
+                "tau": self.tau, "neighbours": [dict(n) for n in self.neighbours]}
 
 
 @dataclass
@@ -44,7 +65,8 @@ class Candidate:
     of its whole path, the product of every level's probability along it (``exp(score)``):
     a cell that is its parent's only child has prob 1 but the joint of its parent.
     ``lat``/``lon``/``bbox``/``country``/``place`` are filled for the finest level
-    (``bbox`` = west, south, east, north)."""
+    (``bbox`` = west, south, east, north). ``refined``: set on the finest candidate whose
+    point retrieval refinement moved (``lat``/``lon`` are then the refined point)."""
 
     level: int
     index: int
@@ -57,6 +79,7 @@ class Candidate:
     bbox: tuple[float, float, float, float] | None = None
     country: str | None = None
     place: str | None = None
+    refined: Refinement | None = None
 
     @property
     def joint(self) -> float:
@@ -67,6 +90,8 @@ class Candidate:
         if self.lat is not None:
             d.update(lat=round(self.lat, 5), lon=round(self.lon, 5), bbox=[round(v, 6) for v in self.bbox],
                      country=self.country, place=self.place)
+        if self.refined is not None:
+            d["refined"] = self.refined.to_dict()
         return d
 
 
@@ -74,12 +99,17 @@ class Candidate:
 class Prediction:
     """The answer for one image: kept candidates per level (finest ranked first), the
     image's EXIF position when it has one (``true``: lat, lon, error_km, geoscore), or
-    ``error`` when the image could not be read."""
+    ``error`` when the image could not be read. ``refined``: None when refinement was not
+    asked for, else whether it moved the point (False: no training image in the kept
+    cells, the cell's position stands). A refined prediction's best candidate is the cell
+    the neighbour evidence chose, moved to the front of the finest level (the others keep
+    their order)."""
 
     image: str
     levels: dict[int, list[Candidate]] = field(default_factory=dict)
     true: dict | None = None
     error: str | None = None
+    refined: bool | None = None
 
     @property
     def best(self) -> Candidate | None:
@@ -97,6 +127,10 @@ class Prediction:
              "candidates": {str(lv): [c.to_dict() for c in cands] for lv, cands in self.levels.items()},
              "best": {"cell": b.cell, "lat": round(b.lat, 5), "lon": round(b.lon, 5), "prob": round(b.prob, 6),
                       "joint": round(b.joint, 6), "country": b.country, "place": b.place}}
+        if self.refined is not None:  # only when asked for: the unrefined shape stays as it was
+            d["best"]["refined"] = bool(self.refined and b.refined is not None)
+            if b.refined is not None:
+                d["best"].update(cell_lat=round(b.refined.cell_lat, 5), cell_lon=round(b.refined.cell_lon, 5))
         if self.true is not None:
             d["true"] = dict(self.true)
         return d
@@ -180,6 +214,9 @@ class Predictor:
         keys = self.hierarchy.keys(self.finest)
         self.bounds = np.stack(grid.key_bounds(keys, self.finest), axis=1)  # (C, 4) w, s, e, n
         self._place_cache: dict[int, tuple] = {}
+        self.refine_k = rf.DEFAULT_K
+        self.refine_tau = rf.DEFAULT_TAU
+        self._index: tuple[tuple, rf.NeighbourIndex] | None = None
 
     @classmethod
     def load(cls, runs: str | os.PathLike | Run | Sequence[str | os.PathLike | Run],
@@ -203,6 +240,44 @@ class Predictor:
     def rules(self, rules=None) -> dict[int, KeepRule]:
         return rules_for(self.levels, rules)
 
+    # ------------------------------------------------------------------ refinement
+
+    @property
+    def refine_problem(self) -> str | None:
+        """Why this predictor cannot refine (None when it can): refinement needs a single
+        run that carries the training images' embeddings (``neighbours.safetensors``)."""
+        if len(self.runs) != 1:
+            return ("refinement needs a single run with neighbours: a per-level set of runs has no shared "
+                    "embedding of the images")
+        if not Run(self.runs[0]).neighbours_path.is_file():
+            return (f"run {self.runs[0].name} has no {NEIGHBOURS_FILE}: only runs trained on a frozen "
+                    "backbone's embeddings carry the training images' embeddings that refinement searches")
+        return None
+
+    @property
+    def can_refine(self) -> bool:
+        return self.refine_problem is None
+
+    def neighbour_index(self) -> rf.NeighbourIndex:
+        """The run's neighbour index, on the predictor's device (loaded once; reloaded when
+        the file changes), checked against the run. InputError when the predictor cannot
+        refine, WorkspaceError when the file is unusable."""
+        problem = self.refine_problem
+        if problem:
+            raise InputError(problem)
+        path = Run(self.runs[0]).neighbours_path
+        try:
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError as exc:
+            raise WorkspaceError(f"cannot read the neighbour index {path}: {exc}") from None
+        if self._index is None or self._index[0] != stamp:
+            index = rf.NeighbourIndex.load(path, device=self.device)
+            index.check(self.finest, self.tree.num_classes[self.finest], getattr(self.models[0], "feature_dim", None),
+                        self.metas[0].get("hierarchy_hash"), where=f"run {self.runs[0].name}: ")
+            self._index = (stamp, index)
+        return self._index[1]
+
     # ------------------------------------------------------------------ forward
 
     def logits(self, images: Sequence) -> dict[int, torch.Tensor]:
@@ -223,34 +298,67 @@ class Predictor:
                 out.update(z)
         return {lv: out[lv] for lv in self.levels}
 
+    def logits_and_features(self, images: Sequence) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """``(logits, (B, D) float32 CPU features)`` of PIL images: one forward of a single
+        run's model (refinement compares the features with the neighbour index)."""
+        from geohier.dataset import Batch
+
+        if len(self.models) != 1:
+            raise InputError("features come from a single run; a per-level set of runs has no shared features")
+        x = torch.stack([self.presets[0](img) for img in images])  # (B, 3, S, S)
+        batch = Batch(x, torch.empty(0, dtype=torch.long), torch.arange(len(images)), [])
+        out, feats = {}, torch.zeros(0)
+        for _, z, f in forward_batches(self.models[0], [batch], self.device, with_features=True):
+            out, feats = z, f
+        return {lv: out[lv] for lv in self.levels}, feats
+
     # ------------------------------------------------------------------ predict
 
     def predict_images(self, images: Sequence, names: Sequence[str] | None = None, rules=None,
                        temperature: bool = True, batch_size: int = 16, gps: Sequence | None = None,
-                       places: int = 10) -> list[Prediction]:
+                       places: int = 10, refine: bool = False) -> list[Prediction]:
         """Predictions for PIL images (RGB). ``gps``: per image (lat, lon) or None (the true
         position, to report the error). ``places``: how many of the finest candidates get a
-        country and place name (the lookups are the slow part)."""
+        country and place name (the lookups are the slow part). ``refine``: move the guess
+        to the nearest training images inside the kept cells (``can_refine`` runs only)."""
+        if refine:
+            self.neighbour_index()  # refuse before any forward
         names = list(names) if names is not None else [f"image {i + 1}" for i in range(len(images))]
         gps = list(gps) if gps is not None else [None] * len(images)
         out: list[Prediction] = []
         bs = max(1, int(batch_size))
         for start in range(0, len(images), bs):
             chunk = images[start:start + bs]
-            out += self.predict_logits(self.logits(chunk), names[start:start + bs], gps[start:start + bs],
-                                       rules, temperature, places)
+            if refine:
+                logits, feats = self.logits_and_features(chunk)
+            else:
+                logits, feats = self.logits(chunk), None
+            out += self.predict_logits(logits, names[start:start + bs], gps[start:start + bs],
+                                       rules, temperature, places, features=feats, refine=refine)
         return out
 
     def predict_logits(self, logits: Mapping[int, torch.Tensor], names: Sequence[str], gps: Sequence | None = None,
-                       rules=None, temperature: bool = True, places: int = 10) -> list[Prediction]:
+                       rules=None, temperature: bool = True, places: int = 10, features=None,
+                       refine: bool = False) -> list[Prediction]:
         """Predictions from per-level logits ``{level: (B, C)}`` (e.g. cached by a page, so
-        that moving a control does not run the model again)."""
+        that moving a control does not run the model again). ``refine`` needs the images'
+        ``features`` (B, D) (``logits_and_features``)."""
         rules = self.rules(rules)
         temps = self.temperatures if temperature else None
         logits = {lv: torch.as_tensor(logits[lv]).float() for lv in self.levels}
         combined = combine(logits, self.tree, rules, temps)
         gps = list(gps) if gps is not None else [None] * len(names)
-        return [self._prediction(combined, j, names[j], gps[j], places) for j in range(len(names))]
+        found = None
+        if refine:
+            index = self.neighbour_index()
+            if features is None:
+                raise InputError("refinement needs the images' features (Predictor.logits_and_features)")
+            kept = rf.kept_lists(combined.index[self.finest], combined.prob[self.finest])
+            best = combined.best().cpu().numpy()
+            ref = rf.refine(torch.as_tensor(features), kept, index, k=self.refine_k, tau=self.refine_tau,
+                            fallback=self.positions[np.maximum(best, 0)])
+            found = (ref, index)
+        return [self._prediction(combined, j, names[j], gps[j], places, found) for j in range(len(names))]
 
     def read_image(self, src, name: str | None = None):
         """``(RGB image, EXIF (lat, lon) or None)`` of a path, bytes or file object; raises
@@ -266,7 +374,8 @@ class Predictor:
         img = open_image(data, max_side=max_side)
         return img, read_gps(data)
 
-    def _prediction(self, c: Combined, row: int, name: str, gps, places: int) -> Prediction:
+    def _prediction(self, c: Combined, row: int, name: str, gps, places: int,
+                    found: tuple[rf.Refined, rf.NeighbourIndex] | None = None) -> Prediction:
         levels: dict[int, list[Candidate]] = {}
         for i, lv in enumerate(self.levels):
             n = int(c.count[lv][row])
@@ -290,6 +399,10 @@ class Predictor:
         for cand in finest[:places]:
             cand.country, cand.place = self._place_cache[cand.index]
         pred = Prediction(name, levels)
+        if found is not None:
+            pred.refined = bool(found[0].refined[row])
+            if pred.refined:
+                self._refine_candidate(finest, *found, row, places)
         if gps is not None and pred.best is not None:
             from geohier.metrics import geoscore
 
@@ -299,11 +412,36 @@ class Predictor:
                          "geoscore": round(float(geoscore(d)), 1)}
         return pred
 
+    def _refine_candidate(self, finest: list[Candidate], found: rf.Refined, index: rf.NeighbourIndex, row: int,
+                          places: int) -> None:
+        """Move the chosen cell's candidate to the front with the refined point."""
+        chosen = int(found.cls[row])
+        pos = next((i for i, cand in enumerate(finest) if cand.index == chosen), None)
+        if pos is None:  # cannot happen: refine only chooses among the kept cells
+            return
+        cand = finest.pop(pos)
+        finest.insert(0, cand)
+        rows = found.rows[row]
+        neighbours = [{"id": int(i), "lat": round(float(la), 6), "lon": round(float(lo), 6),
+                       "sim": round(float(s), 4), "weight": round(float(w), 4)}
+                      for i, la, lo, s, w in zip(found.ids[row], index.lat[rows], index.lon[rows],
+                                                 found.sims[row], found.weights[row], strict=True)]
+        cand.refined = Refinement(cand.lat, cand.lon, neighbours, self.refine_k, self.refine_tau)
+        cand.lat, cand.lon = float(found.lat[row]), float(found.lon[row])
+        if places > 0:
+            countries, towns = place_info([cand.lat], [cand.lon])
+            cand.country, cand.place = countries[0], towns[0]
+
     def predict_files(self, sources: Sequence, names: Sequence[str] | None = None, rules=None,
-                      temperature: bool = True, batch_size: int = 16, places: int = 10) -> list[Prediction]:
+                      temperature: bool = True, batch_size: int = 16, places: int = 10,
+                      refine: bool = False) -> list[Prediction]:
         """Predictions for image files: paths, bytes, or file objects (uploads). A source
         that cannot be read gets a Prediction with ``error`` (the message); the others
-        still run. Results come in the order of ``sources``."""
+        still run. Results come in the order of ``sources``. ``refine``: see
+        ``predict_images`` (a predictor that cannot refine is refused before any file is
+        read)."""
+        if refine:
+            self.neighbour_index()
         names = list(names) if names is not None else [_source_name(s, i) for i, s in enumerate(sources)]
         results: list[Prediction | None] = [None] * len(sources)
         good: list[int] = []
@@ -311,7 +449,8 @@ class Predictor:
         bs = max(1, int(batch_size))
 
         def flush():
-            preds = self.predict_images(imgs, [names[i] for i in good], rules, temperature, bs, gps, places)
+            preds = self.predict_images(imgs, [names[i] for i in good], rules, temperature, bs, gps, places,
+                                        refine=refine)
             for i, p in zip(good, preds, strict=False):
                 results[i] = p
             good.clear()

@@ -1,5 +1,6 @@
 """Predict: drop street photos, see level by level where the model thinks they were taken,
-and tune the keep rules with their effect on val accuracy measured live."""
+and tune the keep rules with their effect on val accuracy measured live. Runs with
+embeddings can refine the guess to the nearest training images inside the kept cells."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import streamlit as st
 from streamlit_folium import st_folium
 
-from geohier import charts, combine, explorer, maps
+from geohier import charts, combine, explorer, geodesy, maps
 from geohier.errors import GeohierError
 from geohier.predictor import Predictor
 from geohier.predictor import load_predictor as load_run_predictor
@@ -32,15 +33,22 @@ def load_predictor(runs: tuple[str, ...], stamp: tuple) -> Predictor:
 
 @st.cache_resource(show_spinner=False, max_entries=64)
 def upload_logits(runs: tuple[str, ...], stamp: tuple, sha: str, name: str, _data: bytes) -> dict:
-    """One forward pass per upload and run: moving a control re-uses these logits."""
+    """One forward pass per upload and run: moving a control re-uses these logits (and,
+    for a single run, the features that refinement compares with the training images)."""
     predictor = load_predictor(runs, stamp)
     try:
         img, gps = predictor.read_image(_data, name)
     except GeohierError as exc:
         return {"error": str(exc)}
-    logits = {lv: z.cpu().numpy() for lv, z in predictor.logits([img]).items()}  # {lv: (1, C)}
+    feats = None
+    if len(predictor.models) == 1:
+        out, f = predictor.logits_and_features([img])
+        feats = f.numpy()  # (1, D)
+    else:
+        out = predictor.logits([img])
+    logits = {lv: z.cpu().numpy() for lv, z in out.items()}  # {lv: (1, C)}
     img.thumbnail((360, 360))
-    return {"logits": logits, "gps": gps, "thumb": img, "error": None}
+    return {"logits": logits, "features": feats, "gps": gps, "thumb": img, "error": None}
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
@@ -154,6 +162,14 @@ with st.sidebar:
     except GeohierError as exc:
         st.error(str(exc))
         st.stop()
+    refine = st.toggle("Refine with nearest training images", value=False, key="predict_refine",
+                       disabled=not predictor.can_refine,
+                       help="move the guess from the cell's position to the similarity-weighted position of the "
+                            "most similar training images inside the kept cells (runs trained on a frozen "
+                            "backbone's embeddings)")
+    if not predictor.can_refine:
+        st.caption(f"Refinement is off: {predictor.refine_problem}.")
+    refine = refine and predictor.can_refine
     if st.session_state.get("predict_applied"):
         st.success(st.session_state.pop("predict_applied"))
     st.caption(f"Run `{predictor.name}` · levels {', '.join(map(str, predictor.levels))} · "
@@ -178,7 +194,13 @@ with tab_predict:
         st.info("Drop one or more street photos above. Photos with EXIF GPS also show how far off the guess is.")
     elif loaded:
         logits = {lv: np.concatenate([e["logits"][lv] for e in loaded]) for lv in predictor.levels}
-        preds = predictor.predict_logits(logits, names, [e["gps"] for e in loaded], rules, temperature)
+        feats = np.concatenate([e["features"] for e in loaded]) if refine else None
+        try:
+            preds = predictor.predict_logits(logits, names, [e["gps"] for e in loaded], rules, temperature,
+                                             features=feats, refine=refine)
+        except GeohierError as exc:  # an unusable neighbour index: say so, show the unrefined guess
+            st.error(f"Refinement failed, showing the cells' positions: {exc}")
+            preds = predictor.predict_logits(logits, names, [e["gps"] for e in loaded], rules, temperature)
         if len(preds) > 1:
             st.dataframe(charts.summary_frame(preds).drop(columns=["problem"]), hide_index=True,
                          column_config={"prob": st.column_config.NumberColumn(format="%.3f")})
@@ -197,6 +219,13 @@ with tab_predict:
                       help=f"among the level-{max(pred.levels)} cells kept; the whole path's (joint) "
                            f"probability is {best.joint:.1%}")
             m3.metric(f"Cells kept (L{max(pred.levels)})", len(pred.levels[max(pred.levels)]))
+            if best.refined is not None:
+                moved = float(geodesy.haversine_km(best.lat, best.lon, best.refined.cell_lat, best.refined.cell_lon))
+                st.caption(f"Refined: {len(best.refined.neighbours)} nearest training image(s) in this cell moved "
+                           f"the guess {moved:,.1f} km from the cell's position "
+                           f"(best similarity {best.refined.neighbours[0]['sim']:.3f}).")
+            elif pred.refined is False:
+                st.caption("Not refined: no training image in the kept cells; the cell's position stands.")
             if pred.true:
                 t1, t2 = st.columns(2)
                 t1.metric("Error (EXIF GPS)", f"{pred.true['error_km']:,.0f} km")
@@ -214,6 +243,9 @@ with tab_predict:
                    "every level's probability along the path.")
         with st.expander("Every level's kept cells"):
             st.dataframe(charts.levels_frame(pred), hide_index=True)
+        if best.refined is not None:
+            with st.expander("Nearest training images used"):
+                st.dataframe(best.refined.neighbours, hide_index=True)
 
 with tab_explore:
     st.caption("How the keep rules above trade accuracy for candidates on the val split: the model runs "

@@ -12,7 +12,11 @@ of path, lat, lon) and writes the run's eval report:
   cell (or the mean position of its training images when meta.json has
   ``cell_positions``);
 - per country of the true location: images, country accuracy (predicted point in the
-  same country), km accuracies, median km.
+  same country), km accuracies, median km;
+- with ``refine`` (a run that carries ``neighbours.safetensors``): the same protocol for
+  the rule ``hierarchical+refine``, the guess moved to the similarity-weighted position
+  of the most similar training images inside the kept cells (``geohier.refine``), and a
+  leaderboard entry ``<run> +refine`` beside the run's own.
 
 The page's "evaluate" button and the CLI call the same two functions.
 """
@@ -34,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from geohier import benchmark, forward, geodesy, grid, metrics, runs, tables
 from geohier import combine as cb
+from geohier import refine as rf
 from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.leaderboard import Leaderboard
 from geohier.runs import Run
@@ -135,9 +140,10 @@ class PointsDataset(Dataset):
 # ----------------------------------------------------------------------------- running the model
 
 def collect_logits(model, dataset, levels: list[int], batch_size: int = 64, num_workers: int = 0,
-                   device: str | None = None, progress: bool = True) -> dict:
+                   device: str | None = None, progress: bool = True, features: bool = False) -> dict:
     """Run ``model`` over ``dataset``: ``{"logits": {level: (N, C) float32}, "labels": {level:
-    (N,)}, "lat", "lon" (N,), "index" (N,), "skipped": [...]}`` for the images that decoded."""
+    (N,)}, "lat", "lon" (N,), "index" (N,), "skipped": [...]}`` for the images that decoded
+    (and ``"features"`` (N, D) float32 with ``features``, for refinement)."""
     from geohier.dataset import collate
 
     dev = forward.resolve_device(device)
@@ -150,15 +156,18 @@ def collect_logits(model, dataset, levels: list[int], batch_size: int = 64, num_
         bar = tqdm(total=len(dataset), desc="evaluate", unit="img", file=sys.stderr, leave=False)
     try:
         out = forward.collect(model, loader, dev, {lv: model.config.num_classes[lv] for lv in levels},
-                              progress=bar.update if bar is not None else None)
+                              progress=bar.update if bar is not None else None, with_features=features)
     finally:
         if bar is not None:
             bar.close()
     idx = out.index
     ds_levels = list(dataset.levels)
     labels = {lv: dataset.labels[idx, ds_levels.index(lv)] for lv in levels}
-    return {"logits": out.logits, "labels": labels, "lat": dataset.lat[idx], "lon": dataset.lon[idx],
-            "index": idx, "skipped": out.skipped}
+    result = {"logits": out.logits, "labels": labels, "lat": dataset.lat[idx], "lon": dataset.lon[idx],
+              "index": idx, "skipped": out.skipped}
+    if features:
+        result["features"] = out.features
+    return result
 
 
 def _check_not_running(run_dir: Path) -> None:
@@ -274,6 +283,49 @@ def predicted_points(pred: np.ndarray, meta: dict, hierarchy, level: int) -> tup
     return lat_c[pred], lon_c[pred], point
 
 
+def refine_rule(levels: list[int]) -> str:
+    """The eval.json rule name of refinement: the walk it refines, ``+refine``."""
+    return ("hierarchical" if len(levels) > 1 else "argmax") + "+refine"
+
+
+def load_neighbours(run_dir: str | os.PathLike, meta: dict, hierarchy, model=None) -> rf.NeighbourIndex:
+    """A run's neighbour index, checked against it: an InputError saying which runs have
+    one when it has none, a WorkspaceError when it is unusable."""
+    run = Run(Path(run_dir))
+    if not run.neighbours_path.is_file():
+        raise InputError(f"--refine needs the training images' embeddings, but run {run.name} has no "
+                         f"{runs.NEIGHBOURS_FILE} (only runs trained on a frozen backbone's embeddings carry one)")
+    finest = max(int(v) for v in meta["arch"]["levels"])
+    index = rf.NeighbourIndex.load(run.neighbours_path)
+    index.check(finest, hierarchy.num_classes[finest], getattr(model, "feature_dim", None),
+                meta.get("hierarchy_hash"), where=f"run {run.name}: ")
+    return index
+
+
+def refined_points(logits: dict, features, meta: dict, hierarchy, levels: list[int], index: rf.NeighbourIndex,
+                   k: int = rf.DEFAULT_K, tau: float = rf.DEFAULT_TAU) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lat, lon, refined mask) of retrieval refinement over the kept finest cells of the
+    walk ``finest_predictions`` takes (the default keep rule, the run's temperatures):
+    rows without a training image in their kept cells keep the predicted point."""
+    finest = max(levels)
+    n = int(logits[finest].shape[0])
+    if n == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0, bool)
+    temps = {int(k_): float(v) for k_, v in (meta.get("temperatures") or {}).items()}
+    tree = cb.Tree.from_hierarchy(hierarchy, levels)
+    lat, lon, ok = [], [], []
+    for i in range(0, n, 1024):  # bounded memory on big test sets, as finest_predictions
+        chunk = {lv: logits[lv][i:i + 1024] for lv in levels}
+        combined = cb.combine(chunk, tree, None, temps)
+        plat, plon, _ = predicted_points(combined.best().cpu().numpy(), meta, hierarchy, finest)
+        kept = rf.kept_lists(combined.index[finest], combined.prob[finest])
+        out = rf.refine(features[i:i + 1024], kept, index, k=k, tau=tau, fallback=np.stack([plat, plon], 1))
+        lat.append(out.lat)
+        lon.append(out.lon)
+        ok.append(out.refined)
+    return np.concatenate(lat), np.concatenate(lon), np.concatenate(ok)
+
+
 def _countries(lat, lon) -> tuple[np.ndarray, np.ndarray] | None:
     """(country name, ISO 3166 alpha-3 code) of each point ("" where none)."""
     from geohier.geography import country_of
@@ -312,13 +364,17 @@ def country_table(true_lat, true_lon, pred_lat, pred_lon, distances, min_images:
 def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLike | None = None,
                  images_root: str | os.PathLike | None = None, split: str = "test",
                  batch_size: int = 64, device: str | None = None, num_workers: int = 0,
-                 calibrate: bool | None = None, progress: bool = True) -> dict:
+                 calibrate: bool | None = None, progress: bool = True, refine: bool = False,
+                 refine_k: int = rf.DEFAULT_K, refine_tau: float = rf.DEFAULT_TAU) -> dict:
     """Evaluate a run; write ``eval.json`` into the run and return its content.
 
     ``csv``: evaluate on an external CSV (path, lat, lon; OSV-5M and Im2GPS3k column names
     accepted; image paths relative to ``images_root``) instead of the workspace's
     ``split``. ``calibrate``: fit temperatures on the val split first (None = only when
-    meta.json has none fitted yet and the workspace has a val split).
+    meta.json has none fitted yet and the workspace has a val split). ``refine``: also
+    score retrieval refinement (``refine_k`` neighbours per cell, temperature
+    ``refine_tau``; see ``geohier.refine``) as its own rule and leaderboard entry; a run
+    without ``neighbours.safetensors`` is refused before anything runs.
     """
     run_dir = Path(run_dir)
     if split not in SPLIT_CHOICES:
@@ -326,6 +382,7 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     _check_not_running(run_dir)
     t0 = time.perf_counter()
     model, meta, hierarchy = _load(run_dir, device)
+    index = load_neighbours(run_dir, meta, hierarchy, model) if refine else None
     if calibrate or (calibrate is None and "calibration" not in meta and _has_split(ws, "val")):
         calibrate_run(run_dir, ws, batch_size, device, num_workers, progress)
         model, meta, hierarchy = _load(run_dir, device)
@@ -349,7 +406,7 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         if len(ds) == 0:
             raise InputError(f"the {split} split of {ws.data_dir} has no usable image "
                              "(run `python -m pipeline labels` to make splits)")
-    collected = collect_logits(model, ds, levels, batch_size, num_workers, device, progress)
+    collected = collect_logits(model, ds, levels, batch_size, num_workers, device, progress, features=refine)
     temps = {int(k): float(v) for k, v in (meta.get("temperatures") or {}).items()}
     per_level, reliability = {}, {}
     for lv in levels:
@@ -378,6 +435,15 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         plat, plon, point = predicted_points(pred, meta, hierarchy, finest)
         geo_by_rule[rule] = benchmark.score_points(tlat, tlon, plat, plon, areas=evaluated.areas)
         geo_by_rule[rule].update(level=finest, point=point, rule=rule)
+    refined = None
+    if index is not None:
+        rlat, rlon, ok = refined_points(collected["logits"], collected["features"], meta, hierarchy, levels,
+                                        index.to(forward.resolve_device(device)), refine_k, refine_tau)
+        rname = refine_rule(levels)
+        geo_by_rule[rname] = benchmark.score_points(tlat, tlon, rlat, rlon, areas=evaluated.areas)
+        geo_by_rule[rname].update(level=finest, point="neighbours", rule=rname, refined=int(ok.sum()),
+                                  k=int(refine_k), tau=float(refine_tau), index_rows=len(index))
+        refined = (rname, rlat, rlon)
     # the headline uses what `predict` answers: the hierarchical walk when there is one
     rule = "hierarchical" if "hierarchical" in preds else "argmax"
     geo = geo_by_rule[rule]
@@ -407,6 +473,14 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
                  note=f"{levels} levels, rule {rule}",
                  points={"key": truth.keys, "true_lat": truth.lat, "true_lon": truth.lon,
                          "pred_lat": full_lat, "pred_lon": full_lon})
+    if refined is not None:  # its own entry, beside the run's, so the table shows whether it helps
+        rname, rlat, rlon = refined
+        entry, full_lat, full_lon = benchmark.score_aligned(
+            truth, benchmark.Predictions(f"{run_dir.name} +refine", keys, rlat, rlon))
+        board.record(truth.info() | {"hash": truth.hash}, f"{run_dir.name} +refine", "run", entry["geo"],
+                     note=f"{levels} levels, rule {rname} (k={refine_k}, tau={refine_tau:g})",
+                     points={"key": truth.keys, "true_lat": truth.lat, "true_lon": truth.lon,
+                             "pred_lat": full_lat, "pred_lon": full_lon})
     # on the whole truth set; the same images as eval.json's when every image was read
     record_baselines(board, truth, ws, scores=baselines if len(evaluated) == len(truth) else None)
     return result
@@ -437,6 +511,13 @@ def format_report(result: dict) -> str:
               "  " + "  ".join(f"{t} km {pct(g.get(f'acc_{t}km')).strip()}" for t in metrics.KM_THRESHOLDS),
               f"  median {num(g.get('median_km'), 0, 1).strip()} km, mean {num(g.get('mean_km'), 0, 1).strip()} km, "
               f"GeoScore {num(g.get('geoscore'), 0, 0).strip()}"]
+    for name, r in (result.get("geo_by_rule") or {}).items():
+        if name.endswith("+refine"):
+            lines += [f"refined with the nearest training images ({name}, k={r.get('k')}, tau={r.get('tau')}; "
+                      f"{r.get('refined')} of {r.get('n')} images moved):",
+                      "  " + "  ".join(f"{t} km {pct(r.get(f'acc_{t}km')).strip()}" for t in metrics.KM_THRESHOLDS),
+                      f"  median {num(r.get('median_km'), 0, 1).strip()} km, mean "
+                      f"{num(r.get('mean_km'), 0, 1).strip()} km, GeoScore {num(r.get('geoscore'), 0, 0).strip()}"]
     if result.get("countries"):
         lines += ["", f"{'country':<16} {'n':>6} {'in-ctry':>8} {'25km':>7} {'750km':>7} {'median km':>10}"]
         for r in result["countries"][:15]:
@@ -471,6 +552,9 @@ def register(sub) -> None:
                      help="refit the temperatures on the val split first (default: only when none fitted yet)")
     cal.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                      help="keep the run's fitted temperatures as they are")
+    p.add_argument("--refine", action="store_true",
+                   help="also score the guess refined to the nearest training images inside the kept cells "
+                        f"(runs with {runs.NEIGHBOURS_FILE}), as its own rule and leaderboard entry (default: off)")
     p.add_argument("--json", action="store_true", help=f"print {runs.EVAL_FILE} instead of the table")
     p.set_defaults(func=run)
 
@@ -483,7 +567,7 @@ def run(args, ws: Workspace) -> int:
     run_dir = runs.resolve_run(ws.models_dir, args.run_dir).path
     result = evaluate_run(run_dir, ws, csv=args.csv, images_root=args.images_root, split=args.split,
                           batch_size=args.batch_size, device=args.device, num_workers=args.workers,
-                          calibrate=args.calibrate, progress=sys.stderr.isatty())
+                          calibrate=args.calibrate, progress=sys.stderr.isatty(), refine=args.refine)
     if args.json:
         print(json.dumps(result, indent=1))
     else:

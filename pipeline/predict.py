@@ -12,6 +12,12 @@ prints a table or, with ``--json``, one JSON object per image and line (DESIGN.m
      "true": {"lat", "lon", "error_km", "geoscore"}}          # only with EXIF GPS
     {"image": "broken.jpg", "error": "broken.jpg is truncated or corrupt (...)"}
 
+With ``--refine`` (a run that carries ``neighbours.safetensors``), the guess moves to the
+similarity-weighted position of the most similar training images inside the kept cells
+(``geohier.refine``): ``best`` gains ``refined`` (true/false) and the cell's own position
+``cell_lat``/``cell_lon``, and the chosen finest candidate a ``refined`` block with the
+neighbours used (id, lat, lon, sim, weight). A run without the file is refused (exit 2).
+
 ``prob`` is a cell's probability among the candidates considered at its level (what the
 keep rules use); ``joint`` the probability of its whole path (the product of every level's
 probability along it). A file that cannot be read gets ``error`` instead of ``best``; the
@@ -35,7 +41,7 @@ from pathlib import Path
 from geohier import combine
 from geohier.errors import InputError
 from geohier.predictor import Prediction, load_predictor
-from geohier.runs import newest_run, resolve_run
+from geohier.runs import NEIGHBOURS_FILE, newest_run, resolve_run
 from geohier.workspace import Workspace
 
 EPILOG = ("exit status: 0 when at least one image was predicted (unreadable ones are reported "
@@ -76,6 +82,9 @@ def register(sub) -> None:
                    help=f"cumulative rule: at most this many classes per level (default: {combine.DEFAULT_MAX_KEEP})")
     p.add_argument("--no-temperature", action="store_true",
                    help="ignore the run's per-level temperatures (default: use them)")
+    p.add_argument("--refine", action="store_true",
+                   help=f"move the guess to the nearest training images inside the kept cells (runs with "
+                        f"{NEIGHBOURS_FILE}; default: the cell's position)")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line (default: a table)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward pass (default: 16)")
     p.add_argument("--show", type=int, default=5, metavar="N",
@@ -173,6 +182,12 @@ def format_table(pred: Prediction, show: int = 5) -> str:
     lines = [pred.image,
              f"  best   {b.cell}  {b.lat:.4f}, {b.lon:.4f}  p={b.prob:.3f} (joint {b.joint:.3f})  "
              f"{b.country or '(no country)'} · {b.place or '?'}"]
+    if b.refined is not None:
+        r = b.refined
+        lines.append(f"  refined from the cell's {r.cell_lat:.4f}, {r.cell_lon:.4f} by the {len(r.neighbours)} "
+                     f"nearest training image(s) (best similarity {r.neighbours[0]['sim']:.3f})")
+    elif pred.refined is False:
+        lines.append("  not refined: no training image in the kept cells")
     if pred.true:
         t = pred.true
         lines.append(f"  true   {t['lat']:.4f}, {t['lon']:.4f} (EXIF GPS)  error {t['error_km']:,.1f} km  "
@@ -201,12 +216,14 @@ def run(args: argparse.Namespace, ws: Workspace) -> int:
     predictor = load_predictor(paths, device=args.device)
     rules = rules_from_args(args, predictor.levels)
     preds = predictor.predict_files(args.images, rules=rules, temperature=not args.no_temperature,
-                                    batch_size=args.batch_size, places=args.show if not args.json else 10)
+                                    batch_size=args.batch_size, places=args.show if not args.json else 10,
+                                    refine=args.refine)
     out = sys.stdout
     if not args.json:
         out.write(f"run {predictor.name}  levels {','.join(map(str, predictor.levels))}  "
                   f"rules: {'; '.join(f'L{lv} {r.describe()}' for lv, r in rules.items())}"
-                  f"{'  (no temperature)' if args.no_temperature else ''}\n\n")
+                  f"{'  (no temperature)' if args.no_temperature else ''}"
+                  f"{f'  refined (k={predictor.refine_k}, tau={predictor.refine_tau:g})' if args.refine else ''}\n\n")
     for p in preds:
         if args.json:
             out.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")

@@ -219,3 +219,80 @@ def test_cli_evaluate(ws, tiny_run, capsys):
     assert cli_main(["evaluate", "no-such-run"]) == 2
     assert "no run 'no-such-run'" in capsys.readouterr().err
     assert cli_main(["evaluate", "tiny", "--images-root", "x"]) == 2
+
+
+# ----------------------------------------------------------------------------- refinement
+
+
+def write_split_neighbours(ws, run_dir, splits=("train",)):
+    """The run's neighbours.safetensors from its own model's features of the workspace's
+    ``splits`` images, as the frozen trainer writes it (manifest ids as ids)."""
+    from geohier.dataset import ManifestDataset
+    from geohier.hierarchy import Hierarchy
+    from geohier.model import load_run
+    from geohier.presets import EvalPreset
+    from geohier.refine import NeighbourIndex
+    from geohier.runs import Run
+
+    model, meta = load_run(run_dir)
+    h = Hierarchy.from_dict(meta["hierarchy"])
+    finest = max(int(v) for v in meta["arch"]["levels"])
+    feats, lat, lon, classes, ids = [], [], [], [], []
+    for split in splits:
+        ds = ManifestDataset(ws, h, split, transform=EvalPreset.from_meta(meta))
+        out = evaluate.collect_logits(model, ds, [finest], progress=False, features=True)
+        assert out["features"].shape == (len(out["index"]), model.feature_dim)
+        feats.append(out["features"])
+        lat.append(out["lat"])
+        lon.append(out["lon"])
+        classes.append(out["labels"][finest])
+        ids.append(ds.ids[out["index"]])
+    index = NeighbourIndex.from_features(torch.cat(feats), np.concatenate(lat), np.concatenate(lon),
+                                         np.concatenate(classes), finest, ids=np.concatenate(ids),
+                                         hierarchy_hash=h.hash)
+    index.save(Run(run_dir).neighbours_path)
+    return index
+
+
+def test_evaluate_refine_known_answer(ws):
+    """The index holds the test images themselves: with a flat classifier (every cell
+    kept) and the nearest neighbour alone deciding, each test image finds itself, so the
+    refined guess is exact while the cell's position is not."""
+    from geohier.leaderboard import Leaderboard
+
+    flat = {"temperatures": {"1": 1000.0, "3": 1000.0}}
+    run = make_tiny_run(ws, "flat", extra_meta=flat)
+    write_split_neighbours(ws, run, ("train", "test"))
+    res = evaluate.evaluate_run(run, ws, calibrate=False, progress=False, refine=True, refine_k=1, refine_tau=1e-3)
+    plain, refined = res["geo_by_rule"]["hierarchical"], res["geo_by_rule"]["hierarchical+refine"]
+    assert refined["rule"] == "hierarchical+refine" and refined["point"] == "neighbours"
+    assert refined["refined"] == 6 and refined["n"] == 6 and refined["index_rows"] == 30
+    assert refined["acc_1km"] == 1.0 and refined["median_km"] < 0.01
+    assert plain["median_km"] > 10 and plain["acc_1km"] < 1.0
+    assert res["geo"]["rule"] == "hierarchical"  # the headline stays what predict answers by default
+    board = Leaderboard(ws.data_dir)
+    entries = board.entries(board.truth_sets()[0]["hash"])
+    assert entries["flat"]["kind"] == entries["flat +refine"]["kind"] == "run"
+    assert entries["flat +refine"]["geo"]["median_km"] < 0.01 < entries["flat"]["geo"]["median_km"]
+    assert "hierarchical+refine (k=1, tau=0.001)" in entries["flat +refine"]["note"]
+    assert "refined with the nearest training images" in evaluate.format_report(res)
+
+
+def test_evaluate_refine_cli(ws, tiny_run, capsys):
+    rc = cli_main(["evaluate", "tiny", "--no-calibrate", "--refine"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "Traceback" not in err
+    assert "run tiny has no neighbours.safetensors" in err and "frozen backbone" in err
+    assert not (tiny_run / "eval.json").exists()
+    write_split_neighbours(ws, tiny_run)
+    rc = cli_main(["evaluate", "tiny", "--no-calibrate", "--refine"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "refined with the nearest training images (hierarchical+refine, k=10, tau=0.05" in out.out
+    res = json.loads((tiny_run / "eval.json").read_text())
+    r = res["geo_by_rule"]["hierarchical+refine"]
+    assert 0 <= r["refined"] <= r["n"] == 6 and r["index_rows"] == 24
+    assert set(res["geo_by_rule"]) == {"argmax", "hierarchical", "hierarchical+refine"}
+    # without --refine: no refine rule, as before
+    assert cli_main(["evaluate", "tiny", "--no-calibrate"]) == 0
+    assert "hierarchical+refine" not in json.loads((tiny_run / "eval.json").read_text())["geo_by_rule"]

@@ -164,3 +164,34 @@ def test_module_entry_point(ws, run_dir, photos):
     assert proc.returncode == 0, proc.stderr
     rows = _json_lines(proc.stdout)
     assert "best" in rows[0] and "error" in rows[1]
+
+
+def test_refine(ws, run_dir, photos, capsys):
+    from test_predictor import training_photos, write_neighbours
+
+    rc = main(["predict", str(photos["good"]), "--refine"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "Traceback" not in err
+    assert "run tiny has no neighbours.safetensors" in err
+    write_neighbours(run_dir, training_photos())
+    rc = main(["predict", str(photos["good"]), str(photos["empty"]), "--json", "--refine", "--rule", "topk",
+               "--top-k", "64"])
+    rows = _json_lines(capsys.readouterr().out)
+    assert rc == 0 and "error" in rows[1]
+    best = rows[0]["best"]
+    assert best["refined"] is True and {"cell_lat", "cell_lon"} <= set(best)
+    block = rows[0]["candidates"]["5"][0]["refined"]
+    assert block["k"] == 10 and block["tau"] == 0.05 and 1 <= len(block["neighbours"]) <= 10
+    assert {"id", "lat", "lon", "sim", "weight"} == set(block["neighbours"][0])
+    # the refined point is a weighted mean of the neighbours' positions
+    lats = [n["lat"] for n in block["neighbours"]]
+    assert min(lats) - 1e-4 <= best["lat"] <= max(lats) + 1e-4
+    rc = main(["predict", str(photos["good"]), "--refine"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "refined (k=10, tau=0.05)" in out and "refined from the cell's" in out
+    # a per-level set cannot refine
+    runs = [make_tiny_run(ws.models_dir / f"L{lv}", tiny_hierarchy(), levels=(lv,), seed=lv, group="g")
+            for lv in (1, 3, 5)]
+    rc = main(["predict", str(photos["good"]), "--refine", "--runs", ",".join(str(r) for r in runs)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a single run" in err

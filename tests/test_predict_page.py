@@ -111,3 +111,35 @@ def test_threshold_explorer(ws):
     assert not at.exception
     kept = next(m.value for m in at.metric if m.label.startswith("Mean cells kept"))
     assert float(kept) <= 2.0
+
+
+def test_refine_switch(ws, tiny):
+    from test_predictor import training_photos, write_neighbours
+
+    at = _page()
+    # a run without neighbours: the switch is there, disabled, and says why
+    assert at.toggle(key="predict_refine").disabled
+    assert any("has no neighbours.safetensors" in c.value for c in at.caption)
+    photos = training_photos()
+    write_neighbours(tiny, photos)
+    at = _page()
+    assert not at.toggle(key="predict_refine").disabled
+    data, lat, lon = photos[0]
+    at.file_uploader(key="predict_upload").set_value(("paris.jpg", data, "image/jpeg")).run()
+    at.selectbox(key="predict_rule_all").set_value("topk").run()
+    at.slider(key="predict_top_k_all").set_value(20).run()
+    before = next(m for m in at.metric if m.label == "Best guess").help
+    assert not any(c.value.startswith("Refined:") for c in at.caption)
+    at.toggle(key="predict_refine").set_value(True).run()
+    assert not at.exception and not _errors(at)
+    assert any(c.value.startswith("Refined:") and "nearest training image" in c.value for c in at.caption)
+    after = next(m for m in at.metric if m.label == "Best guess").help
+    assert after != before  # the point moved from the cell's position
+    used = at.dataframe[-1].value  # the "Nearest training images used" table
+    assert list(used.columns) == ["id", "lat", "lon", "sim", "weight"] and 1 <= len(used) <= 10
+    # an index that became unreadable: a message, and the unrefined guess still shown
+    (tiny / "neighbours.safetensors").write_bytes(b"garbage")
+    at.slider(key="predict_top_k_all").set_value(19).run()
+    assert not at.exception
+    assert any("Refinement failed" in e and "cannot read the neighbour index" in e for e in _errors(at))
+    assert next(m for m in at.metric if m.label == "Best guess").help.startswith("cell ")

@@ -229,3 +229,141 @@ def test_newest_finished_run_and_the_cache(tmp_path):
     (new / "model.safetensors").write_bytes((models / "new2" / "model.safetensors").read_bytes())
     os.utime(new / "model.safetensors", (past + 50, past + 50))
     assert load_predictor(new, device="cpu") is not a
+
+
+# ----------------------------------------------------------------------------- refinement
+
+
+def training_photos(shades=3):
+    """Per city, ``shades`` photos (bytes) at the tiny hierarchy's points: [(bytes, lat, lon)]."""
+    from conftest import jpeg_bytes
+
+    out = []
+    for lat, lon, color in CITIES:
+        for j in range(shades):
+            shade = tuple(max(0, min(255, c + 25 * j)) for c in color)
+            out.append((jpeg_bytes(size=(40, 32), color=shade), lat + 0.01 * j, lon + 0.01 * j))
+    return out
+
+
+def write_neighbours(run_dir, photos, level=None, ids=None):
+    """The run's neighbours.safetensors from its own model's features of ``photos``
+    ([(bytes, lat, lon)]), as the frozen trainer writes it; returns the index."""
+    import io
+
+    from PIL import Image
+
+    from geohier.hierarchy import Hierarchy
+    from geohier.model import load_run
+    from geohier.presets import EvalPreset
+    from geohier.refine import NeighbourIndex
+    from geohier.runs import Run
+
+    model, meta = load_run(run_dir)
+    h = Hierarchy.from_dict(meta["hierarchy"])
+    finest = level or max(h.levels)
+    preset = EvalPreset.from_meta(meta)
+    x = torch.stack([preset(Image.open(io.BytesIO(b)).convert("RGB")) for b, _, _ in photos])
+    with torch.inference_mode():
+        feats = model.features(x)
+    lat = np.array([p[1] for p in photos])
+    lon = np.array([p[2] for p in photos])
+    classes = h.labels(lat, lon)[max(h.levels)]
+    index = NeighbourIndex.from_features(feats, lat, lon, classes, finest, ids=ids, hierarchy_hash=h.hash)
+    index.save(Run(run_dir).neighbours_path)
+    return index
+
+
+@pytest.fixture(scope="module")
+def refine_run(tmp_path_factory):
+    run = make_tiny_run(tmp_path_factory.mktemp("models") / "frozen")
+    write_neighbours(run, training_photos(), ids=np.arange(100, 118))
+    return run
+
+
+def test_refine_moves_the_guess_to_the_nearest_training_images(refine_run, tmp_path):
+    from conftest import jpeg_bytes
+
+    photos = training_photos()
+    p = Predictor.load(refine_run, device="cpu")
+    assert p.can_refine and p.refine_problem is None
+    keep_all = KeepRule("topk", top_k=64)
+    p.refine_k, p.refine_tau = 1, 1e-3  # the nearest image alone decides, and gives the point
+    i = 4  # Berlin, second shade: the query is that very training photo, with its EXIF GPS
+    data, lat, lon = photos[i]
+    path = tmp_path / "query.jpg"
+    path.write_bytes(jpeg_bytes(size=(40, 32), color=tuple(max(0, min(255, c + 25)) for c in CITIES[1][2]),
+                                gps=(lat, lon)))
+    plain = p.predict_files([path], rules=keep_all, places=0)[0]
+    pred = p.predict_files([path], rules=keep_all, places=1, refine=True)[0]
+    assert plain.refined is None and plain.best.refined is None
+    b = pred.best
+    assert pred.refined is True and b.refined is not None
+    assert (b.lat, b.lon) == pytest.approx((lat, lon), abs=1e-6)
+    assert pred.true["error_km"] < 0.01
+    n = b.refined.neighbours
+    assert len(n) == 1 and n[0]["id"] == 100 + i and n[0]["sim"] == pytest.approx(1.0, abs=2e-3)
+    assert n[0]["weight"] == pytest.approx(1.0)
+    # the chosen cell is the photo's own, first among the finest candidates; the cell's
+    # own position is kept beside the refined point
+    assert b.cell == p.hierarchy.cells(5)[int(p.hierarchy.labels([lat], [lon])[5][0])]
+    assert (b.refined.cell_lat, b.refined.cell_lon) == pytest.approx(tuple(p.positions[b.index]))
+    assert sorted(c.cell for c in pred.levels[5]) == sorted(c.cell for c in plain.levels[5])
+    d = json.loads(json.dumps(pred.to_dict()))
+    assert d["best"]["refined"] is True and d["best"]["lat"] == pytest.approx(lat, abs=1e-5)
+    assert d["best"]["cell_lat"] == pytest.approx(b.refined.cell_lat, abs=1e-5)
+    assert d["candidates"]["5"][0]["refined"]["neighbours"][0]["id"] == 100 + i
+    assert "refined" not in plain.to_dict()["best"]
+    # the defaults (k=10 neighbours of the chosen cell) average them: the point stays
+    # among the cell's training photos, within a few km of this one
+    q = Predictor.load(refine_run, device="cpu")
+    pred = q.predict_files([path], rules=keep_all, places=0, refine=True)[0]
+    assert pred.refined and 1 <= len(pred.best.refined.neighbours) <= 3
+    assert geodesy.haversine_km(pred.best.lat, pred.best.lon, lat, lon) < 5
+
+
+def test_no_neighbour_in_the_kept_cells_keeps_the_cell_position(tmp_path, make_jpeg):
+    run = make_tiny_run(tmp_path / "frozen")
+    p = Predictor.load(run, device="cpu")
+    path = make_jpeg(tmp_path / "x.jpg")
+    top1 = KeepRule("topk", top_k=1)
+    plain = p.predict_files([path], rules=top1, places=0)[0]
+    others = [ph for ph in training_photos()
+              if p.hierarchy.labels([ph[1]], [ph[2]])[5][0] != plain.best.index]
+    write_neighbours(run, others)
+    pred = p.predict_files([path], rules=top1, places=0, refine=True)[0]
+    assert pred.refined is False and pred.best.refined is None
+    assert (pred.best.lat, pred.best.lon) == (plain.best.lat, plain.best.lon)
+    assert pred.to_dict()["best"]["refined"] is False
+
+
+def test_refine_needs_a_single_run_with_a_usable_index(predictor, tmp_path, make_jpeg):
+    from geohier.errors import WorkspaceError
+    from geohier.refine import NeighbourIndex
+    from geohier.runs import Run
+
+    photo = make_jpeg(tmp_path / "x.jpg")
+    assert not predictor.can_refine and "has no neighbours.safetensors" in predictor.refine_problem
+    with pytest.raises(InputError, match="frozen backbone"):
+        predictor.predict_files([photo], refine=True)
+    h = tiny_hierarchy()
+    runs = [make_tiny_run(tmp_path / f"L{lv}", h, levels=(lv,), seed=lv, group="g") for lv in h.levels]
+    for r in runs:
+        write_neighbours(r, training_photos(1), level=max(h.levels))
+    s = Predictor.load(runs, device="cpu")
+    assert not s.can_refine and "single run" in s.refine_problem
+    with pytest.raises(InputError, match="per-level set"):
+        s.predict_files([photo], refine=True)
+    # an unreadable file, or one for another level or embedding size: one clear error
+    run = make_tiny_run(tmp_path / "bad")
+    p = Predictor.load(run, device="cpu")
+    Run(run).neighbours_path.write_bytes(b"garbage")
+    assert p.can_refine  # the file is there; reading it is what fails
+    with pytest.raises(WorkspaceError, match="cannot read the neighbour index"):
+        p.predict_files([photo], refine=True)
+    NeighbourIndex.from_features(torch.ones(2, 512), [1, 2], [1, 2], [0, 0], level=3).save(Run(run).neighbours_path)
+    with pytest.raises(WorkspaceError, match="run bad: the neighbour index is for level 3"):
+        p.predict_files([photo], refine=True)
+    NeighbourIndex.from_features(torch.ones(2, 64), [1, 2], [1, 2], [0, 0], level=5).save(Run(run).neighbours_path)
+    with pytest.raises(WorkspaceError, match="64-d embeddings, the model's features are 512-d"):
+        p.predict_files([photo], refine=True)
