@@ -177,13 +177,12 @@ class FrozenFit(_Fit):
     def write_neighbours(self) -> None:
         """neighbours.safetensors: the training images' features, positions and finest
         classes, for retrieval refinement (``geohier.refine``)."""
-        try:
-            from geohier.refine import NeighbourIndex
-        except ImportError:  # refinement not installed in this version
-            return
+        from geohier.refine import NeighbourIndex
+
         fs, finest = self.features, self.levels[-1]
         classes = fs.labels[:, self.levels.index(finest)].numpy()
-        NeighbourIndex.from_features(fs.feats, fs.lat, fs.lon, classes, finest).save(self.run.neighbours_path)
+        NeighbourIndex.from_features(fs.feats, fs.lat, fs.lon, classes, finest,
+                                     hierarchy_hash=self.hierarchy.hash).save(self.run.neighbours_path)
         self.report.log(f"wrote {len(fs)} training embeddings for retrieval refinement ({self.run.neighbours_path.name})")
 
 
