@@ -78,7 +78,7 @@ class ManifestDataset(Dataset):
             raise GeohierError(f"no manifest in {ws.data_dir}: import or generate images first "
                                "(python -m pipeline demo)")
         with ws.manifest() as m:
-            frame = m.frame(["id", "path", "lat", "lon", "sha256"], where="split = ?", params=(split,))
+            frame = m.frame(["id", "path", "lat", "lon", "sha256", "source"], where="split = ?", params=(split,))
         self.split = split
         self.transform = transform
         self.levels = [int(v) for v in (levels or hierarchy.levels)]
@@ -107,6 +107,7 @@ class ManifestDataset(Dataset):
             idx = np.sort(rng.choice(idx, size=int(limit), replace=False))
         self.ids = frame["id"].to_numpy(np.int64)[idx]
         self.sha256 = frame["sha256"].to_numpy(object)[idx]  # the image bytes' hash: an embedding cache key
+        self.sources = frame["source"].to_numpy(object)[idx]  # demo | photos | csv | mapillary
         self.keys = self.ids.astype(str).astype(object)  # how a truth set names its images
         self.paths = paths[idx]
         self.lat, self.lon = lat[idx], lon[idx]

@@ -136,6 +136,23 @@ class Prediction:
         return d
 
 
+SYNTHETIC_NOTE = (
+    "{run} was trained only on the synthetic demo world (generated pictures, not photos): its guesses "
+    "on real photos are not meaningful. To geolocate real photos, import or fetch real geotagged images "
+    "(Data page, or `python -m pipeline import-photos / import-csv / fetch`) and train on them; with few "
+    "images or no GPU, train heads on a frozen foundation backbone "
+    "(`python -m pipeline train --frozen --backbone hf:openai/clip-vit-base-patch16`).")
+
+
+def synthetic_note(meta: Mapping, name: str = "this run") -> str | None:
+    """The warning for a run whose training images all came from the demo world (meta's
+    ``data.sources``), else None."""
+    sources = ((meta.get("data") or {}).get("sources") or {}) if isinstance(meta, Mapping) else {}
+    if sources and set(sources) == {"demo"}:
+        return SYNTHETIC_NOTE.format(run=name)
+    return None
+
+
 def cell_positions(hierarchy, meta: Mapping, level: int) -> np.ndarray:
     """(C, 2) lat/lon of each class of ``level``: meta's ``cell_positions`` (the mean
     position of the class's training images) where present and finite, else the cell
@@ -217,6 +234,13 @@ class Predictor:
         self.refine_k = rf.DEFAULT_K
         self.refine_tau = rf.DEFAULT_TAU
         self._index: tuple[tuple, rf.NeighbourIndex] | None = None
+
+    @property
+    def synthetic_note(self) -> str | None:
+        """The warning to show once when every run here learned from the synthetic demo
+        world alone (None otherwise)."""
+        notes = [synthetic_note(m, f"run {self.name}") for m in self.metas]
+        return notes[0] if notes and all(notes) else None
 
     @classmethod
     def load(cls, runs: str | os.PathLike | Run | Sequence[str | os.PathLike | Run],

@@ -144,6 +144,8 @@ try:
 except GeohierError as exc:
     st.error(str(exc))
     st.stop()
+if predictor.synthetic_note:
+    st.warning(predictor.synthetic_note, icon="⚠️")
 
 with st.sidebar:
     temperature = st.toggle("Temperature scaling", value=True, key="predict_temperature",

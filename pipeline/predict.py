@@ -215,6 +215,8 @@ def run(args: argparse.Namespace, ws: Workspace) -> int:
     paths = resolve_runs(ws, args.run, args.runs)
     predictor = load_predictor(paths, device=args.device)
     rules = rules_from_args(args, predictor.levels)
+    if predictor.synthetic_note:
+        print(f"note: {predictor.synthetic_note}", file=sys.stderr)
     preds = predictor.predict_files(args.images, rules=rules, temperature=not args.no_temperature,
                                     batch_size=args.batch_size, places=args.show if not args.json else 10,
                                     refine=args.refine)

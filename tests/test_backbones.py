@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_backbones as tb
 import torch
 from safetensors.torch import load_file
 
-import tiny_backbones as tb
 from geohier import backbones as B
 from geohier.errors import GeohierError
 from geohier.model import build_model, load_run, save_checkpoint

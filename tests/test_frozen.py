@@ -64,6 +64,7 @@ def test_a_frozen_run_trains_heads_on_cached_features(frozen):
     assert os.path.samefile(run / "backbone.safetensors", cache_copy)
     assert meta["arch"]["frozen"] and meta["backbone"]["spec"] == "resnet18"
     assert meta["input"]["image_size"] == 32 and len(meta["backbone"]["weights_sha256"]) == 64
+    assert meta["data"]["sources"] == {"test": 40}  # not the demo world alone: no synthetic warning
     # the heads learned the colour -> quadrant rule from the features
     assert metrics(run)[-1]["train"]["1"]["top1"] > 0.5
     # neighbours for retrieval: every train image's feature, position and finest class

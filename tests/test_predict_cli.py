@@ -195,3 +195,24 @@ def test_refine(ws, run_dir, photos, capsys):
     rc = main(["predict", str(photos["good"]), "--refine", "--runs", ",".join(str(r) for r in runs)])
     err = capsys.readouterr().err
     assert rc == 2 and "needs a single run" in err
+
+
+def _mark_demo_only(run_dir):
+    meta_path = run_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["data"] = {"sources": {"demo": 120}}
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_a_demo_world_run_says_once_that_its_guesses_mean_nothing(ws, run_dir, photos, capsys):
+    rc = main(["predict", str(photos["good"]), str(photos["png"]), "--json"])
+    assert rc == 0 and "synthetic demo world" not in capsys.readouterr().err
+    _mark_demo_only(run_dir)
+    from geohier.predictor import _load_cached
+
+    _load_cached.cache_clear()  # the meta changed within the file clock's resolution
+    rc = main(["predict", str(photos["good"]), str(photos["png"]), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0 and len(_json_lines(captured.out)) == 2  # stdout stays JSON
+    assert captured.err.count("trained only on the synthetic demo world") == 1
+    assert "import or fetch real geotagged images" in captured.err and "--frozen" in captured.err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import ROOT, jpeg_bytes
 from streamlit.testing.v1 import AppTest
@@ -143,3 +145,16 @@ def test_refine_switch(ws, tiny):
     assert not at.exception
     assert any("Refinement failed" in e and "cannot read the neighbour index" in e for e in _errors(at))
     assert next(m for m in at.metric if m.label == "Best guess").help.startswith("cell ")
+
+
+def test_a_demo_world_run_is_flagged(ws, tiny):
+    at = _page()
+    assert not any("synthetic demo world" in w.value for w in at.warning)
+    meta_path = tiny / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["data"] = {"sources": {"demo": 120}}
+    meta_path.write_text(json.dumps(meta))
+    at = _page()
+    assert not at.exception
+    notes = [w.value for w in at.warning if "synthetic demo world" in w.value]
+    assert len(notes) == 1 and "not meaningful" in notes[0] and "frozen foundation backbone" in notes[0]

@@ -260,7 +260,8 @@ class _Fit:
                           "input": EvalPreset.from_meta({"input": self.net.preprocess}).to_dict(),
                           "backbone": self.net.backbone_info,
                           "temperatures": {str(lv): 1.0 for lv in levels}, "config": cfg.to_dict(),
-                          "cell_positions": {str(levels[-1]): pos}}
+                          "cell_positions": {str(levels[-1]): pos},
+                          "data": {"sources": _sources(self.data.train_ds)}}
 
     def restore(self) -> tuple[int, int]:
         """(first epoch, steps taken) — (1, 0) unless a resumed run saved an epoch."""
@@ -383,6 +384,13 @@ def calibrate(run: Run, ws: Workspace, report: RunReport, env: DistEnv) -> None:
         report.log(f"calibration skipped: {exc}")
     except Exception as exc:  # noqa: BLE001 - a finished model is still usable without temperatures
         report.log(f"calibration failed ({type(exc).__name__}: {exc}); temperatures stay 1.0")
+
+
+def _sources(ds) -> dict[str, int]:
+    """Train images per manifest source (demo, photos, csv, mapillary): what tells a run
+    trained on the synthetic demo world alone (``geohier.predictor.synthetic_note``)."""
+    names, counts = np.unique(np.asarray(ds.sources, dtype=str), return_counts=True)
+    return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
 
 
 def _r(v, nd: int = 4):
