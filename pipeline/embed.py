@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
-from geohier.embeddings import EmbeddingCache, cache_root, embed
-from geohier.errors import InputError, WorkspaceError
+from geohier.backbones import PRETRAINED, parse_spec
+from geohier.embeddings import INDEX_FILE, EmbeddingCache, cache_root, embed
+from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.forward import DEVICE_HELP
 from geohier.workspace import SPLITS, Workspace, json_safe
 
@@ -153,3 +155,81 @@ def run(args, ws: Workspace) -> int:
     if out["main"]:
         print(json.dumps(json_safe(out), indent=1) if args.json else format_summary(out))
     return 0
+
+
+# ----------------------------------------------------------------------------- the caches' state (Train page)
+
+FROZEN_SPLITS = ("train", "val")  # what ``train --frozen`` embeds
+
+
+def caches_version(ws: Workspace) -> tuple:
+    """A value that changes whenever a cache folder of the workspace gains or loses a file
+    (a shard renamed into place, a rewritten index): the Train page's cache key. Nothing is
+    read but the folders' modification times."""
+    root = cache_root(ws)
+    if not root.is_dir():
+        return ()
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        index = d / INDEX_FILE
+        out.append((d.name, d.stat().st_mtime_ns, index.stat().st_mtime_ns if index.exists() else 0))
+    return tuple(out)
+
+
+def split_rows(ws: Workspace, splits=FROZEN_SPLITS) -> tuple[list, list[str]]:
+    """(ids, sha256s) of the manifest's images in ``splits``; empty without a manifest."""
+    if not ws.has_manifest():
+        return [], []
+    with ws.manifest() as m:
+        frame = m.frame(["id", "sha256"], f"split IN ({', '.join('?' * len(splits))})", tuple(splits))
+    return frame["id"].tolist(), frame["sha256"].tolist()
+
+
+def cache_overview(ws: Workspace, splits=FROZEN_SPLITS) -> dict:
+    """The workspace's embedding caches and how much of ``splits`` each holds, from the
+    caches' indexes and shard headers (no model is built, no features are read):
+    ``{"images": N (the splits' images), "splits": [...], "caches": [info() + "held": how
+    many of the N it holds]}``, most recently updated first. A folder that cannot be read
+    is ``{"key", "path", "error"}``."""
+    ids, shas = split_rows(ws, splits)
+    caches = []
+    root = cache_root(ws)
+    for d in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        try:
+            cache = EmbeddingCache.load(d)
+            caches.append(cache.info() | {"held": int(cache.has(ids, shas).sum()) if shas else 0})
+        except (GeohierError, OSError, ValueError) as exc:
+            caches.append({"key": d.name, "path": str(d), "error": str(exc)})
+    caches.sort(key=lambda i: i.get("updated_at") or "", reverse=True)
+    return {"images": len(shas), "splits": list(splits), "caches": caches}
+
+
+def _weights_choice(weights) -> str:
+    """One name per weights choice: imagenet and pretrained are one (the spec's own), a
+    file is its resolved path."""
+    w = str(weights or "none").strip() or "none"
+    if w in PRETRAINED:
+        return "pretrained"
+    if w in ("none", "None"):
+        return "none"
+    return str(Path(w).expanduser().resolve())
+
+
+def matching_caches(caches: list[dict], spec: str, weights: str, image_size: int) -> list[dict]:
+    """The caches (``cache_overview``'s) that ``spec`` with ``weights`` at ``image_size``
+    would reuse, as far as can be told without building the model: the same spec, input
+    size and weights choice. The key itself hashes the weights' bytes, which only the run
+    knows: a hub model updated since, or a weights file rewritten, embeds into a new cache
+    (and the same bytes under another file name reuse this one). An InputError for a spec
+    that does not parse."""
+    want = str(parse_spec(spec))
+    choice = _weights_choice(weights)
+    out = []
+    for info in caches:
+        d = info.get("describe") or {}
+        if "error" in info or d.get("spec") != want:
+            continue
+        size = (d.get("preprocess") or {}).get("image_size")
+        if size == int(image_size) and _weights_choice(d.get("weights")) == choice:
+            out.append(info)
+    return out

@@ -1,13 +1,20 @@
-"""The Train page (AppTest): prerequisites, form validation next to the fields, runs table."""
+"""The Train page (AppTest): prerequisites, form validation next to the fields, runs table;
+the backbone spec (listed, suggested foundation specs, any other), frozen mode reaching the
+job's argv, and the embedding cache panel (a cache embedded by a tiny local CLIP)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+import tiny_backbones as tb
+import torch
+from conftest import jpeg_bytes
 from streamlit.testing.v1 import AppTest
 
 from geohier.hierarchy import build_hierarchy
+from pipeline import jobs
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "train.py")
 
@@ -24,6 +31,48 @@ def _hierarchy(ws):
 
 def _by_label(widgets, label):
     return next(w for w in widgets if w.label == label)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    return tb.hf_clip(tmp_path_factory.mktemp("backbones"))
+
+
+@pytest.fixture
+def started(monkeypatch) -> list[list[str]]:
+    """The argv of every job the page starts; no process is started (each run is "done",
+    so the runs panel has no dead process to report)."""
+    argvs: list[list[str]] = []
+
+    def spawn(run, argv, extra_job):
+        argvs.append(list(argv))
+        run.write_job({"pid": None, "argv": list(argv), **extra_job})
+        run.write_status({"state": "done", "epoch": 0, "epochs": 1, "progress": 1.0})
+
+    monkeypatch.setattr(jobs, "_spawn", spawn)
+    return argvs
+
+
+def _other_spec(at: AppTest, spec: str) -> AppTest:
+    at = _by_label(at.selectbox, "Backbone").set_value("other…").run()
+    return _by_label(at.text_input, "Backbone spec").set_value(spec).run()
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def _images(ws, splits: dict[str, int]) -> None:
+    """Tiny JPEGs in the manifest: ``{split: how many}``."""
+    i = 0
+    with ws.manifest() as m:
+        for split, n in splits.items():
+            ids = []
+            for _ in range(n):
+                ids.append(m.store_image(jpeg_bytes((40, 30), (30 * i, 90, 200 - 20 * i)), "jpg", source="test",
+                                         source_id=str(i), lat=float(i), lon=float(i)))
+                i += 1
+            m.set_splits({k: split for k in ids})
 
 
 def test_no_hierarchy_says_what_to_do(ws):
@@ -46,10 +95,10 @@ def test_form_renders_with_hierarchy_levels(ws):
 def test_validation_messages_next_to_fields(ws):
     _hierarchy(ws)
     at = _page().run()
-    _by_label(at.number_input, "Epochs").set_value(0)
-    _by_label(at.number_input, "Image size (px)").set_value(8)
-    _by_label(at.selectbox, "Weights").set_value("local file")
+    at = _by_label(at.selectbox, "Weights").set_value("local file").run()  # its file input appears
     _by_label(at.text_input, "Local weights file (.safetensors)").set_value("/nope/w.safetensors")
+    _by_label(at.number_input, "Image size (px)").set_value(8)
+    _by_label(at.number_input, "Epochs").set_value(0)
     _by_label(at.text_input, "Run name (optional)").set_value("bad name!")
     at = _by_label(at.button, "Launch").click().run()
     assert not at.exception
@@ -88,3 +137,128 @@ def test_runs_table_and_log(ws):
     at = _by_label(at.selectbox, "Run").set_value("r-dead").run()
     assert any(b.label == "Resume" for b in at.button)
     assert any("ended without finishing" in e.value for e in at.error)
+
+
+def test_frozen_checkbox_reaches_the_job_argv(ws, started):
+    _hierarchy(ws)
+    at = _page().run()
+    frozen = _by_label(at.checkbox, "Frozen backbone (heads on cached embeddings)")
+    assert frozen.value is False and not started
+    at = frozen.check().run()
+    assert not at.exception
+    assert any("mixup, cutmix, hflip, RandAugment) are ignored" in c.value for c in at.caption)
+    at = _by_label(at.button, "Launch").click().run()
+    assert not at.exception and not [e.value for e in at.error]
+    (argv,) = started
+    assert "--frozen" in argv and _flag(argv, "--backbone") == "resnet18"
+    assert any("Launched" in s.value for s in at.success)
+    at = _by_label(at.checkbox, "Frozen backbone (heads on cached embeddings)").uncheck().run()
+    _by_label(at.text_input, "Run name (optional)").set_value("fine-tuned")  # not the same second's name
+    at = _by_label(at.button, "Launch").click().run()
+    assert len(started) == 2 and "--frozen" not in started[1]
+
+
+def test_a_suggested_foundation_spec_turns_frozen_on(ws):
+    _hierarchy(ws)
+    at = _page().run()
+    backbone = _by_label(at.selectbox, "Backbone")
+    assert "hf:facebook/dinov2-small (foundation, downloaded on first use)" in backbone.options
+    assert backbone.options[-1] == "other… (any spec, or a local folder)"
+    at = backbone.set_value("hf:facebook/dinov2-small").run()  # nothing is downloaded to say this
+    assert not at.exception
+    assert _by_label(at.checkbox, "Frozen backbone (heads on cached embeddings)").value is True
+    assert _by_label(at.selectbox, "Weights").value == "pretrained"  # the CPU recipe's none: a random ViT
+    assert _by_label(at.number_input, "Image size (px)").value == 224
+    assert "is a foundation model, so: frozen backbone on" in at.info[0].value
+    at = _by_label(at.checkbox, "Frozen backbone (heads on cached embeddings)").uncheck().run()
+    assert "needs a GPU" in at.warning[0].value
+
+
+def test_other_spec_accepts_a_local_folder(ws, started, clip_dir):
+    _hierarchy(ws)
+    at = _other_spec(_page().run(), f"hf:{clip_dir}")
+    assert not at.exception and not [e.value for e in at.error]
+    assert _by_label(at.checkbox, "Frozen backbone (heads on cached embeddings)").value is True
+    at = _by_label(at.selectbox, "Backbone").set_value("resnet18").run()  # the spec input hides...
+    at = _by_label(at.selectbox, "Backbone").set_value("other…").run()
+    assert _by_label(at.text_input, "Backbone spec").value == f"hf:{clip_dir}"  # ...and keeps its text
+    _by_label(at.text_input, "Run name (optional)").set_value("clip-frozen")
+    at = _by_label(at.button, "Launch").click().run()
+    assert not at.exception and not [e.value for e in at.error]
+    (argv,) = started
+    assert _flag(argv, "--backbone") == f"hf:{clip_dir}" and "--frozen" in argv
+    assert _flag(argv, "--weights") == "pretrained" and _flag(argv, "--run-name") == "clip-frozen"
+
+
+@pytest.mark.xfail(strict=True, reason="pipeline.train.config.job_run_name puts the spec (hf:/..., with ':' and '/') "
+                   "into the default run name, which the run-name check then refuses")
+def test_a_foundation_spec_launches_without_a_run_name(ws, started, clip_dir):
+    _hierarchy(ws)
+    at = _other_spec(_page().run(), f"hf:{clip_dir}")
+    at = _by_label(at.button, "Launch").click().run()
+    assert not [e.value for e in at.error] and len(started) == 1
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("hf:nothing", "a hub model is ORG/NAME"),
+    ("jax:vit", "unknown backbone library 'jax'"),
+    ("hf:/nowhere/clip", "/nowhere/clip does not exist"),
+])
+def test_other_spec_rejects_a_bad_one_next_to_it(ws, started, spec, message):
+    _hierarchy(ws)
+    at = _other_spec(_page().run(), spec)
+    assert not at.exception
+    assert [e.value for e in at.error if message in e.value]  # at once, before Launch
+    at = _by_label(at.button, "Launch").click().run()
+    assert not at.exception
+    assert [e.value for e in at.error if message in e.value]
+    assert not started and not list(ws.models_dir.iterdir())  # nothing started
+    assert _by_label(at.text_input, "Backbone spec").value == spec  # nothing lost
+
+
+def test_cache_panel_shows_the_workspace_caches(ws, clip_dir):
+    from pipeline.embed import embed_workspace
+
+    _hierarchy(ws)
+    _images(ws, {"train": 4, "val": 2, "test": 1})
+    at = _other_spec(_page().run(), f"hf:{clip_dir}")
+    assert "No cache of" in at.info[-1].value
+    assert "the first frozen run embeds the 6 train/val images once" in at.info[-1].value
+    assert not at.dataframe  # no cache table (and no runs table: no runs)
+
+    threads = torch.get_num_threads()
+    try:
+        out = embed_workspace(ws, f"hf:{clip_dir}", image_size=32, splits=("train",), device="cpu", workers=0,
+                              threads=1, progress=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    at = _by_label(at.number_input, "Image size (px)").set_value(32).run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    row = table.iloc[0]
+    assert len(table) == 1 and row["spec"] == f"hf:{clip_dir}" and row["key"] == out["key"]
+    assert (row["images"], row["of train/val (6)"], row["image size"], row["features"]) == (4, 4, 32, 32)
+    assert ("4 of the 6 train/val images are already embedded" in at.success[0].value
+            and "embeds the other 2" in at.success[0].value)
+    at = _by_label(at.number_input, "Image size (px)").set_value(48).run()  # another size: another cache
+    assert "No cache of" in at.info[-1].value and "This backbone has caches at 32 px" in at.info[-1].value
+
+
+def test_matching_caches_by_spec_size_and_weights_choice(tmp_path):
+    from pipeline.embed import matching_caches
+
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"")
+
+    def info(spec, size, weights):
+        return {"key": f"{spec}-{size}-{weights}", "describe": {"spec": spec, "weights": weights,
+                                                               "preprocess": {"image_size": size}}}
+
+    caches = [info("resnet18", 64, "imagenet"), info("resnet18", 64, str(w)), info("resnet18", 224, "none"),
+              {"key": "broken", "path": "x", "error": "no describe.json"}]
+    keys = [c["key"] for c in matching_caches(caches, "resnet18", "pretrained", 64)]  # imagenet = pretrained
+    assert keys == ["resnet18-64-imagenet"]
+    assert [c["key"] for c in matching_caches(caches, " resnet18", str(tmp_path / "." / "w.safetensors"), 64)] \
+        == [f"resnet18-64-{w}"]  # a file by its resolved path
+    assert matching_caches(caches, "resnet18", "none", 64) == []
+    assert matching_caches(caches, "resnet50", "imagenet", 64) == []
