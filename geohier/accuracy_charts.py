@@ -262,6 +262,26 @@ def fig_leaderboard_curve(table: pd.DataFrame, references: Sequence[dict] = REFE
     return fig
 
 
+#: The error map's colour ramp: log scale from 1 km (green) to 20,000 km (dark red).
+ERROR_COLOURS = ("#1a9850", "#fee08b", "#fdae61", "#d73027", "#7f0000")
+ERROR_KM_RANGE = (1.0, 20_000.0)
+
+
+def error_colours(km) -> list[str]:
+    """The error map's colour of each error distance (km)."""
+    from geohier import maps
+
+    return maps.color_scale(km, log=True, vmin=ERROR_KM_RANGE[0], vmax=ERROR_KM_RANGE[1], colors=ERROR_COLOURS)
+
+
+def error_legend() -> list[tuple[str, str]]:
+    """(colour, label) rows of the error map's legend: the colour each protocol threshold
+    gets on the ramp (so a label never names a distance its colour does not have)."""
+    marks = (*KM_THRESHOLDS, ERROR_KM_RANGE[1])
+    labels = [f"{'≤ ' if i == 0 else ''}{km:,.0f} km" for i, km in enumerate(marks)]
+    return list(zip(error_colours(marks), labels, strict=True))
+
+
 def error_map(points: pd.DataFrame, *, max_lines: int = 1500, seed: int = 0, height: int = 480):
     """Lines from each true point to its prediction, coloured by error km (log scale, green
     near, red far), sampled to ``max_lines`` with a fixed seed so the page stays fast.
@@ -274,8 +294,7 @@ def error_map(points: pd.DataFrame, *, max_lines: int = 1500, seed: int = 0, hei
     if len(pts) > max_lines:
         pts = pts.sample(max_lines, random_state=seed)
     d = geodesy.haversine_km(pts["pred_lat"], pts["pred_lon"], pts["true_lat"], pts["true_lon"])
-    colours = maps.color_scale(d, log=True, vmin=1.0, vmax=20_000.0,
-                               colors=("#1a9850", "#fee08b", "#fdae61", "#d73027", "#7f0000"))
+    colours = error_colours(d)
     m = maps.base_map(height=height)
     group = folium.FeatureGroup(name="errors")
     for (tl, to, pl, po), km, c in zip(pts[["true_lat", "true_lon", "pred_lat", "pred_lon"]].to_numpy(), d, colours):
@@ -283,8 +302,7 @@ def error_map(points: pd.DataFrame, *, max_lines: int = 1500, seed: int = 0, hei
                         tooltip=f"{km:,.0f} km").add_to(group)
         folium.CircleMarker((tl, to), radius=2, color="#222222", weight=0.5, fill=True, fill_opacity=1).add_to(group)
     group.add_to(m)
-    maps.add_legend(m, [("#1a9850", "< 25 km"), ("#fee08b", "~200 km"), ("#fdae61", "~750 km"),
-                        ("#d73027", "~2,500 km"), ("#7f0000", "20,000 km")], title="Error",
+    maps.add_legend(m, error_legend(), title="Error",
                     note=f"{len(pts):,} of {len(points):,} images shown; dots are the true places")
     return maps.finish(m)
 

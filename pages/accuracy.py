@@ -94,7 +94,8 @@ if truth_sets:
                     "many were already in the wrong cell at each coarser level")
         st.dataframe(ac.hierarchy_frame(benchmark.hierarchy_misses(
             points["true_lat"], points["true_lon"], points["pred_lat"], points["pred_lon"])),
-            hide_index=True, use_container_width=True)
+            hide_index=True, use_container_width=True, column_config={
+                c: st.column_config.NumberColumn(format="%.1f") for c in ("hit rate %", "share of finest misses %")})
 
 if not runs:
     st.info("No trained runs yet. Train one on the Train page, or run "

@@ -99,3 +99,44 @@ def screenshot(page, name: str) -> Path:
     path = OUTPUT / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def dataframe_rows(frame, timeout_s: float = 60.0) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows of cell texts) of an ``st.dataframe`` (a ``[data-testid="stDataFrame"]``
+    locator), read from the accessibility table that Glide Data Grid keeps next to its
+    canvas. The texts are the cells' raw values (``53.84615384615385``, not the drawn
+    ``53.8%``); only the rows and columns in view are there. Waits until the table holds
+    as many rows as the grid says it has."""
+    table = frame.locator('table[role="grid"]')
+    deadline = time.time() + timeout_s
+    while True:
+        if table.count():
+            total = int(table.first.get_attribute("aria-rowcount") or 0) - 1  # minus the header row
+            body = table.first.locator("tbody tr")
+            if total >= 0 and body.count() == total:
+                headers = table.first.locator("thead th").all_inner_texts()
+                return headers, [body.nth(i).locator("td").all_inner_texts() for i in range(total)]
+        if time.time() > deadline:
+            raise TimeoutError("the dataframe's accessibility table never filled")
+        time.sleep(0.25)
+
+
+def dataframe_backgrounds(frame, border=(0xE8, 0xE5, 0xE2)) -> list[list[tuple[int, int, int]]]:
+    """The background colour (RGB) of each body cell of an ``st.dataframe`` as drawn on its
+    canvas, ``[row][column]`` in view order. Cells are found by the grid lines (Streamlit's
+    light theme draws them in ``border``); each cell is sampled just inside its top-left
+    corner, where the padding keeps text away. Move the mouse off the grid first (hover
+    tints a row)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    shot = frame.locator('[data-testid="stDataFrameResizable"]').screenshot()
+    img = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)
+    line = np.abs(img - np.array(border)).max(-1) <= 2
+    ys = [y for y in range(img.shape[0]) if line[y].mean() > 0.5]
+    xs = [x for x in range(img.shape[1]) if line[:, x].mean() > 0.5]
+    ys = [y for i, y in enumerate(ys) if i == 0 or y - ys[i - 1] > 1]  # one y per line
+    xs = [x for i, x in enumerate(xs) if i == 0 or x - xs[i - 1] > 1]
+    return [[tuple(int(c) for c in img[top + 4, left + 4]) for left in xs[:-1]] for top in ys[1:-1]]

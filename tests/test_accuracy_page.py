@@ -195,3 +195,13 @@ def test_error_and_cell_maps_are_offline():
     assert maps.network_references(html) == [] and "Hit rate %" in html
     rows = ac.hierarchy_frame([{"level": 1, "hit_rate": 0.5, "wrong_parent": 1, "share": 0.5}])
     assert rows["share of finest misses %"][0] == 50.0
+
+
+def test_error_legend_names_the_colours_it_draws():
+    legend = ac.error_legend()
+    assert [label for _, label in legend] == ["≤ 1 km", "25 km", "200 km", "750 km", "2,500 km", "20,000 km"]
+    assert legend[0][0] == "#1a9850" and legend[-1][0] == "#7f0000"
+    # a 25 km error is drawn yellow (the old legend called it green), one under 1 km green,
+    # the antipode (20,015 km) the darkest red
+    assert legend[1][0] == "#feda86"
+    assert ac.error_colours([0.1, 25.0, 2500.0, 20_015.0]) == ["#1a9850", "#feda86", legend[4][0], "#7f0000"]
