@@ -130,6 +130,27 @@ def _looks_local(rest: str) -> bool:
     return rest.startswith(("/", "./", "../", "~")) or Path(rest).expanduser().is_dir()
 
 
+def short_name(text: str) -> str:
+    """A folder-safe short name of a spec, for run names: ``hf:openai/clip-vit-base-patch16``
+    -> ``clip-vit-base-patch16``, ``open_clip:ViT-B-32/laion2b_s34b_b79k`` ->
+    ``ViT-B-32-laion2b_s34b_b79k``, a local folder -> its name.
+
+    >>> short_name("timm:vit_small_patch14_dinov2.lvd142m"), short_name("resnet50")
+    ('vit_small_patch14_dinov2.lvd142m', 'resnet50')
+    """
+    import re
+
+    s = str(text).strip()
+    lib, _, rest = s.partition(":") if ":" in s else ("", "", s)
+    rest = rest.split("@", 1)[0].rstrip("/\\")
+    if lib == "open_clip" and not rest.startswith("hf-hub:") and not _looks_local(rest):
+        name = rest.replace("/", "-")
+    else:
+        name = re.split(r"[/\\:]", rest)[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "backbone"
+    return name[:48]
+
+
 def check_backbone(text: str) -> str:
     """``text`` if it is a spec this installation can build (its library imports), else a
     ModelError/InputError that says what to use. Nothing is downloaded."""

@@ -58,7 +58,7 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from geohier import grid
+from geohier import geodesy, grid
 from geohier.errors import InputError, WorkspaceError
 from geohier.workspace import MANIFEST_LEVEL, Workspace, atomic_write_bytes
 
@@ -570,7 +570,7 @@ def nearest_places(lat, lon) -> list[dict]:
     if not len(lat):
         return []
     found = reverse_geocode.search(list(zip(lat.tolist(), lon.tolist())))
-    dist = grid.haversine_km(lat, lon, [f["latitude"] for f in found], [f["longitude"] for f in found])
+    dist = geodesy.haversine_km(lat, lon, [f["latitude"] for f in found], [f["longitude"] for f in found])
     return [{"place": f.get("city", ""), "admin1": f.get("state", ""), "country": f.get("country", ""),
              "country_code": f.get("country_code", ""), "lat": float(f["latitude"]),
              "lon": float(f["longitude"]), "distance_km": round(float(d), 1)}

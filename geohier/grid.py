@@ -561,6 +561,3 @@ def ids_to_keys(ids: Iterable[str]) -> tuple[np.ndarray, int]:
     cols = np.array([c.col for c in cells], dtype=np.int64)
     return rowcol_to_key(rows, cols, level), level
 
-
-# Distances live in geohier.geodesy; this alias keeps grid.haversine_km callers working.
-haversine_km = geodesy.haversine_km

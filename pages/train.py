@@ -41,8 +41,8 @@ BACKBONE_HELP = (
     "(or open_clip:/path, timm:/path).")
 AUGMENTATIONS_IGNORED = (
     "Frozen: each train/val image is embedded once, with the backbone's evaluation preprocessing, and "
-    "only the heads train. Image augmentations (mixup, cutmix, hflip, RandAugment) are ignored, and "
-    "class-balanced sampling is not applied.")
+    "only the heads train. Image augmentations (mixup, cutmix, hflip, RandAugment) are ignored; "
+    "class-balanced sampling still applies (to the features).")
 
 st.title("Train")
 ws = workspace()

@@ -40,7 +40,7 @@ from geohier.workspace import Workspace, read_json, utcnow
 from pipeline.train.config import TrainConfig, format_errors, job_run_name, to_argv, validate
 
 __all__ = ["ACTIVE_STATES", "FINAL_STATES", "JobError", "JobInfo", "active_jobs", "cancel", "job_info", "launch",
-           "list_jobs", "max_jobs", "resume", "resume_argv", "run_dirs", "train_argv", "wait"]
+           "list_jobs", "max_jobs", "resume", "resume_argv", "train_argv", "wait"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_RESUME_EPOCHS = 10_000
@@ -113,12 +113,6 @@ class JobInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def run_dirs(ws: Workspace) -> list[Path]:
-    """Every run directory under models/ (``geohier.runs.list_runs``), for the pages that
-    still take paths."""
-    return [r.path for r in list_runs(ws.models_dir)]
 
 
 def _reap() -> None:

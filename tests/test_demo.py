@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geohier import grid
+from geohier import geodesy, grid
 from geohier.errors import InputError
 from geohier.workspace import Workspace
 from pipeline import cli, demo
@@ -117,7 +117,7 @@ def test_locations_lie_near_real_places(world):
     city = world["city"]
     assert (places.population[city] >= demo.MIN_POPULATION).all()
     # Every image is within the jitter (2.5 sigma <= 30 km) plus a short drive of its city.
-    d_city = grid.haversine_km(lat, lon, places.lat[city], places.lon[city])
+    d_city = geodesy.haversine_km(lat, lon, places.lat[city], places.lon[city])
     assert d_city.max() < 35
     assert np.array_equal(world["country"], places.country[city])
     # ... and on land: close to some GeoNames place.
@@ -132,7 +132,7 @@ def test_sequences_are_short_bursts(world):
     for d in drives[counts > 1][:10]:
         sel = world["drive"] == d
         assert len(set(world["city"][sel])) == 1
-        span = grid.haversine_km(world["lat"][sel].min(), world["lon"][sel].min(),
+        span = geodesy.haversine_km(world["lat"][sel].min(), world["lon"][sel].min(),
                                  world["lat"][sel].max(), world["lon"][sel].max())
         assert span < 2.0
 

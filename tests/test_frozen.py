@@ -120,6 +120,35 @@ def test_a_frozen_run_evaluates_and_predicts(frozen):
     assert pred.error is None and pred.best is not None
 
 
+def test_balanced_sampling_applies_to_features(frozen):
+    ws, _ = frozen
+    run = T.train(ws, tiny(frozen=True, epochs=1, run_name="bal", balanced=True))
+    assert json.loads((run / "status.json").read_text())["state"] == "done"
+    from pipeline.train.frozen import FeatureLoader, FeatureSet
+    from pipeline.train.samplers import BalancedSampler
+
+    labels = np.array([[0]] * 9 + [[1]])  # one image of class 1 among ten
+    fs = FeatureSet(torch.zeros(10, 2), labels, np.zeros(10), np.zeros(10))
+    w = 1.0 / np.bincount(labels[:, 0])[labels[:, 0]]
+    loader = FeatureLoader(fs, 5, shuffle=True, sampler=BalancedSampler(w, seed=0))
+    drawn = []
+    for epoch in range(200):
+        loader.set_epoch(epoch)
+        drawn += [int(b.labels[i, 0]) for b in loader for i in range(len(b.labels))]
+    assert 0.4 < np.mean(drawn) < 0.6  # class 1 drawn half the time, not a tenth
+
+
+def test_run_names_of_foundation_specs_are_folder_names():
+    from geohier.backbones import short_name
+
+    assert short_name("hf:openai/clip-vit-base-patch16@main") == "clip-vit-base-patch16"
+    assert short_name("open_clip:ViT-B-32/laion2b_s34b_b79k") == "ViT-B-32-laion2b_s34b_b79k"
+    assert short_name("hf:/home/me/models/my clip/") == "my-clip"
+    from pipeline.train.config import job_run_name
+
+    assert job_run_name(tiny(backbone="hf:openai/clip-vit-base-patch16")).startswith("clip-vit-base-patch16-")
+
+
 def test_a_frozen_run_resumes_for_more_epochs(tmp_path):
     ws = make_world(tmp_path, n=24)
     run = T.train(ws, tiny(frozen=True, epochs=1, run_name="r"))

@@ -211,6 +211,3 @@ def test_invalid_point_in_a_later_block_is_named(monkeypatch):
 def test_encode_agrees_with_cell(p, level):
     assert int(grid.encode([p[0]], [p[1]], level)[0]) == grid.key(grid.cell(*p, level))
 
-
-def test_haversine_alias_is_geodesys():
-    assert grid.haversine_km is geodesy.haversine_km

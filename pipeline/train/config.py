@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from geohier import grid
-from geohier.backbones import SPEC_HELP, check_backbone
+from geohier.backbones import SPEC_HELP, check_backbone, short_name
 from geohier.errors import GeohierError, InputError
 from geohier.forward import DEVICE_HELP, resolve_device
 from geohier.model import DEFAULT_BACKBONE
@@ -384,9 +384,9 @@ def recommended_config(levels=None, cuda: bool | None = None) -> TrainConfig:
 
 
 def default_run_name(cfg: TrainConfig, levels) -> str:
-    return f"{cfg.backbone}-L{'-'.join(str(v) for v in levels)}-{stamp()}"
+    return f"{short_name(cfg.backbone)}-L{'-'.join(str(v) for v in levels)}-{stamp()}"
 
 
 def job_run_name(cfg: TrainConfig) -> str:
     """The name of a background job's run when none was given: backbone + time."""
-    return f"{cfg.backbone}-{stamp()}"
+    return f"{short_name(cfg.backbone)}-{stamp()}"

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geohier.backbones import short_name
 from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.model import RUN_FORMAT, build_model, save_checkpoint
 from geohier.presets import EvalPreset
@@ -417,7 +418,7 @@ def train_runs(ws: Workspace, config: TrainConfig) -> list[Path]:
         return [train(ws, config)]
     config.validate()
     levels = resolve_levels(config, load_hierarchy(ws))
-    group = config.run_name or f"{config.backbone}-perlevel-L{'-'.join(map(str, levels))}-{stamp()}"
+    group = config.run_name or f"{short_name(config.backbone)}-perlevel-L{'-'.join(map(str, levels))}-{stamp()}"
     names = [f"{group}-L{lv}" for lv in levels]
     return _train_group(ws, config, group, levels, names, resume=False)
 

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from geohier.dataset import Batch
+from geohier.dataset import Batch, ManifestDataset
 from geohier.embeddings import EmbeddingCache, cache_root, embed
 from geohier.model import save_backbone, save_tensors_atomic
 from geohier.presets import EvalPreset
 from pipeline.train.data import RunData, TrainError, cell_positions, split_datasets
 from pipeline.train.fit import _Fit
+from pipeline.train.samplers import BalancedSampler
 
 #: The embedding cache's copy of the backbone, hard-linked into every frozen run.
 CACHE_BACKBONE = "backbone.safetensors"
@@ -55,29 +56,44 @@ class FeatureLoader:
     (the validation pass gathers the shares)."""
 
     def __init__(self, data: FeatureSet, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world: int = 1, drop_last: bool = False):
+                 world: int = 1, drop_last: bool = False, sampler=None):
         self.dataset, self.batch_size, self.shuffle = data, max(1, int(batch_size)), shuffle
         self.seed, self.rank, self.world, self.drop_last = seed, rank, world, drop_last
+        self.sampler = sampler  # e.g. a BalancedSampler: its draws replace the permutation
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
 
     def _rows(self) -> torch.Tensor:
         n = len(self.dataset)
+        if self.sampler is not None:
+            return torch.as_tensor(list(self.sampler), dtype=torch.long)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             return torch.randperm(n, generator=g)[self.rank::self.world]
         per = math.ceil(n / self.world)
-        return torch.arange(self.rank * per, min(n, (self.rank + 1) * per))
+        return torch.arange(min(n, self.rank * per), min(n, (self.rank + 1) * per))  # empty past the end
+
+    def _count(self) -> int:
+        """len(self._rows()), without drawing the permutation."""
+        n = len(self.dataset)
+        if self.shuffle:
+            return len(range(self.rank, n, self.world))
+        per = math.ceil(n / self.world)
+        return min(n, (self.rank + 1) * per) - min(n, self.rank * per)
+
+    def _steps(self, n: int) -> int:
+        return n // self.batch_size if self.drop_last and n >= self.batch_size else math.ceil(n / self.batch_size)
 
     def __len__(self) -> int:
-        n = len(self._rows())
-        return n // self.batch_size if self.drop_last and n >= self.batch_size else math.ceil(n / self.batch_size)
+        return self._steps(self._count())
 
     def __iter__(self):
         rows = self._rows()
-        for i in range(len(self)):
+        for i in range(self._steps(len(rows))):
             idx = rows[i * self.batch_size:(i + 1) * self.batch_size]
             yield Batch(self.dataset.feats[idx], self.dataset.labels[idx], idx, [])
 
@@ -146,8 +162,12 @@ class FrozenFit(_Fit):
         va = FeatureSet(feats[n_train:][va_ok], val_base.labels[va_idx], val_base.lat[va_idx], val_base.lon[va_idx])
         self.features = tr
         bs = min(cfg.batch_size, max(1, len(tr) // env.world))
+        sampler = None
+        if cfg.balanced:  # class-balanced draws at the finest level, as for images
+            sampler = BalancedSampler(_Subset(train_ds, self.train_keep).sample_weights(), env.rank, env.world,
+                                      cfg.seed)
         train_loader = FeatureLoader(tr, bs, shuffle=True, seed=cfg.seed, rank=env.rank, world=env.world,
-                                     drop_last=len(tr) // env.world >= 2 * bs)
+                                     drop_last=len(tr) // env.world >= 2 * bs, sampler=sampler)
         val_loader = FeatureLoader(va, max(cfg.batch_size, 1), shuffle=False, rank=env.rank, world=env.world)
         self.data = RunData(train_ds, va, train_loader, val_loader, train_loader)
         self.stats = {"missing": train_ds.stats["missing"], "unlabelled": train_ds.stats["unlabelled"],
@@ -168,6 +188,7 @@ class FrozenFit(_Fit):
         self.meta_base["cell_positions"] = {str(self.levels[-1]): pos}
         self.positions = (np.array([p[0] for p in pos]), np.array([p[1] for p in pos]))
         self.model = HeadsOnly(self.net)
+        self.optimizer = fused_adamw(self.optimizer)
 
     def done(self) -> None:
         if self.env.main:
@@ -186,9 +207,28 @@ class FrozenFit(_Fit):
         self.report.log(f"wrote {len(fs)} training embeddings for retrieval refinement ({self.run.neighbours_path.name})")
 
 
+def fused_adamw(optimizer: torch.optim.AdamW) -> torch.optim.Optimizer:
+    """The same AdamW (groups, rates, decay) with its fused step: one kernel per tensor
+    instead of a dozen. On features the heads' optimizer step costs as much as their
+    forward and backward, and the fused one is 3-5x faster on a CPU (bench/frozen.py);
+    where this torch or device has no fused AdamW, the optimizer is kept as it is."""
+    groups = [{k: v for k, v in g.items() if k not in ("foreach", "fused", "differentiable", "capturable")}
+              for g in optimizer.param_groups]
+    try:
+        return torch.optim.AdamW(groups, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return optimizer
+
+
 class _Subset:
-    """The rows ``keep`` of a ManifestDataset, as ``cell_positions`` reads one."""
+    """The rows ``keep`` of a ManifestDataset, as ``cell_positions`` and the balanced
+    sampler read one."""
 
     def __init__(self, ds, keep: np.ndarray):
         self.levels = ds.levels
         self.labels, self.lat, self.lon = ds.labels[keep], ds.lat[keep], ds.lon[keep]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    sample_weights = ManifestDataset.sample_weights
