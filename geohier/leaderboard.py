@@ -92,7 +92,16 @@ class Leaderboard:
             entry["points"] = rel
         doc = self.load()  # re-read: the smallest window for a concurrent writer
         ts = doc["truth_sets"].setdefault(h, {"truth": {}, "entries": {}})
-        ts["truth"] = json_safe({k: v for k, v in truth.items() if k != "hash"})
+        new = json_safe({k: v for k, v in truth.items() if k != "hash"})
+        old = ts.get("truth") or {}
+        if old.get("name") and new.get("name") and new["name"] != old["name"]:
+            # the same images under another name (a split, then its CSV): the first name stays,
+            # the others are kept as aliases, so the table's title does not flip
+            aliases = [a for a in dict.fromkeys([*old.get("aliases", []), new["name"]]) if a != old["name"]]
+            new = {**new, "name": old["name"], "aliases": aliases}
+        elif old.get("aliases"):
+            new = {**new, "aliases": old["aliases"]}
+        ts["truth"] = new
         ts["entries"][name] = entry
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")

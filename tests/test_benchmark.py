@@ -177,6 +177,10 @@ def test_leaderboard_keeps_truth_sets_apart(tmp_path):
     assert board.points("aaa", "other") is None
     doc = json.loads(board.path.read_text())
     assert doc["truth_sets"]["aaa"]["entries"]["baseline: constant"]["geo"]["median_km"] is None
+    # the same images scored under another name keep their first name; the other is an alias
+    board.record({"hash": "aaa", "name": "im2gps3k.csv", "images": 4}, "third", "system", geo)
+    truth = {t["hash"]: t for t in board.truth_sets()}["aaa"]
+    assert truth["name"] == "im2gps3k" and truth.get("aliases") == ["im2gps3k.csv"]
 
 
 def test_score_cli(tmp_path, capsys, monkeypatch):
