@@ -1,12 +1,12 @@
 """geohier dashboard: `streamlit run app.py`.
 
-Navigation and the home page. Every other page is a thin script in pages/.
+Navigation and the home page. Every other page is a thin script in views/ (not pages/: Streamlit would also treat that folder as its older page list).
 """
 
 import streamlit as st
 
 from geohier.runs import list_runs
-from pages._common import manifest_summary, manifest_version, workspace
+from views._common import manifest_summary, manifest_version, workspace
 from pipeline.quickstart import next_step
 
 st.set_page_config(page_title="geohier", page_icon=":material/public:", layout="wide")
@@ -34,10 +34,10 @@ def home() -> None:
 
 pages = [
     st.Page(home, title="Home", icon=":material/home:", default=True),
-    st.Page("pages/coverage.py", title="Coverage", icon=":material/map:"),
-    st.Page("pages/data.py", title="Data", icon=":material/bar_chart:"),
-    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-    st.Page("pages/accuracy.py", title="Accuracy", icon=":material/target:"),
-    st.Page("pages/predict.py", title="Predict", icon=":material/location_on:"),
+    st.Page("views/coverage.py", title="Coverage", icon=":material/map:"),
+    st.Page("views/data.py", title="Data", icon=":material/bar_chart:"),
+    st.Page("views/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("views/accuracy.py", title="Accuracy", icon=":material/target:"),
+    st.Page("views/predict.py", title="Predict", icon=":material/location_on:"),
 ]
 st.navigation(pages).run()

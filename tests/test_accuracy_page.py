@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 from geohier import accuracy_charts as ac
 from geohier import metrics
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "accuracy.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "views" / "accuracy.py")
 
 
 def _page() -> AppTest:

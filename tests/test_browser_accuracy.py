@@ -43,7 +43,7 @@ pytestmark = [
 
 RUN = "tiny"
 SYSTEM = "toy-geolocator"
-BEST_GREEN = (0xD9, 0xF0, 0xD3)  # pages/accuracy.py's best-value cell background
+BEST_GREEN = (0xD9, 0xF0, 0xD3)  # views/accuracy.py's best-value cell background
 NEAR = "#1a9850"  # the error map's colour of an error under 1 km
 FAR = "#7f0000"  # ... and of one at 20,000 km or more
 #: leaderboard column -> the page's header
@@ -126,13 +126,15 @@ def page(browser, request):
 
 
 def open_accuracy(page, url: str):
-    """Home first, then the Accuracy page through the app's navigation (a fresh server's
-    first page decides Streamlit's navigation mode: see the report of issue 9), and wait
-    for the leaderboard grid. Returns the leaderboard's locator."""
-    page.goto(url)
+    """The Accuracy page by its own URL, as a bookmark opens it: the app's navigation must
+    be there (Home, ...), not a folder listing of page scripts (a ``pages/`` folder beside
+    app.py once made a fresh server's first page URL run without app.py). Waits for the
+    leaderboard grid and returns its locator."""
+    page.goto(url.rstrip("/") + "/accuracy")
     nav = page.locator('[data-testid="stSidebarNav"] a')
-    nav.filter(has_text="Home").first.wait_for(timeout=90_000)  # the app's st.navigation, not pages/
-    nav.get_by_text("Accuracy", exact=True).click()
+    nav.filter(has_text="Home").first.wait_for(timeout=90_000)  # the app's st.navigation
+    labels = [t.strip().lower() for t in nav.all_inner_texts()]
+    assert "common" not in labels and "_common" not in labels, labels
     page.get_by_role("heading", name="Leaderboard").wait_for(timeout=90_000)
     wait_for_app(page)
     return page.locator('[data-testid="stDataFrame"]').first

@@ -6,7 +6,7 @@ import pytest
 from conftest import ROOT, jpeg_bytes
 from streamlit.testing.v1 import AppTest
 
-PAGE = str(ROOT / "pages" / "coverage.py")
+PAGE = str(ROOT / "views" / "coverage.py")
 
 
 def metrics(at) -> dict[str, str]:

@@ -73,7 +73,7 @@ def test_figures_build():
 
 # --------------------------------------------------------------------------- the page
 
-PAGE = Path(__file__).resolve().parents[1] / "pages" / "data.py"
+PAGE = Path(__file__).resolve().parents[1] / "views" / "data.py"
 PLACES = [(48.85, 2.35)] * 6 + [(48.86, 2.36)] * 2 + [(51.5, -0.12)] * 3 + [(40.71, -74.0)] * 2 + [(-33.92, 18.42)]
 
 

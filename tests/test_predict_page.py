@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 from test_explorer import make_workspace
 from test_predictor import make_tiny_run, tiny_hierarchy
 
-PAGE = str(ROOT / "pages" / "predict.py")
+PAGE = str(ROOT / "views" / "predict.py")
 
 
 def _page() -> AppTest:

@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 from geohier.hierarchy import build_hierarchy
 from pipeline import jobs
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "train.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "views" / "train.py")
 
 
 def _page() -> AppTest:

@@ -16,7 +16,7 @@ from geohier.errors import GeohierError
 from geohier.predictor import Predictor
 from geohier.predictor import load_predictor as load_run_predictor
 from geohier.runs import run_choices, runs_key
-from pages._common import workspace
+from views._common import workspace
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "heic", "heif"]
 K_RANGE = (1, 20)

@@ -13,7 +13,7 @@ from geohier import runs as runs_
 from geohier.errors import GeohierError
 from geohier.leaderboard import Leaderboard, best_rows
 from geohier.runs import Run
-from pages._common import workspace
+from views._common import workspace
 from pipeline import evaluate
 
 st.title("Accuracy")

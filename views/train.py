@@ -20,7 +20,7 @@ from geohier.backbones import BACKBONES, SPEC_HELP, SUGGESTED, is_foundation, pa
 from geohier.errors import GeohierError
 from geohier.runs import ACTIVE_STATES, Run
 from geohier.workspace import Workspace, read_json
-from pages._common import manifest_version, workspace
+from views._common import manifest_version, workspace
 from pipeline import jobs
 from pipeline.embed import cache_overview, caches_version, matching_caches
 from pipeline.train.config import WEIGHT_CHOICES, config_fields, recommended_config, validate

@@ -8,7 +8,7 @@ from streamlit_folium import st_folium
 from geohier import geography, grid, maps
 from geohier.errors import GeohierError
 from geohier.workspace import Workspace
-from pages._common import manifest_summary, manifest_version, workspace
+from views._common import manifest_summary, manifest_version, workspace
 
 LEVELS = list(range(1, geography.MAX_LEVEL + 1))
 DEFAULT_LEVEL = 8
