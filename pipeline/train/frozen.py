@@ -80,6 +80,8 @@ class FeatureLoader:
     def _count(self) -> int:
         """len(self._rows()), without drawing the permutation."""
         n = len(self.dataset)
+        if self.sampler is not None:
+            return len(self.sampler)
         if self.shuffle:
             return len(range(self.rank, n, self.world))
         per = math.ceil(n / self.world)

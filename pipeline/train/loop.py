@@ -16,7 +16,7 @@ import torch
 
 from geohier.dataset import IGNORE_INDEX
 from geohier.forward import forward_batches
-from geohier.metrics import geo_metrics, topk_correct
+from geohier.metrics import geo_metrics
 from geohier.model import unwrap
 from pipeline.train.data import TrainError
 from pipeline.train.distributed import DistEnv, StopFlag, any_rank, gather
@@ -35,19 +35,32 @@ def autocast(device: torch.device, amp: bool):
 
 
 class TopK:
-    """Top-1/5/10 hits per level, summed over batches and then over ranks."""
+    """Top-1/5/10 hits per level, summed over batches and then over ranks.
+
+    Each batch's hits are counted where its logits are (no copy to the CPU) and summed as
+    tensors until ``part``: a step costs two counting passes over (B, C) per level
+    (``target_rank``), the same counts as ``geohier.metrics.topk_correct``."""
 
     def __init__(self, levels):
         self.levels = list(levels)
-        self.hits = {lv: dict.fromkeys(TOPK, 0) for lv in self.levels}
+        self._hits: dict[int, torch.Tensor] = {}  # lv -> (len(TOPK),) hits so far
+        self._ks: torch.Tensor | None = None
         self.counts = dict.fromkeys(self.levels, 0)
 
     def add(self, out: dict[int, torch.Tensor], labels: torch.Tensor) -> None:
         for j, lv in enumerate(self.levels):
-            h, n = topk_correct(out[lv].detach().float().cpu(), labels[:, j].cpu(), TOPK)
-            for k in h:
-                self.hits[lv][k] += h[k]
-            self.counts[lv] += n
+            z = out[lv].detach().float()
+            rank = target_rank(z, labels[:, j].to(z.device))
+            if self._ks is None or self._ks.device != rank.device:
+                self._ks = torch.tensor(TOPK, device=rank.device)
+            h = (rank[:, None] < self._ks).sum(0)
+            self._hits[lv] = self._hits[lv] + h if lv in self._hits else h
+            self.counts[lv] += int(rank.shape[0])
+
+    @property
+    def hits(self) -> dict[int, dict[int, int]]:
+        return {lv: (dict(zip(TOPK, (int(v) for v in self._hits[lv].tolist()), strict=True))
+                     if lv in self._hits else dict.fromkeys(TOPK, 0)) for lv in self.levels}
 
     def part(self) -> dict:
         return {"hits": self.hits, "counts": self.counts}
@@ -59,6 +72,32 @@ class TopK:
             c = sum(p["counts"][lv] for p in parts)
             acc[str(lv)] = {f"top{k}": (sum(p["hits"][lv][k] for p in parts) / c if c else 0.0) for k in TOPK}
         return acc
+
+
+def target_rank(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) each valid row's rank of its target among its scores, as
+    ``geohier.metrics.topk_correct`` counts it: the classes scored strictly above, plus
+    the equal ones with a lower index; rows whose target is < 0 are left out. A hit at k is
+    ``rank < k``. Two counting passes; the tie term only for rows that have a tie."""
+    if z.ndim != 2:
+        raise ValueError(f"expected (N, C) scores, got shape {tuple(z.shape)}")
+    t = targets.reshape(-1).long()
+    if t.shape[0] != z.shape[0]:
+        raise ValueError(f"{z.shape[0]} rows of scores but {t.shape[0]} targets")
+    keep = t >= 0
+    if not bool(keep.all()):
+        z, t = z[keep], t[keep]
+    if t.numel() and bool((t >= z.shape[1]).any()):
+        raise ValueError(f"a target is >= the number of classes ({z.shape[1]})")
+    zt = z.gather(1, t[:, None])  # (N, 1) the target's score
+    # int32 sums: a bool tensor summed to int64 takes several times as long
+    rank = (z > zt).sum(1, dtype=torch.int32)
+    tied = (z == zt).sum(1, dtype=torch.int32) > 1  # another class scores exactly the same
+    if bool(tied.any()):
+        r = tied.nonzero()[:, 0]
+        lower = torch.arange(z.shape[1], device=z.device)[None, :] < t[r, None]
+        rank[r] += ((z[r] == zt[r]) & lower).sum(1, dtype=torch.int32)
+    return rank
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: GeoLoss, optimizer: torch.optim.Optimizer,
@@ -123,7 +162,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: GeoLoss, optimizer: torch
             topk.add(out, y)
         done += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)  # drawn at tqdm's pace
         if on_step is not None:
             on_step(i + 1, loss.item())
     bar.close()
