@@ -26,6 +26,33 @@ CHROMIUM_ARGS = [
 ]
 
 
+@contextmanager
+def chromium():
+    """Headless Debian Chromium through Playwright (a module fixture's body)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def new_page(browser, request, width: int, height: int):
+    """A page in a fresh context that records failed requests (``page.failed_requests``)
+    and leaves a screenshot when the test using it fails (a page fixture's body)."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    pg = context.new_page()
+    pg.failed_requests = []
+    pg.on("requestfailed", lambda r: pg.failed_requests.append(f"{r.url} {r.failure}"))
+    yield pg
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        screenshot(pg, f"failed-{request.node.name}")
+    context.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from browser import CHROMIUM, CHROMIUM_ARGS, exception_texts, screenshot, streamlit_server, wait_for_app  # noqa: E402
+from browser import CHROMIUM, chromium, exception_texts, new_page, screenshot, streamlit_server, wait_for_app  # noqa: E402
 from conftest import jpeg_bytes  # noqa: E402
 
 from geohier.workspace import Workspace  # noqa: E402
@@ -50,25 +50,13 @@ def app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture
 def page(browser, request):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = context.new_page()
-    pg.failed_requests = []
-    pg.on("requestfailed", lambda r: pg.failed_requests.append(f"{r.url} {r.failure}"))
-    yield pg
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        screenshot(pg, f"failed-{request.node.name}")
-    context.close()
+    yield from new_page(browser, request, 1400, 1000)
 
 
 def open_page(page, title: str) -> None:

@@ -22,10 +22,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from browser import (  # noqa: E402
     CHROMIUM,
-    CHROMIUM_ARGS,
+    chromium,
     dataframe_backgrounds,
     dataframe_rows,
     exception_texts,
+    new_page,
     screenshot,
     streamlit_server,
     wait_for_app,
@@ -104,25 +105,13 @@ def app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture
 def page(browser, request):
-    context = browser.new_context(viewport={"width": 1600, "height": 2400})
-    pg = context.new_page()
-    pg.failed_requests = []
-    pg.on("requestfailed", lambda r: pg.failed_requests.append(f"{r.url} {r.failure}"))
-    yield pg
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        screenshot(pg, f"failed-{request.node.name}")
-    context.close()
+    yield from new_page(browser, request, 1600, 2400)
 
 
 def open_accuracy(page, url: str):

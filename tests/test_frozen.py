@@ -16,7 +16,7 @@ import tiny_backbones as tb
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_train import COLORS, make_world, tiny
+from test_train import COLORS, make_world, one_thread, tiny  # noqa: F401 - one_thread: an autouse fixture
 
 from geohier.embeddings import EmbeddingCache, cache_root
 from geohier.model import load_run
@@ -24,14 +24,6 @@ from geohier.presets import EvalPreset
 from pipeline import train as T
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def log_of(run: Path) -> str:
