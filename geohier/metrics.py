@@ -72,6 +72,24 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- top-k
 
+def target_rank(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) each valid row's rank of its target among its scores: the classes scored
+    strictly above, plus the equal ones with a lower index (so top-1 agrees with argmax);
+    rows whose target is < 0 are left out. A hit at k is ``rank < k``. Two counting passes
+    where the scores are (the training loop counts on the GPU); the tie term only for rows
+    that have a tie."""
+    z, t = _valid(z, targets)
+    zt = z.gather(1, t[:, None])  # (N, 1) the target's score
+    # int32 sums: a bool tensor summed to int64 takes several times as long
+    rank = (z > zt).sum(1, dtype=torch.int32)
+    tied = (z == zt).sum(1, dtype=torch.int32) > 1  # another class scores exactly the same
+    if bool(tied.any()):
+        r = tied.nonzero()[:, 0]
+        lower = torch.arange(z.shape[1], device=z.device)[None, :] < t[r, None]
+        rank[r] += ((z[r] == zt[r]) & lower).sum(1, dtype=torch.int32)
+    return rank
+
+
 def topk_correct(logits, targets, ks: Sequence[int] = (1, 5, 10)) -> tuple[dict[int, int], int]:
     """Counts of rows whose target is among the top k scores, and the number of valid rows.
 
@@ -82,14 +100,8 @@ def topk_correct(logits, targets, ks: Sequence[int] = (1, 5, 10)) -> tuple[dict[
     >>> topk_correct([[1.0, 1.0, 0.0]], [1], ks=(1, 2))
     ({1: 0, 2: 1}, 1)
     """
-    z, t = _valid(_as_tensor(logits, torch.float32), _as_tensor(targets))
-    if z.shape[0] == 0:
-        return {int(k): 0 for k in ks}, 0
-    zt = z.gather(1, t[:, None])  # (N, 1) the target's score
-    idx = torch.arange(z.shape[1])[None, :]  # (1, C)
-    # rank = classes strictly above the target, plus equal ones with a lower index
-    rank = (z > zt).sum(1) + ((z == zt) & (idx < t[:, None])).sum(1)  # (N,)
-    return {int(k): int((rank < int(k)).sum()) for k in ks}, int(z.shape[0])
+    rank = target_rank(_as_tensor(logits, torch.float32), _as_tensor(targets))
+    return {int(k): int((rank < int(k)).sum()) for k in ks}, int(rank.shape[0])
 
 
 def topk_accuracy(logits, targets, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:

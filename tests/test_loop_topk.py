@@ -1,4 +1,5 @@
-"""The epoch loop's top-k bookkeeping counts what geohier.metrics.topk_correct counts, and
+"""The top-k bookkeeping (geohier.metrics.target_rank, the epoch loop's TopK) counts what a
+brute-force rank counts, and
 FeatureLoader's length matches what it yields (both were made cheaper per step)."""
 
 from __future__ import annotations
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from geohier.metrics import topk_correct
+from geohier.metrics import target_rank, topk_correct
 from pipeline.train.frozen import FeatureLoader, FeatureSet
-from pipeline.train.loop import TOPK, TopK, target_rank
+from pipeline.train.loop import TOPK, TopK
 from pipeline.train.samplers import BalancedSampler
 
 
@@ -27,6 +28,9 @@ def test_target_rank_matches_topk_correct_with_ties_ignored_rows_and_nan():
         t[torch.rand(b, generator=g) < 0.2] = -100
         hits, n = topk_correct(z, t, TOPK)
         rank = target_rank(z, t)
+        ref = [sum(1 for j in range(c) if z[i, j] > z[i, t[i]] or (z[i, j] == z[i, t[i]] and j < t[i]))
+               for i in range(b) if t[i] >= 0]  # by hand: above, or tied with a lower index
+        assert rank.tolist() == ref
         assert rank.shape[0] == n
         assert {k: int((rank < k).sum()) for k in TOPK} == hits
         acc = TopK([1])

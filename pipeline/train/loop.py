@@ -16,7 +16,7 @@ import torch
 
 from geohier.dataset import IGNORE_INDEX
 from geohier.forward import forward_batches
-from geohier.metrics import geo_metrics
+from geohier.metrics import geo_metrics, target_rank
 from geohier.model import unwrap
 from pipeline.train.data import TrainError
 from pipeline.train.distributed import DistEnv, StopFlag, any_rank, gather
@@ -72,32 +72,6 @@ class TopK:
             c = sum(p["counts"][lv] for p in parts)
             acc[str(lv)] = {f"top{k}": (sum(p["hits"][lv][k] for p in parts) / c if c else 0.0) for k in TOPK}
         return acc
-
-
-def target_rank(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(N,) each valid row's rank of its target among its scores, as
-    ``geohier.metrics.topk_correct`` counts it: the classes scored strictly above, plus
-    the equal ones with a lower index; rows whose target is < 0 are left out. A hit at k is
-    ``rank < k``. Two counting passes; the tie term only for rows that have a tie."""
-    if z.ndim != 2:
-        raise ValueError(f"expected (N, C) scores, got shape {tuple(z.shape)}")
-    t = targets.reshape(-1).long()
-    if t.shape[0] != z.shape[0]:
-        raise ValueError(f"{z.shape[0]} rows of scores but {t.shape[0]} targets")
-    keep = t >= 0
-    if not bool(keep.all()):
-        z, t = z[keep], t[keep]
-    if t.numel() and bool((t >= z.shape[1]).any()):
-        raise ValueError(f"a target is >= the number of classes ({z.shape[1]})")
-    zt = z.gather(1, t[:, None])  # (N, 1) the target's score
-    # int32 sums: a bool tensor summed to int64 takes several times as long
-    rank = (z > zt).sum(1, dtype=torch.int32)
-    tied = (z == zt).sum(1, dtype=torch.int32) > 1  # another class scores exactly the same
-    if bool(tied.any()):
-        r = tied.nonzero()[:, 0]
-        lower = torch.arange(z.shape[1], device=z.device)[None, :] < t[r, None]
-        rank[r] += ((z[r] == zt[r]) & lower).sum(1, dtype=torch.int32)
-    return rank
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: GeoLoss, optimizer: torch.optim.Optimizer,
