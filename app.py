@@ -6,8 +6,8 @@ Navigation and the home page. Every other page is a thin script in views/ (not p
 import streamlit as st
 
 from geohier.runs import list_runs
-from views._common import manifest_summary, manifest_version, workspace
 from pipeline.quickstart import next_step
+from views._common import manifest_summary, manifest_version, workspace
 
 st.set_page_config(page_title="geohier", page_icon=":material/public:", layout="wide")
 

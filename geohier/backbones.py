@@ -160,13 +160,9 @@ def check_backbone(text: str) -> str:
     return str(text).strip()
 
 
-def library_of(text: str) -> str:
-    return parse_spec(text).library
-
-
 def is_foundation(text: str) -> bool:
     """True for hf:/open_clip:/timm: specs (frozen features are their natural use)."""
-    return library_of(text) != "torchvision"
+    return parse_spec(text).library != "torchvision"
 
 
 def _import(library: str):
@@ -286,10 +282,9 @@ def from_arch(arch: Mapping) -> Backbone:
     """A backbone with random weights, rebuilt from ``Backbone.arch()`` with no network
     (load the run's weights into it next)."""
     arch = dict(arch)
-    spec = parse_spec(arch["spec"]) if arch.get("library") == "torchvision" else None
     lib = arch.get("library")
     if lib == "torchvision":
-        return _torchvision(spec, pretrained=False, image_size=arch["preprocess"]["image_size"], download=False)
+        return _torchvision(parse_spec(arch["spec"]), pretrained=False, image_size=arch["preprocess"]["image_size"], download=False)
     if lib == "hf":
         transformers = _import("hf")
         cfg_dict = dict(arch["config"])
@@ -560,14 +555,12 @@ def _open_clip(spec: Spec, pretrained: bool, image_size: int | None, download: b
             raise InputError(f"open_clip:{arch} names no pretrained weights: use open_clip:{arch}/TAG "
                              f"(known: {', '.join(tags) or 'none'}) or --weights none")
     def load():
-        if True:
-            if tag:  # ARCH/PRETRAINED: a tag (downloaded into OpenCLIP's cache) or a local file
-                model = _no_open_clip_warnings(lambda: open_clip.create_model(
-                    model_name, pretrained=tag if pretrained else None))
-            else:  # a folder or hf-hub:ORG/NAME (config and weights together), or ARCH alone
-                model = _no_open_clip_warnings(lambda: open_clip.create_model(
-                    model_name, pretrained=None, load_weights=pretrained))
-        return model
+        if tag:  # ARCH/PRETRAINED: a tag (downloaded into OpenCLIP's cache) or a local file
+            return _no_open_clip_warnings(lambda: open_clip.create_model(
+                model_name, pretrained=tag if pretrained else None))
+        # a folder or hf-hub:ORG/NAME (config and weights together), or ARCH alone
+        return _no_open_clip_warnings(lambda: open_clip.create_model(
+            model_name, pretrained=None, load_weights=pretrained))
 
     needs_hub = name.startswith("hf-hub:") or (pretrained and tag and not Path(tag).expanduser().is_file())
     try:

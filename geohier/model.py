@@ -152,11 +152,11 @@ class GeoModel(nn.Module):
 
     def head_state(self) -> dict[str, torch.Tensor]:
         """The heads' tensors (``heads.*``): a frozen run's model.safetensors."""
-        return {k: v for k, v in state_dict_tensors(self).items() if k.startswith("heads.")}
+        return {f"heads.{k}": v for k, v in state_dict_tensors(self.heads).items()}  # the heads alone: cheap
 
     def backbone_state(self) -> dict[str, torch.Tensor]:
         """The backbone's tensors under their GeoModel names (``backbone.*``)."""
-        return {k: v for k, v in state_dict_tensors(self).items() if k.startswith("backbone.")}
+        return {f"backbone.{k}": v for k, v in state_dict_tensors(self.backbone).items()}
 
 
 # ----------------------------------------------------------------- weights

@@ -233,3 +233,17 @@ def matching_caches(caches: list[dict], spec: str, weights: str, image_size: int
         if size == int(image_size) and _weights_choice(d.get("weights")) == choice:
             out.append(info)
     return out
+
+
+def same_spec_caches(caches: list[dict], spec: str) -> list[str]:
+    """"224 px, weights pretrained"-style labels of the readable caches of ``spec`` (at
+    any size or weights): what the Train page lists when none matches exactly."""
+    want = str(parse_spec(spec))
+    labels = set()
+    for info in caches:
+        d = info.get("describe") or {}
+        if "error" not in info and d.get("spec") == want:
+            w = str(d.get("weights") or "none")
+            labels.add(f"{(d.get('preprocess') or {}).get('image_size')} px, weights {Path(w).name if '/' in w else w}")
+    return sorted(labels)
+

@@ -11,43 +11,42 @@ import torch
 SIZE = 32  # px: the models' native input size
 
 
-def hf_clip(root: Path) -> Path:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+def _hf(root: Path, name: str, config_cls: str, model_cls: str, processor) -> Path:
+    """A tiny two-layer vision tower of ``model_cls`` and its image processor in root/name."""
+    import transformers
 
-    d = Path(root) / "hf-clip"
+    d = Path(root) / name
     if not d.exists():
         torch.manual_seed(1)  # not 0: build_backbone seeds a random init with 0
-        CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, image_size=SIZE, patch_size=8)).save_pretrained(d)
-        CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(d)
+        config = getattr(transformers, config_cls)(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=2, image_size=SIZE, patch_size=8)
+        getattr(transformers, model_cls)(config).save_pretrained(d)
+        processor().save_pretrained(d)
     return d
+
+
+def hf_clip(root: Path) -> Path:
+    from transformers import CLIPImageProcessor
+
+    return _hf(root, "hf-clip", "CLIPVisionConfig", "CLIPVisionModel",
+               lambda: CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}))
 
 
 def hf_siglip(root: Path) -> Path:
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    from transformers import SiglipImageProcessor
 
-    d = Path(root) / "hf-siglip"
-    if not d.exists():
-        torch.manual_seed(1)  # not 0: build_backbone seeds a random init with 0
-        SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=2, image_size=SIZE, patch_size=8)).save_pretrained(d)
-        SiglipImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(d)
-    return d
+    return _hf(root, "hf-siglip", "SiglipVisionConfig", "SiglipVisionModel",
+               lambda: SiglipImageProcessor(size={"height": SIZE, "width": SIZE}))
 
 
 def hf_dinov2(root: Path) -> Path:
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    from transformers import BitImageProcessor
 
-    d = Path(root) / "hf-dinov2"
-    if not d.exists():
-        torch.manual_seed(1)  # not 0: build_backbone seeds a random init with 0
-        Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                 image_size=SIZE, patch_size=8)).save_pretrained(d)
-        # DINOv2's own recipe: resize the shorter side a little larger, then centre-crop
-        BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": SIZE, "width": SIZE},
-                          do_center_crop=True, image_mean=[0.485, 0.456, 0.406],
-                          image_std=[0.229, 0.224, 0.225]).save_pretrained(d)
-    return d
+    # DINOv2's own recipe: resize the shorter side a little larger, then centre-crop
+    return _hf(root, "hf-dinov2", "Dinov2Config", "Dinov2Model",
+               lambda: BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": SIZE, "width": SIZE},
+                                         do_center_crop=True, image_mean=[0.485, 0.456, 0.406],
+                                         image_std=[0.229, 0.224, 0.225]))
 
 
 OPEN_CLIP_CFG = {"embed_dim": 16,

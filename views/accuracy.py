@@ -13,8 +13,8 @@ from geohier import runs as runs_
 from geohier.errors import GeohierError
 from geohier.leaderboard import Leaderboard, best_rows
 from geohier.runs import Run
-from views._common import workspace
 from pipeline import evaluate
+from views._common import workspace
 
 st.title("Accuracy")
 ws = workspace()

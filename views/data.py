@@ -19,9 +19,9 @@ from geohier import charts, grid, maps
 from geohier.errors import GeohierError
 from geohier.hierarchy import DEFAULT_MIN_IMAGES, Hierarchy, kept_summary, select_classes
 from geohier.workspace import Workspace
-from views._common import manifest_summary, manifest_version, workspace
 from pipeline import tasks
 from pipeline.labels import build_labels, cell_table, level_counts
+from views._common import manifest_summary, manifest_version, workspace
 
 # --------------------------------------------------------------------------- cached reads
 

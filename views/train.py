@@ -20,10 +20,10 @@ from geohier.backbones import BACKBONES, SPEC_HELP, SUGGESTED, is_foundation, pa
 from geohier.errors import GeohierError
 from geohier.runs import ACTIVE_STATES, Run
 from geohier.workspace import Workspace, read_json
-from views._common import manifest_version, workspace
 from pipeline import jobs
-from pipeline.embed import cache_overview, caches_version, matching_caches
+from pipeline.embed import cache_overview, caches_version, matching_caches, same_spec_caches
 from pipeline.train.config import WEIGHT_CHOICES, config_fields, recommended_config, validate
+from views._common import manifest_version, workspace
 
 SHAPES = {"One model for all levels": False, "One model per level (the seed's shape)": True}
 LOCAL_FILE = "local file"
@@ -264,9 +264,7 @@ def _cache_panel(m: dict) -> None:
                    f"{best['key']}): a frozen run with the same weights reuses them and "
                    + (f"embeds the other {rest}." if rest else "embeds nothing."))
     else:
-        others = sorted({f"{(c['describe'].get('preprocess') or {}).get('image_size')} px, weights "
-                         f"{_weights_label(c['describe'].get('weights'))}" for c in good
-                         if c["describe"].get("spec") == str(parse_spec(m["backbone"]))})
+        others = same_spec_caches(over["caches"], m["backbone"])
         st.info(f"No cache of {what} yet: the first frozen run embeds the {n} {splits} images once; later "
                 "runs with the same backbone, weights and image size reuse them."
                 + (f" This backbone has caches at {'; '.join(others)}." if others else ""))

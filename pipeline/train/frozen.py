@@ -28,7 +28,7 @@ from geohier.dataset import Batch, ManifestDataset
 from geohier.embeddings import EmbeddingCache, cache_root, embed
 from geohier.model import save_backbone, save_tensors_atomic
 from geohier.presets import EvalPreset
-from pipeline.train.data import RunData, TrainError, cell_positions, split_datasets
+from pipeline.train.data import RunData, TrainError, split_datasets
 from pipeline.train.fit import _Fit
 from pipeline.train.samplers import BalancedSampler
 
@@ -157,21 +157,22 @@ class FrozenFit(_Fit):
         if tr_ok.sum() < 2:
             raise TrainError(f"only {int(tr_ok.sum())} of {n_train} train images could be embedded "
                              f"(unreadable: {', '.join(report['unreadable_examples'][:2]) or '-'})")
-        self.train_ds = train_ds
         self.train_keep = np.flatnonzero(tr_ok)
         tr = FeatureSet(feats[:n_train][tr_ok], train_ds.labels[tr_ok], train_ds.lat[tr_ok], train_ds.lon[tr_ok])
         va_idx = val_rows[va_ok]
         va = FeatureSet(feats[n_train:][va_ok], val_base.labels[va_idx], val_base.lat[va_idx], val_base.lon[va_idx])
         self.features = tr
         bs = min(cfg.batch_size, max(1, len(tr) // env.world))
+        embedded = _Subset(train_ds, self.train_keep)
         sampler = None
         if cfg.balanced:  # class-balanced draws at the finest level, as for images
-            sampler = BalancedSampler(_Subset(train_ds, self.train_keep).sample_weights(), env.rank, env.world,
+            sampler = BalancedSampler(embedded.sample_weights(), env.rank, env.world,
                                       cfg.seed)
         train_loader = FeatureLoader(tr, bs, shuffle=True, seed=cfg.seed, rank=env.rank, world=env.world,
                                      drop_last=len(tr) // env.world >= 2 * bs, sampler=sampler)
         val_loader = FeatureLoader(va, max(cfg.batch_size, 1), shuffle=False, rank=env.rank, world=env.world)
-        self.data = RunData(train_ds, va, train_loader, val_loader, train_loader)
+        # train_ds: the embedded images only, so _Fit.build's class positions are theirs
+        self.data = RunData(embedded, va, train_loader, val_loader, train_loader)
         self.stats = {"missing": train_ds.stats["missing"], "unlabelled": train_ds.stats["unlabelled"],
                       "unreadable": int((~tr_ok).sum()), "train_images": len(tr), "val_images": len(va)}
         if not len(va):
@@ -185,10 +186,6 @@ class FrozenFit(_Fit):
         super().build()
         self.meta_base["embeddings"] = {"key": self.cache.key, "new": self.embedding["new"],
                                         "reused": self.embedding["reused"]}
-        # the class positions of the images that were embedded
-        pos = cell_positions(_Subset(self.train_ds, self.train_keep), self.levels[-1], self.hierarchy)
-        self.meta_base["cell_positions"] = {str(self.levels[-1]): pos}
-        self.positions = (np.array([p[0] for p in pos]), np.array([p[1] for p in pos]))
         self.model = HeadsOnly(self.net)
         self.optimizer = fused_adamw(self.optimizer)
 
@@ -223,12 +220,13 @@ def fused_adamw(optimizer: torch.optim.AdamW) -> torch.optim.Optimizer:
 
 
 class _Subset:
-    """The rows ``keep`` of a ManifestDataset, as ``cell_positions`` and the balanced
-    sampler read one."""
+    """The rows ``keep`` of a ManifestDataset (the images that were embedded), as
+    ``cell_positions``, the run's meta and the balanced sampler read one."""
 
     def __init__(self, ds, keep: np.ndarray):
         self.levels = ds.levels
         self.labels, self.lat, self.lon = ds.labels[keep], ds.lat[keep], ds.lon[keep]
+        self.sources = ds.sources[keep]  # the run's meta records where its training images came from
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
