@@ -92,28 +92,35 @@ class TruthSet:
                    rows=len(keys))
 
 
-def _coordinates(rows: list[dict], latcol: str, loncol: str) -> tuple[np.ndarray, np.ndarray, list]:
-    lat = np.full(len(rows), np.nan)
-    lon = np.full(len(rows), np.nan)
-    why: list = [None] * len(rows)
-    for i, r in enumerate(rows):
-        la, w = tables.parse_coordinate(r.get(latcol), 90.0)
-        if w is None:
-            lo, w = tables.parse_coordinate(r.get(loncol), 180.0)
-        if w is None:
-            lat[i], lon[i] = la, lo
-        why[i] = w
-    return lat, lon, why
+@dataclass
+class Rows:
+    """Which rows of a truth table make the truth set (``select_rows``): ``keep`` indexes
+    the rows kept, in file order; ``lat``, ``lon``, ``refs`` (as written, stripped) and
+    ``keys`` (``tables.image_key``) cover every row; ``invalid`` counts the rows left out
+    by reason, ``duplicates`` the repeated keys left out (the first row is kept)."""
+
+    keep: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    refs: np.ndarray
+    keys: np.ndarray
+    invalid: Counter
+    duplicates: int
+
+    def skipped(self) -> dict[str, int]:
+        """Every row left out, by reason."""
+        out = dict(self.invalid)
+        if self.duplicates:
+            out[tables.DUPLICATE_KEY] = self.duplicates
+        return out
 
 
-def read_truth(path: str | os.PathLike, name: str | None = None) -> TruthSet:
-    """A truth CSV (any format ``tables.match_columns`` accepts). Rows with bad coordinates
-    are dropped and counted by reason (``invalid``); of repeated keys the first is kept."""
-    path = Path(path).expanduser()
-    header, rows = tables.read_rows(path)
-    cols = tables.match_columns(header, str(path))
-    ref_col = cols.path or cols.id
-    lat, lon, why = _coordinates(rows, cols.lat, cols.lon)
+def select_rows(rows: list[dict], ref_col: str, lat_col: str, lon_col: str) -> Rows:
+    """The rows of a truth table that make its truth set: coordinates that pass
+    ``tables.parse_point``, an image id or path, the first row of each key. Both sides of
+    an evaluation choose rows with this (``read_truth`` and ``evaluate --csv``'s images),
+    so a row is left out of both or of neither."""
+    lat, lon, why = tables.points(rows, lat_col, lon_col)
     refs = np.array([(r.get(ref_col) or "").strip() for r in rows], dtype=object)
     invalid = Counter(w for w in why if w)
     ok = np.array([w is None for w in why], dtype=bool) if rows else np.zeros(0, bool)
@@ -124,7 +131,17 @@ def read_truth(path: str | os.PathLike, name: str | None = None) -> TruthSet:
     keys = np.array([tables.image_key(r) for r in refs], dtype=object)
     _, first = np.unique(keys[ok], return_index=True) if ok.any() else (None, np.zeros(0, np.int64))
     keep = np.flatnonzero(ok)[np.sort(first)]
-    duplicates = int(ok.sum() - keep.size)
+    return Rows(keep, lat, lon, refs, keys, invalid, int(ok.sum() - keep.size))
+
+
+def read_truth(path: str | os.PathLike, name: str | None = None) -> TruthSet:
+    """A truth CSV (any format ``tables.match_columns`` accepts). Rows with bad coordinates
+    are dropped and counted by reason (``invalid``); of repeated keys the first is kept."""
+    path = Path(path).expanduser()
+    header, rows = tables.read_rows(path)
+    cols = tables.match_columns(header, str(path))
+    sel = select_rows(rows, cols.path or cols.id, cols.lat, cols.lon)
+    keep = sel.keep
     areas = None
     found = {k: tables.find_column(header, a) for k, a in tables.AREA_ALIASES.items()}
     if found["country"]:
@@ -132,9 +149,9 @@ def read_truth(path: str | os.PathLike, name: str | None = None) -> TruthSet:
         areas = pd.DataFrame({c.strip().lower(): [(rows[i].get(c) or "").strip() for i in keep]
                               for c in found.values() if c})
     if keep.size == 0:
-        raise InputError(f"{path} has no row with usable coordinates ({_counts(invalid) or 'no data rows'})")
-    return TruthSet(name or path.stem, keys[keep], lat[keep], lon[keep], refs[keep], cols.source, str(path.resolve()),
-                    areas, len(rows), invalid, duplicates)
+        raise InputError(f"{path} has no row with usable coordinates ({_counts(sel.invalid) or 'no data rows'})")
+    return TruthSet(name or path.stem, sel.keys[keep], sel.lat[keep], sel.lon[keep], sel.refs[keep], cols.source,
+                    str(path.resolve()), areas, len(rows), sel.invalid, sel.duplicates)
 
 
 @dataclass
@@ -172,7 +189,7 @@ def read_predictions(path: str | os.PathLike, name: str | None = None) -> Predic
         raise InputError(f"{path} lacks {'; '.join(missing)} (any case). Columns found: {shown}")
     if not rows:
         raise InputError(f"{path} has a header but no prediction rows")
-    lat, lon, why = _coordinates(rows, lat_col, lon_col)
+    lat, lon, why = tables.points(rows, lat_col, lon_col)
     keys = np.array([tables.image_key(r.get(key_col) or "") for r in rows], dtype=object)
     invalid = Counter(w for w in why if w)
     ok = np.array([w is None for w in why], dtype=bool) & (keys != "")

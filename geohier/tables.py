@@ -10,7 +10,18 @@ One definition of the CSV formats for everything that reads coordinates from a t
 
 Columns are matched case-insensitively by alias (``CSV_ALIASES``); a missing one is an
 InputError that names it and the names accepted for it. Files must be UTF-8 (a BOM is
-fine); the delimiter is the most frequent of , ; tab | in the header line.
+fine); the delimiter is the most frequent of , ; tab | in the header line. A file that is
+not such a CSV (NUL bytes, a quote left open or followed by text, a field over
+``csv.field_size_limit()`` characters, bytes that are not UTF-8) is an InputError naming
+the file and the line, before any row is used (``check_text``).
+
+Coordinates are checked by one function, ``parse_point``, for every door: a row with an
+empty, non-numeric, NaN/infinite or out-of-range latitude or longitude (|lat| > 90,
+|lon| > 180) is left out and counted by reason.
+
+Image paths resolve inside the images root (``Locator``): a ``../`` path, an absolute path
+elsewhere, or a symlink that leads out of the root is refused (``OUTSIDE_ROOT``) without
+the file being opened, unless the caller allows it explicitly.
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from geohier.errors import InputError
 
 INVALID_EMPTY = "invalid coordinates (empty)"
@@ -30,6 +43,8 @@ INVALID_NUMBER = "invalid coordinates (not a number)"
 INVALID_NAN = "invalid coordinates (NaN or infinite)"
 INVALID_RANGE = "invalid coordinates (out of range)"
 MISSING_REF = "no image id or path in the row"
+OUTSIDE_ROOT = "outside images root"
+DUPLICATE_KEY = "repeated image (first row kept)"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _KNOWN_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
@@ -113,12 +128,43 @@ def parse_coordinate(text: str | None, limit: float) -> tuple[float | None, str 
     return value, None
 
 
+def parse_point(lat_text: str | None, lon_text: str | None) -> tuple[float, float, str | None]:
+    """The one coordinate check of every CSV door (``import-csv``, ``evaluate --csv``, truth
+    sets and prediction files): ``(lat, lon, None)``, or ``(nan, nan, reason)`` with reason
+    one of the ``INVALID_*`` constants.
+
+    >>> parse_point("48.85", " 2.29 ")
+    (48.85, 2.29, None)
+    >>> parse_point("10", "181")
+    (nan, nan, 'invalid coordinates (out of range)')
+    """
+    lat, why = parse_coordinate(lat_text, 90.0)
+    lon = None
+    if why is None:
+        lon, why = parse_coordinate(lon_text, 180.0)
+    if why is not None:
+        return math.nan, math.nan, why
+    return lat, lon, None
+
+
+def points(rows: list[dict], latcol: str, loncol: str) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """``parse_point`` over table rows: lat, lon (NaN where bad) and the reason per row
+    (None where good)."""
+    lat = np.full(len(rows), np.nan)
+    lon = np.full(len(rows), np.nan)
+    why: list[str | None] = [None] * len(rows)
+    for i, r in enumerate(rows):
+        lat[i], lon[i], why[i] = parse_point(r.get(latcol), r.get(loncol))
+    return lat, lon, why
+
 
 def check_text(path: Path) -> tuple[int, str]:
-    """(data rows, delimiter) of a CSV: proves it is non-empty UTF-8 before anything is
-    imported, and counts lines for the progress bar."""
+    """(data rows, delimiter) of a CSV: proves it is a non-empty UTF-8 CSV before anything
+    is imported, and counts its records for the progress bar. Bytes that are not UTF-8, a
+    NUL byte, a quote left open or followed by text, and a field longer than
+    ``csv.field_size_limit()`` are an InputError naming the file and the line."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
-    newlines, first, last = 0, "", b"\n"
+    newlines, first = 0, ""
     with open(path, "rb") as f:
         while True:
             block = f.read(1 << 20)
@@ -132,41 +178,94 @@ def check_text(path: Path) -> tuple[int, str]:
                     "save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)") from None
             if not block:
                 break
+            nul = block.find(b"\0")
+            if nul >= 0:
+                line = newlines + block.count(b"\n", 0, nul) + 1
+                raise InputError(f"{path}, line {line}: a NUL byte (0x00): this is not a text CSV "
+                                 "(a spreadsheet or UTF-16 file? save it as 'CSV UTF-8')")
             if len(first) < 65536 and "\n" not in first:
                 first += text
             newlines += block.count(b"\n")
-            last = block[-1:]
     if not first.strip():
         raise InputError(f"{path} is empty: expected a header line such as 'path,lat,lon'")
     header = first.splitlines()[0]
     delimiter = max(",;\t|", key=header.count) if any(c in header for c in ",;\t|") else ","
-    lines = newlines + (last != b"\n")  # a last line without its newline still counts
-    return max(0, lines - 1), delimiter
+    records = sum(1 for _, record in _records(path, delimiter) if record)
+    return max(0, records - 1), delimiter
+
+
+def _records(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """(line, fields) of each record (a blank line is ``[]``); a malformed one is an
+    InputError naming the file and the line where the record starts."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        while True:
+            start = reader.line_num + 1
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise InputError(_malformed(path, start, reader.line_num, exc)) from None
+            yield start, record
+
+
+def _malformed(path: Path, start: int, end: int, exc: csv.Error) -> str:
+    where = f"line {start}" if end <= start else f"lines {start}-{end}"
+    text = str(exc)
+    if "field larger than field limit" in text:
+        return (f"{path}, {where}: a field longer than {csv.field_size_limit():,} characters "
+                "(a quote left open, or not a CSV of image paths and coordinates)")
+    if "unexpected end of data" in text:
+        return f"{path}, {where}: malformed CSV (a quote opened on line {start} is never closed)"
+    return f"{path}, {where}: malformed CSV ({text})"
+
+
+def header(path: Path, delimiter: str) -> list[str]:
+    """The header fields of a CSV that ``check_text`` accepted ([] when none)."""
+    for _, record in _records(path, delimiter):
+        return record
+    return []
 
 
 def rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        try:
-            if reader.fieldnames is None:
-                return
-            for row in reader:
-                yield reader.line_num, row
-        except csv.Error as exc:
-            raise InputError(f"{path}, line {reader.line_num}: malformed CSV ({exc})") from None
+    """(line, {column: value}) of each data row, blank lines skipped (as ``csv.DictReader``:
+    extra fields under the key None, missing ones None)."""
+    names: list[str] | None = None
+    for line, record in _records(path, delimiter):
+        if names is None:
+            names = record
+            continue
+        if not record:
+            continue
+        row = dict(zip(names, record, strict=False))
+        if len(record) > len(names):
+            row[None] = record[len(names):]
+        elif len(record) < len(names):
+            row.update(dict.fromkeys(names[len(record):]))
+        yield line, row
 
 
 class Locator:
-    """Finds a CSV row's image under images_root (direct path, known extensions, then a
-    by-name index of the whole tree built on the first miss)."""
+    """Finds a CSV row's image under the images root: the path or id as given, with the
+    known extensions tried when it has none, then by file name anywhere in the tree (an
+    index built on the first miss; symlinked folders are not followed).
 
-    def __init__(self, root: Path):
-        self.root = root
+    The image must be inside the root: a ``../`` path, an absolute path elsewhere, or a
+    symlink (file or folder) whose target is outside is refused with ``OUTSIDE_ROOT``
+    before the file is opened — unless ``allow_outside``, the caller's explicit choice.
+    Found paths come back resolved (symlinks followed), so what is read is what was
+    checked."""
+
+    def __init__(self, root: str | os.PathLike, allow_outside: bool = False):
+        self.root = Path(root)
+        self.real_root = self.root.resolve()
+        self.allow_outside = allow_outside
         self._index: dict[str, Path] | None = None
 
     def _build_index(self) -> dict[str, Path]:
         index: dict[str, Path] = {}
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        for dirpath, dirnames, filenames in os.walk(self.root):  # followlinks=False
             dirnames.sort()
             for f in sorted(filenames):
                 p = Path(dirpath) / f
@@ -175,21 +274,55 @@ class Locator:
                     index.setdefault(Path(f).stem, p)
         return index
 
-    def find(self, ref: str) -> Path | None:
+    def _inside(self, path: Path) -> bool:
+        return path == self.real_root or path.is_relative_to(self.real_root)
+
+    def _lexically_inside(self, ref: Path) -> bool:
+        """Whether a reference stays under the root by its text alone (no file touched)."""
+        if ref.is_absolute():
+            norm = Path(os.path.normpath(ref))
+            return any(norm.is_relative_to(r) for r in (Path(os.path.normpath(self.root.absolute())), self.real_root))
+        norm = os.path.normpath(ref)
+        return norm != ".." and not norm.startswith(".." + os.sep)
+
+    def locate(self, ref: str) -> tuple[Path | None, str | None]:
+        """``(resolved path, None)``, ``(None, OUTSIDE_ROOT)`` or ``(None, None)`` (not found)."""
         ref_path = Path(ref)
+        if not self.allow_outside and not self._lexically_inside(ref_path):
+            return None, OUTSIDE_ROOT
         base = ref_path if ref_path.is_absolute() else self.root / ref_path
         candidates = [base]
         if ref_path.suffix.lower() not in _KNOWN_SUFFIXES:
             candidates += [base.with_name(base.name + e) for e in IMAGE_EXTENSIONS]
             candidates += [base.with_name(base.name + e.upper()) for e in IMAGE_EXTENSIONS]
+        outside = False
         for c in candidates:
-            if c.is_file():
-                return c
-        if self._index is None:
-            self._index = self._build_index()
-        return self._index.get(ref_path.name)
+            found, escaped = self._check(c)
+            if found is not None:
+                return found, None
+            outside |= escaped
+        if not outside and ref_path.name and ref_path.name not in (".", ".."):
+            if self._index is None:
+                self._index = self._build_index()
+            hit = self._index.get(ref_path.name)
+            if hit is not None:
+                found, escaped = self._check(hit)
+                if found is not None:
+                    return found, None
+                outside |= escaped
+        return None, OUTSIDE_ROOT if outside else None
 
-
+    def _check(self, candidate: Path) -> tuple[Path | None, bool]:
+        """(resolved file, False) when ``candidate`` is a file allowed here; (None, True)
+        when it leads outside the root; (None, False) when it is no file. Only stats and
+        symlinks are read, never the file."""
+        try:
+            real = candidate.resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            return None, False
+        if not self.allow_outside and not self._inside(real):
+            return None, real.exists()
+        return (real, False) if real.is_file() else (None, False)
 
 
 # ---------------------------------------------------------------- keys and other systems' columns
@@ -242,6 +375,4 @@ def read_rows(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]
     if not path.is_file():
         raise InputError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
     _, delimiter = check_text(path)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        header = next(csv.reader(f, delimiter=delimiter), [])
-    return header, [row for _, row in rows(path, delimiter)]
+    return header(path, delimiter), [row for _, row in rows(path, delimiter)]

@@ -23,7 +23,6 @@ The page's "evaluate" button and the CLI call the same two functions.
 
 from __future__ import annotations
 
-import csv as csvlib  # the name `csv` is the CSV path argument below
 import json
 import os
 import sys
@@ -36,7 +35,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from geohier import benchmark, forward, geodesy, grid, metrics, runs, tables
+from geohier import benchmark, forward, geodesy, metrics, runs, tables
 from geohier import combine as cb
 from geohier import refine as rf
 from geohier.errors import GeohierError, InputError, WorkspaceError
@@ -62,38 +61,45 @@ def csv_columns(header: list[str], source: str = "the CSV") -> tuple[str, str, s
 
 
 def read_points_csv(csv: str | os.PathLike, images_root: str | os.PathLike | None = None) -> pd.DataFrame:
-    """An external evaluation CSV as a frame of absolute ``path``, ``lat``, ``lon``.
+    """An external evaluation CSV as a frame of absolute ``path``, ``lat``, ``lon``, ``key``.
 
-    Images are looked up under ``images_root`` (default: the CSV's folder) as ``pipeline
-    import-csv`` does: the path or id as given, with the usual extensions when it has
-    none, then by file name anywhere below (OSV-5M unpacks into sub-folders). A row whose
-    image is not found keeps its would-be path (counted as missing later); rows with
-    invalid coordinates are dropped and counted in ``frame.attrs["invalid"]``.
+    The rows are chosen as the truth set's (``geohier.benchmark.select_rows``: coordinates
+    checked by ``tables.parse_point``, an image id or path, the first row of each key), so
+    a row is left out of both sides or of neither. Images are looked up under
+    ``images_root`` (default: the CSV's folder) as ``pipeline import-csv`` does
+    (``tables.Locator``); a path that leads outside the root (``../``, an absolute path
+    elsewhere, a symlink out) is left out without its file being opened. A row whose
+    image is not found keeps its would-be path (``PointsDataset`` counts it as missing).
+
+    ``frame.attrs``: ``rows`` (data rows of the CSV), ``invalid`` (rows with invalid
+    coordinates) and ``skipped`` ({reason: rows} of every row left out of the frame).
+    A malformed CSV is an InputError naming the file and the line.
     """
     csv = Path(csv).expanduser()
     if not csv.is_file():
         raise InputError(f"CSV file {csv} does not exist")
-    try:
-        frame = pd.read_csv(csv, dtype=str, keep_default_na=False, sep=None, engine="python",
-                            encoding="utf-8-sig")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csvlib.Error) as exc:
-        raise InputError(f"cannot read {csv} as CSV: {exc}") from None
-    ref_col, latcol, loncol = csv_columns(list(frame.columns), str(csv))
+    header, rows = tables.read_rows(csv)
+    ref_col, latcol, loncol = csv_columns(header, str(csv))
     root = Path(images_root).expanduser() if images_root else csv.parent
     if not root.is_dir():
         raise InputError(f"images root {root} is not a directory")
-    lat = pd.to_numeric(frame[latcol].str.strip(), errors="coerce").to_numpy(np.float64)
-    lon = pd.to_numeric(frame[loncol].str.strip(), errors="coerce").to_numpy(np.float64)
-    ok = grid.valid_points(lat, lon)
+    sel = benchmark.select_rows(rows, ref_col, latcol, loncol)
+    skipped = sel.skipped()
     locate = tables.Locator(root)
-    paths = []
-    for ref, good in zip(frame[ref_col].astype(str).str.strip(), ok, strict=True):
-        found = locate.find(ref) if (good and ref) else None
-        paths.append(str(found) if found is not None else str(root / ref))
-    keys = [tables.image_key(r) for r in frame[ref_col].astype(str)]
-    out = pd.DataFrame({"path": paths, "lat": lat, "lon": lon, "key": keys})[ok].reset_index(drop=True)
-    out.attrs["invalid"] = int((~ok).sum())
-    out.attrs["rows"] = int(len(frame))
+    keep, paths = [], []
+    for i in sel.keep:
+        found, why = locate.locate(sel.refs[i])
+        if why is not None:
+            skipped[why] = skipped.get(why, 0) + 1
+            continue
+        keep.append(i)
+        paths.append(str(found) if found is not None else str(root / sel.refs[i]))
+    keep = np.asarray(keep, dtype=np.int64)
+    out = pd.DataFrame({"path": pd.Series(paths, dtype=object), "lat": sel.lat[keep], "lon": sel.lon[keep],
+                        "key": pd.Series(sel.keys[keep], dtype=object)})
+    out.attrs["invalid"] = int(sum(n for why, n in sel.invalid.items() if why != tables.MISSING_REF))
+    out.attrs["rows"] = len(rows)
+    out.attrs["skipped"] = skipped
     return out
 
 
