@@ -16,7 +16,9 @@ The manifest stores every image's finest grid cell (``MANIFEST_LEVEL``) as a com
 ``GROUP BY substr(cell, 1, level)``.
 
 Writes are crash-safe in this order: the image file is written to a temporary name in
-its final directory and renamed into place, then its row is inserted in a transaction.
+its final directory (a name unique to the writer: concurrent imports never touch each
+other's) and renamed into place, then its row is inserted (sha256 is UNIQUE, so two imports
+of the same bytes racing each other leave one row).
 An interrupted import can leave a file without a row (harmless, reused on the next
 import of the same bytes), never a row without its file.
 """
@@ -27,7 +29,6 @@ import hashlib
 import json
 import os
 import sqlite3
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +40,11 @@ import pandas as pd
 
 from geohier import grid
 from geohier.errors import InputError, WorkspaceError
+from geohier.fileio import (  # re-exported: the one atomic writer lives in geohier.fileio
+    atomic_write_bytes,
+    atomic_write_text,  # noqa: F401 - re-exported for the callers that import it from here
+    remove_stale_temps,
+)
 
 MANIFEST_LEVEL = 8
 SPLITS = ("train", "val", "test")
@@ -72,6 +78,15 @@ CREATE TABLE IF NOT EXISTS fetch_log (
     error  TEXT,
     at     TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fetch_progress (
+    cell   TEXT NOT NULL,                   -- the fetched cell's id, as in fetch_log
+    subbox INTEGER NOT NULL,                -- position in the cell's sub-box visiting order
+    plan   TEXT NOT NULL,                   -- the sub-box layout it refers to (nx x ny, seed)
+    found  INTEGER NOT NULL DEFAULT 0,
+    kept   INTEGER NOT NULL DEFAULT 0,
+    at     TEXT NOT NULL,
+    PRIMARY KEY (cell, subbox)
+);
 """
 
 IMAGE_COLUMNS = ("id", "source", "source_id", "sequence_id", "lat", "lon", "captured_at", "cell",
@@ -93,27 +108,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary data files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -316,10 +310,9 @@ class Manifest:
         rel = Path("images") / sha[:2] / f"{sha}.{ext.lstrip('.').lower()}"
         dest = self.data_dir / rel
         if not dest.exists():
-            # a writer killed mid-write (kill -9) left its temporary file: this call writes the
-            # same bytes again, so the leftover goes
-            for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
+            # a writer killed mid-write (kill -9) may have left its temporary file: an old one
+            # goes; a fresh one may be a concurrent import's (its own name), so it stays
+            remove_stale_temps(dest.parent, dest.name)
             atomic_write_bytes(dest, data)
         return self.add_image(sha256=sha, path=rel.as_posix(), **row)
 
@@ -344,3 +337,24 @@ class Manifest:
     def fetch_status(self) -> dict[str, dict]:
         rows = self.conn.execute("SELECT cell, status, found, kept, error, at FROM fetch_log").fetchall()
         return {r[0]: {"status": r[1], "found": r[2], "kept": r[3], "error": r[4], "at": r[5]} for r in rows}
+
+    # fetch_progress: the sub-boxes of a cell that a fetch has finished (for resuming it)
+
+    def fetch_progress(self, cell_id: str) -> list[tuple[int, str, int]]:
+        """(sub-box position, plan signature, images found) of each finished sub-box of a cell."""
+        return [(int(r[0]), r[1], int(r[2])) for r in self.conn.execute(
+            "SELECT subbox, plan, found FROM fetch_progress WHERE cell = ?", (cell_id,)).fetchall()]
+
+    def fetch_progress_counts(self) -> dict[str, int]:
+        """Finished sub-boxes per cell."""
+        return dict(self.conn.execute("SELECT cell, COUNT(*) FROM fetch_progress GROUP BY cell").fetchall())
+
+    def record_subbox(self, cell_id: str, subbox: int, plan: str, found: int, kept: int) -> None:
+        """Mark one sub-box of a cell finished (replacing an earlier record of it)."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO fetch_progress (cell, subbox, plan, found, kept, at) VALUES (?, ?, ?, ?, ?, ?)",
+            (cell_id, int(subbox), plan, int(found), int(kept), utcnow()))
+
+    def clear_fetch_progress(self, cell_id: str) -> None:
+        """Forget a cell's finished sub-boxes (the cell is finished, or its layout changed)."""
+        self.conn.execute("DELETE FROM fetch_progress WHERE cell = ?", (cell_id,))

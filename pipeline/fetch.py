@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from geohier import grid
 from geohier.errors import InputError
 from geohier.images import brightness, open_image
-from geohier.workspace import MANIFEST_LEVEL, Manifest, Workspace, utcnow
+from geohier.workspace import MANIFEST_LEVEL, Manifest, Workspace
 from pipeline.dedup import Dedup
 from pipeline.fetch_cells import parse_shard, select_cells, sort_cells, split4, subboxes
 from pipeline.mapillary import (
@@ -74,19 +74,6 @@ __all__ = ["Dedup", "FetchOptions", "FetchPlan", "FetchProgress", "FetchReport",
 
 SOURCE = "mapillary"
 MAX_SPLIT_DEPTH = 2           # "reduce the amount of data": split a sub-box up to 4**2 ways
-
-PROGRESS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS fetch_progress (
-    cell   TEXT NOT NULL,                   -- the fetched cell's id, as in fetch_log
-    subbox INTEGER NOT NULL,                -- position in the cell's sub-box visiting order
-    plan   TEXT NOT NULL,                   -- the sub-box layout it refers to (nx x ny, seed)
-    found  INTEGER NOT NULL DEFAULT 0,
-    kept   INTEGER NOT NULL DEFAULT 0,
-    at     TEXT NOT NULL,
-    PRIMARY KEY (cell, subbox)
-);
-"""
-
 
 
 # --------------------------------------------------------------------------- options
@@ -262,10 +249,6 @@ def clean_stale_temps(ws: Workspace, older_than_s: float = 60.0) -> int:
     return n
 
 
-def _ensure_progress_table(m: Manifest) -> None:
-    m.conn.executescript(PROGRESS_SCHEMA)
-
-
 class _Fetcher:
     def __init__(self, ws: Workspace, options: FetchOptions, token: str, stop: threading.Event):
         self.ws = ws
@@ -292,9 +275,9 @@ class _Fetcher:
         c = grid.from_id(cell_id)
         sb = subboxes(cell_id, o.max_bbox_deg2, o.seed)
         where, params = _cell_filter(c)
-        rows = m.conn.execute("SELECT subbox, plan, found FROM fetch_progress WHERE cell = ?", (cell_id,)).fetchall()
+        rows = m.fetch_progress(cell_id)
         if any(r[1] != sb.signature for r in rows):  # another layout: its positions mean other boxes
-            m.conn.execute("DELETE FROM fetch_progress WHERE cell = ?", (cell_id,))
+            m.clear_fetch_progress(cell_id)
             rows = []
         done_pos = {r[0] for r in rows}
         found = sum(r[2] for r in rows)
@@ -331,9 +314,7 @@ class _Fetcher:
                 if failures:
                     transient_failures.extend(failures)
                 else:
-                    m.conn.execute(
-                        "INSERT OR REPLACE INTO fetch_progress (cell, subbox, plan, found, kept, at)"
-                        " VALUES (?, ?, ?, ?, ?, ?)", (cell_id, pos, sb.signature, f, k, utcnow()))
+                    m.record_subbox(cell_id, pos, sb.signature, f, k)
                 fill()
         except Stopped:
             if answered or new or rows:
@@ -351,10 +332,10 @@ class _Fetcher:
             error = error or f"{len(transient_failures)} thumbnail download(s) failed: {transient_failures[0]}"
         else:
             status = "done" if kept else "empty"  # every sub-box answered
-        with m.transaction() as conn:
+        with m.transaction():
             m.log_fetch(cell_id, status, found, kept, error)
             if status in ("done", "empty"):
-                conn.execute("DELETE FROM fetch_progress WHERE cell = ?", (cell_id,))
+                m.clear_fetch_progress(cell_id)
         return CellResult(cell_id, status, found, kept, new, error)
 
     def _search(self, box, depth: int) -> list:
@@ -481,8 +462,7 @@ def fetch(ws: Workspace, cells: Sequence[str], options: FetchOptions | None = No
     report = FetchReport(cells=len(cells))
     stop = threading.Event()
     clean_stale_temps(ws, o.tmp_grace_s)
-    with ws.manifest() as m:
-        _ensure_progress_table(m)  # here, before the workers could race to create it
+    with ws.manifest() as m:  # opening it creates its tables, before the workers start
         status = m.fetch_status()
         lat, lon = m.points()
     todo = [c for c in cells if status.get(c, {}).get("status") not in ("done", "empty")]
@@ -626,10 +606,7 @@ def plan(ws: Workspace, cells: Sequence[str], options: FetchOptions | None = Non
     if ws.has_manifest():
         with ws.manifest() as m:
             status = m.fetch_status()
-            has_table = m.conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'fetch_progress'").fetchone()
-            if has_table:
-                progress = dict(m.conn.execute("SELECT cell, COUNT(*) FROM fetch_progress GROUP BY cell").fetchall())
+            progress = m.fetch_progress_counts()
     finished: dict[str, int] = {}
     todo = []
     for c in cells:

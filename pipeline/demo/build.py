@@ -31,6 +31,7 @@ MIN_SIZE, MAX_SIZE = 32, 512
 MAX_IMAGES = 2_000_000
 SOURCE = "demo"
 POOL_MIN_IMAGES = 200      # below this, starting worker processes costs more than it saves
+COMMIT_EVERY = 200         # images per manifest transaction
 
 
 # Worker-side state: the styles of this build's countries (sent once per worker).
@@ -140,33 +141,28 @@ def build_demo(ws: Workspace, images: int = DEFAULT_IMAGES, seed: int = DEFAULT_
             else:
                 _init_worker(styles)
                 results = map(_render_task, tasks)
-            batch = 0
-            m.conn.execute("BEGIN IMMEDIATE")
-            try:
-                for i, data, grey in results:
-                    row_id = m.store_image(
-                        data, "jpg", source=SOURCE, source_id=f"{prefix}{i}",
-                        sequence_id=f"demo-{seed}-s{int(world['drive'][i])}",
-                        lat=float(world["lat"][i]), lon=float(world["lon"][i]),
-                        captured_at=str(world["captured_at"][i]), width=size, height=size,
-                        brightness=round(grey, 2))
-                    added += row_id is not None
-                    dup += row_id is None
-                    done += 1
-                    batch += 1
-                    if batch >= 200:        # commit in batches: fast, and a kill loses little
-                        m.conn.execute("COMMIT")
-                        m.conn.execute("BEGIN IMMEDIATE")
-                        batch = 0
-                    if bar is not None:
-                        bar.update(1)
-                    if progress is not None:
-                        progress(done, len(todo))
-            except BaseException:
-                m.conn.execute("ROLLBACK")
-                raise
-            else:
-                m.conn.execute("COMMIT")
+            results = iter(results)
+            more = True
+            while more:  # one transaction per batch of images: fast, and a kill loses little
+                more = False
+                with m.transaction():
+                    for n, (i, data, grey) in enumerate(results, 1):
+                        row_id = m.store_image(
+                            data, "jpg", source=SOURCE, source_id=f"{prefix}{i}",
+                            sequence_id=f"demo-{seed}-s{int(world['drive'][i])}",
+                            lat=float(world["lat"][i]), lon=float(world["lon"][i]),
+                            captured_at=str(world["captured_at"][i]), width=size, height=size,
+                            brightness=round(grey, 2))
+                        added += row_id is not None
+                        dup += row_id is None
+                        done += 1
+                        if bar is not None:
+                            bar.update(1)
+                        if progress is not None:
+                            progress(done, len(todo))
+                        if n >= COMMIT_EVERY:
+                            more = True
+                            break
         finally:
             if pool is not None:
                 pool.terminate()
