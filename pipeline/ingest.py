@@ -18,13 +18,14 @@ CSV columns are matched case-insensitively by alias (``CSV_ALIASES``): OSV-5M's
 generic ``path|filename|image|img_path, lat, lon``. An image is looked up as
 ``IMAGES_ROOT/<path or id>``, with ``.jpg .jpeg .png .webp`` tried when the id has no
 extension, then by file name anywhere under IMAGES_ROOT (OSV-5M unpacks into numbered
-sub-folders).
+sub-folders). It must lie inside IMAGES_ROOT: a path that leads out (``../``, an absolute
+path elsewhere, a symlink out) is counted as "outside images root" and never opened,
+unless ``--allow-outside-root``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -56,8 +57,9 @@ from geohier.tables import (  # the CSV formats at the doors, shared with evalua
     Locator,
     aliases,
     check_text,
+    header,
     match_columns,
-    parse_coordinate,
+    parse_point,
     rows,
 )
 from geohier.workspace import Manifest, Workspace, sha256_bytes
@@ -310,11 +312,18 @@ def parse_time(text: str | None) -> str | None:
 
 
 def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os.PathLike, *,
-               link: bool = False, progress: Progress | None = None) -> ImportSummary:
+               link: bool = False, allow_outside_root: bool = False,
+               progress: Progress | None = None) -> ImportSummary:
     """Import the images a CSV lists with their coordinates (see the module docstring for
     the accepted columns). The source is "osv5m" or "im2gps3k" when the columns say so,
     else "csv"; source_id is the row's id (or path). A row whose source_id is already in
-    the manifest is a duplicate without its file being read, so re-imports are fast."""
+    the manifest is a duplicate without its file being read, so re-imports are fast.
+
+    Images must lie inside ``images_root``: a row whose path leads out of it (``../``, an
+    absolute path elsewhere, a symlink out) is skipped as ``OUTSIDE_ROOT`` without its file
+    being opened, unless ``allow_outside_root``. A malformed CSV (not UTF-8, NUL bytes,
+    bad quoting, a field over 131,072 characters) is an InputError naming the line,
+    raised before anything is imported."""
     csv_path = Path(csv_path).expanduser()
     images_root = Path(images_root).expanduser()
     if not csv_path.is_file():
@@ -322,10 +331,8 @@ def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os
     if not images_root.is_dir():
         raise InputError(f"{images_root}: no such directory (--images-root)")
     total, delimiter = check_text(csv_path)
-    with open(csv_path, encoding="utf-8-sig", newline="") as f:
-        header = next(csv.reader(f, delimiter=delimiter), [])
-    cols = match_columns(header, str(csv_path))
-    locate = Locator(images_root)
+    cols = match_columns(header(csv_path, delimiter), str(csv_path))
+    locate = Locator(images_root, allow_outside=allow_outside_root)
     s = ImportSummary(cols.source, str(csv_path))
     with ws.manifest() as m:
         try:
@@ -344,9 +351,7 @@ def _import_row(m: Manifest, s: ImportSummary, cols: CsvColumns, locate: Locator
     ident = (row.get(cols.id) or "").strip() if cols.id else ""
     ref = (row.get(cols.path) or "").strip() if cols.path else ""
     label = ident or ref or f"line {line}"
-    lat, why = parse_coordinate(row.get(cols.lat), 90.0)
-    if why is None:
-        lon, why = parse_coordinate(row.get(cols.lon), 180.0)
+    lat, lon, why = parse_point(row.get(cols.lat), row.get(cols.lon))
     if why is not None:
         s.skip(why, f"line {line}")
         return
@@ -357,9 +362,9 @@ def _import_row(m: Manifest, s: ImportSummary, cols: CsvColumns, locate: Locator
     if m.has_source_id(cols.source, source_id):
         s.duplicates += 1
         return
-    path = locate.find(ref or ident)
+    path, why = locate.locate(ref or ident)
     if path is None:
-        s.skip(MISSING_FILE, label)
+        s.skip(why or MISSING_FILE, label)
         return
     extra = {"source": cols.source, "source_id": source_id,
              "sequence_id": (row.get(cols.sequence) or "").strip() or None if cols.sequence else None,
@@ -403,7 +408,8 @@ def run_photos(args, ws: Workspace) -> int:
 def run_csv(args, ws: Workspace) -> int:
     bar, update = _bar("import-csv")
     try:
-        s = import_csv(ws, args.file, args.images_root, link=args.link, progress=update)
+        s = import_csv(ws, args.file, args.images_root, link=args.link,
+                       allow_outside_root=args.allow_outside_root, progress=update)
     finally:
         bar.close()
     return _report(s, ws)
@@ -427,11 +433,14 @@ def register(sub) -> None:
         description="Import the images a CSV lists. Columns (any case): "
                     f"id ({aliases('id')}) or path ({aliases('path')}); latitude ({aliases('lat')}); "
                     f"longitude ({aliases('lon')}); optional sequence ({aliases('sequence')}) and "
-                    f"capture time ({aliases('captured_at')}). Rows with invalid coordinates or "
-                    "missing files are counted and skipped.")
+                    f"capture time ({aliases('captured_at')}). Rows with invalid coordinates, "
+                    "missing files or paths outside --images-root are counted and skipped.")
     p.add_argument("file", metavar="FILE", help="the CSV file (UTF-8; comma, semicolon or tab separated)")
     p.add_argument("--images-root", required=True, metavar="DIR",
                    help="folder the CSV's ids or paths are relative to (required)")
     p.add_argument("--link", action="store_true",
                    help="reference the images where they are instead of copying them (default: copy)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="also import rows whose path leads outside --images-root (../, absolute paths, "
+                        "symlinks out; default: skip and count them)")
     p.set_defaults(func=run_csv)
