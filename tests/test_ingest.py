@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -15,7 +17,15 @@ from PIL import Image
 import pipeline.cli
 from geohier import grid
 from geohier.errors import InputError
-from geohier.tables import INVALID_EMPTY, INVALID_NAN, INVALID_NUMBER, INVALID_RANGE, match_columns
+from geohier.tables import (
+    INVALID_EMPTY,
+    INVALID_NAN,
+    INVALID_NUMBER,
+    INVALID_RANGE,
+    OUTSIDE_ROOT,
+    Locator,
+    match_columns,
+)
 from geohier.workspace import Manifest
 from pipeline import ingest
 from pipeline.ingest import import_csv, import_photos, parse_time
@@ -401,3 +411,107 @@ def test_cli_import_csv(ws, tmp_path, make_jpeg, cli, capsys):
     assert cli(["import-csv", str(bad), "--images-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no longitude column" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ the CSV door: paths and malformed files
+
+_OPENED: list[str] | None = None
+_HOOKED = False
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _OPENED is not None and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.path.realpath(os.fsdecode(args[0])))
+
+
+@pytest.fixture
+def opened():
+    """Every file this process opens while the test runs (realpaths), from Python's audit
+    hook: builtins.open, io.open and os.open all report there."""
+    global _OPENED, _HOOKED
+    if not _HOOKED:
+        sys.addaudithook(_audit)
+        _HOOKED = True
+    _OPENED = []
+    yield _OPENED
+    _OPENED = None
+
+
+@pytest.fixture
+def escape(tmp_path, make_jpeg):
+    """An images root with one good image, and files outside it that rows reach by ``../``,
+    an absolute path, a symlinked file and a symlinked folder."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    make_jpeg(root / "ok.jpg", color=(10, 10, 10))
+    secrets = [make_jpeg(outside / f"secret{i}.jpg", color=(40 * i, 50, 60)) for i in range(4)]
+    (root / "link.jpg").symlink_to(secrets[2])
+    (root / "linkdir").symlink_to(outside, target_is_directory=True)
+    csv_path = _write(tmp_path / "escape.csv",
+                      "path,lat,lon\n"
+                      "ok.jpg,10,20\n"
+                      "../outside/secret0.jpg,10,20\n"      # climbs out
+                      f"{secrets[1]},10,20\n"                # absolute, elsewhere
+                      "link.jpg,10,20\n"                     # a symlinked file leading out
+                      "linkdir/secret3.jpg,10,20\n"          # through a symlinked folder
+                      "secret3,10,20\n")                     # by name: the index must not follow linkdir
+    return root, csv_path, [str(p.resolve()) for p in secrets]
+
+
+def test_csv_rows_outside_images_root_are_skipped_unread(ws, escape, opened):
+    root, csv_path, secrets = escape
+    s = import_csv(ws, csv_path, root)
+    assert (s.total, s.added) == (6, 1)
+    assert s.skipped == {OUTSIDE_ROOT: 4, "missing file": 1}, s.skipped
+    assert s.examples[OUTSIDE_ROOT] == ["../outside/secret0.jpg", secrets[1], "link.jpg", "linkdir/secret3.jpg"]
+    assert str((root / "ok.jpg").resolve()) in opened  # the hook sees what is read
+    assert not set(secrets) & set(opened), "a file outside the images root was opened"
+    assert list(_rows(ws).index) == ["ok.jpg"]
+    assert _count("\n".join(s.lines()), OUTSIDE_ROOT) == 4
+
+
+def test_csv_allow_outside_root_imports_them(ws, escape, cli, capsys):
+    root, csv_path, _ = escape
+    assert cli(["import-csv", str(csv_path), "--images-root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert _count(out, OUTSIDE_ROOT) == 4 and _count(out, "added") == 1
+    assert cli(["import-csv", str(csv_path), "--images-root", str(root), "--allow-outside-root"]) == 0
+    out = capsys.readouterr().out
+    assert _count(out, "added") == 4 and _count(out, "duplicates") == 1, out
+    assert "outside images root" not in out
+    # the by-name index never follows a symlinked folder, allowed or not
+    assert _count(out, "missing file") == 1
+    assert sorted(_rows(ws).index) == sorted(["ok.jpg", "../outside/secret0.jpg", str(escape[2][1]),
+                                              "link.jpg", "linkdir/secret3.jpg"])
+
+
+def test_locator_keeps_inside_paths(tmp_path, make_jpeg):
+    root = tmp_path / "r"
+    a = make_jpeg(root / "sub" / "a.jpg")
+    (root / "inner.jpg").symlink_to(a)               # a symlink that stays inside: fine
+    loc = Locator(root)
+    assert loc.locate("sub/../sub/a.jpg") == (a.resolve(), None)
+    assert loc.locate(str(a)) == (a.resolve(), None)  # absolute, but inside the root
+    assert loc.locate("inner.jpg") == (a.resolve(), None)
+    assert loc.locate("a") == (a.resolve(), None)     # by name, in a sub-folder
+    assert loc.locate("..") == (None, OUTSIDE_ROOT) and loc.locate("../r/sub/a.jpg") == (None, OUTSIDE_ROOT)
+    assert loc.locate("nope.jpg") == (None, None)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("nul.csv", b"path,lat,lon\na.jpg,1,2\nb.jpg\x00,1,2\n", "line 3: a NUL byte"),
+    ("quote.csv", b'path,lat,lon\na.jpg,1,2\n"b.jpg"x,1,2\n', "line 3: malformed CSV"),
+    ("open.csv", b'path,lat,lon\na.jpg,1,2\n"b.jpg,1,2\nc.jpg,3,4\n', "lines 3-4: malformed CSV (a quote opened on line 3"),
+    ("latin.csv", "path,lat,lon\na.jpg,1,2\ncafé.jpg,1,2\n".encode("latin-1"), "line 3)"),
+    ("bighead.csv", ("path,lat,lon," + "h" * 140_000 + "\na.jpg,1,2,x\n").encode(), "line 1: a field longer than 131,072"),
+    ("bigfield.csv", ("path,lat,lon\na.jpg,1,2\nb.jpg,1," + "9" * 140_000 + "\n").encode(),
+     "line 3: a field longer than 131,072"),
+])
+def test_cli_import_csv_malformed_is_one_line(ws, tmp_path, make_jpeg, cli, capsys, name, content, message):
+    make_jpeg(tmp_path / "a.jpg")
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    assert cli(["import-csv", str(bad), "--images-root", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: ") and str(bad) in err and message in err, err
+    assert not ws.has_manifest() or _rows(ws).empty  # refused before the good first row was imported
