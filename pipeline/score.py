@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from geohier import benchmark, metrics
+from geohier import benchmark, metrics, tables
 from geohier.errors import InputError
 from geohier.leaderboard import Leaderboard
 from geohier.workspace import Workspace, json_safe
@@ -68,8 +68,11 @@ def score_files(ws: Workspace, preds: list[str], truth_csv: str, names: list[str
 def format_scores(out: dict) -> str:
     t = out["truth"]
     lines = [f"truth set {t['name']} ({t['format']}): {t['images']} images, hash {t['hash']}"]
-    if t.get("invalid"):
-        lines.append("  left out: " + ", ".join(f"{n} {why}" for why, n in sorted(t["invalid"].items())))
+    left_out = dict(t.get("invalid") or {})
+    if t.get("duplicates"):
+        left_out[tables.DUPLICATE_KEY] = t["duplicates"]
+    if left_out:
+        lines.append("  left out: " + ", ".join(f"{n} {why}" for why, n in sorted(left_out.items())))
     head = f"{'system':<28} {'GeoScore':>8} {'median km':>10} " + " ".join(
         f"{str(k) + ' km':>8}" for k in metrics.KM_THRESHOLDS) + f" {'country':>8} {'missing':>8}"
     lines += ["", head]

@@ -222,3 +222,61 @@ def test_score_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, args, mess
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- the CSV door: one coordinate check
+
+def test_parse_point_is_the_one_coordinate_check(tmp_path):
+    assert tables.parse_point("48.8566", "2.3522") == (48.8566, 2.3522, None)
+    for lat, lon, why in [("10", "181", tables.INVALID_RANGE), ("-91", "0", tables.INVALID_RANGE),
+                          ("", "0", tables.INVALID_EMPTY), ("x", "0", tables.INVALID_NUMBER),
+                          ("0", "inf", tables.INVALID_NAN), ("nan", "0", tables.INVALID_NAN)]:
+        la, lo, w = tables.parse_point(lat, lon)
+        assert w == why and math.isnan(la) and math.isnan(lo)
+    # a truth set and a prediction file leave out the same bad rows, with the same reasons
+    rows = "".join(f"{k}.jpg,{la},{lo}\n" for k, la, lo in [("a", 10, 20), ("b", 10, 181), ("c", "", 1),
+                                                            ("a", 11, 21)])
+    truth = benchmark.read_truth(_preds(tmp_path / "t.csv", [], "path,lat,lon\n" + rows.rstrip("\n")))
+    assert list(truth.keys) == ["a"] and truth.invalid == {tables.INVALID_RANGE: 1, tables.INVALID_EMPTY: 1}
+    assert truth.duplicates == 1
+    preds = benchmark.read_predictions(_preds(tmp_path / "p.csv", [], "image,lat,lon\n" + rows.rstrip("\n")))
+    assert list(preds.keys) == ["a"] and preds.invalid == truth.invalid and preds.duplicates == 1
+    sel = benchmark.select_rows([{"p": "a", "y": "1", "x": "181"}, {"p": "", "y": "1", "x": "2"},
+                                 {"p": "b", "y": "1", "x": "2"}], "p", "y", "x")
+    assert sel.keep.tolist() == [2] and sel.skipped() == {tables.INVALID_RANGE: 1, tables.MISSING_REF: 1}
+
+
+def test_score_cli_counts_bad_rows_by_reason(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GEOHIER_DATA", str(tmp_path / "data"))
+    truth = _im2gps(tmp_path / "t.csv", POINTS + (("bad_5", 10.0, 181.0), ("bad_6", "x", 1.0), PARIS))
+    preds = _preds(tmp_path / "p.csv", [(k, la, lo) for k, la, lo in POINTS] + [("paris_1", 1, 999)])
+    assert main(["score", str(preds), "--truth", str(truth), "--no-save"]) == 0
+    out = capsys.readouterr().out
+    assert ("left out: 1 invalid coordinates (not a number), 1 invalid coordinates (out of range), "
+            "1 repeated image (first row kept)") in out
+    assert "4 images" in out
+    assert "1 have unusable coordinates (1 invalid coordinates (out of range)), 0 repeat an image" in out
+
+
+@pytest.mark.parametrize("side", ["truth", "pred"])
+@pytest.mark.parametrize("content, message", [
+    (b"image,lat,lon\npari\x00s_1,1,2\n", "line 2: a NUL byte"),
+    (b'image,lat,lon\n"paris_1"x,1,2\n', "line 2: malformed CSV"),
+    (b'image,lat,lon\nparis_1,1,2\n"berlin_2,1,2\n', "line 3: malformed CSV (a quote opened on line 3"),
+    (b"image,lat,lon\nparis_1,1,2\nberlin_\xe9,1,2\n", "not UTF-8 text (byte 0xe9 on line 3)"),
+    (("image,lat,lon," + "h" * 140_000 + "\nparis_1,1,2,x\n").encode(), "line 1: a field longer than 131,072"),
+    (("image,lat,lon\nparis_1,1," + "9" * 140_000 + "\n").encode(), "line 2: a field longer than 131,072"),
+])
+def test_score_cli_malformed_csv_is_one_line(tmp_path, capsys, monkeypatch, side, content, message):
+    monkeypatch.setenv("GEOHIER_DATA", str(tmp_path / "data"))
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(content)
+    good_truth = _im2gps(tmp_path / "t.csv")
+    good_preds = _preds(tmp_path / "p.csv", [(k, la, lo) for k, la, lo in POINTS])
+    argv = ["score", str(bad), "--truth", str(good_truth)] if side == "pred" else \
+        ["score", str(good_preds), "--truth", str(bad)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert str(bad) in err and message in err, err
+    assert not (tmp_path / "data").exists() or not Leaderboard(tmp_path / "data").truth_sets()
