@@ -677,7 +677,7 @@ def load_backbone_file(bb: Backbone, path: Path) -> None:
     without a ``backbone.``/``backbone.net.`` prefix (a geohier checkpoint; its heads are
     ignored). A torchvision classifier's final layer is ignored; anything else that does
     not fit is an error naming the keys."""
-    from geohier.model import read_safetensors
+    from geohier.fileio import read_safetensors
 
     state = read_safetensors(path, InputError, f"cannot read weights file {path} as safetensors")
     for prefix in ("backbone.net.", "backbone."):

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from geohier.errors import GeohierError, InputError, WorkspaceError
+from geohier.fileio import open_safetensors, write_safetensors
 from geohier.workspace import atomic_write_text, json_safe, read_json, utcnow
 
 FORMAT = "geohier-embeddings/1"
@@ -207,15 +208,13 @@ class EmbeddingCache:
 
     def _read_header(self, path: Path) -> dict:
         """A shard's index entry from its safetensors header (nothing else is read)."""
-        from safetensors import SafetensorError, safe_open
-
+        with open_safetensors(path, WorkspaceError, f"shard {path.name} cannot be read") as f:
+            meta = f.metadata() or {}
+            shape = list(f.get_slice(FEATURES).get_shape())
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                shape = list(f.get_slice(FEATURES).get_shape())
             ids, shas = json.loads(meta["ids"]), json.loads(meta["sha256"])
             rows, dim = int(meta["rows"]), int(meta["dim"])
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise WorkspaceError(f"shard {path.name} cannot be read ({type(exc).__name__}: {exc})") from None
         if meta.get("key") != self.key:
             raise WorkspaceError(f"shard {path.name} belongs to cache {meta.get('key')!r}, not {self.key}")
@@ -252,8 +251,6 @@ class EmbeddingCache:
     def get(self, ids, shas) -> tuple[torch.Tensor, np.ndarray]:
         """(features (N, D) float32, present (N,) bool); rows of absent images are zero.
         With an empty cache D is 0."""
-        from safetensors import SafetensorError, safe_open
-
         shas = _shas(shas)
         _check_lengths(ids, shas)
         out = torch.zeros(len(shas), self.dim or 0, dtype=torch.float32)
@@ -266,12 +263,9 @@ class EmbeddingCache:
                 dst.append(i)
                 src.append(loc[1])
         for name, (dst, src) in wanted.items():
-            try:
-                with safe_open(str(self.path / name), framework="pt") as f:
-                    feats = f.get_tensor(FEATURES)
-            except (SafetensorError, OSError) as exc:
-                raise WorkspaceError(f"shard {self.path / name} cannot be read ({exc}); delete it and "
-                                     "embed again to replace its rows") from None
+            with open_safetensors(self.path / name, WorkspaceError, f"shard {self.path / name} cannot be read "
+                                  "(delete it and embed again to replace its rows)") as f:
+                feats = f.get_tensor(FEATURES)
             out[torch.as_tensor(dst)] = feats[torch.as_tensor(src)].float()
             present[dst] = True
         return out, present
@@ -291,8 +285,6 @@ class EmbeddingCache:
         atomically), then rewrite the index. Several ranks each call ``add`` with their own
         ``rank`` and ``write_index=False``; one of them writes the index afterwards
         (``write_index()``)."""
-        from geohier.model import save_tensors_atomic
-
         shas = _shas(shas)
         ids = _ids(ids)
         _check_lengths(ids, shas)
@@ -312,7 +304,7 @@ class EmbeddingCache:
                 "rank": str(int(rank)), "created_at": now,
                 "ids": json.dumps(ids, separators=(",", ":")), "sha256": json.dumps(shas, separators=(",", ":"))}
         path = self.path / _shard_name(rank)
-        save_tensors_atomic(path, {FEATURES: half}, metadata=meta)
+        write_safetensors(path, {FEATURES: half}, metadata=meta)
         self._shards[path.name] = {"rows": len(shas), "dim": dim, "bytes": path.stat().st_size, "ids": ids,
                                    "sha256": shas, "rank": int(rank), "created_at": now}
         self._rows.update((sha, (path.name, r)) for r, sha in enumerate(shas))  # the newest row wins

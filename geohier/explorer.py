@@ -144,18 +144,24 @@ def _stamp(path: Path) -> list:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _split_ids(ws: Workspace, split: str) -> np.ndarray:
+def _split_ids(predictor: Predictor, ws: Workspace, split: str) -> np.ndarray:
+    """The run's own ``split`` image ids (``geohier.splits``); a per-level set must share one."""
+    from geohier import splits
+
     if not ws.has_manifest():
         raise WorkspaceError(f"no manifest in {ws.data_dir}: the explorer needs images with a {split} split "
                              "(python -m pipeline demo, then labels)")
-    with ws.manifest() as m:
-        rows = m.conn.execute("SELECT id FROM images WHERE split = ? ORDER BY id", (split,)).fetchall()
-    return np.asarray([r[0] for r in rows], dtype=np.int64)
+    found = [splits.run_ids(run, ws, split, meta) for run, meta in zip(predictor.runs, predictor.metas, strict=True)]
+    if len({f.hash for f in found}) > 1:
+        raise WorkspaceError("the runs of this set were trained on different splits ("
+                             + ", ".join(f"{r.name}: {f.hash[:12]}" for r, f in zip(predictor.runs, found, strict=True))
+                             + "); explore them one at a time")
+    return found[0].ids
 
 
 def cache_key(predictor: Predictor, ws: Workspace, split: str, max_rows: int) -> dict:
     """What a cache was computed from: the weights, the hierarchy, the split's ids."""
-    ids = _split_ids(ws, split)
+    ids = _split_ids(predictor, ws, split)
     return {"format": FORMAT, "split": split, "max_rows": int(max_rows),
             "hierarchy_hash": predictor.hierarchy.hash, "levels": list(predictor.levels),
             "weights": {r.name: _stamp(Run(r).weights_path) for r in predictor.runs},
@@ -175,22 +181,21 @@ def cache_paths(predictor: Predictor) -> tuple[Path, Path]:
 
 def read_cache(predictor: Predictor, key: dict) -> ValSet | None:
     """The cached ValSet when it exists and matches ``key``; else None."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from geohier.fileio import read_safetensors
 
     tpath, jpath = cache_paths(predictor)
     try:
         doc = json.loads(jpath.read_text("utf-8"))
         if doc.get("key") != key:
             return None
-        tensors = load_file(str(tpath))
+        tensors = read_safetensors(tpath, ValueError)  # unreadable: no cache
         levels = tuple(int(v) for v in doc["levels"])
         logits = {lv: tensors[f"logits.{lv}"].float() for lv in levels}
         targets = {lv: np.asarray(doc["targets"][str(lv)], dtype=np.int64) for lv in levels}
         val = ValSet(levels, logits, targets, np.asarray(doc["lat"], dtype=np.float64),
                      np.asarray(doc["lon"], dtype=np.float64), np.asarray(doc["ids"], dtype=np.int64),
                      {"cached": True, **doc.get("info", {})})
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     if any(val.logits[lv].shape != (val.rows, predictor.tree.num_classes[lv]) for lv in levels):
         return None
@@ -199,7 +204,7 @@ def read_cache(predictor: Predictor, key: dict) -> ValSet | None:
 
 def write_cache(predictor: Predictor, key: dict, val: ValSet) -> bool:
     """Write the cache (atomically); False when the run directory is not writable."""
-    from geohier.model import save_tensors_atomic
+    from geohier.fileio import save_tensors_atomic
 
     tpath, jpath = cache_paths(predictor)
     numbers = val.rows * sum(int(t.shape[1]) for t in val.logits.values())
@@ -240,9 +245,10 @@ def compute_val_logits(predictor: Predictor, ws: Workspace, split: str = "val",
         groups.setdefault((p.image_size, tuple(p.mean), tuple(p.std)), []).append(i)
     per_group = []
     total = 0
+    ids = _split_ids(predictor, ws, split)
     for members in groups.values():
         ds = ManifestDataset(ws, predictor.hierarchy, split, transform=predictor.presets[members[0]],
-                             limit=max_rows, seed=0)
+                             limit=max_rows, seed=0, ids=ids)
         per_group.append((members, ds))
         total += len(ds)
     if per_group[0][1].stats["images"] == 0:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import urllib.error
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,11 @@ from geohier.backbones import (
     is_foundation,
 )
 from geohier.errors import GeohierError, WorkspaceError
+from geohier.fileio import (  # the one safetensors I/O; re-exported for model's callers
+    atomic_link_or_copy,
+    read_safetensors,
+    save_tensors_atomic,
+)
 from geohier.runs import BACKBONE_FILE, META_FILE, WEIGHTS_FILE
 from geohier.workspace import atomic_write_text
 
@@ -47,17 +51,6 @@ RUN_FORMAT = "geohier-run/1"
 DEFAULT_BACKBONE = "resnet50"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def read_safetensors(path: Path, error: type[Exception], message: str) -> dict:
-    """Tensors of a safetensors file, or ``error(message: reason)`` when it cannot be read."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise error(f"{message}: {exc}") from None
 
 
 @dataclass
@@ -244,23 +237,6 @@ def state_dict_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_tensors_atomic(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                        metadata: Mapping[str, str] | None = None) -> None:
-    """safetensors.save_file through a temporary file in the same directory + rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, meta: dict) -> None:
     """Write the weights (safetensors) then the meta (JSON) into ``run_dir``, each atomically.
 
@@ -287,18 +263,8 @@ def save_backbone(run_dir: str | os.PathLike, model: nn.Module, source: str | os
     cache's copy of the same weights, so re-training heads costs no disk) where the file
     system allows, else a copy; written from the model when there is no ``source``."""
     dest = Path(run_dir) / BACKBONE_FILE
-    dest.parent.mkdir(parents=True, exist_ok=True)
     if source is not None and Path(source).is_file():
-        tmp = dest.with_name(f".{dest.name}.link")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(source, tmp)
-        except OSError:
-            import shutil
-
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, dest)
-        return dest
+        return atomic_link_or_copy(source, dest)
     save_tensors_atomic(dest, unwrap(model).backbone_state(), metadata={"format": RUN_FORMAT})
     return dest
 
@@ -391,5 +357,10 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     if bad or missing or unexpected:
         raise ModelError(f"{where}{WEIGHTS_FILE} does not fit the {config.backbone} described in {META_FILE} "
                          f"(shape mismatches: {bad[:3]}, missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    corrupt = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if corrupt is not None:
+        file = run_dir / BACKBONE_FILE if config.frozen and corrupt.startswith("backbone.") else path
+        raise ModelError(f"{where}{file} holds NaN or infinite values ({corrupt}): the weights are corrupt; "
+                         "retrain the run or restore its weights")
     model.load_state_dict(state)
     return model.to(device).eval(), meta

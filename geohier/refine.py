@@ -57,6 +57,7 @@ import torch
 
 from geohier import geodesy
 from geohier.errors import InputError, WorkspaceError
+from geohier.fileio import open_safetensors, write_safetensors
 
 FORMAT = "geohier-neighbours/1"
 DEFAULT_K = 10
@@ -164,12 +165,6 @@ class NeighbourIndex:
     def save(self, path: str | os.PathLike) -> None:
         """Write the index as safetensors (atomically: a temporary file, then a rename);
         metadata: format, level, rows, dim and the hierarchy hash. No pickle."""
-        import tempfile
-
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"emb": self.emb.detach().to("cpu", torch.float16).contiguous(),
                    "lat": torch.from_numpy(np.ascontiguousarray(self.lat)),
                    "lon": torch.from_numpy(np.ascontiguousarray(self.lon)),
@@ -178,36 +173,24 @@ class NeighbourIndex:
         meta = {"format": FORMAT, "level": str(self.level), "rows": str(len(self)), "dim": str(self.dim)}
         if self.hierarchy_hash:
             meta["hierarchy_hash"] = str(self.hierarchy_hash)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_safetensors(path, tensors, metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> NeighbourIndex:
         """Read an index written by :meth:`save`; a WorkspaceError naming the file when it
         is missing, unreadable, of another format, or inconsistent."""
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
         if not path.is_file():
             raise WorkspaceError(f"no neighbour index at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
-                    raise WorkspaceError(f"{path} is not a geohier neighbour index (format {FORMAT}, "
-                                         f"found {meta.get('format')!r})")
-                missing = [k for k in _KEYS if k not in f.keys()]
-                if missing:
-                    raise WorkspaceError(f"{path} lacks {', '.join(missing)}: not a complete neighbour index")
-                t = {k: f.get_tensor(k) for k in _KEYS}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise WorkspaceError(f"cannot read the neighbour index {path}: {exc}") from None
+        with open_safetensors(path, WorkspaceError, f"cannot read the neighbour index {path}") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise WorkspaceError(f"{path} is not a geohier neighbour index (format {FORMAT}, "
+                                     f"found {meta.get('format')!r})")
+            missing = [k for k in _KEYS if k not in f.keys()]
+            if missing:
+                raise WorkspaceError(f"{path} lacks {', '.join(missing)}: not a complete neighbour index")
+            t = {k: f.get_tensor(k) for k in _KEYS}
         try:
             level = int(meta.get("level", ""))
         except ValueError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from geohier.errors import WorkspaceError
-from geohier.model import save_tensors_atomic
+from geohier.fileio import read_safetensors, write_safetensors
 from geohier.runs import Run
 
 STATE_FORMAT = "geohier-train-state/1"
@@ -31,7 +31,7 @@ def save_train_state(run: Run, optimizer: torch.optim.Optimizer, scaler, counter
     doc = {"format": STATE_FORMAT, **counters, "optimizer": {"param_groups": groups, "scalars": scalars},
            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
            "scheduler": _scheduler_state(scheduler, counters.get("step"))}
-    save_tensors_atomic(run.state_tensors_path, tensors or {"empty": torch.zeros(0)})
+    write_safetensors(run.state_tensors_path, tensors or {"empty": torch.zeros(0)})
     run.write_train_state(doc)
 
 
@@ -48,10 +48,9 @@ def _scheduler_state(scheduler, step: int | None) -> dict | None:
 def load_train_state(run: Run, optimizer: torch.optim.Optimizer, scaler, device) -> dict:
     """Restore ``optimizer`` (and ``scaler``) from the run's train state; the JSON document
     (counters, ``scheduler``) is returned. A WorkspaceError when it does not fit."""
-    from safetensors.torch import load_file
-
     doc = run.train_state()
-    tensors = load_file(str(run.state_tensors_path), device=str(device))
+    tensors = read_safetensors(run.state_tensors_path, WorkspaceError,
+                               f"cannot read the optimizer state {run.state_tensors_path}", device=str(device))
     state: dict = {}
     for key, t in tensors.items():
         if key == "empty":
