@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from geohier.errors import GeohierError, InputError
+from geohier.errors import InputError, ModelError
 
 # torchvision factory names, in the order the UI lists them (default first).
 BACKBONES = ("resnet50", "resnet18", "resnet34", "mobilenet_v3_large", "efficientnet_b0",
@@ -58,6 +58,8 @@ SUGGESTED = ("hf:openai/clip-vit-base-patch16", "hf:google/siglip-base-patch16-2
              "timm:vit_small_patch14_dinov2.lvd142m")
 SPEC_HELP = (f"a torchvision name ({', '.join(BACKBONES)}), hf:ORG/NAME, open_clip:ARCH/PRETRAINED, "
              "timm:NAME, or any of the last three with a local directory")
+#: torchvision's ImageNet normalisation: the default preprocessing (``preprocess_dict``,
+#: ``geohier.presets``) of every backbone that does not bring its own.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRETRAINED = ("imagenet", "pretrained")
@@ -67,10 +69,6 @@ _HF_MODELS = {"clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
               "siglip2": "Siglip2VisionModel", "siglip2_vision_model": "Siglip2VisionModel",
               "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}
 _INTERP = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
-
-class ModelError(GeohierError):
-    """A backbone, a weights file or a checkpoint cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -341,14 +339,49 @@ def _torchvision(spec: Spec, pretrained: bool, image_size: int | None, download:
     net, dim = _strip_classifier(torchvision.models.get_model(spec.name, weights=None))
     source = None
     if pretrained:
-        from geohier.model import imagenet_state  # the torch-cache logic lives with the checkpoints
-
         drop = classifier_prefixes(spec.name)
         net.load_state_dict({k: v for k, v in imagenet_state(spec.name, download).items() if not k.startswith(drop)})
         source = torchvision.models.get_model_weights(spec.name).DEFAULT.url
     prep = preprocess_dict(image_size or 224)
     return Backbone(spec.name, "torchvision", net, dim, prep, source=source,
                     weights="imagenet" if pretrained else "none")
+
+
+def imagenet_weights(backbone: str):
+    """torchvision's default ImageNet weights enum entry of a backbone."""
+    import torchvision
+
+    return torchvision.models.get_model_weights(check_backbone(backbone)).DEFAULT
+
+
+def imagenet_cache_path(backbone: str) -> Path:
+    """Where torch's hub cache keeps (or would keep) a backbone's ImageNet weights."""
+    url = imagenet_weights(backbone).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def imagenet_state(backbone: str, download: bool = True) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights of a backbone, from the torch cache (downloaded
+    into it first when ``download``); ModelError naming the file and the way out."""
+    import urllib.error
+
+    weights = imagenet_weights(backbone)
+    cached = imagenet_cache_path(backbone)
+    if not cached.exists() and not download:
+        raise ModelError(f"ImageNet weights for {backbone} are not in the torch cache ({cached}); "
+                         "allow a download or use --weights none")
+    try:
+        # weights_only=True: torch's restricted loader, which reads tensors and executes no
+        # code (torchvision ships .pth files; this is the one non-safetensors read).
+        state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        if cached.exists():
+            raise ModelError(f"cannot read the cached ImageNet weights {cached}: {exc}; "
+                             "delete the file to download it again") from None
+        raise ModelError(f"ImageNet weights for {backbone} are not cached ({cached}) and cannot "
+                         f"be downloaded from {weights.url} (offline?): {exc}. Download that "
+                         "file to the path above, or use --weights none") from None
+    return state
 
 
 # --- transformers

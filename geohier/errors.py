@@ -29,3 +29,16 @@ class InputError(GeohierError, ValueError):
 
 class WorkspaceError(GeohierError):
     """The workspace (data/ or models/) is missing something or is inconsistent."""
+
+
+class ModelError(GeohierError):
+    """A backbone, a weights file or a checkpoint cannot be used."""
+
+
+class ImageReadError(InputError):
+    """An image file cannot be used; ``reason`` says why, one of ``geohier.images``'
+    ``READ_*`` values ("missing file", "not an image", "truncated image", ...)."""
+
+    def __init__(self, message: str, reason: str = "not an image"):
+        super().__init__(message)
+        self.reason = reason

@@ -50,7 +50,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from geohier.errors import InputError
+from geohier.errors import ImageReadError, InputError
 
 # Default refusal limit for one image, in pixels (width x height). A 100 MP limit passes
 # every phone and most camera photos (a 61 MP full-frame sensor) and refuses the classic
@@ -112,14 +112,6 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | I
 
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif"}
 _heif_state: bool | None = None  # None: not tried yet; then whether pillow-heif registered
-
-
-class ImageReadError(InputError):
-    """An image file cannot be used; ``reason`` is one of the READ_* constants."""
-
-    def __init__(self, message: str, reason: str = READ_NOT_IMAGE):
-        super().__init__(message)
-        self.reason = reason
 
 
 class NamedBytes(io.BytesIO):

@@ -19,26 +19,15 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
-from geohier.backbones import (
-    BACKBONES,  # noqa: F401 - re-exported: callers import them from geohier.model
-    WEIGHTS_HELP,  # noqa: F401
-    Backbone,
-    ModelError,
-    build_backbone,
-    check_backbone,
-    from_arch,
-    is_foundation,
-)
-from geohier.errors import GeohierError, WorkspaceError
+from geohier.backbones import Backbone, build_backbone, check_backbone, from_arch, is_foundation
+from geohier.errors import GeohierError, ModelError, WorkspaceError
 from geohier.fileio import (  # the one safetensors I/O; re-exported for model's callers
     atomic_link_or_copy,
     read_safetensors,
@@ -49,8 +38,6 @@ from geohier.workspace import atomic_write_text
 
 RUN_FORMAT = "geohier-run/1"
 DEFAULT_BACKBONE = "resnet50"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -150,40 +137,6 @@ class GeoModel(nn.Module):
     def backbone_state(self) -> dict[str, torch.Tensor]:
         """The backbone's tensors under their GeoModel names (``backbone.*``)."""
         return {f"backbone.{k}": v for k, v in state_dict_tensors(self.backbone).items()}
-
-
-# ----------------------------------------------------------------- weights
-
-
-def imagenet_weights(backbone: str):
-    """torchvision's default ImageNet weights enum entry of a backbone."""
-    return torchvision.models.get_model_weights(check_backbone(backbone)).DEFAULT
-
-
-def imagenet_cache_path(backbone: str) -> Path:
-    """Where torch's hub cache keeps (or would keep) a backbone's ImageNet weights."""
-    url = imagenet_weights(backbone).url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-
-
-def imagenet_state(backbone: str, download: bool = True) -> dict[str, torch.Tensor]:
-    weights = imagenet_weights(backbone)
-    cached = imagenet_cache_path(backbone)
-    if not cached.exists() and not download:
-        raise ModelError(f"ImageNet weights for {backbone} are not in the torch cache ({cached}); "
-                         "allow a download or use --weights none")
-    try:
-        # weights_only=True: torch's restricted loader, which reads tensors and executes no
-        # code (torchvision ships .pth files; this is the one non-safetensors read).
-        state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except (urllib.error.URLError, OSError, RuntimeError) as exc:
-        if cached.exists():
-            raise ModelError(f"cannot read the cached ImageNet weights {cached}: {exc}; "
-                             "delete the file to download it again") from None
-        raise ModelError(f"ImageNet weights for {backbone} are not cached ({cached}) and cannot "
-                         f"be downloaded from {weights.url} (offline?): {exc}. Download that "
-                         "file to the path above, or use --weights none") from None
-    return state
 
 
 def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: Mapping[int, int] | None = None,

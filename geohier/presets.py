@@ -18,8 +18,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from geohier.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 
 class TrainPreset:

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from geohier import model as gm
+from geohier.backbones import BACKBONES, imagenet_weights
 from geohier.errors import GeohierError
 from geohier.hierarchy import build_hierarchy
-from geohier.model import BACKBONES, GeoModel, ModelConfig, build_model, load_run, save_checkpoint
+from geohier.model import GeoModel, ModelConfig, build_model, load_run, save_checkpoint
 from geohier.presets import EvalPreset, TrainPreset
 
 
@@ -174,7 +175,7 @@ def test_imagenet_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypatch)
     def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(gm.imagenet_weights("resnet18").__class__, "get_state_dict", offline)
+    monkeypatch.setattr(imagenet_weights("resnet18").__class__, "get_state_dict", offline)
     with pytest.raises(GeohierError, match=r"not cached .*offline\?.*--weights none"):
         build_model("resnet18", {1: 4}, weights="imagenet")
 
@@ -183,7 +184,7 @@ def test_imagenet_weights_load_when_cached(monkeypatch):
     ref = build_model("resnet18", {1: 4})
     state = {k: v.clone() for k, v in ref.backbone.state_dict().items()}
     state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
-    monkeypatch.setattr(gm.imagenet_weights("resnet18").__class__, "get_state_dict",
+    monkeypatch.setattr(imagenet_weights("resnet18").__class__, "get_state_dict",
                         lambda self, **kw: state)
     m = build_model("resnet18", {1: 4}, weights="imagenet")
     assert torch.equal(m.backbone.conv1.weight, ref.backbone.conv1.weight)

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from geohier.backbones import IMAGENET_MEAN, IMAGENET_STD
 from geohier.dataset import ManifestDataset, collate
 from geohier.errors import GeohierError
 from geohier.geodesy import to_latlon, unit_vectors
-from geohier.model import IMAGENET_MEAN, IMAGENET_STD
 from geohier.presets import EvalPreset, TrainPreset
 from geohier.workspace import Workspace
 from pipeline.train.distributed import DistEnv, worker_init
