@@ -36,6 +36,7 @@ from pipeline.train.distributed import (
     teardown,
     wrap,
 )
+from pipeline.train.frozen import FrozenSteps
 from pipeline.train.loop import evaluate, train_one_epoch
 from pipeline.train.losses import GeoLoss
 from pipeline.train.mixing import Mixing
@@ -124,9 +125,7 @@ def _train(ws: Workspace, cfg: TrainConfig, env: DistEnv, resumed: Run | None) -
         with stop:  # before "running" is announced: a cancel from then on is always graceful
             report.update(state="running", epoch=0, epochs=cfg.epochs, step=0, steps=None, progress=0.0,
                           eta_s=None, error=None, run=run.name, device=str(env.device), world_size=env.world)
-            fit_class = _Fit
-            if cfg.frozen:
-                from pipeline.train.frozen import FrozenFit as fit_class
+            fit_class = FrozenFit if cfg.frozen else _Fit
             fit_class(ws, cfg, env, hierarchy, run, report, stop, resumed=resumed is not None).fit()
             return run.path
     except torch.OutOfMemoryError:
@@ -356,6 +355,10 @@ class _Fit:
         if self.env.main:
             calibrate(self.run, self.ws, self.report, self.env)
             self.report.log(f"done: {self.run.path}")
+
+
+class FrozenFit(FrozenSteps, _Fit):
+    """``_Fit`` on cached features: a frozen backbone's run (``pipeline.train.frozen``)."""
 
 
 class _Eta:

@@ -1,8 +1,10 @@
 """Frozen-backbone training: embed each image once, train the level heads on the features.
 
-``FrozenFit`` is ``_Fit`` with three steps changed. ``load_data`` embeds the train and val
-images that the workspace's embedding cache (``geohier.embeddings``) lacks, with the
-backbone's own evaluation preprocessing (no augmentation: a frozen backbone sees each
+``FrozenSteps`` are the three steps of ``pipeline.train.fit._Fit`` that a frozen run
+changes; ``fit.FrozenFit`` is the two together (a mixin, so that this module needs no
+import of fit). ``load_data`` embeds the train and val images that the workspace's
+embedding cache (``geohier.embeddings``) lacks, with the backbone's own evaluation
+preprocessing (no augmentation: a frozen backbone sees each
 image one way), then holds the features in memory; ``build`` trains only the heads; the
 loaders are ``FeatureLoader``s that hand the ordinary epoch loop (``loop.train_one_epoch``
 / ``loop.evaluate``) batches of features instead of images. A second run with the same
@@ -29,7 +31,6 @@ from geohier.embeddings import EmbeddingCache, cache_root, embed
 from geohier.model import save_backbone, save_tensors_atomic
 from geohier.presets import EvalPreset
 from pipeline.train.data import RunData, TrainError, split_datasets
-from pipeline.train.fit import _Fit
 from pipeline.train.samplers import BalancedSampler
 
 #: The embedding cache's copy of the backbone, hard-linked into every frozen run.
@@ -112,8 +113,9 @@ class HeadsOnly(nn.Module):
         return self.geo.forward_heads(feats)
 
 
-class FrozenFit(_Fit):
-    """``_Fit`` on cached features (see the module docstring)."""
+class FrozenSteps:
+    """The steps of ``_Fit`` that differ on cached features (see the module docstring);
+    ``pipeline.train.fit.FrozenFit`` puts them before ``_Fit``'s."""
 
     def __init__(self, ws, cfg, *args, **kwargs):
         unused = [name for name in ("mixup", "cutmix", "hflip") if getattr(cfg, name)] + \
