@@ -368,3 +368,75 @@ def test_cli_evaluate_csv_malformed_is_one_line(ws, tiny_run, tmp_path, capsys, 
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert str(bad) in err and message in err, err
     assert not (tiny_run / "eval.json").exists()
+
+
+# ----------------------------------------------------------------------------- the CSV door
+
+_OPENED: list[str] | None = None
+_HOOKED = False
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _OPENED is not None and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.path.realpath(os.fsdecode(args[0])))
+
+
+@pytest.fixture
+def opened():
+    """Every file this process opens while the test runs (realpaths), from Python's audit hook."""
+    global _OPENED, _HOOKED
+    if not _HOOKED:
+        import sys
+
+        sys.addaudithook(_audit)
+        _HOOKED = True
+    _OPENED = []
+    yield _OPENED
+    _OPENED = None
+
+
+def test_evaluate_csv_outside_root_and_bad_coordinates(ws, tiny_run, tmp_path, make_jpeg, opened):
+    from geohier import tables
+
+    root, outside = tmp_path / "ext", tmp_path / "outside"
+    for k, (_, _, color) in enumerate(CLUSTERS[:3]):
+        make_jpeg(root / f"img{k}.jpg", size=(40, 32), color=color)
+    climb = make_jpeg(outside / "climb.jpg", size=(40, 32), color=(5, 5, 5))
+    secret = make_jpeg(outside / "secret.jpg", size=(40, 32))
+    other = make_jpeg(outside / "other.jpg", size=(40, 32), color=(9, 9, 9))
+    (root / "link.jpg").symlink_to(other)
+    (lat0, lon0, _), (lat1, _, _), (lat2, lon2, _) = CLUSTERS[:3]
+    csv = tmp_path / "points.csv"
+    csv.write_text("path,lat,lon\n"
+                   f"img0.jpg,{lat0},{lon0}\n"
+                   f"img1.jpg,{lat1},181\n"               # an invalid longitude: left out of both sides
+                   f"img2.jpg,{lat2},{lon2}\n"
+                   "../outside/climb.jpg,10,10\n"
+                   f"{secret},11,11\n"
+                   "link.jpg,12,12\n"
+                   f"img2.jpg,{lat2},{lon2}\n", encoding="utf-8")
+    opened.clear()  # from here on: what reading the CSV and evaluating open
+    frame = evaluate.read_points_csv(csv, root)
+    assert list(frame["key"]) == ["img0", "img2"] and frame.attrs["rows"] == 7 and frame.attrs["invalid"] == 1
+    assert frame.attrs["skipped"] == {tables.INVALID_RANGE: 1, tables.OUTSIDE_ROOT: 3, tables.DUPLICATE_KEY: 1}
+    res = evaluate.evaluate_run(tiny_run, ws, csv=csv, images_root=root, calibrate=False, progress=False)
+    assert res["images"] == 2 and res["source"]["invalid_coordinates"] == 1
+    assert res["truth"]["invalid"] == {tables.INVALID_RANGE: 1}  # the same row left out of the truth set
+    assert str((root / "img0.jpg").resolve()) in opened  # the hook sees what is read
+    assert not {str(p.resolve()) for p in (climb, secret, other)} & set(opened)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"path,lat,lon\nimg0.jpg,1,2\nimg\x001.jpg,1,2\n", "line 3: a NUL byte"),
+    (b'path,lat,lon\n"img0.jpg"x,1,2\n', "line 2: malformed CSV"),
+    (b"path,lat,lon\nimg0.jpg,1,2\ncaf\xe9.jpg,1,2\n", "not UTF-8 text (byte 0xe9 on line 3)"),
+    (("path,lat,lon\nimg0.jpg,1,2\nimg1.jpg,1," + "9" * 140_000 + "\n").encode(), "line 3: a field longer than 131,072"),
+])
+def test_cli_evaluate_csv_malformed_is_one_line(ws, tiny_run, tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(content)
+    rc = cli_main(["evaluate", "tiny", "--no-calibrate", "--csv", str(bad), "--images-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert str(bad) in err and message in err, err
+    assert not (tiny_run / "eval.json").exists()
