@@ -618,7 +618,7 @@ def plan(ws: Workspace, cells: Sequence[str], options: FetchOptions | None = Non
     layout: dict[int, tuple[int, int]] = {}
     left: dict[str, int] = {}
     for c in todo:
-        level = grid.from_id(c).level
+        level = c.count("/") + 1  # sort_cells gave "/"-form ids: a digit per level
         if level not in layout:
             sb = subboxes(c, o.max_bbox_deg2, o.seed)
             layout[level] = (sb.nx, sb.ny)

@@ -2,7 +2,12 @@
 
 ``--cells`` names the cells (land, all, ids, a file of ids) at one grid level; ``--shard
 i/n`` keeps every n-th of the sorted list from the i-th (i from 0), so n machines share
-one list without overlap and together cover it. A cell is searched through ``nx x ny``
+one list without overlap and together cover it. A selection is sized before it is built
+(``parse_cells``, microseconds for any text): more than MAX_CELLS cells is refused, saying
+which level and how many; ``all`` is built lazily from its shard alone, so ``all`` at level
+12 with ``--shard i/16`` never makes the 16.7 M-cell list. The dashboard parses with
+``files=False`` (no path is looked at; a list is uploaded) and builds the list in its
+background task (``CellSelection.build`` honours a stop event). A cell is searched through ``nx x ny``
 equal sub-boxes no larger than the API's bbox limit, in an order that spreads the first
 few over the whole cell (so a small per-cell target samples the cell, not one corner).
 """
@@ -12,13 +17,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from geohier import grid
-from geohier.errors import InputError
+from geohier.errors import GeohierError, InputError
 from geohier.workspace import MANIFEST_LEVEL
 
 
@@ -39,10 +44,102 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+#: The most cells one fetch run takes: every cell of level 10. The list, its plan and
+#: its per-cell progress are held in memory (about 1.5 GB and a minute of planning at
+#: this size); a larger selection is refused before anything is built.
+MAX_CELLS = 4**10
+#: The longest Cells text the dashboard takes (a longer list is uploaded as a file).
+MAX_TEXT_CHARS = 100_000
+#: The largest file of cell ids (the CLI's --cells FILE, the page's upload).
+MAX_FILE_BYTES = 32 * 1024 * 1024
+#: How much of a bad value an error message repeats.
+_SHOW_CHARS = 40
+_GEO_MAX_LEVEL = 10  # geohier.geography.MAX_LEVEL: land is computed down to this level
+
+
+def _show(text) -> str:
+    """``repr`` of (the start of) a bad value, for an error line."""
+    text = str(text)
+    return repr(text[:_SHOW_CHARS] + "…") if len(text) > _SHOW_CHARS else repr(text)
+
+
+def _is_id(text: str) -> bool:
+    try:
+        grid.from_id(text)
+    except GeohierError:  # grid.is_cell_id lets a too-deep id's InvalidLevelError through
+        return False
+    return True
+
+
+def shard_size(total: int, shard: tuple[int, int] | None) -> int:
+    """How many of ``total`` sorted items shard ``i/n`` keeps (every n-th from the i-th).
+
+    >>> shard_size(10, (1, 4)), shard_size(10, None)
+    (3, 10)
+    """
+    if shard is None:
+        return int(total)
+    i, n = shard
+    return max(0, -(-(int(total) - i) // n))
+
+
+def _too_many(what: str, count: int, level: int, shard: tuple[int, int] | None) -> InputError:
+    n_min = -(-count * (shard[1] if shard else 1) // MAX_CELLS)
+    where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+    return InputError(
+        f"cells {what} at level {level}{where} is {count:,} cells; one fetch takes at most {MAX_CELLS:,} "
+        f"(every cell of level 10), since its list and progress are held in memory: pick a coarser level, "
+        f"land, or a list of ids, or split it into shards (CLI --shard i/{n_min} or more)")
+
+
+def _ids_to_keys(ids: Sequence[str]) -> tuple[dict[int, np.ndarray], bool]:
+    """Level -> keys of many id strings (numpy string operations, no loop over the ids),
+    and whether every id is already in '/'-form without blanks; a malformed id raises
+    grid's CellIdError / InvalidLevelError naming it."""
+    ids = list(ids)
+    if not ids:
+        return {}, True
+    if not all(isinstance(i, str) for i in ids):
+        grid.from_id(next(i for i in ids if not isinstance(i, str)))  # raises, naming it
+    raw = np.asarray(ids, dtype=str)
+    s = np.strings.strip(raw)
+    malformed = (np.strings.str_len(s) == 0) | np.strings.startswith(s, "/") | np.strings.endswith(s, "/") \
+        | (np.strings.find(s, "//") >= 0)
+    if malformed.any():
+        grid.from_id(ids[int(np.flatnonzero(malformed)[0])])
+    compact = np.strings.replace(s, "/", "")
+    lengths = np.strings.str_len(compact)
+    out = {}
+    for level in np.unique(lengths).tolist():
+        at = np.flatnonzero(lengths == level)
+        if not 1 <= level <= grid.MAX_LEVEL:
+            grid.from_id(ids[int(at[0])])
+        codes = compact[at].astype(f"U{level}").view(np.uint32).reshape(len(at), level).astype(np.int64) - 48
+        bad = np.flatnonzero(((codes < 0) | (codes > 3)).any(axis=1))
+        if len(bad):
+            grid.from_id(ids[int(at[bad[0]])])  # raises with the message of a single bad id
+        out[level] = codes @ (4 ** np.arange(level - 1, -1, -1, dtype=np.int64))
+    return out, bool((np.strings.str_len(raw) == 2 * lengths - 1).all())
+
+
 def sort_cells(ids: Iterable[str]) -> list[str]:
-    """Unique '/'-form ids, sorted by level then id."""
-    cells = {grid.from_id(i) for i in ids}
-    return [grid.to_id(c) for c in sorted(cells, key=lambda c: (c.level, grid.to_id(c, sep="")))]
+    """Unique '/'-form ids, sorted by level then id (vectorised: a million ids take a
+    second or two; a list that already is sorted '/'-form comes back as it is).
+
+    >>> sort_cells(["3", "0/1", "013", "01"])
+    ['3', '0/1', '0/1/3']
+    """
+    ids = list(ids)
+    by_level, canonical = _ids_to_keys(ids)
+    if canonical and len(by_level) == 1:
+        keys = next(iter(by_level.values()))
+        if (keys[1:] > keys[:-1]).all():
+            return ids
+    out: list[str] = []
+    for level, keys in sorted(by_level.items()):
+        keys = np.sort(keys)
+        out += grid.keys_to_ids(keys[np.r_[True, keys[1:] != keys[:-1]]], level)
+    return out
 
 
 def shard_cells(cells: Sequence[str], shard: tuple[int, int] | None) -> list[str]:
@@ -59,46 +156,178 @@ def shard_cells(cells: Sequence[str], shard: tuple[int, int] | None) -> list[str
     return cells[i::n]
 
 
-def _land_cells(level: int, cache_dir=None) -> list[str]:
+def _land_cells(level: int, cache_dir=None) -> np.ndarray:
     from geohier import geography  # loads Natural Earth polygons: only when land is asked for
 
-    return grid.keys_to_ids(np.asarray(geography.land_keys(level, cache_dir), dtype=np.int64), level)
+    return np.asarray(geography.land_keys(level, cache_dir), dtype=np.int64)
+
+
+def read_cell_file(path: str | Path) -> str:
+    """The text of a file of cell ids (the CLI's ``--cells FILE``), or one line saying why
+    not: unreadable, larger than MAX_FILE_BYTES, binary or not UTF-8."""
+    path = Path(path).expanduser()
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read the cell list {str(path)!r}: {exc.strerror or exc}") from None
+    return decode_cell_list(data, str(path))
+
+
+def decode_cell_list(data: bytes, source: str) -> str:
+    """Bytes of a cell list (a file, an upload) as text, or one line saying why not; no
+    byte of it is repeated in the message."""
+    if len(data) > MAX_FILE_BYTES:
+        raise InputError(f"{source}: a cell list may hold at most {MAX_FILE_BYTES // 2**20} MB")
+    if b"\0" in data:
+        raise InputError(f"{source}: not a text file of cell ids (it holds binary data)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{source}: not a text file of cell ids (not UTF-8 text)") from None
+
+
+def cells_from_text(text: str, source: str) -> list[str]:
+    """The sorted unique ids of a cell list: one id per line, blank lines and ``#``
+    comments ignored; a bad line is named by its number (and its first characters)."""
+    numbered = [(n, line) for n, line in enumerate((raw.split("#", 1)[0].strip() for raw in text.splitlines()), 1)
+                if line]
+    try:
+        return sort_cells(line for _, line in numbered)
+    except GeohierError:
+        n, line = next((n, line) for n, line in numbered if not _is_id(line))
+        raise InputError(f"{source}:{n}: not a cell id: {_show(line)}") from None
+
+
+@dataclass(frozen=True)
+class CellSelection:
+    """A checked ``--cells`` selection, sized but not built: ``parse_cells`` makes it in
+    microseconds from any text, ``build`` makes the list (possibly in a background task).
+
+    ``kind`` is ``land``, ``all``, ``ids`` (parsed ids, sorted) or ``text`` (an uploaded
+    list, parsed when built); ``size`` is the number of cells (at most that many for land
+    and text)."""
+
+    kind: str
+    level: int
+    shard: tuple[int, int] | None = None
+    ids: tuple[str, ...] = ()
+    text: str = field(default="", repr=False)
+    source: str = ""
+    size: int = 0
+
+    def describe(self) -> str:
+        """What it holds, in words: ``"all at level 8: 65,536 cells"``."""
+        part = f", shard {self.shard[0]}/{self.shard[1]}" if self.shard else ""
+        if self.kind == "all":
+            return f"all at level {self.level}{part}: {self.size:,} cells"
+        if self.kind == "land":
+            return f"land at level {self.level}{part}: at most {self.size:,} cells (those touching land)"
+        if self.kind == "ids":
+            return f"{self.size:,} cell id{'s' if self.size != 1 else ''}{part}"
+        return f"{self.source}{part}: at most {self.size:,} cell ids"
+
+    def build(self, cache_dir=None, stop=None) -> list[str]:
+        """The sorted cell ids. ``stop`` (a threading.Event) set while it works ends it
+        early with the cells made so far (the caller checks ``stop``)."""
+        i, n = self.shard or (0, 1)
+        if self.kind == "all":
+            out: list[str] = []
+            total, step = 4**self.level, (1 << 16) * n
+            for first in range(i, total, step):
+                if stop is not None and stop.is_set():
+                    break
+                out += grid.keys_to_ids(np.arange(first, min(first + step, total), n, dtype=np.int64), self.level)
+            return out
+        if self.kind == "land":
+            return grid.keys_to_ids(_land_cells(self.level, cache_dir)[i::n], self.level)
+        if self.kind == "ids":
+            return list(self.ids[i::n])
+        cells = cells_from_text(self.text, self.source)[i::n]
+        if len(cells) > MAX_CELLS:
+            raise InputError(f"{self.source}: {len(cells):,} cells; one fetch takes at most {MAX_CELLS:,}")
+        return cells
+
+
+def parse_cells(spec, level: int = MANIFEST_LEVEL, shard: str | tuple | None = None, *,
+                files: bool = True) -> CellSelection:
+    """Check a ``--cells`` value and size it, building nothing: ``land`` (cells touching
+    land at ``level``), ``all`` (every cell of ``level``), a comma list of cell ids, or
+    (only with ``files``, the CLI) a file of ids, one per line. A selection of more than
+    MAX_CELLS cells is refused, saying how many and why. Any text gets a
+    CellSelection or one InputError line that repeats at most its first characters; with
+    ``files=False`` (the dashboard) no path is looked at. A CellSelection passes through."""
+    if isinstance(spec, CellSelection):
+        return spec
+    level = grid.check_level(level)
+    s = shard if isinstance(shard, tuple) or shard is None else parse_shard(shard)
+    if not isinstance(spec, str):
+        raise InputError(f"cells must be text, got {type(spec).__name__}")
+    if not files and len(spec) > MAX_TEXT_CHARS:
+        raise InputError(f"the cells text is {len(spec):,} characters; type at most {MAX_TEXT_CHARS:,} "
+                         f"(land, all or cell ids) or upload a file of ids")
+    text = spec.strip()
+    if text == "land":
+        if level > _GEO_MAX_LEVEL:
+            raise InputError(f"cells land is known down to level {_GEO_MAX_LEVEL} "
+                             f"({4**_GEO_MAX_LEVEL:,} cells), got level {level} ({4**level:,} cells)")
+        return CellSelection("land", level, s, size=shard_size(4**level, s))
+    if text == "all":
+        count = shard_size(4**level, s)
+        if count > MAX_CELLS:
+            raise _too_many("all", count, level, s)
+        return CellSelection("all", level, s, size=count)
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        ids = sort_cells(parts) if parts else None
+    except GeohierError:
+        ids = None
+    if ids is not None:
+        count = shard_size(len(ids), s)
+        if count > MAX_CELLS:
+            raise InputError(f"{count:,} cell ids; one fetch takes at most {MAX_CELLS:,}")
+        return CellSelection("ids", level, s, ids=tuple(ids), size=count)
+    if files and text and "\0" not in text:
+        path = Path(text).expanduser()
+        try:
+            is_file = path.is_file()
+        except (OSError, ValueError):
+            is_file = False
+        if is_file:
+            ids = cells_from_text(read_cell_file(path), text)
+            count = shard_size(len(ids), s)
+            if count > MAX_CELLS:
+                raise InputError(f"{text}: {count:,} cell ids; one fetch takes at most {MAX_CELLS:,}")
+            return CellSelection("ids", level, s, ids=tuple(ids), size=count, source=text)
+    bad = next((p for p in parts if not _is_id(p)), text)
+    if files:
+        raise InputError(f"--cells must be land, all, a comma list of cell ids or a file of ids; "
+                         f"{_show(bad)} is none of these")
+    raise InputError(f"cells must be land, all or comma-separated cell ids such as 0/1/2 (a list in a file: "
+                     f"upload it; no file on the server is read); {_show(bad)} is none of these")
+
+
+def cells_from_upload(name: str, data: bytes, level: int = MANIFEST_LEVEL) -> CellSelection:
+    """An uploaded list of cell ids (one per line), checked for size and text but parsed
+    only when built (a big list is built in the background)."""
+    source = f"upload {_show(Path(str(name)).name)}"
+    text = decode_cell_list(bytes(data), source)
+    lines = sum(1 for line in text.splitlines() if line.split("#", 1)[0].strip())
+    if lines > MAX_CELLS:
+        raise InputError(f"{source}: {lines:,} lines; one fetch takes at most {MAX_CELLS:,} cells")
+    if not lines:
+        raise InputError(f"{source}: no cell ids in it")
+    return CellSelection("text", grid.check_level(level), None, text=text, source=source, size=lines)
 
 
 def select_cells(spec: str = "land", level: int = MANIFEST_LEVEL, shard: str | tuple | None = None,
-                 cache_dir=None) -> list[str]:
-    """The cells to fetch, sorted, for ``--cells``: ``land`` (cells touching land at
-    ``level``, from geohier.geography, cached under ``cache_dir`` when given), ``all``
-    (every cell of ``level``), a comma list of cell ids, or a file of ids (one per line;
-    blank lines and ``#`` comments ignored); then ``shard`` ("i/n").
+                 cache_dir=None, *, files: bool = True) -> list[str]:
+    """The cells to fetch, sorted, for ``--cells`` (see parse_cells): ``land`` (cells
+    touching land at ``level``, from geohier.geography, cached under ``cache_dir`` when
+    given), ``all`` (every cell of ``level``), a comma list of cell ids, or a file of ids
+    (one per line; blank lines and ``#`` comments ignored); then ``shard`` ("i/n").
     """
-    level = grid.check_level(level)
-    spec = str(spec).strip()
-    if spec == "land":
-        ids = _land_cells(level, cache_dir)
-    elif spec == "all":
-        if level > 12:
-            raise InputError(f"--cells all at level {level} is {4**level:,} cells; pick level <= 12 or a list")
-        ids = grid.keys_to_ids(grid.all_cells(level), level)
-    else:
-        parts = [p.strip() for p in spec.split(",") if p.strip()]
-        if parts and all(grid.is_cell_id(p) for p in parts):
-            ids = parts
-        elif Path(spec).expanduser().is_file():
-            ids = []
-            for n, line in enumerate(Path(spec).expanduser().read_text(encoding="utf-8").splitlines(), 1):
-                line = line.split("#", 1)[0].strip()
-                if not line:
-                    continue
-                if not grid.is_cell_id(line):
-                    raise InputError(f"{spec}:{n}: not a cell id: {line!r}")
-                ids.append(line)
-        else:
-            bad = [p for p in parts if not grid.is_cell_id(p)]
-            raise InputError(f"--cells must be land, all, a comma list of cell ids or a file of ids; "
-                             f"{(bad or [spec])[0]!r} is none of these")
-    s = shard if isinstance(shard, tuple) or shard is None else parse_shard(shard)
-    return shard_cells(ids, s)
+    return parse_cells(spec, level, shard, files=files).build(cache_dir)
 
 
 # --------------------------------------------------------------------------- sub-boxes
