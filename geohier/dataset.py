@@ -63,7 +63,9 @@ def collate(items: Sequence) -> Batch:
 class ManifestDataset(Dataset):
     """Rows (id, path, lat, lon) of one split of the manifest, labelled by a hierarchy.
 
-    ``levels``: a subset of the hierarchy's levels (default: all of them).
+    ``levels``: a subset of the hierarchy's levels (default: all of them). ``ids``: the
+    split's image ids as a run recorded them (``geohier.splits``), instead of the
+    manifest's current ``split`` column: a run reads its own split even after a relabel.
     Attributes: ``levels``, ``ids``, ``sha256``, ``paths`` (absolute), ``lat``, ``lon`` (float64
     arrays), ``labels`` (N, n_levels) int64 with -100 where dropped, ``stats``
     ({"rows", "missing", "unlabelled", "images"}).
@@ -71,14 +73,24 @@ class ManifestDataset(Dataset):
 
     def __init__(self, ws: Workspace, hierarchy, split: str, transform: Callable | None = None,
                  limit: int | None = None, seed: int = 0, check_files: bool = True,
-                 levels: Sequence[int] | None = None):
+                 levels: Sequence[int] | None = None, ids: np.ndarray | None = None):
         if split not in SPLITS:
             raise InputError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         if not ws.has_manifest():
             raise GeohierError(f"no manifest in {ws.data_dir}: import or generate images first "
                                "(python -m pipeline demo)")
+        columns = ["id", "path", "lat", "lon", "sha256", "source"]
         with ws.manifest() as m:
-            frame = m.frame(["id", "path", "lat", "lon", "sha256", "source"], where="split = ?", params=(split,))
+            if ids is None:
+                frame = m.frame(columns, where="split = ?", params=(split,))
+            else:
+                frame = m.frame(columns)
+        if ids is not None:
+            wanted = np.asarray(ids, dtype=np.int64)
+            frame = frame[np.isin(frame["id"].to_numpy(np.int64), wanted)].reset_index(drop=True)
+            self.gone = int(np.unique(wanted).size - len(frame))  # recorded images no longer in the manifest
+        else:
+            self.gone = 0
         self.split = split
         self.transform = transform
         self.levels = [int(v) for v in (levels or hierarchy.levels)]

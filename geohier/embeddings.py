@@ -41,7 +41,6 @@ import json
 import os
 import re
 import secrets
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -50,8 +49,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geohier import collective
 from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.fileio import open_safetensors, write_safetensors
+from geohier.progress import progress_bar
 from geohier.workspace import atomic_write_text, json_safe, read_json, utcnow
 
 FORMAT = "geohier-embeddings/1"
@@ -414,37 +415,8 @@ def amp_dtype(amp, device: torch.device) -> torch.dtype | None:
 def _bar(progress, total: int):
     if callable(progress):
         return progress(total=total, desc="embed", unit="img")
-    try:  # the log-friendly bar of the CLI's long commands (a line every few seconds off a terminal)
-        from pipeline.progress import progress_bar
-    except ImportError:  # geohier used without the pipeline package
-        from tqdm import tqdm
-        return tqdm(total=total, desc="embed", unit="img", file=sys.stderr, disable=not progress)
+    # the log-friendly bar of the CLI's long commands (a line every few seconds off a terminal)
     return progress_bar(total=total, desc="embed", unit="img", disable=not progress)
-
-
-def _collective(env):
-    return env is not None and getattr(env, "distributed", False) and torch.distributed.is_initialized()
-
-
-def _broadcast(obj, env):
-    if not _collective(env):
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(obj, env) -> list:
-    if not _collective(env):
-        return [obj]
-    out = [None] * env.world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _barrier(env) -> None:
-    if _collective(env):
-        torch.distributed.barrier()
 
 
 def embed(model: torch.nn.Module, preprocess: Callable, ids, shas, paths, cache: EmbeddingCache, *,
@@ -469,7 +441,7 @@ def embed(model: torch.nn.Module, preprocess: Callable, ids, shas, paths, cache:
     ones.
     """
     t0 = time.perf_counter()
-    rank, world = (env.rank, env.world) if _collective(env) else (0, 1)
+    rank, world = (env.rank, env.world) if collective.active(env) else (0, 1)
     main = rank == 0
     shas = _shas(shas)
     ids, paths = _ids(ids), [str(p) for p in paths]
@@ -495,7 +467,7 @@ def embed(model: torch.nn.Module, preprocess: Callable, ids, shas, paths, cache:
             f"{len(todo)} to embed")
     else:
         todo, reused = None, 0
-    todo, reused = _broadcast((todo, reused), env)
+    todo, reused = collective.broadcast((todo, reused), env)
     mine = todo[rank::world]
 
     new, unreadable, examples = 0, 0, []
@@ -505,14 +477,14 @@ def embed(model: torch.nn.Module, preprocess: Callable, ids, shas, paths, cache:
             cache, batch_size=batch_size, device=device, workers=workers, dtype=dtype,
             shard_rows=shard_rows, progress=progress if main else False, rank=rank)
     if world > 1:
-        _barrier(env)
+        collective.barrier(env)
         if main:
             cache.write_index()
-        _barrier(env)
+        collective.barrier(env)
         cache.sync()
     elif cache.index_stale:
         cache.write_index()  # once, at the end (and for a shard a killed run did not list)
-    totals = _gather((new, unreadable, examples), env)
+    totals = collective.gather((new, unreadable, examples), env)
     new = sum(t[0] for t in totals)
     unreadable = sum(t[1] for t in totals)
     examples = [e for t in totals for e in t[2]][:UNREADABLE_EXAMPLES]

@@ -34,6 +34,10 @@ from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.forward import forward_batches, resolve_device
 from geohier.runs import NEIGHBOURS_FILE, Run, as_runs, runs_key
 
+#: How the finest class is chosen: ``hierarchical`` walks down the levels (keep rules,
+#: children of the kept parents); ``argmax`` takes the finest head alone.
+WALKS = ("hierarchical", "argmax")
+
 #: Predictors kept loaded by ``load_predictor`` (the CLI loads one per process; the pages
 #: switch between a couple of runs).
 CACHE_SIZE = 2
@@ -54,6 +58,19 @@ class Refinement:
     def to_dict(self) -> dict:
         return {"cell_lat": round(self.cell_lat, 5), "cell_lon": round(self.cell_lon, 5), "k": self.k,
                 "tau": self.tau, "neighbours": [dict(n) for n in self.neighbours]}
+
+
+@dataclass
+class Points:
+    """Predicted points of many images (``Predictor.points``): ``lat``/``lon`` (N,), the
+    finest class ``cls`` (N,), ``refined`` (N,) bool with refinement (else None), and
+    ``source``: ``cell_positions``, ``centroid`` or ``neighbours``."""
+
+    lat: np.ndarray
+    lon: np.ndarray
+    cls: np.ndarray
+    refined: np.ndarray | None
+    source: str
 
 
 @dataclass
@@ -153,10 +170,40 @@ def synthetic_note(meta: Mapping, name: str = "this run") -> str | None:
     return None
 
 
+def clean_temperatures(meta: Mapping, levels: Sequence[int] | None = None) -> dict[int, float]:
+    """``{level: T}`` from meta's ``temperatures``: the one way every caller reads them. A
+    missing, null, non-numeric, non-finite or non-positive value is 1.0 (no scaling);
+    ``levels`` (default: the run's) fixes which levels are returned.
+
+    >>> clean_temperatures({"temperatures": {"1": 1.5, "3": None, "5": "x", "8": -2}}, [1, 3, 5, 8])
+    {1: 1.5, 3: 1.0, 5: 1.0, 8: 1.0}
+    """
+    raw = meta.get("temperatures") if isinstance(meta, Mapping) else None
+    raw = raw if isinstance(raw, Mapping) else {}
+    if levels is None:
+        levels = [int(v) for v in ((meta.get("arch") or {}).get("levels") or [int(k) for k in raw])]
+    out = {}
+    for lv in levels:
+        t = raw.get(str(lv), raw.get(lv))
+        try:
+            t = float(t)
+        except (TypeError, ValueError):
+            t = 1.0
+        out[int(lv)] = t if math.isfinite(t) and t > 0 else 1.0
+    return out
+
+
+def position_source(meta: Mapping, level: int, classes: int) -> str:
+    """Where ``cell_positions`` takes a class's point from: ``cell_positions`` (the mean
+    of its training images, recorded in meta.json) or ``centroid``."""
+    pos = (meta.get("cell_positions") or {}).get(str(level))
+    return "cell_positions" if pos is not None and len(pos) == classes else "centroid"
+
+
 def cell_positions(hierarchy, meta: Mapping, level: int) -> np.ndarray:
     """(C, 2) lat/lon of each class of ``level``: meta's ``cell_positions`` (the mean
     position of the class's training images) where present and finite, else the cell
-    centroid (the same rule as the evaluate command's)."""
+    centroid (``position_source`` says which)."""
     lat, lon = hierarchy.centroids(level)
     out = np.stack([lat, lon], axis=1).astype(np.float64)
     pos = (meta.get("cell_positions") or {}).get(str(level))
@@ -221,13 +268,14 @@ class Predictor:
         self.finest = self.levels[-1]
         temps = {}
         for meta, lvs in zip(self.metas, part_levels, strict=False):
-            for lv in lvs:
-                t = (meta.get("temperatures") or {}).get(str(lv), 1.0)
-                temps[lv] = float(t) if t is not None and math.isfinite(float(t)) and float(t) > 0 else 1.0
+            temps.update(clean_temperatures(meta, lvs))
         self.temperatures = temps
         self.presets = [EvalPreset.from_meta(meta) for meta in self.metas]
         meta_pos = next((m for m, lvs in zip(self.metas, part_levels, strict=False) if self.finest in lvs), self.metas[0])
         self.positions = cell_positions(self.hierarchy, meta_pos, self.finest)  # (C, 2)
+        self.position_source = position_source(meta_pos, self.finest, len(self.positions))
+        # the "argmax" walk: the finest head alone, as a one-level tree
+        self._flat_tree = Tree.from_hierarchy(self.hierarchy, (self.finest,))
         self.cells = {lv: self.hierarchy.cells(lv) for lv in self.levels}
         keys = self.hierarchy.keys(self.finest)
         self.bounds = np.stack(grid.key_bounds(keys, self.finest), axis=1)  # (C, 4) w, s, e, n
@@ -341,7 +389,7 @@ class Predictor:
 
     def predict_images(self, images: Sequence, names: Sequence[str] | None = None, rules=None,
                        temperature: bool = True, batch_size: int = 16, gps: Sequence | None = None,
-                       places: int = 10, refine: bool = False) -> list[Prediction]:
+                       places: int = 10, refine: bool = False, walk: str = "hierarchical") -> list[Prediction]:
         """Predictions for PIL images (RGB). ``gps``: per image (lat, lon) or None (the true
         position, to report the error). ``places``: how many of the finest candidates get a
         country and place name (the lookups are the slow part). ``refine``: move the guess
@@ -359,31 +407,94 @@ class Predictor:
             else:
                 logits, feats = self.logits(chunk), None
             out += self.predict_logits(logits, names[start:start + bs], gps[start:start + bs],
-                                       rules, temperature, places, features=feats, refine=refine)
+                                       rules, temperature, places, features=feats, refine=refine, walk=walk)
         return out
 
     def predict_logits(self, logits: Mapping[int, torch.Tensor], names: Sequence[str], gps: Sequence | None = None,
                        rules=None, temperature: bool = True, places: int = 10, features=None,
-                       refine: bool = False) -> list[Prediction]:
+                       refine: bool = False, walk: str = "hierarchical") -> list[Prediction]:
         """Predictions from per-level logits ``{level: (B, C)}`` (e.g. cached by a page, so
         that moving a control does not run the model again). ``refine`` needs the images'
-        ``features`` (B, D) (``logits_and_features``)."""
-        rules = self.rules(rules)
-        temps = self.temperatures if temperature else None
-        logits = {lv: torch.as_tensor(logits[lv]).float() for lv in self.levels}
-        combined = combine(logits, self.tree, rules, temps)
+        ``features`` (B, D) (``logits_and_features``). ``walk``: see ``WALKS``."""
+        combined = self._combine(logits, walk, rules, temperature)
         gps = list(gps) if gps is not None else [None] * len(names)
         found = None
         if refine:
-            index = self.neighbour_index()
-            if features is None:
-                raise InputError("refinement needs the images' features (Predictor.logits_and_features)")
-            kept = rf.kept_lists(combined.index[self.finest], combined.prob[self.finest])
-            best = combined.best().cpu().numpy()
-            ref = rf.refine(torch.as_tensor(features), kept, index, k=self.refine_k, tau=self.refine_tau,
-                            fallback=self.positions[np.maximum(best, 0)])
-            found = (ref, index)
+            found = (self._refine(combined, features), self.neighbour_index())
         return [self._prediction(combined, j, names[j], gps[j], places, found) for j in range(len(names))]
+
+    # ------------------------------------------------------------------ the one path to points
+
+    def walks(self) -> tuple[str, ...]:
+        """The walks this predictor can score: ``argmax`` always, ``hierarchical`` with
+        several levels (with one level they are the same walk)."""
+        return ("argmax", "hierarchical") if len(self.levels) > 1 else ("argmax",)
+
+    @property
+    def default_walk(self) -> str:
+        """What ``predict`` answers: the hierarchical walk when there are several levels."""
+        return self.walks()[-1]
+
+    def _combine(self, logits: Mapping, walk: str, rules=None, temperature: bool = True) -> Combined:
+        """``combine`` for a walk: ``hierarchical`` down every level (keep rules, masking),
+        ``argmax`` the finest head alone. Refuses non-finite logits (corrupt weights)."""
+        if walk not in WALKS:
+            raise InputError(f"unknown walk {walk!r}; use one of {', '.join(WALKS)}")
+        tree = self.tree if walk == "hierarchical" else self._flat_tree
+        z = {lv: torch.as_tensor(logits[lv]).float() for lv in tree.levels}
+        self.check_finite(z)
+        return combine(z, tree, rules_for(tree.levels, rules), self.temperatures if temperature else None)
+
+    def check_finite(self, logits: Mapping[int, torch.Tensor]) -> None:
+        """A ModelError naming the run's weights when a model produced NaN or infinite
+        logits: nothing computed from them means anything."""
+        bad = [lv for lv, z in logits.items() if z.numel() and not bool(torch.isfinite(z).all())]
+        if bad:
+            from geohier.model import ModelError
+
+            files = ", ".join(str(Run(r).weights_path) for r in self.runs)
+            raise ModelError(f"{files} gives non-finite outputs (NaN or infinity) at level {bad[0]}: the weights "
+                             "are corrupt; retrain the run or restore its weights")
+
+    def _refine(self, combined: Combined, features) -> rf.Refined:
+        """Retrieval refinement of a combination's kept finest cells; rows without a
+        training image there keep the best cell's position."""
+        index = self.neighbour_index()
+        if features is None:
+            raise InputError("refinement needs the images' features (Predictor.logits_and_features)")
+        kept = rf.kept_lists(combined.index[self.finest], combined.prob[self.finest])
+        best = combined.best().cpu().numpy()
+        return rf.refine(torch.as_tensor(features), kept, index, k=self.refine_k, tau=self.refine_tau,
+                         fallback=self.positions[np.maximum(best, 0)])
+
+    def points(self, logits: Mapping, walk: str = "hierarchical", *, features=None, refine: bool = False,
+               chunk: int = 1024) -> Points:
+        """Predicted points of many rows of logits ``{level: (N, C)}`` (and features (N, D)
+        with ``refine``), in chunks of ``chunk`` rows: what ``predict_logits``'s best
+        candidate says for each row, without building the per-image objects. The
+        evaluation scores these, so its numbers are the answers users get."""
+        if refine:
+            self.neighbour_index()
+        n = int(torch.as_tensor(logits[self.finest]).shape[0])
+        cls, lat, lon, moved = [], [], [], []
+        for i in range(0, n, max(1, int(chunk))):
+            part = {lv: torch.as_tensor(logits[lv])[i:i + chunk] for lv in self.levels}
+            combined = self._combine(part, walk)
+            best = np.maximum(combined.best().cpu().numpy(), 0)
+            cls.append(best)
+            if refine:
+                found = self._refine(combined, torch.as_tensor(features)[i:i + chunk])
+                lat.append(np.asarray(found.lat, np.float64))
+                lon.append(np.asarray(found.lon, np.float64))
+                moved.append(np.asarray(found.refined, bool))
+            else:
+                lat.append(self.positions[best, 0])
+                lon.append(self.positions[best, 1])
+        if not n:
+            return Points(np.zeros(0), np.zeros(0), np.zeros(0, np.int64), None if not refine else np.zeros(0, bool),
+                          "neighbours" if refine else self.position_source)
+        return Points(np.concatenate(lat), np.concatenate(lon), np.concatenate(cls).astype(np.int64),
+                      np.concatenate(moved) if refine else None, "neighbours" if refine else self.position_source)
 
     def read_image(self, src, name: str | None = None):
         """``(RGB image, EXIF (lat, lon) or None)`` of a path, bytes or file object; raises
@@ -402,13 +513,13 @@ class Predictor:
     def _prediction(self, c: Combined, row: int, name: str, gps, places: int,
                     found: tuple[rf.Refined, rf.NeighbourIndex] | None = None) -> Prediction:
         levels: dict[int, list[Candidate]] = {}
-        for i, lv in enumerate(self.levels):
+        for i, lv in enumerate(c.levels):
             n = int(c.count[lv][row])
             idx = c.index[lv][row, :n].tolist()
             prob = c.prob[lv][row, :n].tolist()
             score = c.score[lv][row, :n].tolist()
             par = c.parent[lv][row, :n].tolist()
-            prev_cells = self.cells[self.levels[i - 1]] if i else None
+            prev_cells = self.cells[c.levels[i - 1]] if i else None
             levels[lv] = [Candidate(lv, k, self.cells[lv][k], float(p), float(s),
                                     prev_cells[q] if prev_cells is not None and q >= 0 else None)
                           for k, p, s, q in zip(idx, prob, score, par, strict=False)]
@@ -459,7 +570,7 @@ class Predictor:
 
     def predict_files(self, sources: Sequence, names: Sequence[str] | None = None, rules=None,
                       temperature: bool = True, batch_size: int = 16, places: int = 10,
-                      refine: bool = False) -> list[Prediction]:
+                      refine: bool = False, walk: str = "hierarchical") -> list[Prediction]:
         """Predictions for image files: paths, bytes, or file objects (uploads). A source
         that cannot be read gets a Prediction with ``error`` (the message); the others
         still run. Results come in the order of ``sources``. ``refine``: see
@@ -475,7 +586,7 @@ class Predictor:
 
         def flush():
             preds = self.predict_images(imgs, [names[i] for i in good], rules, temperature, bs, gps, places,
-                                        refine=refine)
+                                        refine=refine, walk=walk)
             for i, p in zip(good, preds, strict=False):
                 results[i] = p
             good.clear()

@@ -1,4 +1,4 @@
-"""Progress bars for long commands that stay readable in a log.
+"""Progress bars for long jobs that stay readable in a log.
 
 On a terminal a bar redraws in place as tqdm always does. When stderr is not a terminal
 (CI, a background job's console file, ``> log``) every redraw would be a new chunk of
@@ -7,12 +7,13 @@ plain line (ending in a newline, no carriage returns) at most every ``every_s`` 
 plus its first and its last state, whatever the caller does (``update``, ``refresh``,
 ``set_postfix``)::
 
-    from pipeline.progress import progress_bar
+    from geohier.progress import progress_bar
     with progress_bar(total=len(cells), desc="fetch", unit="cell") as bar:
         ...
         bar.update(1)
 
-Long commands (fetch, merge, ...) create their bars here so they all behave the same.
+Long commands (fetch, merge) and the library's long loops (``geohier.embeddings.embed``)
+create their bars here so they all behave the same.
 """
 
 from __future__ import annotations

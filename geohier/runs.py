@@ -12,6 +12,7 @@ A training run is a folder under the workspace's models directory::
       train_state.safetensors  optimizer moments   } for --resume
       train_state.json         counters, schedules }
       eval.json                the latest evaluation report
+      split.safetensors        the image ids of its train/val/test split (geohier.splits)
       job.json / console.txt   the background job's process record and its output
 
 Every reader and writer of these goes through :class:`Run`; listing (every run, finished
@@ -52,6 +53,8 @@ CONSOLE_FILE = "console.txt"
 NEIGHBOURS_FILE = "neighbours.safetensors"
 # a frozen run's backbone weights (a hard link to the embedding cache's copy where possible)
 BACKBONE_FILE = "backbone.safetensors"
+# the image ids of the train/val/test split the run trained on (geohier.splits)
+SPLIT_FILE = "split.safetensors"
 
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("done", "failed", "cancelled")
@@ -147,6 +150,10 @@ class Run:
     @property
     def backbone_path(self) -> Path:
         return self.path / BACKBONE_FILE
+
+    @property
+    def split_path(self) -> Path:
+        return self.path / SPLIT_FILE
 
     # ------------------------------------------------------------------ what it is
 

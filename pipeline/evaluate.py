@@ -36,13 +36,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from geohier import benchmark, forward, geodesy, metrics, runs, tables
-from geohier import combine as cb
 from geohier import refine as rf
+from geohier import splits as splits_mod
 from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.leaderboard import Leaderboard
+from geohier.predictor import Predictor, clean_temperatures
 from geohier.runs import Run
 from geohier.workspace import Workspace, json_safe, utcnow
-from pipeline.score import num, pct, record_baselines, training_points
+from pipeline.score import num, pct, record_baselines
 
 EVAL_FORMAT = "geohier-eval/1"
 SPLIT_CHOICES = ("test", "val")
@@ -147,11 +148,17 @@ class PointsDataset(Dataset):
 
 def collect_logits(model, dataset, levels: list[int], batch_size: int = 64, num_workers: int = 0,
                    device: str | None = None, progress: bool = True, features: bool = False) -> dict:
-    """Run ``model`` over ``dataset``: ``{"logits": {level: (N, C) float32}, "labels": {level:
-    (N,)}, "lat", "lon" (N,), "index" (N,), "skipped": [...]}`` for the images that decoded
-    (and ``"features"`` (N, D) float32 with ``features``, for refinement)."""
+    """Run ``model`` (a GeoModel, or a Predictor's single model) over ``dataset``:
+    ``{"logits": {level: (N, C) float32}, "labels": {level: (N,)}, "lat", "lon" (N,),
+    "index" (N,), "skipped": [...]}`` for the images that decoded (and ``"features"`` (N, D)
+    float32 with ``features``, for refinement). A Predictor refuses non-finite logits."""
     from geohier.dataset import collate
 
+    predictor = model if isinstance(model, Predictor) else None
+    if predictor is not None:
+        if len(predictor.models) != 1:
+            raise InputError("evaluation runs one run at a time; a per-level set has no single model")
+        model = predictor.models[0]
     dev = forward.resolve_device(device)
     model = model.to(dev).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -166,6 +173,8 @@ def collect_logits(model, dataset, levels: list[int], batch_size: int = 64, num_
     finally:
         if bar is not None:
             bar.close()
+    if predictor is not None:
+        predictor.check_finite(out.logits)
     idx = out.index
     ds_levels = list(dataset.levels)
     labels = {lv: dataset.labels[idx, ds_levels.index(lv)] for lv in levels}
@@ -193,20 +202,20 @@ def _check_not_running(run_dir: Path) -> None:
                              "try again in a moment")
 
 
-def _load(run_dir: Path, device):
-    from geohier.hierarchy import Hierarchy
-    from geohier.model import load_run
-
-    model, meta = load_run(run_dir, device="cpu")
-    hierarchy = Hierarchy.from_dict(meta["hierarchy"])
-    return model, meta, hierarchy
+def _load(run_dir: Path, device) -> Predictor:
+    """The run as users get it: the Predictor (model, hierarchy, temperatures, points)."""
+    return Predictor.load(run_dir, device=str(forward.resolve_device(device)))
 
 
-def _split_dataset(ws: Workspace, hierarchy, split: str, meta: dict):
+def _split_dataset(ws: Workspace, predictor: Predictor, split: str) -> tuple:
+    """(dataset, RunSplit) of the run's own ``split`` images (``geohier.splits.run_ids``)."""
     from geohier.dataset import ManifestDataset
     from geohier.presets import EvalPreset
 
-    return ManifestDataset(ws, hierarchy, split, transform=EvalPreset.from_meta(meta))
+    meta = predictor.metas[0]
+    own = splits_mod.run_ids(predictor.runs[0], ws, split, meta)
+    ds = ManifestDataset(ws, predictor.hierarchy, split, transform=EvalPreset.from_meta(meta), ids=own.ids)
+    return ds, own
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -214,24 +223,26 @@ def _split_dataset(ws: Workspace, hierarchy, split: str, meta: dict):
 def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 64,
                   device: str | None = None, num_workers: int = 0, progress: bool = True,
                   collected: dict | None = None) -> dict:
-    """Fit one temperature per level on the val split and store it in meta.json.
+    """Fit one temperature per level on the run's own val split and store it in meta.json.
 
     Returns ``{level: {"temperature", "n", "ece_before", "ece_after", "nll_before",
     "nll_after"}}`` (level keys as strings), which is also stored as meta.json's
-    ``calibration.levels``; meta.json is rewritten atomically. Raises InputError when the
-    val split has no usable image, WorkspaceError while the run is still training."""
+    ``calibration.levels`` (with the split version it was fitted on); meta.json is
+    rewritten atomically. Raises InputError when the val split has no usable image,
+    WorkspaceError while the run is still training or when its split is gone."""
     run_dir = Path(run_dir)
     _check_not_running(run_dir)
-    model, meta, hierarchy = _load(run_dir, device)
-    levels = [int(v) for v in meta["arch"]["levels"]]
+    predictor = _load(run_dir, device)
+    levels = list(predictor.levels)
+    own = None
     if collected is None:
-        ds = _split_dataset(ws, hierarchy, "val", meta)
+        ds, own = _split_dataset(ws, predictor, "val")
         if len(ds) == 0:
-            raise InputError(f"the val split of {ws.data_dir} has no usable image to calibrate on "
+            raise InputError(f"run {run_dir.name}'s val split has no usable image to calibrate on "
                              "(run `python -m pipeline labels` to make splits)")
-        collected = collect_logits(model, ds, levels, batch_size, num_workers, device, progress)
+        collected = collect_logits(predictor, ds, levels, batch_size, num_workers, device, progress)
     out: dict[str, dict] = {}
-    temps = dict(meta.get("temperatures") or {})
+    temps = {str(lv): t for lv, t in clean_temperatures(predictor.metas[0]).items()}
     for lv in levels:
         z, y = collected["logits"][lv], collected["labels"][lv]
         n = int((np.asarray(y) >= 0).sum())
@@ -247,89 +258,17 @@ def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 6
 
     fresh = read_meta(run_dir)
     fresh["temperatures"] = temps
-    fresh["calibration"] = json_safe({"split": "val", "fitted_at": utcnow(), "levels": out})
+    fresh["calibration"] = json_safe({"split": "val", "fitted_at": utcnow(), "levels": out,
+                                      **({"split_hash": own.hash} if own is not None else {})})
     Run(run_dir).write_meta(fresh)
     return json_safe(out)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
-def finest_predictions(logits: dict, meta: dict, hierarchy, levels: list[int]) -> dict[str, np.ndarray]:
-    """Predicted finest-level class per row: ``{"argmax": ..., "hierarchical": ...}``.
-
-    ``argmax`` is the finest head alone; ``hierarchical`` (several levels) walks down the levels with the Predictor's default keep rule
-    and the run's temperatures, as ``pipeline predict`` does."""
-    finest = max(levels)
-    z = logits[finest]
-    out = {"argmax": z.argmax(1).numpy().astype(np.int64) if z.shape[0] else np.zeros(0, np.int64)}
-    if len(levels) < 2 or z.shape[0] == 0:
-        return out
-    temps = {int(k): float(v) for k, v in (meta.get("temperatures") or {}).items()}
-    tree = cb.Tree.from_hierarchy(hierarchy, levels)
-    best = []
-    for i in range(0, z.shape[0], 1024):  # bounded memory on big test sets
-        chunk = {lv: logits[lv][i:i + 1024] for lv in levels}
-        best.append(cb.combine(chunk, tree, None, temps).best().cpu().numpy())
-    out["hierarchical"] = np.concatenate(best).astype(np.int64)
-    return out
-
-
-def predicted_points(pred: np.ndarray, meta: dict, hierarchy, level: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """(lat, lon) of predicted classes at ``level``: the mean training position of the
-    class when meta.json has ``cell_positions`` for it, else the cell centroid."""
-    lat_c, lon_c = hierarchy.centroids(level)
-    point = "centroid"
-    pos = (meta.get("cell_positions") or {}).get(str(level))
-    if pos is not None and len(pos) == len(lat_c):
-        arr = np.array([[np.nan if v is None else v for v in p] for p in pos], dtype=np.float64).reshape(-1, 2)
-        good = np.isfinite(arr).all(1)
-        lat_c = np.where(good, arr[:, 0], lat_c)
-        lon_c = np.where(good, arr[:, 1], lon_c)
-        point = "cell_positions"
-    return lat_c[pred], lon_c[pred], point
-
-
 def refine_rule(levels: list[int]) -> str:
     """The eval.json rule name of refinement: the walk it refines, ``+refine``."""
     return ("hierarchical" if len(levels) > 1 else "argmax") + "+refine"
-
-
-def load_neighbours(run_dir: str | os.PathLike, meta: dict, hierarchy, model=None) -> rf.NeighbourIndex:
-    """A run's neighbour index, checked against it: an InputError saying which runs have
-    one when it has none, a WorkspaceError when it is unusable."""
-    run = Run(Path(run_dir))
-    if not run.neighbours_path.is_file():
-        raise InputError(f"--refine needs the training images' embeddings, but run {run.name} has no "
-                         f"{runs.NEIGHBOURS_FILE} (only runs trained on a frozen backbone's embeddings carry one)")
-    finest = max(int(v) for v in meta["arch"]["levels"])
-    index = rf.NeighbourIndex.load(run.neighbours_path)
-    index.check(finest, hierarchy.num_classes[finest], getattr(model, "feature_dim", None),
-                meta.get("hierarchy_hash"), where=f"run {run.name}: ")
-    return index
-
-
-def refined_points(logits: dict, features, meta: dict, hierarchy, levels: list[int], index: rf.NeighbourIndex,
-                   k: int = rf.DEFAULT_K, tau: float = rf.DEFAULT_TAU) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(lat, lon, refined mask) of retrieval refinement over the kept finest cells of the
-    walk ``finest_predictions`` takes (the default keep rule, the run's temperatures):
-    rows without a training image in their kept cells keep the predicted point."""
-    finest = max(levels)
-    n = int(logits[finest].shape[0])
-    if n == 0:
-        return np.zeros(0), np.zeros(0), np.zeros(0, bool)
-    temps = {int(k_): float(v) for k_, v in (meta.get("temperatures") or {}).items()}
-    tree = cb.Tree.from_hierarchy(hierarchy, levels)
-    lat, lon, ok = [], [], []
-    for i in range(0, n, 1024):  # bounded memory on big test sets, as finest_predictions
-        chunk = {lv: logits[lv][i:i + 1024] for lv in levels}
-        combined = cb.combine(chunk, tree, None, temps)
-        plat, plon, _ = predicted_points(combined.best().cpu().numpy(), meta, hierarchy, finest)
-        kept = rf.kept_lists(combined.index[finest], combined.prob[finest])
-        out = rf.refine(features[i:i + 1024], kept, index, k=k, tau=tau, fallback=np.stack([plat, plon], 1))
-        lat.append(out.lat)
-        lon.append(out.lon)
-        ok.append(out.refined)
-    return np.concatenate(lat), np.concatenate(lon), np.concatenate(ok)
 
 
 def _countries(lat, lon) -> tuple[np.ndarray, np.ndarray] | None:
@@ -387,33 +326,49 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         raise InputError(f"unknown split {split!r}; use one of {', '.join(SPLIT_CHOICES)}")
     _check_not_running(run_dir)
     t0 = time.perf_counter()
-    model, meta, hierarchy = _load(run_dir, device)
-    index = load_neighbours(run_dir, meta, hierarchy, model) if refine else None
+    predictor = _load(run_dir, device)
+    if refine:
+        predictor.refine_k, predictor.refine_tau = int(refine_k), float(refine_tau)
+        predictor.neighbour_index()  # refuse before anything runs
+    meta = predictor.metas[0]
     if calibrate or (calibrate is None and "calibration" not in meta and _has_split(ws, "val")):
         calibrate_run(run_dir, ws, batch_size, device, num_workers, progress)
-        model, meta, hierarchy = _load(run_dir, device)
-    levels = [int(v) for v in meta["arch"]["levels"]]
+        predictor = _load(run_dir, device)
+        predictor.refine_k, predictor.refine_tau = int(refine_k), float(refine_tau)
+        meta = predictor.metas[0]
+    hierarchy, levels = predictor.hierarchy, list(predictor.levels)
     from geohier.presets import EvalPreset
 
+    notes: list[str] = []
+    in_training = None
     if csv is not None:
         frame = read_points_csv(csv, images_root)
         ds = PointsDataset(frame, hierarchy, EvalPreset.from_meta(meta))
         source = {"kind": "csv", "csv": str(Path(csv).expanduser().resolve()),
                   "images_root": str(Path(images_root).expanduser().resolve()) if images_root else None,
                   "rows": frame.attrs.get("rows"), "invalid_coordinates": frame.attrs.get("invalid"),
+                  "skipped_rows": frame.attrs.get("skipped") or {},
                   "missing_files": ds.stats["missing"]}
         if len(ds) == 0:
             raise InputError(f"none of the {frame.attrs.get('rows', 0)} rows of {csv} has an image file "
                              f"under {images_root or Path(csv).parent} (e.g. {', '.join(ds.missing_examples[:2])})")
+        in_training = training_overlap(ds.paths, predictor, ws)
+        source.update(in_training)
+        if in_training["in_training"]:
+            notes.append(f"{in_training['in_training']} of {len(ds)} images of {Path(csv).name} are in run "
+                         f"{run_dir.name}'s training set (same bytes): its scores on them are not held out")
     else:
-        ds = _split_dataset(ws, hierarchy, split, meta)
+        ds, own = _split_dataset(ws, predictor, split)
         source = {"kind": "split", "split": split, "data_dir": str(ws.data_dir),
-                  "missing_files": ds.stats.get("missing", 0)}
+                  "missing_files": ds.stats.get("missing", 0), "gone": ds.gone, **own.source()}
+        if own.note:
+            notes.append(own.note)
         if len(ds) == 0:
-            raise InputError(f"the {split} split of {ws.data_dir} has no usable image "
-                             "(run `python -m pipeline labels` to make splits)")
-    collected = collect_logits(model, ds, levels, batch_size, num_workers, device, progress, features=refine)
-    temps = {int(k): float(v) for k, v in (meta.get("temperatures") or {}).items()}
+            raise InputError(f"run {run_dir.name}'s {split} split ({own.ids.size} images, split {own.hash[:12]}) "
+                             f"has no usable image in {ws.data_dir}: {ds.gone} gone from the manifest, "
+                             f"{ds.stats.get('missing', 0)} files missing")
+    collected = collect_logits(predictor, ds, levels, batch_size, num_workers, device, progress, features=refine)
+    temps = predictor.temperatures
     per_level, reliability = {}, {}
     for lv in levels:
         z, y = collected["logits"][lv], collected["labels"][lv]
@@ -429,34 +384,34 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
                               "nll_after": metrics.nll(z, y, t) if n else None}
         reliability[str(lv)] = {"before": before, "after": after}
     finest = max(levels)
-    preds = finest_predictions(collected["logits"], meta, hierarchy, levels)
     # the truth set: the CSV's rows, or the split's images; `evaluated`: those that decoded
     truth = benchmark.read_truth(csv) if csv is not None else benchmark.TruthSet.from_points(
         f"{split} split of {ws.data_dir.name}", ds.keys, ds.lat, ds.lon)
     keys = ds.keys[collected["index"]]
     evaluated = truth.subset(keys)
     tlat, tlon = collected["lat"], collected["lon"]
+    # every point comes from the Predictor: the answers `predict` gives, walk by walk
+    points = {walk: predictor.points(collected["logits"], walk) for walk in predictor.walks()}
     geo_by_rule = {}
-    for rule, pred in preds.items():
-        plat, plon, point = predicted_points(pred, meta, hierarchy, finest)
-        geo_by_rule[rule] = benchmark.score_points(tlat, tlon, plat, plon, areas=evaluated.areas)
-        geo_by_rule[rule].update(level=finest, point=point, rule=rule)
+    for walk, pts in points.items():
+        geo_by_rule[walk] = benchmark.score_points(tlat, tlon, pts.lat, pts.lon, areas=evaluated.areas)
+        geo_by_rule[walk].update(level=finest, point=pts.source, rule=walk)
     refined = None
-    if index is not None:
-        rlat, rlon, ok = refined_points(collected["logits"], collected["features"], meta, hierarchy, levels,
-                                        index.to(forward.resolve_device(device)), refine_k, refine_tau)
+    if refine:
         rname = refine_rule(levels)
-        geo_by_rule[rname] = benchmark.score_points(tlat, tlon, rlat, rlon, areas=evaluated.areas)
-        geo_by_rule[rname].update(level=finest, point="neighbours", rule=rname, refined=int(ok.sum()),
-                                  k=int(refine_k), tau=float(refine_tau), index_rows=len(index))
-        refined = (rname, rlat, rlon)
+        pts = predictor.points(collected["logits"], predictor.default_walk, features=collected["features"],
+                               refine=True)
+        geo_by_rule[rname] = benchmark.score_points(tlat, tlon, pts.lat, pts.lon, areas=evaluated.areas)
+        geo_by_rule[rname].update(level=finest, point=pts.source, rule=rname, refined=int(pts.refined.sum()),
+                                  k=int(refine_k), tau=float(refine_tau), index_rows=len(predictor.neighbour_index()))
+        refined = (rname, pts.lat, pts.lon)
     # the headline uses what `predict` answers: the hierarchical walk when there is one
-    rule = "hierarchical" if "hierarchical" in preds else "argmax"
+    rule = predictor.default_walk
     geo = geo_by_rule[rule]
-    plat, plon, point = predicted_points(preds[rule], meta, hierarchy, finest)
+    plat, plon = points[rule].lat, points[rule].lon
     dist = geodesy.haversine_km(plat, plon, tlat, tlon)
     countries = country_table(tlat, tlon, plat, plon, dist)
-    baselines = benchmark.baseline_scores(evaluated, *training_points(ws))
+    baselines = benchmark.baseline_scores(evaluated, *run_training_points(predictor, ws))
     result = {
         "format": EVAL_FORMAT, "run": run_dir.name, "created_at": utcnow(), "source": source,
         "images": int(len(collected["index"])), "skipped": len(collected["skipped"]),
@@ -468,28 +423,71 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         "calibration": meta.get("calibration"),
         "hierarchy_hash": meta.get("hierarchy_hash"), "time_s": round(time.perf_counter() - t0, 3),
         "device": str(forward.resolve_device(device)),
+        "notes": notes,
     }
     result = json_safe(result)
     Run(run_dir).write_eval(result)
     # the leaderboard scores the run on the whole truth set: images it could not read are
     # missing predictions, as for any other system
+    flag = (f"; NOT HELD OUT: {in_training['in_training']} of {len(ds)} images are in its training set"
+            if in_training and in_training["in_training"] else "")
     board = Leaderboard(ws.data_dir)
-    entry, full_lat, full_lon = benchmark.score_aligned(truth, benchmark.Predictions(run_dir.name, keys, plat, plon))
-    board.record(truth.info() | {"hash": truth.hash}, run_dir.name, "run", entry["geo"],
-                 note=f"{levels} levels, rule {rule}",
-                 points={"key": truth.keys, "true_lat": truth.lat, "true_lon": truth.lon,
-                         "pred_lat": full_lat, "pred_lon": full_lon})
+    entries = [(run_dir.name, plat, plon, f"{levels} levels, rule {rule}{flag}")]
     if refined is not None:  # its own entry, beside the run's, so the table shows whether it helps
         rname, rlat, rlon = refined
-        entry, full_lat, full_lon = benchmark.score_aligned(
-            truth, benchmark.Predictions(f"{run_dir.name} +refine", keys, rlat, rlon))
-        board.record(truth.info() | {"hash": truth.hash}, f"{run_dir.name} +refine", "run", entry["geo"],
-                     note=f"{levels} levels, rule {rname} (k={refine_k}, tau={refine_tau:g})",
+        entries.append((f"{run_dir.name} +refine", rlat, rlon,
+                        f"{levels} levels, rule {rname} (k={refine_k}, tau={refine_tau:g}){flag}"))
+    for name, elat, elon, note in entries:
+        entry, full_lat, full_lon = benchmark.score_aligned(truth, benchmark.Predictions(name, keys, elat, elon))
+        board.record(truth.info() | {"hash": truth.hash}, name, "run", entry["geo"], note=note,
                      points={"key": truth.keys, "true_lat": truth.lat, "true_lon": truth.lon,
-                             "pred_lat": full_lat, "pred_lon": full_lon})
+                             "pred_lat": full_lat, "pred_lon": full_lon},
+                     **({"extra": {"in_training": in_training["in_training"]}} if flag else {}))
     # on the whole truth set; the same images as eval.json's when every image was read
     record_baselines(board, truth, ws, scores=baselines if len(evaluated) == len(truth) else None)
     return result
+
+
+def run_training_points(predictor: Predictor, ws: Workspace):
+    """(lat, lon) of the run's own training images (the baselines learn from them), or
+    (None, None) when it has none recorded and the workspace has no train split."""
+    try:
+        ids = splits_mod.run_ids(predictor.runs[0], ws, "train", predictor.metas[0]).ids
+    except WorkspaceError:
+        return None, None
+    if not ids.size:
+        return None, None
+    with ws.manifest() as m:
+        frame = m.frame(("id", "lat", "lon"))
+    frame = frame[np.isin(frame["id"].to_numpy(np.int64), ids)]
+    if frame.empty:
+        return None, None
+    return frame["lat"].to_numpy(float), frame["lon"].to_numpy(float)
+
+
+def training_overlap(paths, predictor: Predictor, ws: Workspace) -> dict:
+    """How many of the images at ``paths`` are byte-for-byte training images of the run
+    (sha256 against the manifest's hashes of its train split): ``{"in_training": n,
+    "training_check": "sha256" | "unknown", ...}``; "unknown" (n None) when the run's
+    training images cannot be told."""
+    from geohier.workspace import sha256_file
+
+    try:
+        ids = splits_mod.run_ids(predictor.runs[0], ws, "train", predictor.metas[0]).ids
+    except WorkspaceError as exc:
+        return {"in_training": None, "training_check": "unknown", "training_check_note": str(exc)}
+    if not ws.has_manifest():
+        return {"in_training": None, "training_check": "unknown"}
+    with ws.manifest() as m:
+        frame = m.frame(("id", "sha256"))
+    train_sha = set(frame["sha256"][np.isin(frame["id"].to_numpy(np.int64), ids)].dropna().astype(str))
+    n = 0
+    for p in paths:
+        try:
+            n += sha256_file(p) in train_sha
+        except OSError:
+            continue
+    return {"in_training": int(n), "training_check": "sha256"}
 
 
 def _has_split(ws: Workspace, split: str) -> bool:
@@ -574,6 +572,8 @@ def run(args, ws: Workspace) -> int:
     result = evaluate_run(run_dir, ws, csv=args.csv, images_root=args.images_root, split=args.split,
                           batch_size=args.batch_size, device=args.device, num_workers=args.workers,
                           calibrate=args.calibrate, progress=sys.stderr.isatty(), refine=args.refine)
+    for note in result.get("notes") or []:
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=1))
     else:

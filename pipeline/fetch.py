@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from geohier import grid
 from geohier.errors import InputError
 from geohier.images import brightness, open_image
+from geohier.progress import progress_bar
 from geohier.workspace import MANIFEST_LEVEL, Manifest, Workspace
 from pipeline.dedup import Dedup
 from pipeline.fetch_cells import parse_shard, select_cells, sort_cells, split4, subboxes
@@ -67,7 +68,6 @@ from pipeline.mapillary import (
     search_fields,
     thumb_field,
 )
-from pipeline.progress import progress_bar
 
 __all__ = ["Dedup", "FetchOptions", "FetchPlan", "FetchProgress", "FetchReport", "clean_stale_temps", "fetch",
            "parse_shard", "plan", "read_token", "select_cells", "subboxes"]

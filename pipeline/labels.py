@@ -35,6 +35,8 @@ from geohier.hierarchy import (
     check_fractions,
     parse_min_images,
 )
+from geohier.splits import Splits, runs_on_other_splits
+from geohier.splits import record as record_split
 from geohier.workspace import SPLITS, Workspace, atomic_write_text
 
 EXPORT_MARKER = ".geohier-export.json"
@@ -64,10 +66,36 @@ def build_labels(ws: Workspace, levels: Sequence[int] = grid.DEFAULT_LEVELS,
         h = build_hierarchy(lat, lon, levels, mins)
         splits = assign_splits(df["id"].to_numpy(), lat, lon, df["sequence_id"].to_numpy(object),
                                fractions=fr, seed=seed)
-        h.splits = {"train": float(fr[0]), "val": float(fr[1]), "test": float(fr[2]), "seed": int(seed)}
+        info = {"train": float(fr[0]), "val": float(fr[1]), "test": float(fr[2]), "seed": int(seed)}
+        version = Splits.from_assignment(df["id"].to_numpy(np.int64), splits.tolist(), info)
+        # kept before the manifest changes: runs trained on any split keep theirs (geohier.splits)
+        record_split(ws, version)
+        h.splits = {**info, "hash": version.hash}
         m.set_splits(dict(zip(df["id"].tolist(), splits.tolist(), strict=True)))
     h.save(ws.hierarchy_path)
     return h
+
+
+def split_report(ws: Workspace, split_hash: str) -> str | None:
+    """A sentence naming the runs trained on a split other than ``split_hash`` (they keep
+    evaluating on their own), or None when there are none."""
+    others = runs_on_other_splits(ws.models_dir, split_hash)
+    if not others:
+        return None
+    own = [name for name, h in others if h]
+    old = [name for name, h in others if not h]
+    parts = []
+    if own:
+        parts.append(f"{len(own)} run(s) trained on an earlier split keep it and are evaluated, calibrated and "
+                     f"resumed on their own images: {_names(own)}")
+    if old:
+        parts.append(f"{len(old)} run(s) from before split versions record no split and will be evaluated on "
+                     f"this new one, saying so: {_names(old)}")
+    return "; ".join(parts)
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def level_counts(ws: Workspace, levels: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -216,7 +244,11 @@ def run(args, ws: Workspace) -> int:
               f"{s.get('dropped', 0):>8} {f'{kept} ({kept / max(h.images, 1):.0%})':>12}")
     with ws.manifest() as m:
         by_split = m.summary()["by_split"]
-    print("splits: " + ", ".join(f"{s} {by_split.get(s, 0)}" for s in SPLITS))
+    print("splits: " + ", ".join(f"{s} {by_split.get(s, 0)}" for s in SPLITS)
+          + f" (version {h.splits['hash'][:12]})")
+    note = split_report(ws, h.splits["hash"])
+    if note:
+        print(f"note: {note}")
     for problem in h.problems():
         print(f"warning: {problem}", file=sys.stderr)
     if args.export_seed:

@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from geohier.errors import InputError, WorkspaceError
+from geohier.progress import progress_bar
 from geohier.workspace import Manifest, Workspace, sha256_bytes
 from pipeline.fetch import clean_stale_temps
-from pipeline.progress import progress_bar
 
 STATUS_RANK = {"error": 0, "partial": 1, "empty": 2, "done": 3}
 ROW_COLUMNS = ("source", "source_id", "sequence_id", "lat", "lon", "captured_at", "path", "width", "height",

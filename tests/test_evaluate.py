@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import CITIES  # noqa: E402
 
+from geohier import splits
 from geohier.errors import InputError, WorkspaceError
 from pipeline import cli, evaluate
 
@@ -58,9 +59,14 @@ def make_tiny_run(ws, name="tiny", levels=(1, 3), image_size=32, seed=0, extra_m
             "input": EvalPreset(image_size).to_dict(),
             "temperatures": {str(lv): 1.0 for lv in levels}, "config": {"backbone": "resnet18"},
             "metrics": {}}
+    # the run owns the workspace's split, as training records it (geohier.splits)
+    own = splits.current(ws)
+    splits.attach(run_dir, own, ws)
+    meta["split"] = own.describe()
     meta.update(extra_meta or {})
     save_checkpoint(run_dir, model, meta)
-    (run_dir / "config.json").write_text(json.dumps({"backbone": "resnet18", "levels": list(levels)}))
+    (run_dir / "config.json").write_text(json.dumps({"backbone": "resnet18", "levels": list(levels),
+                                                     "split": own.describe()}))
     (run_dir / "status.json").write_text(json.dumps({"state": "done", "epoch": 1, "epochs": 1,
                                                     "progress": 1.0}))
     return run_dir
@@ -99,7 +105,10 @@ def test_evaluate_run_writes_eval_json(ws, tiny_run):
     on_disk = json.loads((tiny_run / "eval.json").read_text())
     assert on_disk == json.loads(json.dumps(res))
     assert res["format"] == "geohier-eval/1" and res["run"] == "tiny"
-    assert res["source"] == {"kind": "split", "split": "test", "data_dir": str(ws.data_dir), "missing_files": 0}
+    own = splits.of_run(tiny_run, ws)
+    assert res["source"] == {"kind": "split", "split": "test", "data_dir": str(ws.data_dir), "missing_files": 0,
+                             "gone": 0, "split_hash": own.hash, "split_own": True}
+    assert res["notes"] == []
     assert res["images"] == 6 and res["skipped"] == 0 and res["levels"] == [1, 3]
     for lv in ("1", "3"):
         r = res["per_level"][lv]
@@ -136,10 +145,13 @@ def test_evaluate_geo_uses_cell_positions(ws):
     res = evaluate.evaluate_run(run, ws, calibrate=False, progress=False)
     assert res["geo"]["point"] == "cell_positions"
     assert "calibration" not in json.loads((run / "meta.json").read_text())
-    plat, plon, point = evaluate.predicted_points(np.array([0, 1]), {"cell_positions": {"3": pos}}, h, 3)
-    assert point == "cell_positions" and plat.tolist() == [pos[0][0], pos[1][0]]
-    plat, _, point = evaluate.predicted_points(np.array([0]), {}, h, 3)
-    assert point == "centroid" and plat[0] == pytest.approx(lat_c[0])
+    from geohier.predictor import cell_positions, position_source
+
+    meta = {"cell_positions": {"3": pos}}
+    got = cell_positions(h, meta, 3)
+    assert position_source(meta, 3, len(got)) == "cell_positions" and got[:2, 0].tolist() == [pos[0][0], pos[1][0]]
+    got = cell_positions(h, {}, 3)
+    assert position_source({}, 3, len(got)) == "centroid" and got[0, 0] == pytest.approx(lat_c[0])
 
 
 @pytest.mark.parametrize("cols", [("path", "lat", "lon"), ("id", "latitude", "longitude"),
@@ -195,11 +207,16 @@ def test_evaluate_refuses_running_and_empty_split(ws, tiny_run):
     assert set(evaluate.calibrate_run(tiny_run, ws, progress=False)) == {"1", "3"}
     # a run whose process died is failed, not running: evaluating it is allowed
     (tiny_run / "status.json").write_text(json.dumps({"state": "running", "pid": other.pid}))
-    evaluate.evaluate_run(tiny_run, ws, calibrate=False, progress=False)
+    before = evaluate.evaluate_run(tiny_run, ws, calibrate=False, progress=False)["geo"]
     (tiny_run / "status.json").write_text(json.dumps({"state": "done"}))
     with ws.manifest() as m:
+        test_ids = m.frame(["id"], where="split = 'test'")["id"].tolist()
         m.conn.execute("UPDATE images SET split = 'train' WHERE split = 'test'")
-    with pytest.raises(InputError, match="test split .* has no usable image"):
+    # the run keeps its own test images whatever the manifest now says: the same numbers
+    assert evaluate.evaluate_run(tiny_run, ws, calibrate=False, progress=False)["geo"] == before
+    with ws.manifest() as m:  # its test images gone from the workspace: nothing to score
+        m.conn.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in test_ids])
+    with pytest.raises(InputError, match=r"test split \(6 images.* has no usable image.*: 6 gone"):
         evaluate.evaluate_run(tiny_run, ws, calibrate=False, progress=False)
     with pytest.raises(InputError, match="unknown split"):
         evaluate.evaluate_run(tiny_run, ws, split="train", progress=False)

@@ -16,6 +16,7 @@ from geohier.combine import KeepRule
 from geohier.errors import GeohierError, InputError
 from geohier.predictor import Predictor, load_predictor
 from geohier.runs import finished_runs, newest_run, run_choices
+from geohier.workspace import utcnow
 
 # ----------------------------------------------------------------------------- tiny runs
 
@@ -44,8 +45,9 @@ def make_tiny_run(run_dir, hierarchy=None, levels=None, image_size=32, seed=0, t
             "config": {"backbone": "resnet18", "group": group}, "metrics": {}}
     meta.update(extra_meta or {})
     save_checkpoint(run_dir, model, meta)
+    # created_at: a run from before split versions adopts a workspace split drawn before it
     (run_dir / "config.json").write_text(json.dumps({"backbone": "resnet18", "levels": list(levels),
-                                                     "group": group}))
+                                                     "group": group, "created_at": utcnow()}))
     (run_dir / "status.json").write_text(json.dumps({"state": state, "progress": 1.0}))
     return run_dir
 

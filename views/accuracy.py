@@ -167,6 +167,8 @@ if not with_eval:
 
 focus = st.selectbox("Run for details", list(with_eval))
 ev = with_eval[focus]
+for note in ev.get("notes") or []:
+    st.warning(note)
 per_level = ev.get("per_level") or {}
 st.dataframe(pd.DataFrame([{
     "level": int(lv), "classes": r.get("num_classes"), "images": r.get("n"),

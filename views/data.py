@@ -19,8 +19,8 @@ from geohier import charts, grid, maps
 from geohier.errors import GeohierError
 from geohier.hierarchy import DEFAULT_MIN_IMAGES, Hierarchy, kept_summary, select_classes
 from geohier.workspace import Workspace
-from pipeline import tasks
-from pipeline.labels import build_labels, cell_table, level_counts
+from pipeline import fetch_cells, tasks
+from pipeline.labels import build_labels, cell_table, level_counts, split_report
 from views._common import manifest_summary, manifest_version, workspace
 
 # --------------------------------------------------------------------------- cached reads
@@ -99,6 +99,23 @@ def _task_panel(ws: Workspace, kind: str) -> None:
     panel()
 
 
+def _cells_field(text: str, level: int, upload):
+    """The Cells field (or an uploaded list, which wins) checked and sized without building
+    the list or reading any server file; the size or the one-line reason shows under it.
+    Returns what the Start button passes on: the CellSelection, or the refused text (the
+    start then says why)."""
+    try:
+        if upload is not None:
+            selection = fetch_cells.cells_from_upload(upload.name, upload.getvalue(), level)
+        else:
+            selection = fetch_cells.parse_cells(text, level, files=False)
+    except GeohierError as exc:
+        st.error(f"Cells: {exc}")
+        return text
+    st.caption(f"Cells: {selection.describe()}; the list is built when the fetch starts, in the background.")
+    return selection
+
+
 # --------------------------------------------------------------------------- the page
 
 ws = workspace()
@@ -123,9 +140,13 @@ with st.expander("Get images: the offline demo world or Mapillary", expanded=sum
                  "only: it is not shown, stored or logged. Leave it empty to use MAPILLARY_ACCESS_TOKEN.")
         st.text_input("Mapillary access token", type="password", key="fetch_token")
         c1, c2, c3 = st.columns(3)
-        spec = c1.text_input("Cells", value="land", help="land, all, or comma-separated cell ids")
+        spec = c1.text_input("Cells", value="land", max_chars=fetch_cells.MAX_TEXT_CHARS,
+                             help="land, all, or comma-separated cell ids (a longer list: upload it below)")
         fetch_level = c2.number_input("Level of the cells", min_value=1, max_value=12, value=8)
         per_cell = c3.number_input("Images per cell", min_value=1, max_value=5000, value=100)
+        cells_file = st.file_uploader("Or a file of cell ids, one per line", type=["txt", "csv"],
+                                      max_upload_size=fetch_cells.MAX_FILE_BYTES // 2**20, key="fetch_cells_file")
+        spec = _cells_field(spec, int(fetch_level), cells_file)
         api_url = st.text_input("API URL", value="https://graph.mapillary.com")
         st.button("Start the fetch", on_click=_start_fetch,
                   args=(ws, spec, int(fetch_level), int(per_cell), api_url))
@@ -235,7 +256,11 @@ if st.button("Write hierarchy.json and the splits", type="primary"):
     except GeohierError as exc:
         st.error(str(exc))
     else:
-        st.success(f"Wrote {ws.hierarchy_path.name}: {h.num_classes} classes, hash {h.hash[:12]}.")
+        st.success(f"Wrote {ws.hierarchy_path.name}: {h.num_classes} classes, hash {h.hash[:12]}; "
+                   f"split version {h.splits['hash'][:12]}.")
+        note = split_report(ws, h.splits["hash"])
+        if note:
+            st.info(note)
         for problem in h.problems():
             st.warning(problem)
         stored = h.to_dict()

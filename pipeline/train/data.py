@@ -35,11 +35,12 @@ class RunData:
         return getattr(self, key)
 
 
-def split_datasets(ws: Workspace, hierarchy, cfg, levels, train_tf=None, eval_tf=None):
-    """The train and val ManifestDatasets of a run; a TrainError saying what to do when the
-    train split has fewer than two usable images."""
+def split_datasets(ws: Workspace, hierarchy, cfg, levels, train_tf=None, eval_tf=None, splits=None):
+    """The train and val ManifestDatasets of a run (``splits``: the run's own split version,
+    ``geohier.splits.Splits``; the manifest's current split when None); a TrainError saying
+    what to do when the train split has fewer than two usable images."""
     train_ds = ManifestDataset(ws, hierarchy, "train", train_tf, limit=cfg.limit_train, seed=cfg.seed,
-                               levels=levels)
+                               levels=levels, ids=splits.ids["train"] if splits is not None else None)
     if len(train_ds) == 0:
         s = train_ds.stats
         raise TrainError(f"the train split has no usable image ({s['rows']} rows, {s['missing']} files missing, "
@@ -48,13 +49,14 @@ def split_datasets(ws: Workspace, hierarchy, cfg, levels, train_tf=None, eval_tf
     if len(train_ds) < 2:
         raise TrainError("the train split has 1 usable image; training needs at least 2")
     val_ds = ManifestDataset(ws, hierarchy, "val", eval_tf, limit=cfg.limit_val or None, seed=cfg.seed,
-                             levels=levels)
+                             levels=levels, ids=splits.ids["val"] if splits is not None else None)
     if cfg.limit_val == 0:
         val_ds = torch.utils.data.Subset(val_ds, [])
     return train_ds, val_ds
 
 
-def load_data(ws: Workspace, hierarchy, cfg, levels, env: DistEnv, preprocess: dict | None = None) -> RunData:
+def load_data(ws: Workspace, hierarchy, cfg, levels, env: DistEnv, preprocess: dict | None = None,
+              splits=None) -> RunData:
     """Datasets and loaders of the train and val splits for ``levels`` (``cfg``: the run's
     TrainConfig; ``preprocess``: the backbone's input block, size / mean / std /
     interpolation; ImageNet's at ``cfg.image_size`` by default)."""
@@ -62,7 +64,7 @@ def load_data(ws: Workspace, hierarchy, cfg, levels, env: DistEnv, preprocess: d
     train_tf = TrainPreset(int(prep["image_size"]), prep["mean"], prep["std"], hflip_prob=cfg.hflip,
                            randaugment=cfg.randaugment, interpolation=prep.get("interpolation", "bilinear"))
     eval_tf = EvalPreset.from_meta({"input": prep})
-    train_ds, val_ds = split_datasets(ws, hierarchy, cfg, levels, train_tf, eval_tf)
+    train_ds, val_ds = split_datasets(ws, hierarchy, cfg, levels, train_tf, eval_tf, splits)
     if cfg.balanced:
         sampler = BalancedSampler(train_ds.sample_weights(), env.rank, env.world, cfg.seed)
     else:

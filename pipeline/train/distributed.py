@@ -1,5 +1,5 @@
-"""Processes: the device and, under torchrun, the process group; collective helpers that
-are no-ops in a single process; the stop flag that SIGTERM/SIGINT raise.
+"""Processes: the device and, under torchrun, the process group; the stop flag that
+SIGTERM/SIGINT raise. The collectives (no-ops in a single process) are ``geohier.collective``'s.
 
 ``torchrun --nproc_per_node N -m pipeline train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK:
 each process then trains on its own DistributedSampler shard (nccl on CUDA, gloo on CPU)
@@ -72,33 +72,6 @@ def wrap(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
         return model
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-
-
-def broadcast(obj, env: DistEnv):
-    """``obj`` of rank 0 on every rank."""
-    if not env.distributed:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather(obj, env: DistEnv) -> list:
-    """Every rank's ``obj``, in rank order ([obj] in one process)."""
-    if not env.distributed:
-        return [obj]
-    out = [None] * env.world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def any_rank(flag: bool, env: DistEnv) -> bool:
-    """True on every rank if it is True on one (so all ranks stop at the same step)."""
-    if not env.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=env.device if env.device.type == "cuda" else "cpu")
-    torch.distributed.all_reduce(t)
-    return bool(t.item() > 0)
 
 
 class StopFlag:

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geohier import splits as splits_mod
 from geohier.backbones import short_name
+from geohier.collective import any_rank, broadcast
 from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.model import RUN_FORMAT, build_model, save_checkpoint
 from geohier.presets import EvalPreset
@@ -26,16 +28,7 @@ from geohier.runs import Run, resolve_run
 from geohier.workspace import Workspace, utcnow
 from pipeline.train.config import TrainConfig, config_fields, default_run_name, stamp
 from pipeline.train.data import TrainError, cell_positions, load_data
-from pipeline.train.distributed import (
-    DistEnv,
-    StopFlag,
-    any_rank,
-    broadcast,
-    env_rank,
-    setup_env,
-    teardown,
-    wrap,
-)
+from pipeline.train.distributed import DistEnv, StopFlag, env_rank, setup_env, teardown, wrap
 from pipeline.train.frozen import FrozenSteps
 from pipeline.train.loop import evaluate, train_one_epoch
 from pipeline.train.losses import GeoLoss
@@ -176,6 +169,7 @@ class _Fit:
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.seed + env.rank)
         np.random.seed(cfg.seed + env.rank)
+        self.attach_split()
         self.write_config()
         self.make_model()
         self.load_data()
@@ -199,10 +193,36 @@ class _Fit:
 
     # ------------------------------------------------------------------ set-up
 
+    def attach_split(self) -> None:
+        """The run's own split (``geohier.splits``): a resumed run keeps the one it started
+        on; a new run (or one from before split versions) takes the workspace's current
+        split, kept in the workspace's store and linked into the run directory."""
+        own = None
+        if self.resumed:
+            prior = self.run.config()
+            own = splits_mod.of_run(self.run, self.ws, prior if splits_mod.recorded_hash(prior) else None)
+            if own is None:
+                self.report.log("this run records no split (started before split versions): it goes on with "
+                                "the workspace's current split, which is recorded from now on")
+        if own is None:
+            own = splits_mod.current(self.ws) if self.env.main else None
+            if self.env.main:
+                if own is None:
+                    raise TrainError("no image has a split: run `python -m pipeline labels` first")
+                splits_mod.attach(self.run, own, self.ws)
+            split_hash = broadcast(own.hash if own is not None else None, self.env)
+            own = own if own is not None else splits_mod.Splits.load(self.run.split_path)
+            if own.hash != split_hash:
+                raise TrainError(f"run {self.run.name}'s split changed while it started; start it again")
+        elif self.env.main and not self.run.split_path.is_file():
+            splits_mod.attach(self.run, own, self.ws)
+        self.splits = own
+
     def write_config(self) -> None:
         cfg, h = self.cfg, self.hierarchy
         if self.env.main:
             self.run.write_config({**cfg.to_dict(), "hierarchy_hash": h.hash, "levels": self.levels,
+                                    "split": self.splits.describe(),
                                     "created_at": utcnow(), "format": RUN_FORMAT})
         self.report.log(f"{'resuming' if self.resumed else 'starting'} run {self.run.name}: {cfg.backbone} "
                         f"levels {self.levels} classes {[h.num_classes[lv] for lv in self.levels]} on "
@@ -218,7 +238,7 @@ class _Fit:
 
     def load_data(self) -> None:
         self.data = data = load_data(self.ws, self.hierarchy, self.cfg, self.levels, self.env,
-                                     preprocess=self.net.preprocess)
+                                     preprocess=self.net.preprocess, splits=self.splits)
         ds = data.train_ds
         self.stats = {"missing": ds.stats["missing"], "unlabelled": ds.stats["unlabelled"], "unreadable": 0,
                       "train_images": len(ds), "val_images": len(data.val_ds)}
@@ -256,7 +276,7 @@ class _Fit:
         pos = cell_positions(self.data.train_ds, levels[-1], h)
         self.positions = (np.array([p[0] for p in pos]), np.array([p[1] for p in pos]))
         self.meta_base = {"format": RUN_FORMAT, "run": self.run.name, "hierarchy": h.to_dict(),
-                          "hierarchy_hash": h.hash,
+                          "hierarchy_hash": h.hash, "split": self.splits.describe(),
                           "input": EvalPreset.from_meta({"input": self.net.preprocess}).to_dict(),
                           "backbone": self.net.backbone_info,
                           "temperatures": {str(lv): 1.0 for lv in levels}, "config": cfg.to_dict(),

@@ -129,7 +129,7 @@ class FrozenSteps:
 
     def load_data(self) -> None:
         cfg, env, h = self.cfg, self.env, self.hierarchy
-        train_ds, val_ds = split_datasets(self.ws, h, cfg, self.levels)
+        train_ds, val_ds = split_datasets(self.ws, h, cfg, self.levels, splits=self.splits)
         val_base = val_ds.dataset if isinstance(val_ds, torch.utils.data.Subset) else val_ds
         val_rows = np.asarray(val_ds.indices if isinstance(val_ds, torch.utils.data.Subset) else
                               np.arange(len(val_ds)), dtype=np.int64)

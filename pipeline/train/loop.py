@@ -14,12 +14,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from geohier.collective import any_rank, gather
 from geohier.dataset import IGNORE_INDEX
 from geohier.forward import forward_batches
 from geohier.metrics import geo_metrics, target_rank
 from geohier.model import unwrap
 from pipeline.train.data import TrainError
-from pipeline.train.distributed import DistEnv, StopFlag, any_rank, gather
+from pipeline.train.distributed import DistEnv, StopFlag
 from pipeline.train.losses import GeoLoss
 from pipeline.train.mixing import Mixing
 

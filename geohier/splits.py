@@ -1,0 +1,336 @@
+"""Splits that belong to runs: the exact train/val/test assignment a run was trained on.
+
+``pipeline labels`` writes each image's split into the manifest, and may be run again at
+any time (another seed, other fractions, new images). A run must never be evaluated,
+calibrated or resumed on a split other than its own: most of a new test split can be the
+old training images. So every assignment is also kept as a *split version*:
+
+- ``Splits``: the image ids of each split (sorted int64 arrays) and a hash of them;
+- ``data/splits/<hash>.safetensors``: every version ``labels`` (or a training run) saw,
+  written once, never changed;
+- ``models/<run>/split.safetensors``: the version the run trained on (a hard link to the
+  workspace's copy, else a copy), and ``meta.json``'s ``split`` block with its hash.
+
+``run_ids(run, ws, split)`` answers "which images are this run's test (val, train)
+images": the run's own version when it has one, else (runs from before split versions)
+the workspace's current assignment, with a note that says so. A run whose recorded
+version cannot be found is refused with a ``SplitError`` naming it — never silently
+swapped for the current one.
+
+>>> s = Splits.from_assignment([3, 1, 2, 5], ["test", "train", "train", "val"])
+>>> s.ids["train"].tolist(), s.counts()
+([1, 2], {'train': 2, 'val': 1, 'test': 1})
+>>> s.hash == Splits.from_assignment([1, 2, 3, 5], ["train", "train", "test", "val"]).hash
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from geohier.errors import WorkspaceError
+from geohier.workspace import SPLITS, Workspace, atomic_write_bytes
+
+FORMAT = "geohier-splits/1"
+STORE_DIR = "splits"
+
+
+class SplitError(WorkspaceError):
+    """A run's own split cannot be used (missing, or not the one asked for)."""
+
+
+@dataclass
+class Splits:
+    """Image ids per split (``train``/``val``/``test``, sorted int64) and how they were made
+    (``info``: seed, fractions, created_at, as ``labels`` recorded them)."""
+
+    ids: dict[str, np.ndarray]
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.ids = {s: np.unique(np.asarray(self.ids.get(s, ()), dtype=np.int64)) for s in SPLITS}
+        self._hash: str | None = None
+
+    @classmethod
+    def from_assignment(cls, ids: Sequence[int], splits: Sequence[str | None], info: Mapping | None = None) -> Splits:
+        """From parallel lists of image ids and split names (None / "" = no split)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        names = np.asarray([s or "" for s in splits], dtype=object)
+        return cls({s: ids[names == s] for s in SPLITS}, dict(info or {}))
+
+    @property
+    def hash(self) -> str:
+        """sha256 over each split's name and sorted ids: equal hashes, equal assignments."""
+        if self._hash is None:
+            h = hashlib.sha256(FORMAT.encode())
+            for s in SPLITS:
+                h.update(f"|{s}:".encode())
+                h.update(self.ids[s].astype("<i8").tobytes())
+            self._hash = h.hexdigest()
+        return self._hash
+
+    @property
+    def short(self) -> str:
+        return self.hash[:12]
+
+    def counts(self) -> dict[str, int]:
+        return {s: int(self.ids[s].size) for s in SPLITS}
+
+    def __len__(self) -> int:
+        return sum(self.counts().values())
+
+    def split_of(self, ids) -> np.ndarray:
+        """The split name of each id ("" for ids in none)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.full(ids.shape, "", dtype=object)
+        for s in SPLITS:
+            out[np.isin(ids, self.ids[s])] = s
+        return out
+
+    def describe(self) -> dict:
+        """meta.json's ``split`` block."""
+        return {"hash": self.hash, "counts": self.counts(), **{k: v for k, v in self.info.items() if k != "hash"}}
+
+    # ---------------------------------------------------------------- files
+
+    def to_bytes(self) -> bytes:
+        from safetensors.numpy import save
+
+        meta = {"format": FORMAT, "hash": self.hash, "info": json.dumps(self.info, sort_keys=True)}
+        return save({s: np.ascontiguousarray(self.ids[s]) for s in SPLITS}, metadata=meta)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, self.to_bytes())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Splits:
+        """Read a split file; a SplitError naming it when it is unreadable or its content
+        does not match its recorded hash."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                ids = {s: f.get_tensor(s) for s in SPLITS if s in f.keys()}  # noqa: SIM118 - safe_open API
+            info = json.loads(meta.get("info") or "{}")
+        except (OSError, SafetensorError, ValueError) as exc:
+            raise SplitError(f"cannot read the split file {path}: {exc}") from None
+        if meta.get("format") != FORMAT:
+            raise SplitError(f"{path} is not a geohier split file (format {meta.get('format')!r})")
+        out = cls(ids, info)
+        if meta.get("hash") and meta["hash"] != out.hash:
+            raise SplitError(f"{path} was changed after it was written (hash {out.short}, recorded "
+                             f"{meta['hash'][:12]})")
+        return out
+
+
+# ---------------------------------------------------------------- the workspace's versions
+
+
+def store_dir(ws: Workspace) -> Path:
+    return ws.data_dir / STORE_DIR
+
+
+def store_path(ws: Workspace, split_hash: str) -> Path:
+    return store_dir(ws) / f"{split_hash}.safetensors"
+
+
+def current(ws: Workspace, info: Mapping | None = None) -> Splits | None:
+    """The manifest's current assignment (None when no image has a split). ``info``
+    defaults to the hierarchy's record of how the splits were drawn."""
+    if not ws.has_manifest():
+        return None
+    with ws.manifest() as m:
+        frame = m.frame(["id", "split"], where="split IS NOT NULL")
+    if frame.empty:
+        return None
+    if info is None:
+        info = _hierarchy_splits(ws)
+    return Splits.from_assignment(frame["id"].to_numpy(np.int64), frame["split"].tolist(), info)
+
+
+def _hierarchy_splits(ws: Workspace) -> dict:
+    try:
+        doc = json.loads(ws.hierarchy_path.read_text("utf-8"))
+        rec = doc.get("splits") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {k: rec[k] for k in ("train", "val", "test", "seed") if k in rec} if isinstance(rec, dict) else {}
+
+
+def record(ws: Workspace, splits: Splits) -> Path:
+    """Keep ``splits`` in the workspace's store (written once; an existing file is left)."""
+    path = store_path(ws, splits.hash)
+    if not path.is_file():
+        splits.save(path)
+    return path
+
+
+def recorded(ws: Workspace, split_hash: str) -> Splits | None:
+    path = store_path(ws, split_hash)
+    return Splits.load(path) if path.is_file() else None
+
+
+# ---------------------------------------------------------------- runs
+
+
+def run_file(run) -> Path:
+    from geohier.runs import Run
+
+    return Run(run).split_path
+
+
+def attach(run, splits: Splits, ws: Workspace) -> Path:
+    """Give a run its split: the workspace's stored copy hard-linked into the run
+    directory (copied where links are refused). Returns the run's file."""
+    src = record(ws, splits)
+    dest = run_file(run)
+    if dest.is_file():
+        try:
+            if Splits.load(dest).hash == splits.hash:
+                return dest
+        except SplitError:
+            pass
+        dest.unlink()
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+    return dest
+
+
+def recorded_hash(meta: Mapping | None) -> str | None:
+    """The split hash a run's meta (or config) records, else None."""
+    if not isinstance(meta, Mapping):
+        return None
+    block = meta.get("split")
+    if isinstance(block, Mapping) and block.get("hash"):
+        return str(block["hash"])
+    return str(meta["split_hash"]) if meta.get("split_hash") else None
+
+
+def of_run(run, ws: Workspace | None = None, meta: Mapping | None = None) -> Splits | None:
+    """A run's own split: its split file, else the workspace's stored version of the hash
+    its meta records. None for a run that records no split (trained before split
+    versions). A SplitError when it records one that cannot be found or read."""
+    from geohier.runs import Run
+
+    run = Run(run)
+    if meta is None:
+        meta = run.meta() or run.config()
+    want = recorded_hash(meta)
+    path = run.split_path
+    if path.is_file():
+        s = Splits.load(path)
+        if want and s.hash != want:
+            raise SplitError(f"run {run.name}'s {path.name} holds split {s.short}, but its {path.parent.name} "
+                             f"records {want[:12]}")
+        return s
+    if not want:
+        return None
+    s = recorded(ws, want) if ws is not None else None
+    if s is None:
+        raise SplitError(f"run {run.name} was trained on split {want[:12]}, whose file is gone "
+                         f"(neither {path} nor {store_path(ws, want) if ws is not None else 'the workspace store'} "
+                         "exists); its own test images cannot be told apart, so it cannot be evaluated "
+                         "on this workspace's splits")
+    return s
+
+
+@dataclass
+class RunSplit:
+    """The images of one split of a run and where they came from. ``note``: a sentence to
+    show when they are not the run's recorded split (an old run), else None."""
+
+    ids: np.ndarray
+    hash: str
+    own: bool
+    note: str | None = None
+    splits: Splits | None = None
+
+    def source(self) -> dict:
+        return {"split_hash": self.hash, "split_own": self.own, **({"split_note": self.note} if self.note else {})}
+
+
+def run_ids(run, ws: Workspace, split: str, meta: Mapping | None = None) -> RunSplit:
+    """The ids of ``split`` ("train" / "val" / "test") of a run: its own version.
+
+    A run that predates split versions records none; when the workspace's splits were
+    drawn before the run started they are the ones it trained on: they are adopted (linked
+    into the run, so a later relabel keeps them) and the result carries a note saying so.
+    Drawn after it started, they may hold its training images: a SplitError. A SplitError
+    too when the run records a version that is gone, or the workspace has no split."""
+    from geohier.runs import Run
+
+    if split not in SPLITS:
+        raise WorkspaceError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    run = Run(run)
+    own = of_run(run, ws, meta)
+    if own is not None:
+        return RunSplit(own.ids[split], own.hash, True, None, own)
+    now = current(ws)
+    if now is None:
+        raise SplitError(f"the workspace {ws.data_dir} has no splits (run `python -m pipeline labels`)")
+    drawn, started = _hierarchy_created(ws), _run_started(run, meta)
+    if drawn is None or started is None or drawn > started:
+        raise SplitError(f"run {run.name} records no split (it predates split versions) and the workspace's "
+                         f"splits were drawn {'after it started' if drawn and started else 'at an unknown time'}: "
+                         "its test images may be images it trained on; retrain it, or evaluate it with --csv "
+                         "on images it never saw")
+    attach(run, now, ws)
+    return RunSplit(now.ids[split], now.hash, True,
+                    f"run {run.name} recorded no split; the workspace's split {now.short}, drawn before it "
+                    "started, is now recorded as its own", now)
+
+
+def _when(text) -> datetime | None:
+    try:
+        t = datetime.fromisoformat(str(text))
+    except (TypeError, ValueError):
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _hierarchy_created(ws: Workspace) -> datetime | None:
+    try:
+        return _when(json.loads(ws.hierarchy_path.read_text("utf-8")).get("created_at"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _run_started(run, meta: Mapping | None) -> datetime | None:
+    cfg = run.config()
+    return _when(cfg.get("created_at")) or _when((meta or {}).get("created_at"))
+
+
+def runs_on_other_splits(models_dir: str | os.PathLike, new_hash: str) -> list[tuple[str, str]]:
+    """(run name, its split hash) of the runs in ``models_dir`` trained on a split other
+    than ``new_hash`` (those that record none are listed with "")."""
+    from geohier.runs import list_runs
+
+    out = []
+    for run in list_runs(models_dir):
+        meta = run.meta() or run.config()
+        if not meta or meta.get("per_level_group"):
+            continue
+        h = recorded_hash(meta) or ""
+        if h != new_hash:
+            out.append((run.name, h))
+    return out
+
+
+__all__ = ["FORMAT", "RunSplit", "SplitError", "Splits", "attach", "current", "of_run", "record", "recorded",
+           "recorded_hash", "run_ids", "runs_on_other_splits", "store_path"]
