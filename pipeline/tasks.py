@@ -141,8 +141,18 @@ def start_demo(runner: TaskRunner, ws: Workspace, images: int, seed: int) -> Tas
     return runner.start(task_key(ws, "demo"), "demo", _demo, ws, int(images), int(seed))
 
 
-def _fetch(task: Task, ws: Workspace, cells: list[str], options, token: str) -> str:
+def _fetch(task: Task, ws: Workspace, cells, options, token: str) -> str:
     from pipeline.fetch import fetch
+    from pipeline.fetch_cells import CellSelection
+
+    if isinstance(cells, CellSelection):  # sized already; a large list is built here, not in the page
+        task.detail = f"building the cell list: {cells.describe()} ..."
+        cells = cells.build(cache_dir=ws.cache_dir, stop=task.stop)
+        if task.stop.is_set():
+            return "stopped while building the cell list; nothing was fetched"
+        if not cells:
+            raise GeohierError("no cells match that selection")
+        task.detail = ""
 
     def progress(p) -> None:
         task.progress(p.cells_finished, p.cells_total)
@@ -154,14 +164,17 @@ def _fetch(task: Task, ws: Workspace, cells: list[str], options, token: str) -> 
 
 def start_fetch(runner: TaskRunner, ws: Workspace, spec: str, level: int, per_cell: int, api_url: str,
                 token: str = "") -> Task:
-    """Fetch ``per_cell`` images for each cell of ``spec`` (land, all, or ids) at ``level``
+    """Fetch ``per_cell`` images for each cell of ``spec`` (land, all, ids, or a
+    CellSelection such as an uploaded list) at ``level``
     in the background. The options are checked first: a bad one, no token (neither given
-    nor in MAPILLARY_ACCESS_TOKEN) or no matching cell is a GeohierError and starts nothing."""
-    from pipeline.fetch import FetchOptions, read_token, select_cells
+    nor in MAPILLARY_ACCESS_TOKEN) or a selection too large is a GeohierError and starts nothing;
+    no matching cell ends the task failed."""
+    from pipeline.fetch import FetchOptions, read_token
+    from pipeline.fetch_cells import parse_cells
 
     token = (token or "").strip() or read_token()
     options = FetchOptions(per_cell=int(per_cell), api_url=str(api_url).strip()).validate()
-    cells = select_cells(spec, int(level))
-    if not cells:
-        raise GeohierError("no cells match that selection")
+    # Only checked and sized here (any text: a selection or one line; no path is read): the
+    # list itself is built in the task, where the page's Stop can end it.
+    cells = parse_cells(spec, int(level), files=False)
     return runner.start(task_key(ws, "fetch"), "fetch", _fetch, ws, cells, options, token)

@@ -213,3 +213,57 @@ def test_fetch_from_the_page_never_keeps_the_token(ws):
     assert any("401" in e for e in errors), errors
     page_text = " ".join(str(getattr(el, "value", "")) for el in at.main) + repr(at.session_state)
     assert token not in page_text and "wrong-token-xyz" not in page_text
+
+
+# --------------------------------------------------------------------------- the Cells field (issue 16)
+
+
+def _cells_box(at):
+    return next(t for t in at.text_input if t.label == "Cells")
+
+
+def _page_text(at) -> str:
+    return " ".join(str(getattr(el, "value", "")) for el in at.main)
+
+
+def test_cells_field_reads_no_server_file_and_never_raises(ws, tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", "MLY|1|server-token")  # so only the cells can fail
+    secret = tmp_path / "secret.txt"
+    secret.write_text("0/1\nroot:$6$very-secret-hash:19000:0:99999:7:::\n")
+    hostile = [str(secret), "/etc/passwd", "/etc/shadow", "/proc/self/environ", "../../../etc/passwd",
+               "\x00\x01\xfe\xff\x7f binary", "é漢字🙂 " * 50, "7" * 1_000_000, "0/1/4", "0" * 30]
+    at = _page().run()
+    for text in hostile:
+        _cells_box(at).set_value(text).run()
+        assert not at.exception, (text[:40], at.exception)
+        errors = [e.value for e in at.error if e.value.startswith("Cells:")]
+        assert len(errors) == 1 and "\n" not in errors[0] and len(errors[0]) < 400, (text[:40], errors)
+        next(b for b in at.button if b.label == "Start the fetch").click().run()
+        assert not at.exception
+        page = _page_text(at)
+        assert "very-secret-hash" not in page and "root:" not in page, text[:40]
+        assert "Traceback" not in page
+        assert not any(t.name == "geohier-fetch" for t in threading.enumerate())  # nothing started
+    assert any("no file on the server is read" in e.value for e in at.error)
+
+
+def test_cells_field_sizes_the_selection_and_refuses_all_at_level_12(ws, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", "MLY|1|server-token")
+    at = _page().run()
+    assert any("land at level 8: at most 65,536 cells" in c.value for c in at.caption)
+    _cells_box(at).set_value("all").run()
+    next(n for n in at.number_input if n.label == "Level of the cells").set_value(12).run()
+    assert not at.exception
+    (error,) = [e.value for e in at.error if e.value.startswith("Cells:")]
+    assert "level 12" in error and "16,777,216 cells" in error and "at most 1,048,576" in error
+    next(b for b in at.button if b.label == "Start the fetch").click().run()
+    assert not at.exception
+    assert not any(t.name == "geohier-fetch" for t in threading.enumerate())
+    assert any("16,777,216" in e.value for e in at.error if not e.value.startswith("Cells:"))  # the start says so too
+    next(n for n in at.number_input if n.label == "Level of the cells").set_value(9).run()
+    assert any("all at level 9: 262,144 cells" in c.value for c in at.caption)
+    assert not [e for e in at.error if e.value.startswith("Cells:")]

@@ -216,3 +216,42 @@ def test_cli_binary_cells_file_is_one_line(ws, tmp_path, monkeypatch, capsys):
     code = _main(["fetch", "--cells", str(f), "--dry-run"], monkeypatch)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "binary" in err
+
+
+# --------------------------------------------------------------------------- the page's background build
+
+
+def test_the_page_builds_the_list_in_its_task_and_stop_ends_it(ws, monkeypatch):
+    """start_fetch only sizes the selection: the 1 M-cell list of all at level 10 is built
+    in the task's thread, and the page's Stop (task.cancel) ends it before any request."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from mapillary_server import MapillaryServer
+
+    from pipeline import tasks
+
+    building, release = threading.Event(), threading.Event()
+    original = grid.keys_to_ids
+
+    def gated(keys, level, sep="/"):  # the first chunk waits until the test has looked
+        building.set()
+        release.wait(60)
+        return original(keys, level, sep)
+
+    monkeypatch.setattr(grid, "keys_to_ids", gated)
+    with MapillaryServer(token="tok") as srv:
+        runner = tasks.TaskRunner()
+        task = tasks.start_fetch(runner, ws, "all", 10, 5, srv.url, "tok")
+        assert building.wait(60)  # the build runs ... in the task's thread, the start has returned
+        assert task.running and "building the cell list: all at level 10: 1,048,576 cells" in task.detail
+        task.cancel()
+        release.set()
+        assert task.join(60)
+        assert task.state == tasks.STOPPED and "stopped while building the cell list" in task.result
+        assert srv.hits == []
+        with pytest.raises(InputError, match="16,777,216"):
+            tasks.start_fetch(runner, ws, "all", 12, 5, srv.url, "tok")
+        with pytest.raises(InputError, match="no file on the server is read"):
+            tasks.start_fetch(runner, ws, "/etc/passwd", 8, 5, srv.url, "tok")
