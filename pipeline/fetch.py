@@ -26,7 +26,14 @@ Progress is kept in the manifest (``fetch_log`` per cell, ``fetch_progress`` per
 sub-box), so a rerun, also after a fetch that stopped early, skips done and empty cells
 and continues the others where they stopped. The access token comes from
 MAPILLARY_ACCESS_TOKEN or ``--token-file``; it is used for one call and never printed,
-logged, stored, or put in an exception message.
+logged, stored, or put in an exception message (the CLI says which of the two it sends to
+which host, never the token).
+
+Bounds (pipeline.mapillary): ``--timeout`` is a deadline for each request as a whole, so a
+server that drips its answer ends the request after about that long; Ctrl-C or the stop
+event ends every request in flight at once (finished cells stay recorded); answers are read
+against ``--max-json-mb`` / ``--max-thumb-mb``; a thumbnail URL on a host the API does not
+serve thumbnails from is skipped and counted, never requested.
 
 The dashboard calls :func:`fetch` (in a background thread, with a progress callback and
 a stop event); the CLI below is a thin parser over the same function.
@@ -54,15 +61,21 @@ from pipeline.fetch_cells import parse_shard, select_cells, sort_cells, split4, 
 from pipeline.mapillary import (
     API_MAX_LIMIT,
     DEFAULT_API,
+    MAX_JSON_MB,
+    MAX_THUMB_MB,
     THUMB_SIZES,
     TOKEN_ENV,
     Candidate,
     Client,
+    ForeignHost,
     ReduceData,
     RequestFailed,
     Stopped,
+    TooLarge,
     bbox_param,
     check_token,
+    is_official_api,
+    origin,
     parse_record,
     read_token,
     search_fields,
@@ -93,7 +106,9 @@ class FetchOptions:
     dedup_m: float = 100.0          # minimum distance to any other image; 0 disables
     concurrency: int = 8            # searches in flight, and as many thumbnail downloads
     rate_limit: float = 3000.0      # API requests per minute; 0 = unlimited
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0         # one request as a whole: connect and every read
+    max_json_mb: float = MAX_JSON_MB    # cap on one API answer's body
+    max_thumb_mb: float = MAX_THUMB_MB  # cap on one thumbnail's bytes
     retries: int = 6                # retries of one request after the first attempt
     backoff_s: float = 1.0          # first retry delay; doubles each retry (with jitter)
     backoff_max_s: float = 60.0
@@ -119,6 +134,8 @@ class FetchOptions:
         need(1 <= int(self.concurrency) <= 256, f"--concurrency must be within [1, 256], got {self.concurrency!r}")
         need(self.rate_limit >= 0, f"--rate-limit must be >= 0 (0 = unlimited), got {self.rate_limit!r}")
         need(self.timeout_s > 0, f"the timeout must be > 0 s, got {self.timeout_s!r}")
+        need(0 < self.max_json_mb <= 4096, f"--max-json-mb must be within (0, 4096], got {self.max_json_mb!r}")
+        need(0 < self.max_thumb_mb <= 4096, f"--max-thumb-mb must be within (0, 4096], got {self.max_thumb_mb!r}")
         need(int(self.retries) >= 0, f"retries must be >= 0, got {self.retries!r}")
         need(self.backoff_s >= 0 and self.backoff_max_s >= 0, "backoff delays must be >= 0")
         self.thumb = str(self.thumb)
@@ -137,7 +154,8 @@ class FetchOptions:
         """A Mapillary client with these options' timeouts, retries and rate limit."""
         return Client(self.api_url, token, stop, timeout_s=self.timeout_s, retries=self.retries,
                       backoff_s=self.backoff_s, backoff_max_s=self.backoff_max_s,
-                      max_retry_after_s=self.max_retry_after_s, rate_limit=self.rate_limit)
+                      max_retry_after_s=self.max_retry_after_s, rate_limit=self.rate_limit,
+                      max_json_bytes=int(self.max_json_mb * 2**20), max_thumb_bytes=int(self.max_thumb_mb * 2**20))
 
 
 # --------------------------------------------------------------------------- results
@@ -380,6 +398,8 @@ class _Fetcher:
                 self.drop("panorama")
             elif cand.thumb_url is None:
                 self.drop("no thumbnail")
+            elif not self.client.thumb_host_ok(cand.thumb_url):
+                self.drop("thumbnail on a foreign host")  # never requested
             elif m.has_source_id(SOURCE, cand.id):
                 pass  # kept by an earlier run
             else:
@@ -421,6 +441,8 @@ class _Fetcher:
                     self.drop("unreadable thumbnail")
                 elif outcome == "gone":
                     self.drop("thumbnail unavailable")
+                elif outcome in ("big", "foreign"):
+                    self.drop("thumbnail over the size cap" if outcome == "big" else "thumbnail on a foreign host")
                 else:
                     failures.append(info)
                 self.dedup.release(cand.id)
@@ -428,10 +450,14 @@ class _Fetcher:
         return kept, failures
 
     def _download(self, url: str):
-        """("ok", (bytes, (w, h, brightness))) | ("bad", why) | ("gone", why) | ("failed", why)."""
+        """("ok", (bytes, (w, h, brightness))) | ("bad" | "gone" | "big" | "foreign" | "failed", why)."""
         for _ in range(2):  # one more try for a thumbnail cut short in transit
             try:
                 data = self.client.thumbnail(url)
+            except TooLarge as exc:
+                return "big", str(exc)
+            except ForeignHost as exc:
+                return "foreign", str(exc)
             except RequestFailed as exc:
                 return ("failed" if exc.transient else "gone"), str(exc)
             info = _decode(data)
@@ -643,7 +669,9 @@ def register(sub) -> None:
                         "of ids, one per line (default: land)")
     p.add_argument("--level", type=int, default=MANIFEST_LEVEL, help="grid level for land/all (default: %(default)s)")
     p.add_argument("--per-cell", type=int, default=d.per_cell, help="target images per cell (default: %(default)s)")
-    p.add_argument("--api-url", default=d.api_url, help="API base URL (default: %(default)s)")
+    p.add_argument("--api-url", default=d.api_url,
+                   help="API base URL (tests, mirrors): the token is sent there, and stderr says which token "
+                        "goes to which host; thumbnails only from *.fbcdn.net or this URL's host (default: %(default)s)")
     p.add_argument("--token-file", default=None, help=f"file holding the access token (default: ${TOKEN_ENV})")
     p.add_argument("--concurrency", type=int, default=d.concurrency,
                    help="searches at once, and as many thumbnail downloads (default: %(default)s)")
@@ -662,7 +690,13 @@ def register(sub) -> None:
                    help="largest sub-box in square degrees, the API's limit (default: %(default)g)")
     p.add_argument("--page-limit", type=int, default=d.page_limit,
                    help=f"images asked for per search request, at most {API_MAX_LIMIT} (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds per request (default: %(default)g)")
+    p.add_argument("--timeout", type=float, default=d.timeout_s,
+                   help="seconds one request may take as a whole, connect and every read; a slower "
+                        "answer is cut and retried (default: %(default)g)")
+    p.add_argument("--max-json-mb", type=float, default=d.max_json_mb,
+                   help="largest API answer read, in MB; a larger one is refused (default: %(default)g)")
+    p.add_argument("--max-thumb-mb", type=float, default=d.max_thumb_mb,
+                   help="largest thumbnail read, in MB; a larger one is skipped and counted (default: %(default)g)")
     p.add_argument("--retries", type=int, default=d.retries,
                    help="retries of a failed request (429, 5xx, timeout, dropped) (default: %(default)s)")
     p.add_argument("--backoff", type=float, default=d.backoff_s,
@@ -676,6 +710,7 @@ def options_from_args(args) -> FetchOptions:
         per_cell=args.per_cell, api_url=args.api_url, thumb=args.thumb, max_bbox_deg2=args.max_bbox,
         page_limit=args.page_limit, include_pano=args.include_pano, min_brightness=args.min_brightness,
         dedup_m=args.dedup_m, concurrency=args.concurrency, rate_limit=args.rate_limit, timeout_s=args.timeout,
+        max_json_mb=args.max_json_mb, max_thumb_mb=args.max_thumb_mb,
         retries=args.retries, backoff_s=args.backoff, seed=args.seed).validate()
 
 
@@ -689,6 +724,9 @@ def run(args, ws: Workspace) -> int:
         print(plan(ws, cells, options).describe())
         return 0
     token = read_token(args.token_file)
+    source = f"--token-file {args.token_file}" if args.token_file else f"${TOKEN_ENV}"
+    print(f"fetch: sending the access token from {source} to {origin(options.api_url)}"
+          + ("" if is_official_api(options.api_url) else " (not the official Mapillary API)"), file=sys.stderr)
     with progress_bar(total=len(cells), desc="fetch", unit="cell") as bar:
         def show(p: FetchProgress) -> None:
             bar.total = p.cells_total
@@ -700,6 +738,10 @@ def run(args, ws: Workspace) -> int:
 
         report = fetch(ws, cells, options, token, progress=show)
     print(report.summary())
+    if len(report.errors) == 1:  # one line
+        cell_id, reason = report.errors[0]
+        print(f"error: 1 cell(s) ended in error ({cell_id}: {reason}); rerun to retry them", file=sys.stderr)
+        return 1
     if report.errors:
         for cell_id, reason in report.errors[:5]:
             print(f"  {cell_id}: {reason}", file=sys.stderr)

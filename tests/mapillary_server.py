@@ -76,7 +76,7 @@ BAD_TOKEN_BODY = {
 THUMB_FIELDS = ("thumb_256_url", "thumb_1024_url", "thumb_2048_url", "thumb_original_url")
 KNOWN_FIELDS = ("id", "geometry", "captured_at", "compass_angle", "sequence", "is_pano") + THUMB_FIELDS
 FAULT_KINDS = ("429", "500", "reduce", "timeout", "malformed", "drop", "truncate", "401",
-               "expired", "field", "rate", "503", "502", "504")
+               "expired", "field", "rate", "503", "502", "504", "drip", "drip-body", "huge")
 
 
 def field_body(name: str) -> dict:
@@ -105,6 +105,7 @@ class FakeImage:
     sequence: str = "seq"
     is_pano: bool = False
     dark: bool = False
+    thumb_url: str | None = None  # the search answer's thumbnail URL instead of this server's
 
 
 @dataclass
@@ -120,6 +121,8 @@ class Fault:
     status: int = 400    # "rate": the HTTP status
     backoff_ms: int | None = None  # "rate": the body's backoff field
     field: str = "thumb_1024_url"  # "field": the field refused
+    size: int = 0        # "huge": body bytes sent
+    declare: bool = False  # "huge": send a Content-Length (else the body ends when the connection closes)
 
 
 @dataclass
@@ -160,6 +163,8 @@ class MapillaryServer:
         self.thumb_size = tuple(thumb_size)
         self.images: dict[str, FakeImage] = {}
         self.hits: list[Hit] = []
+        self.arrived: dict[str, int] = {}   # requests that arrived, by kind (hits: those answered)
+        self.auth_seen: list[str] = []      # every Authorization header received, in order
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self._arrays = None  # (ids, lat, lon) cache for the bbox search
@@ -199,7 +204,8 @@ class MapillaryServer:
 
     def inject(self, kind: str, times: int = 1, target: str | None = None, retry_after=None,
                sleep: float = 1.0, ids=None, *, after: int = 0, code: int = 4, status: int = 400,
-               backoff_ms: int | None = None, field: str = "thumb_1024_url") -> None:
+               backoff_ms: int | None = None, field: str = "thumb_1024_url", size: int = 0,
+               declare: bool = False) -> None:
         """Make the next ``times`` matching requests fail with ``kind``:
 
         - ``"429"``: Too Many Requests, with ``Retry-After: retry_after`` when given
@@ -215,6 +221,12 @@ class MapillaryServer:
         - ``"rate"``: HTTP ``status`` with rate-limit code ``code`` (4, 17, 32, 613) and, when
           given, ``backoff_ms`` in the body
         - ``"503"``: Service Unavailable with code 2; ``"502"`` / ``"504"``: a proxy's HTML page
+        - ``"drip"``: a whole answer (status line, headers, body) one byte every ``sleep`` seconds;
+          ``"drip-body"``: the headers at once, then the body one byte every ``sleep`` seconds
+        - ``"huge"``: HTTP 200 with a ``size``-byte body (valid-looking JSON for the search, JPEG
+          bytes for a thumbnail), sent in 1 MiB pieces; with a Content-Length only when ``declare``
+
+        A dripping or huge answer stops as soon as the client hangs up or the server stops.
 
         ``target`` is "images" (default) or "thumb"; ``ids`` restricts thumb faults to images;
         ``after`` lets that many matching requests through before the fault starts.
@@ -225,7 +237,7 @@ class MapillaryServer:
         with self._lock:
             self._faults.append(Fault(kind, target, times, None if retry_after is None else str(retry_after),
                                       sleep, None if ids is None else frozenset(map(str, ids)), int(after),
-                                      int(code), int(status), backoff_ms, str(field)))
+                                      int(code), int(status), backoff_ms, str(field), int(size), bool(declare)))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -348,6 +360,10 @@ class _Handler(BaseHTTPRequestHandler):
         if api.latency:
             time.sleep(api.latency)
         image_id = url.path[len("/thumb/"):].rsplit(".", 1)[0] if kind == "thumb" else None
+        with api._lock:
+            api.arrived[kind] = api.arrived.get(kind, 0) + 1
+            if self.headers.get("Authorization") is not None:
+                api.auth_seen.append(self.headers["Authorization"])
         fault = api._take_fault(kind, image_id) if kind != "other" else None
         status = self._serve(kind, query, fault, image_id)
         api._record(kind, status, query, t)
@@ -401,6 +417,38 @@ class _Handler(BaseHTTPRequestHandler):
             return 0
         if k == "malformed":
             self._send(200, b'{"data": [{"id": "1", "geometry": ')
+            return 200
+        if k in ("drip", "drip-body"):
+            body = b'{"data": []}' if fault.target == "images" else thumb_jpeg("drip")
+            head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                    "Connection: close\r\n\r\n").encode()
+            self.close_connection = True
+            if k == "drip-body":
+                self.wfile.write(head)
+                head = b""
+            for b in head + body:
+                if self.api._httpd is None:
+                    break
+                self.wfile.write(bytes([b]))  # unbuffered: each byte is its own send
+                time.sleep(fault.sleep)
+            return 200
+        if k == "huge":
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json" if fault.target == "images" else "image/jpeg")
+            if fault.declare:
+                self.send_header("Content-Length", str(fault.size))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            first = b'{"data": [], "pad": "' if fault.target == "images" else thumb_jpeg("huge")
+            piece = b"x" * (1 << 20)
+            sent = 0
+            self.wfile.write(first)
+            sent += len(first)
+            while sent < fault.size and self.api._httpd is not None:
+                n = min(len(piece), fault.size - sent)
+                self.wfile.write(piece[:n])
+                sent += n
             return 200
         return None
 
@@ -456,7 +504,7 @@ class _Handler(BaseHTTPRequestHandler):
             if f == "geometry":
                 out[f] = {"type": "Point", "coordinates": [img.lon, img.lat]}
             elif f in THUMB_FIELDS:
-                out[f] = f"{base}/thumb/{img.id}.jpg"
+                out[f] = img.thumb_url or f"{base}/thumb/{img.id}.jpg"
             elif f != "id":
                 out[f] = getattr(img, f)
         return out
