@@ -42,7 +42,6 @@ from geohier import geodesy
 from geohier.errors import CellIdError, InvalidCoordinateError, InvalidLevelError
 
 MAX_LEVEL = 24  # 4**24 < 2**63: keys stay exact int64
-EARTH_RADIUS_KM = geodesy.EARTH_RADIUS_KM  # the one radius; kept here for existing callers
 DEFAULT_LEVELS = (1, 3, 5, 8)
 
 # encode() works through its points in blocks of this many, so that its temporaries
@@ -227,7 +226,7 @@ def area_km2(c: Cell) -> float:
     """
     b = bounds(c)
     dlon = math.radians(b.east - b.west)
-    return EARTH_RADIUS_KM**2 * dlon * (math.sin(math.radians(b.north)) - math.sin(math.radians(b.south)))
+    return geodesy.EARTH_RADIUS_KM**2 * dlon * (math.sin(math.radians(b.north)) - math.sin(math.radians(b.south)))
 
 
 def to_id(c: Cell, sep: str = "/") -> str:
@@ -525,7 +524,7 @@ def key_centroids(keys, level: int) -> tuple[np.ndarray, np.ndarray]:
 def key_areas_km2(keys, level: int) -> np.ndarray:
     """Spherical areas in km² of many keys."""
     w, s, e, n = key_bounds(keys, level)
-    return EARTH_RADIUS_KM**2 * np.radians(e - w) * (np.sin(np.radians(n)) - np.sin(np.radians(s)))
+    return geodesy.EARTH_RADIUS_KM**2 * np.radians(e - w) * (np.sin(np.radians(n)) - np.sin(np.radians(s)))
 
 
 def keys_to_ids(keys, level: int, sep: str = "/") -> list[str]:

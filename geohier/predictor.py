@@ -136,7 +136,7 @@ class Prediction:
         return self.levels[finest][0] if self.levels[finest] else None
 
     def to_dict(self) -> dict:
-        """The CLI's ``--json`` object (see DESIGN.md)."""
+        """The CLI's ``--json`` object (its shape: ``pipeline/predict.py``'s docstring)."""
         if self.error is not None:
             return {"image": self.image, "error": self.error}
         b = self.best

@@ -2,7 +2,8 @@
 
 A thin parser over ``geohier.predictor``: it picks the run (``--run``, a per-level set with
 ``--runs``, or the newest finished run), turns the flags into one keep rule per level, and
-prints a table or, with ``--json``, one JSON object per image and line (DESIGN.md)::
+prints a table or, with ``--json``, one JSON object per image and line
+(``geohier.predictor.Prediction.to_dict``)::
 
     {"image": "a.jpg",
      "candidates": {"1": [{"cell": "0", "prob": 0.93, "joint": 0.93, "parent": null}, ...], ...,

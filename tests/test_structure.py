@@ -1,6 +1,6 @@
 """The shape of the code: the import graph of geohier/, pipeline/ and views/ (every import,
 at module level or inside a function) has no circle, and the library imports neither the
-CLI steps nor the pages (../shared/DESIGN.md, "Layers")."""
+CLI steps nor the pages (the README's "Layout")."""
 
 from __future__ import annotations
 
