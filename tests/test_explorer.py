@@ -62,10 +62,15 @@ def test_explorer_caches_val_logits_and_matches_evaluate(ws):
     assert geo["rule"] == "hierarchical" and geo["n"] == mine["rows"]
     for k in ("acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "median_km", "mean_km", "geoscore"):
         assert mine[k] == pytest.approx(geo[k], abs=1e-6), k
-    # a changed split makes the cache stale
+    # a relabelled manifest leaves the run's own val split (and so the cache) as it was
     with ws.manifest() as m:
         first_val = int(m.frame(["id"], where="split = 'val'")["id"].iloc[0])
         m.set_splits({first_val: "train"})
+    assert has_cache(predictor, ws)
+    # the run's val split changed (here: its file replaced by the manifest's new one): stale
+    from geohier import splits
+
+    splits.attach(run, splits.current(ws), ws)
     assert not has_cache(predictor, ws)
     assert Explorer.for_predictor(predictor, ws).val.rows == 11
 

@@ -46,7 +46,11 @@ def test_cli_writes_hierarchy_and_splits(ws, make_jpeg, monkeypatch, capsys):
     assert h.cells(1) == ["1", "3"]  # "2" has one image < 2
     assert h.cells(2) == ["1/0", "1/2", "3/0"]
     assert h.min_images == {1: 2, 2: 1}
-    assert h.splits == {"train": 0.8, "val": 0.1, "test": 0.1, "seed": 3}
+    from geohier import splits
+
+    version = splits.current(ws)  # the split version: recorded in hierarchy.json and kept in data/splits/
+    assert h.splits == {"train": 0.8, "val": 0.1, "test": 0.1, "seed": 3, "hash": version.hash}
+    assert splits.recorded(ws, version.hash).hash == version.hash and version.info["seed"] == 3
     assert h.images == 10
     with ws.manifest() as m:
         df = m.frame(["id", "sequence_id", "split"])
