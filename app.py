@@ -1,6 +1,8 @@
 """geohier dashboard: `streamlit run app.py`.
 
 Navigation and the home page. Every other page is a thin script in views/ (not pages/: Streamlit would also treat that folder as its older page list).
+Icons are emoji, not ``:material/...`` names: a Material page icon makes every browser fetch it
+from fonts.gstatic.com, and the dashboard makes no off-host request (tests/test_browser.py).
 """
 
 import streamlit as st
@@ -9,7 +11,7 @@ from geohier.runs import list_runs
 from pipeline.quickstart import next_step
 from views._common import manifest_summary, manifest_version, workspace
 
-st.set_page_config(page_title="geohier", page_icon=":material/public:", layout="wide")
+st.set_page_config(page_title="geohier", page_icon="🌍", layout="wide")
 
 
 def home() -> None:
@@ -33,11 +35,11 @@ def home() -> None:
 
 
 pages = [
-    st.Page(home, title="Home", icon=":material/home:", default=True),
-    st.Page("views/coverage.py", title="Coverage", icon=":material/map:"),
-    st.Page("views/data.py", title="Data", icon=":material/bar_chart:"),
-    st.Page("views/train.py", title="Train", icon=":material/model_training:"),
-    st.Page("views/accuracy.py", title="Accuracy", icon=":material/target:"),
-    st.Page("views/predict.py", title="Predict", icon=":material/location_on:"),
+    st.Page(home, title="Home", icon="🏠", default=True),
+    st.Page("views/coverage.py", title="Coverage", icon="🗺️"),
+    st.Page("views/data.py", title="Data", icon="📊"),
+    st.Page("views/train.py", title="Train", icon="🏋️"),
+    st.Page("views/accuracy.py", title="Accuracy", icon="🎯"),
+    st.Page("views/predict.py", title="Predict", icon="📍"),
 ]
 st.navigation(pages).run()

@@ -3,6 +3,8 @@
 Used by tests/test_browser.py. The server runs over a temporary workspace on a free
 loopback port; Chromium is Debian's (/usr/bin/chromium) through Playwright, started with
 the flags this offline machine needs. Screenshots of failing pages go to test-output/.
+Every page aborts and records any request that would leave 127.0.0.1 (``new_page``): the
+dashboard makes no off-host request (fonts, icons, CDN scripts, tiles).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "test-output"
@@ -39,18 +42,58 @@ def chromium():
             b.close()
 
 
+#: Hosts a page may talk to: the dashboard's own server. Everything else is off-host.
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+#: URL schemes that never leave the browser.
+LOCAL_SCHEMES = {"data", "blob", "about"}
+
+
+def is_off_host(url: str) -> bool:
+    """True when a request to ``url`` would leave the machine (any host but loopback).
+
+    >>> [is_off_host(u) for u in ("http://127.0.0.1:8501/x", "ws://localhost/s", "http://[::1]:1/",
+    ...                           "data:image/svg+xml,<svg/>", "https://fonts.gstatic.com/s/i.svg")]
+    [False, False, False, False, True]
+    """
+    parts = urlsplit(url)
+    if parts.scheme in LOCAL_SCHEMES:
+        return False
+    return (parts.hostname or "") not in LOCAL_HOSTS
+
+
 def new_page(browser, request, width: int, height: int):
     """A page in a fresh context that records failed requests (``page.failed_requests``)
-    and leaves a screenshot when the test using it fails (a page fixture's body)."""
+    and every request that leaves 127.0.0.1 (``page.off_host_requests``: aborted, and the
+    test fails at teardown if there was any), and leaves a screenshot when the test using
+    it fails (a page fixture's body)."""
     context = browser.new_context(viewport={"width": width, "height": height})
+    off_host: list[str] = []
+
+    def guard(route):  # every request of the context, its frames and workers included
+        if is_off_host(route.request.url):
+            if route.request.url not in off_host:
+                off_host.append(route.request.url)
+            route.abort("blockedbyclient")
+        else:
+            route.continue_()
+
+    context.route("**/*", guard)
+    context.on("request", lambda r: is_off_host(r.url) and r.url not in off_host and off_host.append(r.url))
     pg = context.new_page()
     pg.failed_requests = []
+    pg.off_host_requests = off_host
     pg.on("requestfailed", lambda r: pg.failed_requests.append(f"{r.url} {r.failure}"))
     yield pg
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         screenshot(pg, f"failed-{request.node.name}")
     context.close()
+    assert not off_host, f"requests that left 127.0.0.1: {off_host}"
+
+
+def assert_no_off_host_requests(page) -> None:
+    """Fail when the page (or any frame of it) asked for anything but the local server."""
+    assert not page.off_host_requests, f"requests that left 127.0.0.1: {page.off_host_requests}"
 
 
 def free_port() -> int:

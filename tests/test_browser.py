@@ -1,6 +1,7 @@
 """The dashboard in a real browser: every page opens through the navigation without an
-exception box, and the Coverage map really draws offline (Leaflet paths in its frame, no
-failed script requests)."""
+exception box, no page asks for anything but the local server (the page factory aborts and
+records every request that leaves 127.0.0.1), and the Coverage map really draws offline
+(Leaflet paths in its frame, no failed script requests)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from browser import CHROMIUM, chromium, exception_texts, new_page, screenshot, streamlit_server, wait_for_app  # noqa: E402
+from browser import (  # noqa: E402
+    CHROMIUM,
+    assert_no_off_host_requests,
+    chromium,
+    exception_texts,
+    new_page,
+    screenshot,
+    streamlit_server,
+    wait_for_app,
+)
 from conftest import jpeg_bytes  # noqa: E402
 
 from geohier.workspace import Workspace  # noqa: E402
@@ -77,6 +87,27 @@ def test_every_page_opens_without_exception(app, page):
         if errors:
             problems[title] = (errors, shot)
     assert not problems, problems
+    assert_no_off_host_requests(page)
+
+
+def test_no_page_makes_an_off_host_request(app, page):
+    """Every page by its own URL, as a fresh visit loads it (fonts, icons, scripts, maps):
+    nothing but 127.0.0.1 is asked for; the tab icon is inline (an emoji's data: SVG), not
+    a Material icon from fonts.gstatic.com."""
+    url, _ = app
+    seen = []
+    page.on("request", lambda r: seen.append(r.url))
+    for path in ("", "/coverage", "/data", "/train", "/accuracy", "/predict"):
+        page.goto(url + path)
+        wait_for_app(page)
+        if path in ("", "/coverage", "/data"):
+            page.wait_for_timeout(1500)  # the maps' frames load their own documents
+        assert_no_off_host_requests(page)
+    icon = page.evaluate("() => document.querySelector(\"link[rel='shortcut icon']\").href")
+    assert icon.startswith("data:image/svg+xml"), icon
+    assert any(u.startswith(url) for u in seen) and not page.off_host_requests
+    nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
+    assert "🏠" in nav and "📍" in nav  # the emoji icons
 
 
 def test_home_shows_workspace(app, page):
@@ -175,3 +206,4 @@ def test_coverage_map_draws_offline(app, page):
     script_failures = [r for r in page.failed_requests if ".js" in r or ".css" in r]
     assert not script_failures, script_failures
     assert not exception_texts(page)
+    assert_no_off_host_requests(page)

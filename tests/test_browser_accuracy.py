@@ -22,6 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from browser import (  # noqa: E402
     CHROMIUM,
+    assert_no_off_host_requests,
     chromium,
     dataframe_backgrounds,
     dataframe_rows,
@@ -180,6 +181,7 @@ def test_leaderboard_rows_figures_and_best_marking(app, page):
     assert (names.index(SYSTEM), col["GeoScore"]) in marked and (names.index(RUN), col["median km"]) in marked
     assert not exception_texts(page), exception_texts(page)
     screenshot(page, "accuracy-leaderboard")
+    assert_no_off_host_requests(page)
 
 
 def map_frame(page, text: str, selector: str, tries: int = 120):
@@ -255,3 +257,4 @@ def test_error_map_and_cell_hit_map_draw(app, page):
     script_failures = [r for r in page.failed_requests if ".js" in r or ".css" in r]
     assert not script_failures, script_failures
     assert not exception_texts(page), exception_texts(page)
+    assert_no_off_host_requests(page)
