@@ -535,6 +535,8 @@ class _Watched:
     def _get_conn(self, timeout=None):
         conn = super()._get_conn(timeout)
         _watch(conn)
+        if getattr(conn, "sock", None) is not None:  # kept alive: the response may take this socket over
+            _watch(conn.sock)
         return conn
 
 

@@ -63,7 +63,8 @@ class Task:
         self.done, self.total = int(done), int(total)
 
     def cancel(self) -> None:
-        """Ask the task to stop (a fetch stops after the cells in flight)."""
+        """Ask the task to stop (a fetch cuts its requests in flight at once, also a blocked
+        read, and logs the unfinished cells partial)."""
         self.stop.set()
 
     def join(self, timeout: float | None = None) -> bool:
@@ -168,12 +169,17 @@ def start_fetch(runner: TaskRunner, ws: Workspace, spec: str, level: int, per_ce
     CellSelection such as an uploaded list) at ``level``
     in the background. The options are checked first: a bad one, no token (neither given
     nor in MAPILLARY_ACCESS_TOKEN) or a selection too large is a GeohierError and starts nothing;
-    no matching cell ends the task failed."""
-    from pipeline.fetch import FetchOptions, read_token
-    from pipeline.fetch_cells import parse_cells
+    no matching cell ends the task failed.
 
-    token = (token or "").strip() or read_token()
+    The token typed on the page goes to any API URL; without one, the server's own
+    MAPILLARY_ACCESS_TOKEN is used only for the official API over https
+    (``pipeline.mapillary.page_token``): another URL is refused before any request."""
+    from pipeline.fetch import FetchOptions
+    from pipeline.fetch_cells import parse_cells
+    from pipeline.mapillary import page_token
+
     options = FetchOptions(per_cell=int(per_cell), api_url=str(api_url).strip()).validate()
+    token = page_token(token, options.api_url)
     # Only checked and sized here (any text: a selection or one line; no path is read): the
     # list itself is built in the task, where the page's Stop can end it.
     cells = parse_cells(spec, int(level), files=False)

@@ -667,3 +667,278 @@ def test_cli_rejects_bad_values(ws, monkeypatch, capsys):
         _main(["fetch", "--thumb", "512"], monkeypatch)
     with pytest.raises(CellIdError):
         F.fetch(ws, ["0/7"], F.FetchOptions(), TOKEN)
+
+
+# ------------------------------------------------------------------ bounds (issue 16): time, size, hosts
+
+
+def test_a_dripping_api_answer_is_cut_at_the_deadline(ws, srv):
+    srv.seed_cells([box(SMALL)], per_cell=2)
+    srv.inject("drip", times=-1, sleep=0.2)  # ~110 bytes: 20 s if the client read it all
+    report = F.fetch(ws, [SMALL], opts(srv, timeout_s=1, retries=0), TOKEN)
+    st = log(ws)[SMALL]
+    assert report.error == 1 and st["status"] == "error"
+    assert "timed out after 1 s (gave up after 1 attempts)" in st["error"]
+    assert srv.arrived["images"] == 1 and not srv.hits_of("images")  # cut before the answer ended
+
+
+def test_a_dripping_thumbnail_body_is_cut_at_the_deadline(ws, srv):
+    srv.seed_cells([box(SMALL)], per_cell=2)
+    srv.inject("drip-body", times=-1, target="thumb", sleep=0.2)  # headers at once, then 0.2 s a byte
+    report = F.fetch(ws, [SMALL], opts(srv, timeout_s=1, retries=0), TOKEN)
+    st = log(ws)[SMALL]
+    assert report.error == 1 and "timed out after 1 s" in st["error"] and len(rows(ws)) == 0
+
+
+def test_cli_drip_ends_with_one_error_line(ws, srv, monkeypatch, capsys):
+    srv.seed_cells([box(SMALL)], per_cell=2)
+    srv.inject("drip", times=-1, sleep=0.2)
+    monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", TOKEN)
+    code = _main(["fetch", "--cells", SMALL, "--api-url", srv.url, "--timeout", "1", "--retries", "0"],
+                 monkeypatch)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower() and "errors=" not in line]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("error: 1 cell(s) ended in error (") and "timed out after 1 s" in errors[0]
+
+
+def test_stop_cuts_a_blocked_read(ws, srv):
+    srv.seed_cells([box(SMALL)], per_cell=2)
+    srv.inject("drip-body", times=-1, target="thumb", sleep=1.0)
+    stop = threading.Event()
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(
+        F.fetch(ws, [SMALL], opts(srv, timeout_s=600, retries=0), TOKEN, stop_event=stop)))
+    t.start()
+    _wait_until(lambda: srv.arrived.get("thumb", 0) >= 1)
+    stop.set()
+    t.join(30)    # a bound for the test: without the cut, the read lasts ~1,300 s
+    assert not t.is_alive() and done[0].stopped and done[0].partial == 1
+    assert log(ws).get(SMALL, {"status": "partial"})["status"] == "partial" and len(rows(ws)) == 0
+
+
+def test_the_pages_stop_ends_a_fetch_task_in_a_blocked_read(ws, srv, monkeypatch):
+    from pipeline import tasks
+
+    monkeypatch.delenv("MAPILLARY_ACCESS_TOKEN", raising=False)
+    srv.seed_cells([box(SMALL)], per_cell=2)
+    srv.inject("drip-body", times=-1, sleep=1.0)   # the search answer, at a byte a second
+    runner = tasks.TaskRunner()
+    task = tasks.start_fetch(runner, ws, SMALL, 12, 10, srv.url, token=TOKEN)
+    _wait_until(lambda: srv.arrived.get("images", 0) >= 1)
+    assert task.running
+    task.cancel()
+    assert task.join(30), "the task still runs"    # FetchOptions' timeout is 30 s: cut well before
+    assert task.state == tasks.STOPPED, task.error
+    assert "0 images kept" in task.result and "1 unfinished" in task.result
+
+
+def _wait_until(cond, timeout: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "condition not met"
+        time.sleep(0.02)
+
+
+CLI_SIGINT = ("import signal, sys, pipeline.cli as c; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "c.COMMAND_MODULES = ('pipeline.fetch',); sys.exit(c.main(sys.argv[1:]))")
+
+
+def test_ctrl_c_ends_a_cli_fetch_keeping_finished_cells(ws, srv):
+    first, second = F.sort_cells([SMALL, "0/1/2/3/0/1/2/3/0/1/2/2"])
+    keep = srv.seed_cells([box(first)], per_cell=2, prefix="a")
+    drip = srv.seed_cells([box(second)], per_cell=2, prefix="b")
+    srv.inject("drip-body", times=-1, target="thumb", sleep=1.0, ids=[i.id for i in drip])
+    env = dict(os.environ, MAPILLARY_ACCESS_TOKEN=TOKEN, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLI_SIGINT, "--data", str(ws.data_dir), "--models", str(ws.models_dir), "fetch",
+         "--cells", f"{first},{second}", "--api-url", srv.url, "--concurrency", "1", "--timeout", "600"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_until(lambda: srv.arrived.get("thumb", 0) > len(keep) or proc.poll() is not None)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)    # the dripping thumbnail alone would take ~1,300 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    st = log(ws)
+    assert st[first]["status"] == "done" and st[first]["kept"] == 2 and len(rows(ws)) == 2
+    assert st.get(second, {"status": "partial"})["status"] == "partial"
+    assert TOKEN not in out + err
+
+
+@pytest.mark.parametrize("declare", [True, False])
+def test_a_huge_api_answer_is_refused_not_read_whole(ws, srv, declare):
+    srv.seed_cells([box(SMALL)], per_cell=2)
+    srv.inject("huge", times=-1, size=6 << 20, declare=declare)
+    report = F.fetch(ws, [SMALL], opts(srv, max_json_mb=1, retries=3, timeout_s=10), TOKEN)
+    st = log(ws)[SMALL]
+    assert st["status"] == "error" and "over the 1 MB cap" in st["error"]
+    assert report.retries == 0 and srv.arrived["images"] == 1   # not retried
+
+
+def test_a_huge_thumbnail_is_skipped_and_counted(ws, srv):
+    srv.seed_cells([box(SMALL)], per_cell=3, spacing_m=300)
+    first = next(iter(srv.images))
+    srv.inject("huge", times=-1, target="thumb", size=3 << 20, ids=[first])
+    report = F.fetch(ws, [SMALL], opts(srv, max_thumb_mb=1, timeout_s=10), TOKEN)
+    assert report.filtered == {"thumbnail over the size cap": 1}
+    assert len(rows(ws)) == 2 and first not in set(rows(ws)["source_id"])
+    assert log(ws)[SMALL]["status"] == "done"
+
+
+FOREIGN = ["http://10.255.255.1/t.jpg", "https://evil.example/t.jpg", "https://scontent.xx.fbcdn.net.evil.com/t.jpg",
+           "http://scontent.xx.fbcdn.net/t.jpg", "https://scontent.xx.fbcdn.net:8443/t.jpg",
+           "https://u:p@scontent.xx.fbcdn.net/t.jpg", "file:///etc/passwd", "http://localhost/t.jpg"]
+
+
+def test_thumbnails_on_foreign_hosts_are_skipped_and_counted(ws, srv):
+    with MapillaryServer(token=TOKEN) as other:       # another loopback port: foreign too
+        urls = FOREIGN + [f"{other.url}/thumb/x.jpg"]
+        lat, lon = center(SMALL)
+        for k, url in enumerate(urls):
+            srv.add_image(f"f{k}", *offset_m(lat, lon, north_m=150 * k - 600), thumb_url=url)
+        srv.add_image("mine", *offset_m(lat, lon, east_m=900))
+        report = F.fetch(ws, [SMALL], opts(srv), TOKEN)
+        assert other.arrived == {}
+    assert report.filtered == {"thumbnail on a foreign host": len(urls)}
+    assert report.thumb_requests == 1 and list(rows(ws)["source_id"]) == ["mine"]
+    assert srv.arrived == {"images": 1, "thumb": 1}
+
+
+def test_thumb_hosts_rule():
+    ok = ["https://scontent-cph2-1.xx.fbcdn.net/m1/v/t6/An-Z8?stp=s1024x768&ccb=10-5",
+          "https://scontent.fopo5-1.fna.fbcdn.net/m1/v/t6/An9s.jpg", "https://SCONTENT.XX.FBCDN.NET./x"]
+    for url in ok:
+        assert M.thumb_host_ok(url, M.DEFAULT_API), url
+    for url in FOREIGN + ["http://127.0.0.1:8080/t.jpg", "https://graph.mapillary.com.evil.com/x"]:
+        assert not M.thumb_host_ok(url, M.DEFAULT_API), url
+    # loopback only when the API URL is loopback, and then only its own host and port
+    assert M.thumb_host_ok("http://127.0.0.1:8080/thumb/1.jpg", "http://127.0.0.1:8080")
+    assert not M.thumb_host_ok("http://127.0.0.1:8081/thumb/1.jpg", "http://127.0.0.1:8080")
+    assert not M.thumb_host_ok("http://localhost:8080/thumb/1.jpg", "https://mirror.example")
+    assert M.is_loopback("http://127.0.0.1:8080") and M.is_loopback("http://[::1]:80")
+    assert not M.is_loopback(M.DEFAULT_API)
+
+
+def test_redirects_are_not_followed(ws, srv):
+    import http.server
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", f"{srv.url}/images?bbox=0,0,0.01,0.01")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        F.fetch(ws, [SMALL], opts(srv, api_url=url), TOKEN)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "HTTP 302" in log(ws)[SMALL]["error"] and srv.arrived == {}   # the token went nowhere else
+
+
+# ------------------------------------------------------------------ where the token goes (issue 16)
+
+ENV_TOKEN = "MLY|999|server-own-SECRET-token"
+
+
+def test_page_token_rule(monkeypatch):
+    env = {"MAPILLARY_ACCESS_TOKEN": ENV_TOKEN}
+    assert M.page_token("", M.DEFAULT_API, env) == ENV_TOKEN
+    assert M.page_token("", "https://graph.mapillary.com/", env) == ENV_TOKEN
+    assert M.page_token(" MLY|1|typed ", "http://127.0.0.1:9", env) == "MLY|1|typed"
+    for url in ("http://graph.mapillary.com", "https://graph.mapillary.com:8443", "https://evil.example",
+                "https://graph.mapillary.com@evil.example", "https://graph.mapillary.com.evil.example",
+                "https://user:pw@graph.mapillary.com", "http://127.0.0.1:9", "not a url"):
+        with pytest.raises(M.TokenError) as exc:
+            M.page_token("", url, env)
+        assert ENV_TOKEN not in str(exc.value) and "graph.mapillary.com" in str(exc.value)
+    with pytest.raises(M.TokenError, match="type one"):
+        M.page_token("", M.DEFAULT_API, {})
+
+
+def test_the_servers_token_never_goes_to_a_custom_url_from_the_page(ws, srv, monkeypatch):
+    from geohier.errors import GeohierError
+    from pipeline import tasks
+
+    monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", ENV_TOKEN)
+    srv.seed_cells([box(SMALL)], per_cell=2)
+    runner = tasks.TaskRunner()
+    with pytest.raises(GeohierError) as exc:
+        tasks.start_fetch(runner, ws, SMALL, 12, 10, srv.url, token="")
+    assert "only sent to https://graph.mapillary.com" in str(exc.value) and ENV_TOKEN not in str(exc.value)
+    assert runner.get(tasks.task_key(ws, "fetch")) is None and srv.arrived == {} and srv.auth_seen == []
+    # a token typed on the page goes to the custom URL; the server's never does
+    task = tasks.start_fetch(runner, ws, SMALL, 12, 10, srv.url, token="MLY|5|typed-on-page")
+    assert task.join(60) and task.state == tasks.FAILED and "rejected the access token" in task.error
+    assert srv.auth_seen == ["OAuth MLY|5|typed-on-page"]
+    srv.token = "MLY|5|typed-on-page"
+    task = tasks.start_fetch(runner, ws, SMALL, 12, 10, srv.url, token="MLY|5|typed-on-page")
+    assert task.join(60) and task.state == tasks.DONE and "2 images kept" in task.result
+    assert all(ENV_TOKEN.split("|")[2] not in a for a in srv.auth_seen)
+    for t in (task.label(), task.result, task.error, task.detail, repr(task)):
+        assert "typed-on-page" not in t and ENV_TOKEN not in t
+
+
+def test_cli_says_which_token_goes_to_which_host(ws, srv, monkeypatch, capsys, tmp_path):
+    srv.seed_cells([box(SMALL)], per_cell=1)
+    monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", TOKEN)
+    assert _main(["fetch", "--cells", SMALL, "--api-url", srv.url + "/"], monkeypatch) == 0
+    cap = capsys.readouterr()
+    assert (f"fetch: sending the access token from $MAPILLARY_ACCESS_TOKEN to {srv.url} "
+            "(not the official Mapillary API)") in cap.err
+    tok = tmp_path / "tok.txt"
+    tok.write_text(TOKEN + "\n")
+    monkeypatch.delenv("MAPILLARY_ACCESS_TOKEN")
+    assert _main(["fetch", "--cells", SMALL, "--api-url", srv.url, "--token-file", str(tok)], monkeypatch) == 0
+    cap2 = capsys.readouterr()
+    assert f"sending the access token from --token-file {tok} to {srv.url}" in cap2.err
+    assert TOKEN not in cap.out + cap.err + cap2.out + cap2.err and set(srv.auth_seen) == {f"OAuth {TOKEN}"}
+
+
+def test_the_token_is_in_no_output_file_row_or_message(ws, srv, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    srv.seed_cells([box(CELL)], per_cell=3, spacing_m=400)
+    ids = list(srv.images)
+    srv.inject("drip", times=1, sleep=0.3)     # cut at the deadline, then retried
+    srv.inject("huge", times=-1, target="thumb", size=2 << 20, ids=ids[:1])
+    srv.inject("500", times=-1, target="thumb", ids=ids[1:2])
+    srv.add_image("far", *center(CELL), thumb_url="https://evil.example/x.jpg")
+    messages = []
+    o = opts(srv, timeout_s=1, max_json_mb=1, max_thumb_mb=1, retries=1)
+    report = F.fetch(ws, [CELL], o, TOKEN)
+    assert report.retries >= 2 and report.filtered["thumbnail over the size cap"] == 1
+    assert report.filtered["thumbnail on a foreign host"] == 1 and log(ws)[CELL]["status"] == "error"
+    srv.inject("huge", times=1, size=2 << 20)
+    report2 = F.fetch(ws, [SMALL], o, TOKEN)
+    messages += [report.summary(), repr(report.to_dict()), report2.summary(), repr(report2.to_dict())]
+    srv.inject("expired", times=-1)
+    with pytest.raises(M.TokenError) as exc:
+        F.fetch(ws, [SMALL], opts(srv), TOKEN)
+    messages += [str(exc.value), repr(exc.value)]
+    client = F.FetchOptions(api_url=srv.url).client(TOKEN)
+    messages += [repr(client), repr(F.FetchOptions(api_url=srv.url))]
+    client.close()
+    cap = capsys.readouterr()
+    text = "\n".join(messages) + cap.out + cap.err + caplog.text
+    with ws.manifest() as m:
+        for table in ("images", "fetch_log", "fetch_progress"):
+            text += repr(m.conn.execute(f"SELECT * FROM {table}").fetchall())  # noqa: S608 (fixed names)
+    assert TOKEN not in text and "s3cr3t" not in text
+    for root in (ws.data_dir, ws.models_dir):
+        for path in Path(root).rglob("*"):
+            if path.is_file():
+                assert b"s3cr3t" not in path.read_bytes(), path

@@ -137,7 +137,9 @@ with st.expander("Get images: the offline demo world or Mapillary", expanded=sum
         _task_panel(ws, "demo")
     with fetch_tab:
         st.write("Images from the Mapillary API v4 for the chosen cells. The token is used for this fetch "
-                 "only: it is not shown, stored or logged. Leave it empty to use MAPILLARY_ACCESS_TOKEN.")
+                 "only: it is not shown, stored or logged. Leave it empty to use the server's "
+                 "MAPILLARY_ACCESS_TOKEN, which is only ever sent to https://graph.mapillary.com: another "
+                 "API URL needs a token typed here.")
         st.text_input("Mapillary access token", type="password", key="fetch_token")
         c1, c2, c3 = st.columns(3)
         spec = c1.text_input("Cells", value="land", max_chars=fetch_cells.MAX_TEXT_CHARS,
@@ -147,7 +149,8 @@ with st.expander("Get images: the offline demo world or Mapillary", expanded=sum
         cells_file = st.file_uploader("Or a file of cell ids, one per line", type=["txt", "csv"],
                                       max_upload_size=fetch_cells.MAX_FILE_BYTES // 2**20, key="fetch_cells_file")
         spec = _cells_field(spec, int(fetch_level), cells_file)
-        api_url = st.text_input("API URL", value="https://graph.mapillary.com")
+        api_url = st.text_input("API URL", value="https://graph.mapillary.com",
+                                help="another URL (a mirror) only with a token typed above")
         st.button("Start the fetch", on_click=_start_fetch,
                   args=(ws, spec, int(fetch_level), int(per_cell), api_url))
         if st.session_state.get("fetch_error"):
