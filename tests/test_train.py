@@ -228,7 +228,17 @@ def test_resume_continues_the_epoch_count_and_refuses_a_changed_hierarchy(tmp_pa
     state = json.loads((run / "train_state.json").read_text())
     assert state["epoch"] == 1 and state["step"] == 1
     assert state["scheduler"] == {"last_epoch": 1, "base_lrs": [2e-3, 2e-3]}
+    # the run owns its split: a relabel of the manifest in between does not move it
+    from geohier import splits
+
+    own = splits.of_run(run, ws)
+    assert own.hash == json.loads((run / "config.json").read_text())["split"]["hash"]
+    assert own.counts() == {"train": 20, "val": 4, "test": 0}
+    with ws.manifest() as m:
+        m.conn.execute("UPDATE images SET split = 'val'")
     T.resume(ws, run, epochs=2)
+    assert splits.of_run(run, ws).hash == own.hash != splits.current(ws).hash
+    assert load_run(run)[1]["split"]["hash"] == own.hash
     assert [m["epoch"] for m in metrics(run)] == [1, 2]
     assert status(run)["state"] == "done" and status(run)["epoch"] == 2
     assert json.loads((run / "train_state.json").read_text())["step"] == 2
