@@ -267,3 +267,43 @@ def test_cells_field_sizes_the_selection_and_refuses_all_at_level_12(ws, monkeyp
     next(n for n in at.number_input if n.label == "Level of the cells").set_value(9).run()
     assert any("all at level 9: 262,144 cells" in c.value for c in at.caption)
     assert not [e for e in at.error if e.value.startswith("Cells:")]
+
+
+# --------------------------------------------------------------------------- the server's token (issue 16)
+
+
+def test_a_custom_api_url_from_the_page_never_gets_the_servers_token(ws, monkeypatch):
+    import sys
+    import threading
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from mapillary_server import MapillaryServer
+
+    from geohier import grid
+
+    server_token = "MLY|31337|server-own-secret"
+    monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", server_token)
+    cell = "0/1/2/3/0/1/2/3/0/1/2/3"  # level 12: one sub-box
+    with MapillaryServer(token=server_token) as srv:  # it would even accept the server's token
+        srv.seed_cells([grid.bounds(grid.from_id(cell))], per_cell=2, spacing_m=200)
+        at = _page().run()
+        assert any("only ever sent to https://graph.mapillary.com" in m.value for m in at.markdown)
+        next(t for t in at.text_input if t.label == "Cells").set_value(cell)
+        next(n for n in at.number_input if n.label == "Level of the cells").set_value(12)
+        next(t for t in at.text_input if t.label == "API URL").set_value(srv.url)
+        at.run()
+        next(b for b in at.button if b.label == "Start the fetch").click().run()
+        assert not at.exception
+        assert not any(t.name == "geohier-fetch" for t in threading.enumerate())  # nothing started
+        errors = [e.value for e in at.error]
+        assert any("only sent to https://graph.mapillary.com" in e and "type a token" in e for e in errors), errors
+        assert srv.arrived == {} and srv.auth_seen == []       # no request at all, so no Authorization
+        # the same URL with a token typed on the page: that token, and only it, goes there
+        at.text_input(key="fetch_token").input("MLY|8|typed-here").run()
+        next(b for b in at.button if b.label == "Start the fetch").click().run()
+        _wait_for_thread("geohier-fetch")
+        at.run()
+        assert not at.exception
+        assert srv.auth_seen and set(srv.auth_seen) == {"OAuth MLY|8|typed-here"}
+    page = " ".join(str(getattr(el, "value", "")) for el in at.main) + repr(at.session_state)
+    assert server_token not in page and "server-own-secret" not in page and "typed-here" not in page
