@@ -154,6 +154,24 @@ def test_run_without_eval_gets_a_button(ws):
     assert at.dataframe  # the km table of the new evaluation
 
 
+def test_a_run_whose_split_is_gone_is_refused_on_the_page(ws):
+    """After a relabel, a run whose own split file is gone is not scored on the new split:
+    the Evaluate button shows the reason, writes nothing."""
+    from test_evaluate import make_tiny_run
+
+    from geohier import splits
+
+    run = make_tiny_run(ws, "tiny")
+    own = splits.of_run(run, ws)
+    (run / "split.safetensors").unlink()
+    splits.store_path(ws, own.hash).unlink()
+    at = _page().run()
+    at = next(b for b in at.button if b.label == "Evaluate").click().run()
+    assert not at.exception, at.exception
+    assert any(f"trained on split {own.hash[:12]}, whose file is gone" in e.value for e in at.error)
+    assert not (run / "eval.json").exists()
+
+
 def _board(ws):
     from geohier.leaderboard import Leaderboard
 
