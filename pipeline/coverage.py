@@ -2,7 +2,8 @@
 
 Prints how many cells are ocean, land without images and land with images; ``--html``
 writes the Coverage page's map as a standalone file that opens offline; ``--csv`` writes
-the table of cells. The work is ``geohier.geography.coverage_table`` and
+the table of cells (both atomically, through a symbolic link to its target; a directory,
+FIFO or device is refused). The work is ``geohier.geography.coverage_table`` and
 ``geohier.maps.coverage_map``, which the page calls too.
 """
 
@@ -12,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from geohier import geography, grid, maps
-from geohier.workspace import Workspace, atomic_write_text
+from geohier.fileio import atomic_write_text, write_target
+from geohier.workspace import Workspace
 
 DEFAULT_LEVEL = 8
 
@@ -20,7 +22,11 @@ DEFAULT_LEVEL = 8
 def write_outputs(ws: Workspace, level: int, html: str | Path | None = None,
                   csv: str | Path | None = None) -> dict[str, int]:
     """Compute the coverage table of ``level``, write the optional HTML map and CSV, and
-    return the cells per status."""
+    return the cells per status. An output that is a directory, FIFO or device is refused
+    (InputError) before any work; a symbolic link is written through to its target."""
+    for path in (html, csv):
+        if path:
+            write_target(path)
     table = geography.coverage_table(ws, level)
     if html:
         atomic_write_text(Path(html), maps.offline_html(maps.coverage_map(table, level)))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +239,111 @@ def test_fetch_log_upserts(ws):
         status = m.fetch_status()
     assert status["0/1"]["status"] == "done" and status["0/1"]["kept"] == 12
     assert status["0/1"]["error"] is None and status["0/2"]["found"] == 0
+
+
+# ------------------------------------------------------------------ concurrent writers
+
+
+def test_store_image_spares_a_concurrent_writers_temp_file_and_removes_a_stale_one(ws):
+    data = b"same bytes, two importers"
+    sha = sha256_bytes(data)
+    folder = ws.images_dir / sha[:2]
+    folder.mkdir(parents=True)
+    theirs = folder / f".{sha}.jpg.99999-1-abcd.tmp"      # another import, mid-write
+    stale = folder / f".{sha}.jpg.88888-1-dead.tmp"       # an import killed long ago
+    theirs.write_bytes(data[:5])
+    stale.write_bytes(data[:3])
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    with ws.manifest() as m:
+        assert m.store_image(data, "jpg", source="photos", lat=1.0, lon=2.0) is not None
+    assert theirs.read_bytes() == data[:5] and not stale.exists()
+    assert (folder / f"{sha}.jpg").read_bytes() == data
+
+
+def _noisy_photo(path: Path, lat: float, lon: float, seed: int) -> None:
+    # noise makes a ~40 KB JPEG: long enough to write that two importers overlap
+    from conftest import _dms
+    from PIL import Image
+
+    img = Image.frombytes("RGB", (256, 192), np.random.default_rng(seed).bytes(256 * 192 * 3))
+    exif = Image.Exif()
+    exif[0x8825] = {1: "N" if lat >= 0 else "S", 2: _dms(lat), 3: "E" if lon >= 0 else "W", 4: _dms(lon)}
+    img.save(path, "JPEG", exif=exif.tobytes())
+
+
+def test_two_concurrent_import_photos_both_succeed_and_add_every_image_once(ws, tmp_path):
+    # Before one temp name per writer, one of the two failed ("No such file or directory:
+    # .../.<sha>.jpg.<random>.tmp") in 2 of 3 tries: store_image deleted the other's temp file.
+    from conftest import ROOT
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    n = 40
+    for i in range(n):
+        _noisy_photo(photos / f"p{i:02d}.jpg", -40.5 + 2 * i, -100.5 + 5 * i, seed=i)
+    env = {**os.environ, "GEOHIER_DATA": str(ws.data_dir), "GEOHIER_MODELS": str(ws.models_dir)}
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "import-photos", str(photos)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all("Traceback" not in err for _, err in outs)
+    with ws.manifest() as m:
+        df = m.frame(["sha256", "path", "source_id"])
+    assert len(df) == n and df.sha256.nunique() == n and df.source_id.nunique() == n
+    files = sorted(p for p in ws.images_dir.rglob("*") if p.is_file() or p.name.startswith("."))
+    assert len(files) == n and not [p for p in files if p.name.endswith(".tmp")]
+    assert sorted(str(ws.data_dir / p) for p in df.path) == sorted(map(str, files))
+
+
+# ------------------------------------------------------------------ output paths (coverage --csv)
+
+
+def test_coverage_csv_writes_through_a_symlink(ws, tmp_path, capsys):
+    from pipeline.cli import main as cli_main
+
+    real = tmp_path / "out" / "cells.csv"
+    real.parent.mkdir()
+    real.write_text("old\n")
+    link = tmp_path / "cells-link.csv"
+    link.symlink_to(real)
+    assert cli_main(["coverage", "--level", "1", "--csv", str(link)]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_text().startswith("cell,key,status") and len(real.read_text().splitlines()) == 5
+    assert [p.name for p in real.parent.iterdir()] == ["cells.csv"]
+
+
+def test_coverage_refuses_a_fifo_or_a_directory_with_one_line(ws, tmp_path, capsys):
+    from pipeline.cli import main as cli_main
+
+    fifo, folder = tmp_path / "pipe.csv", tmp_path / "folder.csv"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    (folder / "inside").write_text("keep")
+    for target, kind in ((fifo, "FIFO"), (folder, "directory")):
+        capsys.readouterr()
+        assert cli_main(["coverage", "--level", "1", "--csv", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(target) in err and kind in err, err
+        assert "Traceback" not in err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert folder.is_dir() and (folder / "inside").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# ------------------------------------------------------------------ fetch progress
+
+
+def test_fetch_progress_records_and_clears(ws):
+    with ws.manifest() as m:
+        assert m.fetch_progress("0/1") == [] and m.fetch_progress_counts() == {}
+        m.record_subbox("0/1", 0, "2x2/s0", 5, 3)
+        m.record_subbox("0/1", 1, "2x2/s0", 2, 2)
+        m.record_subbox("0/1", 1, "2x2/s0", 4, 1)  # recorded again: replaced
+        m.record_subbox("0/2", 0, "1x1/s0", 0, 0)
+        assert sorted(m.fetch_progress("0/1")) == [(0, "2x2/s0", 5), (1, "2x2/s0", 4)]
+        assert m.fetch_progress_counts() == {"0/1": 2, "0/2": 1}
+        with m.transaction():
+            m.clear_fetch_progress("0/1")
+        assert m.fetch_progress("0/1") == [] and m.fetch_progress_counts() == {"0/2": 1}
