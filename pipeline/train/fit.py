@@ -286,10 +286,11 @@ class _Fit:
     def restore(self) -> tuple[int, int]:
         """(first epoch, steps taken) — (1, 0) unless a resumed run saved an epoch."""
         if self.resumed and self.run.state_json_path.exists():
-            from safetensors.torch import load_file
+            from geohier.fileio import read_safetensors
 
             doc = load_train_state(self.run, self.optimizer, self.scaler, self.env.device)
-            state = load_file(str(self.run.weights_path), device=str(self.env.device))
+            state = read_safetensors(self.run.weights_path, TrainError, f"cannot resume: {self.run.weights_path} "
+                                     "cannot be read", device=str(self.env.device))
             missing, unexpected = self.net.load_state_dict(state, strict=False)
             if unexpected or any(not (self.cfg.frozen and k.startswith("backbone.")) for k in missing):
                 raise TrainError(f"{self.run.weights_path} does not fit the run's model (missing "
