@@ -26,11 +26,12 @@ from geohier.workspace import SPLITS, Workspace
 IGNORE_INDEX = -100
 
 
-def _open_image(path):
-    """geohier.images.open_image (EXIF orientation, any mode -> RGB, InputError on bad files)."""
-    from geohier.images import open_image
+def _open_image(path, transform=None):
+    """geohier.images.open_image (EXIF orientation, any mode -> RGB, InputError on bad files),
+    decoded no bigger than ``transform`` needs (``geohier.images.decode_side_for``)."""
+    from geohier.images import decode_side_for, open_image
 
-    return open_image(path)
+    return open_image(path, max_side=decode_side_for(transform))
 
 
 class Skipped(NamedTuple):
@@ -133,7 +134,7 @@ class ManifestDataset(Dataset):
     def __getitem__(self, i: int):
         path = self.paths[i]
         try:
-            img = _open_image(path)
+            img = _open_image(path, self.transform)
             x = self.transform(img) if self.transform is not None else img
         except (GeohierError, OSError, ValueError) as exc:  # corrupt / truncated / vanished
             return Skipped(int(i), str(path), str(exc).splitlines()[0][:200])

@@ -378,10 +378,11 @@ class _Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from geohier.images import open_image
+        from geohier.images import decode_side_for, open_image
 
         try:
-            return self.preprocess(open_image(self.paths[i])), i, None
+            img = open_image(self.paths[i], max_side=decode_side_for(self.preprocess))
+            return self.preprocess(img), i, None
         except (GeohierError, OSError, ValueError) as exc:  # corrupt, truncated, vanished
             return None, i, f"{self.paths[i]}: {str(exc).splitlines()[0][:200]}"
 

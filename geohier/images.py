@@ -18,7 +18,15 @@ upload box) opens images through ``open_image``, so that they all agree on:
   "Corrupt EXIF data"); ``collect_warnings`` records them as one-line messages so that
   a caller can count them in its summary instead of letting them print;
 - size: ``max_side`` shrinks a big photo while it is decoded (JPEG's DCT scaling through
-  ``Image.draft``), so a 50 MP photo is never held at full size when 512 px are wanted.
+  ``Image.draft``), so a 50 MP photo is never held at full size when 512 px are wanted;
+  other formats (PNG, TIFF, WebP, ...) are reduced in their own mode, band by band, right
+  after decoding, and only the reduced picture is converted to RGB. Every consumer passes
+  the largest side it needs (``decode_side_for`` of its transform; the predictor's and the
+  importers' own sides);
+- memory: before anything is decoded, the declared size (after JPEG scaling) times the
+  bytes Pillow stores per pixel of the mode is checked against ``MAX_DECODE_BYTES``, so
+  any image within the 100 MP guard decodes with at most a few hundred MB extra, and a
+  server bounds how many uploads decode at once with ``decode_slot``.
 
 EXIF metadata: ``read_gps`` (decimal degrees, signed by the N/S/E/W references),
 ``inspect_gps`` (the same, with why it is missing), ``read_exif_time`` and ``image_info``
@@ -39,6 +47,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +65,21 @@ from geohier.errors import ImageReadError, InputError
 # every phone and most camera photos (a 61 MP full-frame sensor) and refuses the classic
 # decompression bombs (a few KB of PNG that decode to gigapixels).
 MAX_PIXELS = 100_000_000
+
+# Default byte budget for one decode: the picture as Pillow will hold it (declared size,
+# after JPEG draft scaling, times the bytes per pixel of its mode; see ``decode_bytes``).
+# Every image within MAX_PIXELS fits (100 MP x 4 bytes); a caller may pass a smaller one.
+MAX_DECODE_BYTES = 400_000_000
+
+# Bytes Pillow stores per pixel: 1 for 1/L/P, 2 for the 16-bit greys, 4 for the rest
+# (RGB is stored as 4 bytes, LA and PA too).
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+# The side a consumer gets when its transform does not say its input size.
+DEFAULT_DECODE_SIDE = 2048
+
+# How many images a server (the Predict page) decodes at once; more uploads wait their turn.
+DECODE_SLOTS = 2
 
 # EXIF tags used here.
 TAG_ORIENTATION = 0x0112
@@ -93,6 +117,7 @@ READ_TOO_LARGE = "too large"
 READ_UNREADABLE = "unreadable file"
 READ_NO_IMAGE_DATA = "EXIF without image data"
 READ_RAW = "camera raw file"
+READ_BUSY = "busy"
 
 # Camera raw formats Pillow cannot decode: by file extension, and by the signatures of
 # those that are not plain TIFF (Pillow may open a TIFF-based raw's small preview).
@@ -112,6 +137,67 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | I
 
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif"}
 _heif_state: bool | None = None  # None: not tried yet; then whether pillow-heif registered
+
+
+class DecodeBusyError(ImageReadError):
+    """Every decode slot stayed taken for the whole wait (``decode_slot``): try again."""
+
+    def __init__(self, message: str):
+        super().__init__(message, READ_BUSY)
+
+
+_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+
+
+@contextmanager
+def decode_slot(timeout: float | None = 30.0) -> Iterator[None]:
+    """Hold one of the process's ``DECODE_SLOTS`` decode slots for the block: a server
+    decoding uploads for many sessions wraps each decode in it, so N sessions cannot
+    multiply the peak memory of one. Waits up to ``timeout`` seconds (None: forever) for a
+    slot, then raises DecodeBusyError ("busy ... try again").
+
+    >>> with decode_slot():
+    ...     pass
+    """
+    got = _slots.acquire() if timeout is None else _slots.acquire(timeout=max(0.0, float(timeout)))
+    if not got:
+        raise DecodeBusyError(f"the server is busy decoding {DECODE_SLOTS} other images; "
+                              "try again in a moment")
+    try:
+        yield
+    finally:
+        _slots.release()
+
+
+def decode_side_for(transform: Any = None) -> int:
+    """The largest side a consumer of ``transform`` needs decoded: four times its input
+    size (``image_size`` / ``resize_size``, as on geohier.presets' presets), at least
+    1024, so a 4:1 panorama's short side still covers the crop; DEFAULT_DECODE_SIDE when
+    the transform does not say its size.
+
+    >>> from geohier.presets import EvalPreset
+    >>> decode_side_for(EvalPreset(224)), decode_side_for(EvalPreset(384)), decode_side_for(None)
+    (1024, 1536, 2048)
+    """
+    sizes = [getattr(transform, a, None) for a in ("image_size", "resize_size")]
+    sizes = [int(v) for v in sizes if isinstance(v, (int, float)) and v > 0]
+    return max(1024, 4 * max(sizes)) if sizes else DEFAULT_DECODE_SIDE
+
+
+def pixel_bytes(mode: str) -> int:
+    """Bytes Pillow stores per pixel of ``mode`` (1, 2 or 4).
+
+    >>> pixel_bytes("L"), pixel_bytes("I;16"), pixel_bytes("RGB"), pixel_bytes("RGBA")
+    (1, 2, 4, 4)
+    """
+    return _PIXEL_BYTES.get(mode, 4)
+
+
+def decode_bytes(img: Image.Image) -> int:
+    """The bytes a full decode of an opened (not yet loaded) image allocates for its
+    picture: its declared size (after any JPEG draft scaling) times ``pixel_bytes``."""
+    w, h = img.size
+    return w * h * pixel_bytes(img.mode)
 
 
 class NamedBytes(io.BytesIO):
@@ -291,20 +377,36 @@ def _orientation(img: Image.Image) -> int:
 def _to_8bit(arr: np.ndarray) -> np.ndarray:
     """Integer or float grey levels -> uint8: floats in [0, 1] times 255, values in
     [0, 255] as they are, 16-bit values divided by 257, anything else stretched from its
-    min to its max."""
+    min to its max. Works through the array in chunks of a million values, so a big one
+    costs its uint8 result and no float64 copies."""
     is_float = arr.dtype.kind == "f"
-    arr = arr.astype(np.float64)
-    finite = arr[np.isfinite(arr)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    if is_float and lo >= 0 and hi <= 1.0:
-        out = arr * 255.0
-    elif lo >= 0 and hi <= 255:
-        out = arr
-    elif lo >= 0 and hi <= 65535 and not is_float:
-        out = arr / 257.0
-    else:
-        out = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-    return np.clip(np.nan_to_num(out, nan=0.0), 0, 255).round().astype(np.uint8)
+    flat = arr.reshape(-1)
+    step = 1 << 20
+    lo, hi = math.inf, -math.inf
+    for i in range(0, flat.size, step):
+        part = flat[i:i + step]
+        if is_float:
+            part = part[np.isfinite(part)]
+        if part.size:
+            lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+    if lo > hi:
+        lo = hi = 0.0
+    out = np.empty(arr.shape, dtype=np.uint8)
+    flat_out = out.reshape(-1)
+    for i in range(0, flat.size, step):
+        part = flat[i:i + step].astype(np.float64)
+        if is_float and lo >= 0 and hi <= 1.0:
+            part *= 255.0
+        elif lo >= 0 and hi <= 255:
+            pass
+        elif lo >= 0 and hi <= 65535 and not is_float:
+            part /= 257.0
+        elif hi > lo:
+            part = (part - lo) * (255.0 / (hi - lo))
+        else:
+            part[:] = 0.0
+        flat_out[i:i + step] = np.clip(np.nan_to_num(part, nan=0.0), 0, 255).round()
+    return out
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -333,8 +435,63 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _draft(img: Image.Image, max_side: int) -> None:
+    """JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale, the smallest that keeps the long
+    side at least ``max_side`` (whatever the aspect). Other formats ignore it."""
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return
+    k = max_side / max(w, h)
+    img.draft("RGB", (max(1, math.ceil(w * k)), max(1, math.ceil(h * k))))
+
+
+def _band_mode(img: Image.Image) -> str:
+    """The mode a picture is reduced in: its own, except where averaging its values would
+    be wrong or Pillow cannot reduce it (palette indexes and colour-keyed transparency ->
+    RGBA or RGB, 1-bit -> L, 16-bit grey -> 32-bit I)."""
+    mode = img.mode
+    keyed = "transparency" in img.info and mode in ("1", "L", "RGB", "P")
+    if mode == "PA" or keyed:
+        return "RGBA"
+    if mode == "P":
+        return "RGB"
+    if mode == "1":
+        return "L"
+    if mode.startswith("I;16"):
+        return "I"
+    return mode
+
+
+def reduce_native(img: Image.Image, max_side: int, band_bytes: int = 16 << 20) -> Image.Image:
+    """A decoded picture box-averaged by the largest integer factor that keeps its long
+    side at least ``max_side``, in its own mode (see ``_band_mode``), a band of rows at a
+    time: the only full-size copy is the one the decoder made (Pillow's own reduce would
+    premultiply a whole RGBA picture first, and cannot reduce 16-bit greys or palettes).
+    Returns ``img`` itself when it is small enough already.
+
+    >>> reduce_native(Image.new("I;16", (1000, 400), 300), 256).size
+    (334, 134)
+    """
+    w, h = img.size
+    factor = max(w, h) // max_side if max_side else 1
+    if factor < 2:
+        return img
+    work = _band_mode(img)
+    if work == img.mode and work not in ("LA", "RGBA", "PA"):
+        return img.reduce(factor)  # allocates the reduced picture only
+    rows = factor * max(1, band_bytes // (w * 4 * factor))
+    out = Image.new(work, (-(-w // factor), -(-h // factor)))
+    for y in range(0, h, rows):
+        band = img.crop((0, y, w, min(h, y + rows)))
+        if band.mode != work:
+            band = band.convert(work)
+        out.paste(band.reduce(factor), (0, y // factor))
+    out.info = {k: v for k, v in img.info.items() if k != "transparency"}
+    return out
+
+
 def open_image(src: ImageSource, *, max_side: int | None = None,
-               max_pixels: int | None = None) -> Image.Image:
+               max_pixels: int | None = None, max_bytes: int | None = None) -> Image.Image:
     """Open an image as upright 8-bit RGB, or raise ImageReadError naming the file.
 
     Parameters
@@ -348,6 +505,10 @@ def open_image(src: ImageSource, *, max_side: int | None = None,
         Refuse images with more pixels than this (default ``MAX_PIXELS``; 0 = no limit of
         ours, though Pillow's own bomb check still applies at twice
         ``PIL.Image.MAX_IMAGE_PIXELS``).
+    max_bytes : int, optional
+        Refuse, before decoding, images whose picture would take more bytes than this
+        (``decode_bytes``: after JPEG scaling to ``max_side``; default
+        ``MAX_DECODE_BYTES``; 0 = no budget).
 
     Examples
     --------
@@ -365,7 +526,14 @@ def open_image(src: ImageSource, *, max_side: int | None = None,
         img = _open_lazy(data, name, max_pixels)
         del data  # the decoder keeps its own reference while it needs one
         if max_side:
-            img.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+            _draft(img, max_side)  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+        budget = MAX_DECODE_BYTES if max_bytes is None else max_bytes
+        need = decode_bytes(img)
+        if budget and need > budget:
+            w, h = img.size
+            raise ImageReadError(
+                f"{name} would take {need / 1e6:.0f} MB to decode ({w}x{h} {img.mode}), over the "
+                f"{budget / 1e6:g} MB budget for one image", READ_TOO_LARGE)
     try:
         img.load()  # forces the full decode: a truncated file fails here
     except Image.DecompressionBombError as exc:
@@ -379,6 +547,8 @@ def open_image(src: ImageSource, *, max_side: int | None = None,
     # and drop the tag; reading it before would rotate such a picture twice.
     orientation = _orientation(img)
     try:
+        if max_side:
+            img = reduce_native(img, max_side)  # in its own mode; the full-size one goes
         rgb = to_rgb(img)
     except (OSError, ValueError) as exc:
         raise ImageReadError(f"{name}: cannot convert its {img.mode} pixels to RGB ({exc})",

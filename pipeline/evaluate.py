@@ -134,11 +134,11 @@ class PointsDataset(Dataset):
 
     def __getitem__(self, i):
         from geohier.dataset import Skipped
-        from geohier.images import open_image
+        from geohier.images import decode_side_for, open_image
 
         path = self.paths[i]
         try:
-            x = self.transform(open_image(path))
+            x = self.transform(open_image(path, max_side=decode_side_for(self.transform)))
         except (GeohierError, OSError, ValueError) as exc:
             return Skipped(int(i), str(path), str(exc).splitlines()[0][:200])
         return x, torch.from_numpy(self.labels[i]), int(i)

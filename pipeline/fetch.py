@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 
 from geohier import grid
 from geohier.errors import InputError
-from geohier.images import brightness, open_image
+from geohier.images import image_info
 from geohier.progress import progress_bar
 from geohier.workspace import MANIFEST_LEVEL, Manifest, Workspace
 from pipeline.dedup import Dedup
@@ -230,11 +230,11 @@ class FetchReport:
 
 def _decode(data: bytes):
     """(width, height, brightness) of image bytes, or None when they are not a whole image."""
-    try:
-        img = open_image(data)  # decodes fully: a thumbnail cut short fails here
+    try:  # header size, then a full decode at <= 256 px: a thumbnail cut short fails here
+        info = image_info(bytes(data), max_side=256)
     except InputError:
         return None
-    return img.width, img.height, brightness(img)
+    return info.width, info.height, info.brightness
 
 
 def _cell_filter(c: grid.Cell) -> tuple[str, tuple]:

@@ -164,8 +164,9 @@ def test_max_side_shrinks_while_decoding_and_keeps_aspect(tmp_path, make_jpeg, m
     path = make_jpeg(tmp_path / "big.jpg", size=(1600, 1200), orientation=6)
     img = open_image(path, max_side=200)
     assert img.size == (150, 200) and img.mode == "RGB"
-    # JPEG draft: the decoder itself works at 1/4 scale; the 1600x1200 picture never exists.
-    assert decoded and max(decoded) == (400, 300)
+    # JPEG draft: the decoder itself works at 1/8 scale (the smallest whose long side still
+    # reaches 200, whatever the aspect); the 1600x1200 picture never exists.
+    assert decoded and max(decoded) == (200, 150)
     assert open_image(path, max_side=5000).size == (1200, 1600)  # never enlarged
 
 
@@ -400,3 +401,190 @@ def test_doctests():
 
     result = doctest.testmod(images)
     assert result.failed == 0 and result.attempted >= 10
+
+
+# ------------------------------------------------------------------ memory: bombs, budget, slots
+
+
+def _png_bomb(path: Path, mode: str, size: tuple[int, int], pixel: bytes) -> Path:
+    """A one-colour PNG of ``size`` (mode I;16, RGB or RGBA), streamed row by row through
+    zlib: a few hundred KB on disk for a 9999x9999 picture, never held whole here."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    color_type, depth = {"I;16": (0, 16), "RGB": (2, 8), "RGBA": (6, 8)}[mode]
+    w, h = size
+    row, comp = b"\x00" + pixel * w, zlib.compressobj(9)
+    idat = b"".join([comp.compress(row) for _ in range(h)] + [comp.flush()])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def _jpeg_bomb(claim=(9000, 9000)) -> bytes:
+    """A 16x16 grey JPEG whose frame header claims ``claim``: libjpeg pads the rows it
+    lacks with grey, so a full decode is the whole claimed size."""
+    import struct
+
+    data = bytearray(_encode(Image.new("RGB", (16, 16), (128, 128, 128)), "JPEG", quality=75))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", claim[1], claim[0])
+    return bytes(data)
+
+
+def test_16bit_grey_png_bomb_decodes_reduced_with_its_aspect(tmp_path):
+    path = _png_bomb(tmp_path / "grey16.png", "I;16", (9999, 9999), b"\x80\x80")  # 32896 = 128 * 257
+    assert path.stat().st_size < 1_000_000
+    img = open_image(path, max_side=256)
+    assert img.mode == "RGB" and img.size == (256, 256)
+    assert img.getpixel((0, 0)) == img.getpixel((255, 255)) == (128, 128, 128)
+    wide = open_image(_png_bomb(tmp_path / "wide16.png", "I;16", (9999, 3000), b"\x80\x80"), max_side=300)
+    assert wide.size[0] == 300 and abs(wide.size[1] - 300 * 3000 / 9999) <= 1
+
+
+@pytest.mark.parametrize("mode, pixel, rgb", [("RGBA", b"\x20\x80\xc0\xff", (32, 128, 192)),
+                                              ("RGBA", b"\x00\x00\x00\x00", (255, 255, 255)),
+                                              ("RGB", b"\x20\x80\xc0", (32, 128, 192))])
+def test_big_colour_pngs_decode_reduced_with_the_right_colour(tmp_path, mode, pixel, rgb):
+    img = open_image(_png_bomb(tmp_path / "big.png", mode, (3000, 1500), pixel), max_side=200)
+    assert img.size == (200, 100) and img.getpixel((7, 7)) == rgb
+
+
+def test_truncated_jpeg_claiming_9000x9000_decodes_in_draft_mode(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    bomb = _jpeg_bomb()
+    assert len(bomb) < 1000
+    decoded = []
+    real_load = JpegImagePlugin.JpegImageFile.load
+
+    def spy_load(self):
+        decoded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy_load)
+    img = open_image(images.NamedBytes(bomb, "bomb.jpg"), max_side=1024)
+    assert img.size == (1024, 1024) and img.mode == "RGB"
+    assert set(decoded) == {(1125, 1125)}  # 1/8 scale: 5 MB, not 324 MB of grey padding
+
+
+def test_byte_budget_and_pixel_guard_refuse_with_one_line(tmp_path):
+    rgba = _png_bomb(tmp_path / "rgba.png", "RGBA", (2000, 1000), b"\x20\x80\xc0\xff")
+    with pytest.raises(ImageReadError) as info:
+        open_image(rgba, max_bytes=5_000_000)
+    msg = str(info.value)
+    assert info.value.reason == images.READ_TOO_LARGE and "\n" not in msg
+    assert msg == f"{rgba} would take 8 MB to decode (2000x1000 RGBA), over the 5 MB budget for one image"
+    # The budget counts bytes per pixel: the same size in 16-bit grey takes half.
+    grey = _png_bomb(tmp_path / "grey.png", "I;16", (2000, 1000), b"\x00\x10")
+    assert open_image(grey, max_bytes=5_000_000, max_side=100).size == (100, 50)
+    # JPEG is budgeted at the scale it decodes at: 9000x9000 drafted to 1/8 fits 6 MB.
+    bomb = images.NamedBytes(_jpeg_bomb(), "bomb.jpg")
+    assert open_image(bomb, max_side=1024, max_bytes=6_000_000).size == (1024, 1024)
+    with pytest.raises(ImageReadError, match=r"^bomb.jpg would take 324 MB to decode \(9000x9000 RGB\)"):
+        open_image(bomb, max_bytes=6_000_000)
+    # Above 100 MP the pixel guard refuses first, from the header alone (no IDAT needed).
+    huge = _png_bomb(tmp_path / "huge.png", "I;16", (10001, 10000), b"\x00\x00")
+    with pytest.raises(ImageReadError) as info:
+        open_image(huge, max_side=256)
+    assert info.value.reason == images.READ_TOO_LARGE and "\n" not in str(info.value)
+    assert "10001x10000 = 100.0 MP, over the 100 MP limit" in str(info.value)
+
+
+def test_orientation_is_kept_when_reducing(tmp_path, make_jpeg):
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        path = make_jpeg(tmp_path / f"turned.{fmt.lower()}", size=(800, 400), color=(200, 60, 60),
+                         orientation=6, fmt=fmt)
+        img = open_image(path, max_side=100)
+        assert img.size == (50, 100), fmt
+        # jpeg_bytes paints the left half inverted; orientation 6 puts it at the top.
+        top, bottom = img.getpixel((25, 10)), img.getpixel((25, 90))
+        assert top[0] < 100 and bottom[0] > 150, (fmt, top, bottom)
+
+
+def test_modes_become_the_right_rgb_after_reducing():
+    size, side = (64, 32), 16
+    cmyk = Image.new("CMYK", size, (255, 0, 0, 0))
+    for fmt in ("JPEG", "TIFF"):
+        img = open_image(_encode(cmyk, fmt), max_side=side)
+        px = img.getpixel((4, 4))
+        assert img.size == (16, 8) and px[0] < 30 and px[1] > 225 and px[2] > 225, (fmt, px)
+    i16 = Image.fromarray(np.full((32, 64), 32896, dtype=np.uint16))
+    assert open_image(_encode(i16, "PNG"), max_side=side).getpixel((3, 3)) == (128, 128, 128)
+    small16 = Image.fromarray(np.full((32, 64), 77, dtype=np.uint16))  # values within 0-255 stay
+    assert open_image(_encode(small16, "PNG"), max_side=side).getpixel((3, 3)) == (77, 77, 77)
+    half = open_image(_encode(Image.new("RGBA", size, (0, 0, 0, 128)), "PNG"), max_side=side).getpixel((1, 1))
+    assert all(120 <= c <= 135 for c in half)
+    assert open_image(_encode(Image.new("RGBA", size, (10, 200, 30, 255)), "PNG"),
+                      max_side=side).getpixel((0, 0)) == (10, 200, 30)
+    assert open_image(_encode(Image.new("LA", size, (0, 0)), "PNG"), max_side=side).getpixel((1, 1)) == (255, 255, 255)
+    assert open_image(_encode(Image.new("LA", size, (60, 255)), "PNG"), max_side=side).getpixel((1, 1)) == (60, 60, 60)
+    # P: indexes are never averaged; a transparent index is white, the others their colour.
+    pal = Image.new("P", size, 1)
+    pal.putpalette([0, 0, 0, 200, 0, 0, 0, 0, 250] + [0] * 759)
+    pal.paste(0, (0, 0, 32, 32))
+    pal.paste(2, (48, 0, 64, 32))
+    for fmt in ("PNG", "GIF"):
+        img = open_image(_encode(pal, fmt, transparency=0), max_side=side)
+        assert [img.getpixel((x, 4)) for x in (2, 10, 14)] == [(255, 255, 255), (200, 0, 0), (0, 0, 250)], fmt
+    img = open_image(_encode(pal, "PNG"), max_side=side)
+    assert [img.getpixel((x, 4)) for x in (2, 10, 14)] == [(0, 0, 0), (200, 0, 0), (0, 0, 250)]
+    # Colour-keyed L and RGB: the key stays transparent (white), the rest keeps its value.
+    grey = Image.new("L", size, 90)
+    grey.paste(0, (0, 0, 32, 32))
+    img = open_image(_encode(grey, "PNG", transparency=0), max_side=side)
+    assert img.getpixel((2, 4)) == (255, 255, 255) and img.getpixel((12, 4)) == (90, 90, 90)
+    assert open_image(_encode(Image.new("1", size, 1), "PNG"), max_side=side).getpixel((3, 3)) == (255, 255, 255)
+
+
+def test_reduce_native_keeps_the_mode_and_makes_no_palette_averages():
+    assert images.reduce_native(Image.new("RGB", (100, 50)), 100).size == (100, 50)  # small: itself
+    out = images.reduce_native(Image.new("I;16", (1000, 300), 1000), 100)
+    assert out.mode == "I" and out.size == (100, 30) and out.getpixel((5, 5)) == 1000
+    pal = Image.new("P", (40, 40), 1)
+    pal.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    assert images.reduce_native(pal, 10).getpixel((0, 0)) == (200, 0, 0)
+    rgba = images.reduce_native(Image.new("RGBA", (3000, 30), (10, 20, 30, 255)), 100, band_bytes=1)
+    assert rgba.mode == "RGBA" and rgba.size == (100, 1) and rgba.getpixel((99, 0)) == (10, 20, 30, 255)
+
+
+def test_consumers_decode_no_bigger_than_they_need(tmp_path):
+    from geohier.dataset import _open_image
+    from geohier.presets import EvalPreset, TrainPreset
+
+    assert images.decode_side_for(EvalPreset(224)) == 1024
+    assert images.decode_side_for(EvalPreset(256, resize_size=300)) == 1200
+    assert images.decode_side_for(TrainPreset(512)) == 2048
+    assert images.decode_side_for(lambda img: img) == images.DEFAULT_DECODE_SIDE
+    path = _png_bomb(tmp_path / "big.png", "RGB", (3000, 1000), b"\x20\x80\xc0")
+    assert _open_image(path, EvalPreset(32)).size == (1024, 341)
+
+
+def test_decode_slots_bound_concurrent_decodes(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(images, "_slots", threading.BoundedSemaphore(1))
+    with images.decode_slot():
+        with pytest.raises(images.DecodeBusyError, match="busy") as info:
+            with images.decode_slot(timeout=0.01):
+                pass
+        assert info.value.reason == images.READ_BUSY and isinstance(info.value, InputError)
+    with images.decode_slot(timeout=0):  # released: free again
+        pass
+    # A waiting decode gets the slot as soon as the holder is done.
+    got = []
+
+    def wait_for_a_slot():
+        with images.decode_slot(timeout=30):
+            got.append("decoded")
+
+    with images.decode_slot():
+        t = threading.Thread(target=wait_for_a_slot)
+        t.start()
+        t.join(0.05)
+        assert not got
+    t.join(30)
+    assert got == ["decoded"]

@@ -13,12 +13,14 @@ from streamlit_folium import st_folium
 
 from geohier import charts, combine, explorer, geodesy, maps
 from geohier.errors import GeohierError
+from geohier.images import DecodeBusyError, decode_slot
 from geohier.predictor import Predictor
 from geohier.predictor import load_predictor as load_run_predictor
 from geohier.runs import run_choices, runs_key
 from views._common import workspace
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "heic", "heif"]
+UPLOAD_WAIT_S = 60.0  # how long an upload waits for a decode slot before it says "busy"
 K_RANGE = (1, 20)
 METRICS = {"hit": "True cell kept", "top1": "Top-1 cell", "acc_25km": "Within 25 km",
            "acc_200km": "Within 200 km", "acc_750km": "Within 750 km", "acc_2500km": "Within 2500 km"}
@@ -37,7 +39,10 @@ def upload_logits(runs: tuple[str, ...], stamp: tuple, sha: str, name: str, _dat
     for a single run, the features that refinement compares with the training images)."""
     predictor = load_predictor(runs, stamp)
     try:
-        img, gps = predictor.read_image(_data, name)
+        with decode_slot(timeout=UPLOAD_WAIT_S):  # N sessions share DECODE_SLOTS decodes
+            img, gps = predictor.read_image(_data, name)
+    except DecodeBusyError:
+        raise  # not cached: the next rerun tries again
     except GeohierError as exc:
         return {"error": str(exc)}
     feats = None
@@ -186,7 +191,10 @@ with tab_predict:
     for f in files or []:
         data = f.getvalue()
         with st.spinner(f"Reading {f.name}..."):
-            entry = upload_logits(runs, stamp, hashlib.sha256(data).hexdigest(), f.name, data)
+            try:
+                entry = upload_logits(runs, stamp, hashlib.sha256(data).hexdigest(), f.name, data)
+            except DecodeBusyError as exc:
+                entry = {"error": f"{f.name}: {exc}"}
         if entry["error"]:
             st.error(entry["error"])
         else:
