@@ -267,9 +267,9 @@ def read_safetensors(path: str | os.PathLike, error: type[Exception] = Workspace
 
 @contextmanager
 def open_safetensors(path: str | os.PathLike, error: type[Exception] = WorkspaceError,
-                     message: str | None = None, device: str = "cpu") -> Iterator[Any]:
-    """``safetensors.safe_open`` (torch) of ``path``, its header, metadata and tensors read
-    lazily; any failure to read it (opening or inside the block) is
+                     message: str | None = None, device: str = "cpu", framework: str = "pt") -> Iterator[Any]:
+    """``safetensors.safe_open`` of ``path`` (torch tensors, or ``framework="numpy"``), its
+    header, metadata and tensors read lazily; any failure to read it (opening or inside the block) is
     ``error("<message>: <reason>")``. Errors of geohier raised inside the block pass through."""
     from safetensors import safe_open
 
@@ -278,7 +278,7 @@ def open_safetensors(path: str | os.PathLike, error: type[Exception] = Workspace
     try:
         if Path(path).is_dir():
             raise IsADirectoryError(21, "is a directory")
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework=framework, device=str(device)) as f:
             yield f
     except GeohierError:
         raise

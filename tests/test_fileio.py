@@ -211,3 +211,24 @@ def test_open_safetensors_lets_the_callers_own_errors_through(tmp_path):
         raise InputError("mine")
     with pytest.raises(WorkspaceError, match=f"cannot read {path} as safetensors"), open_safetensors(path) as f:
         f.get_tensor("nope")
+
+
+# ------------------------------------------------------------------ one owner
+
+
+def test_no_other_module_renames_temp_files_or_calls_safetensors_directly():
+    import re
+
+    from conftest import ROOT
+
+    pattern = re.compile(r"\bos\.(replace|rename)\(|\bmkstemp\(|NamedTemporaryFile\(|\bsave_file\(|\bload_file\(")
+    files = [ROOT / "app.py"] + sorted(p for d in ("geohier", "pipeline", "views", "bench")
+                                       for p in (ROOT / d).rglob("*.py"))
+    offenders = []
+    for path in files:
+        if path == ROOT / "geohier" / "fileio.py":
+            continue
+        for n, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert offenders == [], "write through geohier.fileio instead:\n" + "\n".join(offenders)
