@@ -280,6 +280,7 @@ def compute_val_logits(predictor: Predictor, ws: Workspace, split: str = "val",
             kept_index = common
         for lv, z in got.logits.items():
             outs[lv] = z[torch.from_numpy(np.searchsorted(idx, kept_index))]
+    predictor.check_finite(outs)  # corrupt weights: refused, never swept
     levels = predictor.levels
     cols = list(ds0.levels)
     labels = ds0.labels[kept_index]

@@ -158,3 +158,19 @@ def test_a_demo_world_run_is_flagged(ws, tiny):
     assert not at.exception
     notes = [w.value for w in at.warning if "synthetic demo world" in w.value]
     assert len(notes) == 1 and "not meaningful" in notes[0] and "frozen foundation backbone" in notes[0]
+
+
+def test_corrupt_weights_are_one_error_box(ws, tiny):
+    """NaN weights: the page says which file, once, with no traceback; weights that still
+    load but give infinite outputs: each upload says so."""
+    from test_splits import _poison
+
+    path = _poison(tiny)
+    at = _page()
+    assert not at.exception
+    assert any(str(path) in e and "NaN or infinite" in e for e in _errors(at))
+    _poison(tiny, 3e38)  # finite, but the logits overflow to infinity
+    at = _page()
+    at.file_uploader(key="predict_upload").set_value([("a.jpg", jpeg_bytes(size=(40, 30)), "image/jpeg")]).run()
+    assert not at.exception, at.exception
+    assert any("a.jpg" in e and "non-finite outputs" in e for e in _errors(at)), _errors(at)

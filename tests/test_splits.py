@@ -109,7 +109,7 @@ def _poison(run_dir, value=float("nan")):
 
     path = run_dir / "model.safetensors"
     state = load_file(str(path))
-    key = next(k for k in state if k.startswith("heads."))
+    key = next(k for k in sorted(state) if k.startswith("heads.") and k.endswith("weight"))
     state[key] = torch.full_like(state[key], value)
     save_file(state, str(path), metadata={"format": "geohier-run/1"})
     return path

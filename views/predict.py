@@ -51,6 +51,10 @@ def upload_logits(runs: tuple[str, ...], stamp: tuple, sha: str, name: str, _dat
         feats = f.numpy()  # (1, D)
     else:
         out = predictor.logits([img])
+    try:
+        predictor.check_finite(out)  # corrupt weights: one line, not a page of NaN
+    except GeohierError as exc:
+        return {"error": f"{name}: {exc}"}
     logits = {lv: z.cpu().numpy() for lv, z in out.items()}  # {lv: (1, C)}
     img.thumbnail((360, 360))
     return {"logits": logits, "features": feats, "gps": gps, "thumb": img, "error": None}
