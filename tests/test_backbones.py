@@ -115,11 +115,11 @@ def test_offline_hub_names_end_in_one_line_quickly(tmp_path):
     that names what it fetched and how to give a folder instead, without a traceback."""
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HOME": str(tmp_path / "hf"),
            "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-    code = ("from geohier import backbones as B\n"
+    code = ("from geohier import backbones as B\nfrom geohier.errors import GeohierError\n"
             "for s in ['hf:openai/clip-vit-base-patch16', 'timm:vit_small_patch14_dinov2.lvd142m',"
             " 'open_clip:ViT-B-32/laion2b_s34b_b79k']:\n"
             "    try:\n        B.build_backbone(s)\n"
-            "    except B.GeohierError as e:\n        print('ERR', e)\n")
+            "    except GeohierError as e:\n        print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("ERR")]
     assert len(lines) == 3, out.stdout + out.stderr
