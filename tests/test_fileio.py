@@ -84,6 +84,17 @@ def test_a_fifo_is_refused_and_left_as_it_is(tmp_path):
     assert link.is_symlink() and stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
+def test_a_socket_is_refused_and_left_as_it_is(tmp_path):
+    import socket
+
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+        with pytest.raises(InputError, match="s.sock: it is a socket"):
+            atomic_write_text(path, "x")
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
 def test_a_directory_is_refused_and_left_as_it_is(tmp_path):
     d = tmp_path / "out"
     d.mkdir()
