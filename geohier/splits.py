@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from geohier.errors import WorkspaceError
-from geohier.workspace import SPLITS, Workspace, atomic_write_bytes
+from geohier.fileio import atomic_link_or_copy, atomic_write_bytes, open_safetensors
+from geohier.workspace import SPLITS, Workspace
 
 FORMAT = "geohier-splits/1"
 STORE_DIR = "splits"
@@ -118,15 +118,13 @@ class Splits:
     def load(cls, path: str | os.PathLike) -> Splits:
         """Read a split file; a SplitError naming it when it is unreadable or its content
         does not match its recorded hash."""
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
+        with open_safetensors(path, SplitError, f"cannot read the split file {path}", framework="numpy") as f:
+            meta = f.metadata() or {}
+            ids = {s: f.get_tensor(s) for s in SPLITS if s in f.keys()}  # noqa: SIM118 - safe_open API
         try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                ids = {s: f.get_tensor(s) for s in SPLITS if s in f.keys()}  # noqa: SIM118 - safe_open API
             info = json.loads(meta.get("info") or "{}")
-        except (OSError, SafetensorError, ValueError) as exc:
+        except ValueError as exc:
             raise SplitError(f"cannot read the split file {path}: {exc}") from None
         if meta.get("format") != FORMAT:
             raise SplitError(f"{path} is not a geohier split file (format {meta.get('format')!r})")
@@ -195,7 +193,8 @@ def run_file(run) -> Path:
 
 def attach(run, splits: Splits, ws: Workspace) -> Path:
     """Give a run its split: the workspace's stored copy hard-linked into the run
-    directory (copied where links are refused). Returns the run's file."""
+    directory (copied where links are refused; put in place by the one atomic writer).
+    Returns the run's file."""
     src = record(ws, splits)
     dest = run_file(run)
     if dest.is_file():
@@ -204,12 +203,7 @@ def attach(run, splits: Splits, ws: Workspace) -> Path:
                 return dest
         except SplitError:
             pass
-        dest.unlink()
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
-    return dest
+    return atomic_link_or_copy(src, dest)
 
 
 def recorded_hash(meta: Mapping | None) -> str | None:
