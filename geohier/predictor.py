@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geohier import conformal as cf
 from geohier import geodesy, grid
 from geohier import refine as rf
 from geohier.combine import Combined, KeepRule, Tree, combine, rules_for
+from geohier.conformal import Region
 from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.forward import forward_batches, resolve_device
 from geohier.runs import NEIGHBOURS_FILE, Run, as_runs, runs_key
@@ -127,6 +129,10 @@ class Prediction:
     true: dict | None = None
     error: str | None = None
     refined: bool | None = None
+    confidence: float | None = None
+    region: Region | None = None
+    abstained: bool | None = None
+    within: str | None = None
 
     @property
     def best(self) -> Candidate | None:
@@ -150,6 +156,17 @@ class Prediction:
                 d["best"].update(cell_lat=round(b.refined.cell_lat, 5), cell_lon=round(b.refined.cell_lon, 5))
         if self.true is not None:
             d["true"] = dict(self.true)
+        # only when asked for (--coverage, --abstain, --within): the plain shape stays as it was
+        if self.confidence is not None:
+            d["confidence"] = round(self.confidence, 6)
+        if self.region is not None:
+            d["region"] = self.region.to_dict()
+        if self.abstained is not None:
+            d["abstained"] = bool(self.abstained)
+            if self.abstained:  # "not sure": the region, not a point
+                d["best"] = None
+        if self.within is not None:
+            d["within"] = self.within
         return d
 
 
@@ -283,6 +300,7 @@ class Predictor:
         self.refine_k = rf.DEFAULT_K
         self.refine_tau = rf.DEFAULT_TAU
         self._index: tuple[tuple, rf.NeighbourIndex] | None = None
+        self._limits: dict[str, object] = {}
 
     @property
     def synthetic_note(self) -> str | None:
@@ -389,7 +407,9 @@ class Predictor:
 
     def predict_images(self, images: Sequence, names: Sequence[str] | None = None, rules=None,
                        temperature: bool = True, batch_size: int = 16, gps: Sequence | None = None,
-                       places: int = 10, refine: bool = False, walk: str = "hierarchical") -> list[Prediction]:
+                       places: int = 10, refine: bool = False, walk: str = "hierarchical",
+                       coverage: float | None = None, abstain: float | None = None,
+                       within=None) -> list[Prediction]:
         """Predictions for PIL images (RGB). ``gps``: per image (lat, lon) or None (the true
         position, to report the error). ``places``: how many of the finest candidates get a
         country and place name (the lookups are the slow part). ``refine``: move the guess
@@ -407,21 +427,163 @@ class Predictor:
             else:
                 logits, feats = self.logits(chunk), None
             out += self.predict_logits(logits, names[start:start + bs], gps[start:start + bs],
-                                       rules, temperature, places, features=feats, refine=refine, walk=walk)
+                                       rules, temperature, places, features=feats, refine=refine, walk=walk,
+                                       coverage=coverage, abstain=abstain, within=within)
         return out
 
     def predict_logits(self, logits: Mapping[int, torch.Tensor], names: Sequence[str], gps: Sequence | None = None,
                        rules=None, temperature: bool = True, places: int = 10, features=None,
-                       refine: bool = False, walk: str = "hierarchical") -> list[Prediction]:
+                       refine: bool = False, walk: str = "hierarchical", coverage: float | None = None,
+                       abstain: float | None = None, within=None) -> list[Prediction]:
         """Predictions from per-level logits ``{level: (B, C)}`` (e.g. cached by a page, so
         that moving a control does not run the model again). ``refine`` needs the images'
-        ``features`` (B, D) (``logits_and_features``). ``walk``: see ``WALKS``."""
-        combined = self._combine(logits, walk, rules, temperature)
+        ``features`` (B, D) (``logits_and_features``). ``walk``: see ``WALKS``.
+
+        ``coverage``: add the conformal region of that coverage (``conformal_region``; the
+        run needs a conformal calibration). ``abstain``: a prediction whose confidence
+        (top finest joint probability, ``confidence``) is under it is ``abstained`` ("not
+        sure": the region — the conformal one with ``coverage``, else the kept finest
+        cells — instead of a point). ``within``: a region limit (``limit``), applied
+        before the keep rules; every answer lies inside it."""
+        limit = self.limit(within) if within is not None else None
+        if limit is not None and refine:
+            raise InputError("--within and --refine do not go together: refinement may move a guess outside "
+                             "the limit")
+        if coverage is not None:
+            self.check_conformal(temperature)
+        if abstain is not None:
+            abstain = _check_share(abstain, "abstain")
+        combined = self._combine(logits, walk, rules, temperature, within=limit)
         gps = list(gps) if gps is not None else [None] * len(names)
         found = None
         if refine:
             found = (self._refine(combined, features), self.neighbour_index())
-        return [self._prediction(combined, j, names[j], gps[j], places, found) for j in range(len(names))]
+        positions = limit.positions if limit is not None else None
+        preds = [self._prediction(combined, j, names[j], gps[j], places, found, positions=positions)
+                 for j in range(len(names))]
+        if coverage is not None or abstain is not None:
+            logp = self.log_joint(logits, temperature, within=limit)
+            conf = cf.confidence(logp)
+            regions = self.conformal_regions(logp, coverage) if coverage is not None else None
+            for j, pred in enumerate(preds):
+                pred.confidence = float(conf[j])
+                if regions is not None:
+                    pred.region = regions[j]
+                if abstain is not None:
+                    pred.abstained = bool(conf[j] < abstain)
+                    if pred.abstained and pred.region is None:
+                        pred.region = self.kept_region(combined, j)
+        if limit is not None:
+            for pred in preds:
+                pred.within = limit.within.describe()
+        return preds
+
+    # ------------------------------------------------------------------ regions, confidence, limits
+
+    def limit(self, within) -> object:
+        """The ``geohier.limits.Limit`` of a ``--within`` text (or a ``Within``, or a Limit
+        itself) for this predictor's classes (built once per text)."""
+        from geohier import limits
+
+        if isinstance(within, limits.Limit):
+            return within
+        w = within if isinstance(within, limits.Within) else limits.parse_within(within)
+        key = w.describe()
+        if key not in self._limits:
+            self._limits[key] = limits.build_limit(w, self.tree, self.positions, self.bounds)
+        return self._limits[key]
+
+    def log_joint(self, logits: Mapping, temperature: bool = True, within=None) -> torch.Tensor:
+        """(B, C_finest) log hierarchical joint probabilities of every finest class
+        (``geohier.conformal.log_joint``; the run's temperatures; -inf outside ``within``)."""
+        z = {lv: torch.as_tensor(logits[lv]).float().cpu() for lv in self.levels}
+        self.check_finite(z)
+        limit = self.limit(within) if within is not None else None
+        return cf.log_joint(z, self.tree, self.temperatures if temperature else None,
+                            limit.allowed if limit is not None else None)
+
+    def confidence(self, logits: Mapping, temperature: bool = True, chunk: int = 1024) -> np.ndarray:
+        """(N,) each row's confidence: its top finest joint probability."""
+        n = int(torch.as_tensor(logits[self.finest]).shape[0])
+        parts = [cf.confidence(self.log_joint({lv: torch.as_tensor(logits[lv])[i:i + chunk] for lv in self.levels},
+                                              temperature)) for i in range(0, n, chunk)]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    @property
+    def conformal(self) -> cf.Conformal | None:
+        """The run's conformal calibration (meta.json ``conformal``), None without one (or
+        for a per-level set of runs, which is never calibrated as one)."""
+        if len(self.metas) != 1:
+            return None
+        return cf.Conformal.from_dict(self.metas[0].get("conformal"))
+
+    def check_conformal(self, temperature: bool = True) -> cf.Conformal:
+        """The conformal calibration, or an InputError saying how to get one."""
+        c = self.conformal
+        if c is None:
+            raise InputError(f"run {self.name} has no conformal calibration for --coverage: run `python -m pipeline "
+                             f"evaluate {self.runs[0].name} --calibrate` to fit it on the run's val split")
+        if not temperature:
+            raise InputError("--coverage was calibrated with the run's temperatures: drop --no-temperature")
+        return c
+
+    def conformal_scores(self, logits: Mapping, targets, chunk: int = 1024) -> np.ndarray:
+        """(N,) APS scores of the target finest classes (targets < 0: +inf)."""
+        t = np.asarray(targets, dtype=np.int64)
+        n = t.size
+        parts = [cf.aps_scores(self.log_joint({lv: torch.as_tensor(logits[lv])[i:i + chunk] for lv in self.levels}),
+                               t[i:i + chunk], self._aps_u()) for i in range(0, n, chunk)]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def _aps_u(self) -> float:
+        c = self.conformal
+        return c.u if c is not None else cf.APS_U
+
+    def finest_areas(self) -> np.ndarray:
+        """(C,) km² of each finest class's cell."""
+        return grid.key_areas_km2(np.asarray(self.hierarchy.keys(self.finest), np.int64), self.finest)
+
+    def conformal_regions(self, logp: torch.Tensor, coverage: float) -> list[Region]:
+        """The conformal region of each row of ``log_joint``: the finest cells a coverage of
+        ``coverage`` keeps, with their area."""
+        c = self.check_conformal()
+        tau = c.threshold(coverage)
+        order, sizes = cf.region_prefix(logp, tau, c.u)
+        areas = self.finest_areas()
+        p = logp.exp().double()
+        out = []
+        for j in range(logp.shape[0]):
+            idx = order[j, :int(sizes[j])].tolist()
+            out.append(Region("conformal", [self.cells[self.finest][k] for k in idx], idx,
+                              float(p[j, idx].sum()), float(areas[idx].sum()), float(coverage), tau))
+        return out
+
+    def kept_region(self, combined: Combined, row: int) -> Region:
+        """The finest cells the keep rules kept for one row, as a region."""
+        n = int(combined.count[self.finest][row])
+        idx = combined.index[self.finest][row, :n].tolist()
+        score = combined.score[self.finest][row, :n]
+        areas = self.finest_areas()
+        return Region("kept", [self.cells[self.finest][k] for k in idx], idx, float(score.exp().sum()),
+                      float(areas[idx].sum()))
+
+    def conformal_report(self, logits: Mapping, targets, coverages=cf.COVERAGES, chunk: int = 1024) -> dict:
+        """eval.json's ``conformal``: per coverage, the share of rows whose true finest
+        class is in its region, the regions' mean/median cells and km², the threshold."""
+        c = self.check_conformal()
+        t = np.asarray(targets, dtype=np.int64)
+        areas = self.finest_areas()
+        stats: dict[float, list] = {cov: [] for cov in coverages}
+        for i in range(0, t.size, chunk):
+            logp = self.log_joint({lv: torch.as_tensor(logits[lv])[i:i + chunk] for lv in self.levels})
+            for cov in coverages:
+                stats[cov].append(cf.region_stats(logp, t[i:i + chunk], c.threshold(cov), areas, c.u))
+        out = {}
+        for cov, parts in stats.items():
+            merged = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in
+                      ("covered", "cells", "area_km2")}
+            out[f"{cov:g}"] = cf.summarise(merged, c.threshold(cov))
+        return out
 
     # ------------------------------------------------------------------ the one path to points
 
@@ -435,14 +597,20 @@ class Predictor:
         """What ``predict`` answers: the hierarchical walk when there are several levels."""
         return self.walks()[-1]
 
-    def _combine(self, logits: Mapping, walk: str, rules=None, temperature: bool = True) -> Combined:
+    def _combine(self, logits: Mapping, walk: str, rules=None, temperature: bool = True,
+                 within=None) -> Combined:
         """``combine`` for a walk: ``hierarchical`` down every level (keep rules, masking),
-        ``argmax`` the finest head alone. Refuses non-finite logits (corrupt weights)."""
+        ``argmax`` the finest head alone. Refuses non-finite logits (corrupt weights).
+        ``within``: a region limit; classes outside get -inf logits (zero probability)."""
         if walk not in WALKS:
             raise InputError(f"unknown walk {walk!r}; use one of {', '.join(WALKS)}")
         tree = self.tree if walk == "hierarchical" else self._flat_tree
         z = {lv: torch.as_tensor(logits[lv]).float() for lv in tree.levels}
         self.check_finite(z)
+        if within is not None:
+            allowed = self.limit(within).allowed
+            z = {lv: v.masked_fill(~torch.as_tensor(allowed[lv], device=v.device), float("-inf"))
+                 for lv, v in z.items()}
         return combine(z, tree, rules_for(tree.levels, rules), self.temperatures if temperature else None)
 
     def check_finite(self, logits: Mapping[int, torch.Tensor]) -> None:
@@ -511,7 +679,8 @@ class Predictor:
         return img, read_gps(data)
 
     def _prediction(self, c: Combined, row: int, name: str, gps, places: int,
-                    found: tuple[rf.Refined, rf.NeighbourIndex] | None = None) -> Prediction:
+                    found: tuple[rf.Refined, rf.NeighbourIndex] | None = None,
+                    positions: np.ndarray | None = None) -> Prediction:
         levels: dict[int, list[Candidate]] = {}
         for i, lv in enumerate(c.levels):
             n = int(c.count[lv][row])
@@ -524,16 +693,22 @@ class Predictor:
                                     prev_cells[q] if prev_cells is not None and q >= 0 else None)
                           for k, p, s, q in zip(idx, prob, score, par, strict=False)]
         finest = levels[self.finest]
+        pos = self.positions if positions is None else positions
         for cand in finest:
-            cand.lat, cand.lon = (float(v) for v in self.positions[cand.index])
+            cand.lat, cand.lon = (float(v) for v in pos[cand.index])
             cand.bbox = tuple(float(v) for v in self.bounds[cand.index])
         named = [c.index for c in finest[:places]]
-        missing = [k for k in named if k not in self._place_cache]
-        if missing:
-            countries, towns = place_info(self.positions[missing, 0], self.positions[missing, 1])
-            self._place_cache.update(zip(missing, zip(countries, towns, strict=False), strict=False))
-        for cand in finest[:places]:
-            cand.country, cand.place = self._place_cache[cand.index]
+        if positions is None:
+            missing = [k for k in named if k not in self._place_cache]
+            if missing:
+                countries, towns = place_info(self.positions[missing, 0], self.positions[missing, 1])
+                self._place_cache.update(zip(missing, zip(countries, towns, strict=False), strict=False))
+            for cand in finest[:places]:
+                cand.country, cand.place = self._place_cache[cand.index]
+        elif named:  # points moved into a region limit: name them where they are now
+            countries, towns = place_info(pos[named, 0], pos[named, 1])
+            for cand, country, town in zip(finest[:places], countries, towns, strict=False):
+                cand.country, cand.place = country, town
         pred = Prediction(name, levels)
         if found is not None:
             pred.refined = bool(found[0].refined[row])
@@ -570,14 +745,23 @@ class Predictor:
 
     def predict_files(self, sources: Sequence, names: Sequence[str] | None = None, rules=None,
                       temperature: bool = True, batch_size: int = 16, places: int = 10,
-                      refine: bool = False, walk: str = "hierarchical") -> list[Prediction]:
+                      refine: bool = False, walk: str = "hierarchical", coverage: float | None = None,
+                      abstain: float | None = None, within=None) -> list[Prediction]:
         """Predictions for image files: paths, bytes, or file objects (uploads). A source
         that cannot be read gets a Prediction with ``error`` (the message); the others
         still run. Results come in the order of ``sources``. ``refine``: see
         ``predict_images`` (a predictor that cannot refine is refused before any file is
-        read)."""
+        read). ``coverage``/``abstain``/``within``: see ``predict_logits`` (refused before
+        any file is read when the run cannot do them)."""
         if refine:
             self.neighbour_index()
+        if within is not None:
+            within = self.limit(within)
+        if coverage is not None:
+            self.check_conformal(temperature)
+            cf.check_coverage(coverage)
+        if abstain is not None:
+            _check_share(abstain, "abstain")
         names = list(names) if names is not None else [_source_name(s, i) for i, s in enumerate(sources)]
         results: list[Prediction | None] = [None] * len(sources)
         good: list[int] = []
@@ -586,7 +770,8 @@ class Predictor:
 
         def flush():
             preds = self.predict_images(imgs, [names[i] for i in good], rules, temperature, bs, gps, places,
-                                        refine=refine, walk=walk)
+                                        refine=refine, walk=walk, coverage=coverage, abstain=abstain,
+                                        within=within)
             for i, p in zip(good, preds, strict=False):
                 results[i] = p
             good.clear()
@@ -607,6 +792,16 @@ class Predictor:
         if imgs:
             flush()
         return results  # type: ignore[return-value]
+
+
+def _check_share(value, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--{name} must be a probability in [0, 1], got {value!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise InputError(f"--{name} must be a probability in [0, 1], got {value!r}")
+    return v
 
 
 def _source_name(src, i: int) -> str:
