@@ -1,9 +1,12 @@
 """geohier dashboard: `streamlit run app.py`.
 
 Navigation and the home page. Every other page is a thin script in views/ (not pages/: Streamlit would also treat that folder as its older page list).
-Icons are emoji, not ``:material/...`` names: a Material page icon makes every browser fetch it
-from fonts.gstatic.com, and the dashboard makes no off-host request (tests/test_browser.py).
+The tab icon is a local image (views/icon.png) and the navigation icons are emoji, not
+``:material/...`` names: a Material page icon makes every browser fetch it from
+fonts.gstatic.com, and the dashboard makes no off-host request (tests/test_browser.py).
 """
+
+from pathlib import Path
 
 import streamlit as st
 
@@ -11,7 +14,8 @@ from geohier.runs import list_runs
 from pipeline.quickstart import next_step
 from views._common import manifest_summary, manifest_version, workspace
 
-st.set_page_config(page_title="geohier", page_icon="🌍", layout="wide")
+ICON = Path(__file__).resolve().parent / "views" / "icon.png"  # served by this server: no off-host request
+st.set_page_config(page_title="geohier", page_icon=ICON, layout="wide")
 
 
 def home() -> None:

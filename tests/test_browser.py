@@ -92,8 +92,8 @@ def test_every_page_opens_without_exception(app, page):
 
 def test_no_page_makes_an_off_host_request(app, page):
     """Every page by its own URL, as a fresh visit loads it (fonts, icons, scripts, maps):
-    nothing but 127.0.0.1 is asked for; the tab icon is inline (an emoji's data: SVG), not
-    a Material icon from fonts.gstatic.com."""
+    nothing but 127.0.0.1 is asked for; the tab icon is the server's own views/icon.png,
+    not a Material icon from fonts.gstatic.com."""
     url, _ = app
     seen = []
     page.on("request", lambda r: seen.append(r.url))
@@ -104,7 +104,8 @@ def test_no_page_makes_an_off_host_request(app, page):
             page.wait_for_timeout(1500)  # the maps' frames load their own documents
         assert_no_off_host_requests(page)
     icon = page.evaluate("() => document.querySelector(\"link[rel='shortcut icon']\").href")
-    assert icon.startswith("data:image/svg+xml"), icon
+    assert icon.startswith(url + "/media/") and icon.endswith(".png"), icon  # views/icon.png, from this server
+    assert page.request.get(icon).body()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(u.startswith(url) for u in seen) and not page.off_host_requests
     nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
     assert "🏠" in nav and "📍" in nav  # the emoji icons
@@ -206,4 +207,30 @@ def test_coverage_map_draws_offline(app, page):
     script_failures = [r for r in page.failed_requests if ".js" in r or ".css" in r]
     assert not script_failures, script_failures
     assert not exception_texts(page)
+    assert_no_off_host_requests(page)
+
+
+def test_data_page_cells_upload_is_sized_and_checked(app, page, tmp_path):
+    """The Data page takes a cell list as an upload (never a server path): a good list is
+    sized under the field; a binary file gets one line that repeats none of its bytes."""
+    url, _ = app
+    page.goto(url + "/data")
+    wait_for_app(page)
+    page.get_by_text("Get images").first.click()
+    page.get_by_role("tab", name="Mapillary").click()
+    uploader = page.locator('[data-testid="stFileUploader"]').filter(has_text="file of cell ids")
+    cells = tmp_path / "cells.txt"
+    cells.write_text("# two cells\n0/1/2\n013\n0/1/2\n")
+    uploader.locator('input[type="file"]').set_input_files(str(cells))
+    wait_for_app(page)
+    main = page.locator('[data-testid="stMain"]')
+    assert "Cells: upload 'cells.txt': at most 3 cell ids" in main.inner_text()
+    binary = tmp_path / "secret.txt"
+    binary.write_bytes(b"root:SECRET\x00\xff\xfe" * 50)
+    uploader.locator('input[type="file"]').set_input_files(str(binary))
+    wait_for_app(page)
+    text = main.inner_text()
+    assert "Cells: upload 'secret.txt': not a text file of cell ids" in text
+    assert "SECRET" not in text and not exception_texts(page)
+    screenshot(page, "data-cells-upload")
     assert_no_off_host_requests(page)
