@@ -13,6 +13,12 @@ of path, lat, lon) and writes the run's eval report:
   ``cell_positions``);
 - per country of the true location: images, country accuracy (predicted point in the
   same country), km accuracies, median km;
+- ``conformal``: for coverages 0.8/0.9/0.95, the prediction regions of
+  ``geohier.conformal`` (calibrated by ``calibrate_run`` on the val split, after the
+  temperatures): the share of images whose true cell is in their region, the regions'
+  mean/median cells and km², and the score threshold;
+- ``abstention``: accuracy at 25/200/750/2500 km of the most confident 10%..100% of the
+  images (confidence: the top hierarchical joint probability);
 - with ``refine`` (a run that carries ``neighbours.safetensors``): the same protocol for
   the rule ``hierarchical+refine``, the guess moved to the similarity-weighted position
   of the most similar training images inside the kept cells (``geohier.refine``), and a
@@ -36,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from geohier import benchmark, forward, geodesy, metrics, runs, tables
+from geohier import conformal as cf
 from geohier import refine as rf
 from geohier import splits as splits_mod
 from geohier.errors import GeohierError, InputError, WorkspaceError
@@ -223,7 +230,10 @@ def _split_dataset(ws: Workspace, predictor: Predictor, split: str) -> tuple:
 def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 64,
                   device: str | None = None, num_workers: int = 0, progress: bool = True,
                   collected: dict | None = None) -> dict:
-    """Fit one temperature per level on the run's own val split and store it in meta.json.
+    """Fit one temperature per level on the run's own val split and store it in meta.json,
+    then the split-conformal calibration of the prediction regions on the same images
+    after temperature scaling (meta.json ``conformal``: the sorted APS scores, see
+    ``geohier.conformal``).
 
     Returns ``{level: {"temperature", "n", "ece_before", "ece_after", "nll_before",
     "nll_after"}}`` (level keys as strings), which is also stored as meta.json's
@@ -256,8 +266,20 @@ def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 6
     # re-read the meta right before writing: the smallest window for a concurrent writer
     from geohier.model import read_meta
 
+    # split conformal calibration on the same val images, after temperature scaling: the
+    # APS scores of their true finest cells (geohier.conformal), through the Predictor
+    finest = max(levels)
+    predictor.temperatures = {int(lv): float(t) for lv, t in temps.items() if int(lv) in levels}
+    conformal = None
+    scores = predictor.conformal_scores(collected["logits"], collected["labels"][finest])
+    if scores.size:
+        conformal = cf.Conformal.fit(scores, level=finest, split="val", fitted_at=utcnow(),
+                                     temperatures={str(lv): t for lv, t in predictor.temperatures.items()},
+                                     **({"split_hash": own.hash} if own is not None else {})).to_dict()
     fresh = read_meta(run_dir)
     fresh["temperatures"] = temps
+    if conformal is not None:
+        fresh["conformal"] = json_safe(conformal)
     fresh["calibration"] = json_safe({"split": "val", "fitted_at": utcnow(), "levels": out,
                                       **({"split_hash": own.hash} if own is not None else {})})
     Run(run_dir).write_meta(fresh)
@@ -411,6 +433,13 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     plat, plon = points[rule].lat, points[rule].lon
     dist = geodesy.haversine_km(plat, plon, tlat, tlon)
     countries = country_table(tlat, tlon, plat, plon, dist)
+    # regions with a coverage guarantee (calibrated on val) and abstention, from the Predictor
+    conformal = None
+    if predictor.conformal is not None:
+        conformal = predictor.conformal_report(collected["logits"], collected["labels"][finest], cf.COVERAGES)
+    abstention = {"confidence": "top hierarchical joint probability of a finest class (product of each level's "
+                                "probability given its parent, temperatures applied)",
+                  "rule": rule, "rows": cf.abstention_curve(predictor.confidence(collected["logits"]), dist)}
     baselines = benchmark.baseline_scores(evaluated, *run_training_points(predictor, ws))
     result = {
         "format": EVAL_FORMAT, "run": run_dir.name, "created_at": utcnow(), "source": source,
@@ -420,6 +449,8 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         "truth": truth.info(),
         "reliability": reliability,
         "countries": countries,
+        "conformal": conformal,
+        "abstention": abstention,
         "calibration": meta.get("calibration"),
         "hierarchy_hash": meta.get("hierarchy_hash"), "time_s": round(time.perf_counter() - t0, 3),
         "device": str(forward.resolve_device(device)),
@@ -522,6 +553,22 @@ def format_report(result: dict) -> str:
                       "  " + "  ".join(f"{t} km {pct(r.get(f'acc_{t}km')).strip()}" for t in metrics.KM_THRESHOLDS),
                       f"  median {num(r.get('median_km'), 0, 1).strip()} km, mean "
                       f"{num(r.get('mean_km'), 0, 1).strip()} km, GeoScore {num(r.get('geoscore'), 0, 0).strip()}"]
+    if result.get("conformal"):
+        lines += ["", "prediction regions (conformal, calibrated on val):",
+                  f"  {'target':>6} {'covered':>8} {'mean cells':>10} {'median km2':>12} {'mean km2':>12}"]
+        for cov, r in result["conformal"].items():
+            lines.append(f"  {cov:>6} {pct(r.get('coverage')):>8} {num(r.get('mean_cells'), 10, 1)} "
+                         f"{num(r.get('median_area_km2'), 12, 0)} {num(r.get('mean_area_km2'), 12, 0)}")
+    elif "conformal" in result:
+        lines += ["", "prediction regions: the run has no conformal calibration (evaluate it with --calibrate)"]
+    if result.get("abstention"):
+        rows = {r["share"]: r for r in result["abstention"]["rows"]}
+        lines += ["", "answering only the most confident images (confidence = top joint probability):",
+                  f"  {'answered':>8} " + " ".join(f"{f'{t} km':>8}" for t in cf.ABSTAIN_KM)]
+        for share in (0.1, 0.25, 0.5, 1.0):
+            r = rows.get(share)
+            if r is not None:
+                lines.append(f"  {pct(share):>8} " + " ".join(f"{pct(r.get(f'acc_{t}km')):>8}" for t in cf.ABSTAIN_KM))
     if result.get("countries"):
         lines += ["", f"{'country':<16} {'n':>6} {'in-ctry':>8} {'25km':>7} {'750km':>7} {'median km':>10}"]
         for r in result["countries"][:15]:

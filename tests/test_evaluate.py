@@ -385,3 +385,55 @@ def test_cli_evaluate_csv_malformed_is_one_line(ws, tiny_run, tmp_path, capsys, 
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert str(bad) in err and message in err, err
     assert not (tiny_run / "eval.json").exists()
+
+
+# ----------------------------------------------------------------------------- conformal regions, abstention
+
+
+def test_calibrate_stores_conformal_and_evaluate_reports_regions_and_abstention(ws, tiny_run):
+    from geohier import conformal as cf
+    from geohier.predictor import Predictor
+
+    evaluate.calibrate_run(tiny_run, ws, progress=False)
+    meta = json.loads((tiny_run / "meta.json").read_text())
+    c = meta["conformal"]
+    assert c["score"] == "aps" and c["n"] == 6 and c["split"] == "val" and c["level"] == 3
+    assert c["scores"] == sorted(c["scores"]) and len(c["scores"]) <= 6
+    assert c["temperatures"] == {k: pytest.approx(v) for k, v in meta["temperatures"].items()}
+    res = evaluate.evaluate_run(tiny_run, ws, calibrate=False, progress=False)
+    assert set(res["conformal"]) == {"0.8", "0.9", "0.95"}
+    # the same numbers by hand from the Predictor's joint probabilities on the test logits
+    predictor = Predictor.load(tiny_run, device="cpu")
+    ds, _ = evaluate._split_dataset(ws, predictor, "test")
+    col = evaluate.collect_logits(predictor, ds, [1, 3], progress=False)
+    logp = predictor.log_joint(col["logits"])
+    conf = cf.Conformal.from_dict(c)
+    for cov in ("0.8", "0.9", "0.95"):
+        r = res["conformal"][cov]
+        tau = conf.threshold(float(cov))
+        # n = 6: ceil(7 * 0.8) = 6 is the largest score; 0.9 and 0.95 need a 7th: no threshold
+        assert r["threshold"] == (pytest.approx(max(c["scores"])) if cov == "0.8" else None)
+        order, sizes = cf.region_prefix(logp, tau)
+        assert r["mean_cells"] == pytest.approx(float(sizes.double().mean()))
+        covered = [int(col["labels"][3][j]) in order[j, :sizes[j]].tolist() for j in range(6)]
+        assert r["coverage"] == pytest.approx(np.mean(covered))
+        areas = predictor.finest_areas()
+        km2 = [areas[order[j, :sizes[j]].numpy()].sum() for j in range(6)]
+        assert r["median_area_km2"] == pytest.approx(float(np.median(km2)))
+        assert r["n"] == 6
+    # 0.9 and 0.95 keep every cell with probability > 0: everything covered
+    assert res["conformal"]["0.95"]["coverage"] == 1.0
+    ab = res["abstention"]
+    assert "top hierarchical joint probability" in ab["confidence"]
+    assert [r["share"] for r in ab["rows"]] == list(cf.SHARES)
+    full = ab["rows"][-1]
+    assert full["n"] == 6 and full["acc_25km"] == pytest.approx(res["geo"]["acc_25km"])
+    assert full["acc_2500km"] == pytest.approx(res["geo"]["acc_2500km"])
+    text = evaluate.format_report(res)
+    assert "prediction regions (conformal" in text and "most confident" in text
+
+
+def test_evaluate_without_conformal_says_how_to_calibrate(ws, tiny_run):
+    res = evaluate.evaluate_run(tiny_run, ws, calibrate=False, progress=False)
+    assert res["conformal"] is None and res["abstention"]["rows"][-1]["n"] == 6
+    assert "evaluate it with --calibrate" in evaluate.format_report(res)
