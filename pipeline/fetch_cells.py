@@ -288,10 +288,10 @@ def parse_cells(spec, level: int = MANIFEST_LEVEL, shard: str | tuple | None = N
             raise InputError(f"{count:,} cell ids; one fetch takes at most {MAX_CELLS:,}")
         return CellSelection("ids", level, s, ids=tuple(ids), size=count)
     if files and text and "\0" not in text:
-        path = Path(text).expanduser()
-        try:
+        try:  # "~x" of no user, surrogates, NUL: no file either
+            path = Path(text).expanduser()
             is_file = path.is_file()
-        except (OSError, ValueError):
+        except (OSError, ValueError, RuntimeError):
             is_file = False
         if is_file:
             ids = cells_from_text(read_cell_file(path), text)

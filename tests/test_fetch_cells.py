@@ -255,3 +255,12 @@ def test_the_page_builds_the_list_in_its_task_and_stop_ends_it(ws, monkeypatch):
             tasks.start_fetch(runner, ws, "all", 12, 5, srv.url, "tok")
         with pytest.raises(InputError, match="no file on the server is read"):
             tasks.start_fetch(runner, ws, "/etc/passwd", 8, 5, srv.url, "tok")
+
+
+@pytest.mark.parametrize("text", ["~no-such-user-xyz\n/x", "~2\n3land", "0/1,\ud800", "\udfff/etc", "a\x00b", "~", "/"])
+def test_odd_text_in_cli_mode_is_one_line_too(text):
+    """A path that cannot be one (no such user's ~, lone surrogates from non-UTF-8 argv,
+    NUL) is no file of ids: one line, no RuntimeError or UnicodeEncodeError."""
+    with pytest.raises(InputError, match="is none of these") as e:
+        C.parse_cells(text, 8)
+    assert "\n" not in str(e.value)
