@@ -19,6 +19,16 @@ similarity-weighted position of the most similar training images inside the kept
 ``cell_lat``/``cell_lon``, and the chosen finest candidate a ``refined`` block with the
 neighbours used (id, lat, lon, sim, weight). A run without the file is refused (exit 2).
 
+With ``--coverage P`` (a run calibrated by ``evaluate --calibrate``), each object gains
+``confidence`` (the top joint probability of a finest cell) and ``region``: ``{"source":
+"conformal", "coverage": P, "threshold", "n_cells", "area_km2", "mass", "cells": [...]}``,
+the finest cells that hold the true one with probability >= P (``geohier.conformal``).
+With ``--abstain P``: ``abstained`` (true when the confidence is under P); an abstained
+image has ``"best": null`` and a ``region`` (the conformal one with ``--coverage``, else
+the kept cells, ``"source": "kept"``). With ``--within country:FR,DE`` or
+``--within bbox:S,W,N,E``: ``within`` names the limit, and every candidate lies inside it
+(``geohier.limits``).
+
 ``prob`` is a cell's probability among the candidates considered at its level (what the
 keep rules use); ``joint`` the probability of its whole path (the product of every level's
 probability along it). A file that cannot be read gets ``error`` instead of ``best``; the
@@ -86,6 +96,16 @@ def register(sub) -> None:
     p.add_argument("--refine", action="store_true",
                    help=f"move the guess to the nearest training images inside the kept cells (runs with "
                         f"{NEIGHBOURS_FILE}; default: the cell's position)")
+    p.add_argument("--coverage", type=float, default=None, metavar="P",
+                   help="add the prediction region that holds the true cell with probability >= P (e.g. 0.9; "
+                        "conformal, calibrated by `evaluate --calibrate` on the run's val split): its cells and "
+                        "area in km² (default: none)")
+    p.add_argument("--within", default=None, metavar="LIMIT",
+                   help="answer only inside country:CODES (ISO codes, e.g. country:FR,DE) or bbox:S,W,N,E: "
+                        "cells outside get zero probability before the keep rules (default: anywhere)")
+    p.add_argument("--abstain", type=float, default=None, metavar="P",
+                   help="answer 'not sure' (the region, --coverage's or the kept cells, instead of a point) "
+                        "when the confidence (top joint probability of a finest cell) is below P (default: never)")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line (default: a table)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward pass (default: 16)")
     p.add_argument("--show", type=int, default=5, metavar="N",
@@ -180,6 +200,14 @@ def format_table(pred: Prediction, show: int = 5) -> str:
     if pred.error is not None:
         return f"{pred.image}\n  error: {pred.error}\n"
     b = pred.best
+    if pred.abstained:
+        r = pred.region
+        lines = [pred.image, f"  not sure: confidence {pred.confidence:.3f} is under --abstain; the place is in "
+                             f"{_describe_region(r)}"]
+        lines += [f"      {cell}" for cell in r.cells[:show]]
+        if len(r.cells) > show:
+            lines.append(f"      ... {len(r.cells) - show} more")
+        return "\n".join(lines) + "\n"
     lines = [pred.image,
              f"  best   {b.cell}  {b.lat:.4f}, {b.lon:.4f}  p={b.prob:.3f} (joint {b.joint:.3f})  "
              f"{b.country or '(no country)'} · {b.place or '?'}"]
@@ -193,6 +221,10 @@ def format_table(pred: Prediction, show: int = 5) -> str:
         t = pred.true
         lines.append(f"  true   {t['lat']:.4f}, {t['lon']:.4f} (EXIF GPS)  error {t['error_km']:,.1f} km  "
                      f"GeoScore {t['geoscore']:.0f}")
+    if pred.confidence is not None:
+        lines.append(f"  confidence {pred.confidence:.3f} (top joint probability)")
+    if pred.region is not None:
+        lines.append(f"  region {_describe_region(pred.region)}")
     finest = max(pred.levels)
     lines.append(f"  {'#':>2}  {'cell (level ' + str(finest) + ')':<24} {'prob':>6} {'joint':>6}  {'lat':>8} "
                  f"{'lon':>9}  country / place")
@@ -210,6 +242,11 @@ def format_table(pred: Prediction, show: int = 5) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _describe_region(r) -> str:
+    what = (f"{r.coverage:g} coverage region" if r.source == "conformal" else "kept cells")
+    return f"{len(r.cells)} cell(s), {r.area_km2:,.0f} km² ({what}, joint probability {r.mass:.3f})"
+
+
 def run(args: argparse.Namespace, ws: Workspace) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -220,13 +257,15 @@ def run(args: argparse.Namespace, ws: Workspace) -> int:
         print(f"note: {predictor.synthetic_note}", file=sys.stderr)
     preds = predictor.predict_files(args.images, rules=rules, temperature=not args.no_temperature,
                                     batch_size=args.batch_size, places=args.show if not args.json else 10,
-                                    refine=args.refine)
+                                    refine=args.refine, coverage=args.coverage, abstain=args.abstain,
+                                    within=args.within)
     out = sys.stdout
     if not args.json:
         out.write(f"run {predictor.name}  levels {','.join(map(str, predictor.levels))}  "
                   f"rules: {'; '.join(f'L{lv} {r.describe()}' for lv, r in rules.items())}"
                   f"{'  (no temperature)' if args.no_temperature else ''}"
-                  f"{f'  refined (k={predictor.refine_k}, tau={predictor.refine_tau:g})' if args.refine else ''}\n\n")
+                  f"{f'  refined (k={predictor.refine_k}, tau={predictor.refine_tau:g})' if args.refine else ''}"
+                  f"{f'  within {predictor.limit(args.within).describe()}' if args.within else ''}\n\n")
     for p in preds:
         if args.json:
             out.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")

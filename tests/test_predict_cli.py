@@ -216,3 +216,109 @@ def test_a_demo_world_run_says_once_that_its_guesses_mean_nothing(ws, run_dir, p
     assert rc == 0 and len(_json_lines(captured.out)) == 2  # stdout stays JSON
     assert captured.err.count("trained only on the synthetic demo world") == 1
     assert "import or fetch real geotagged images" in captured.err and "--frozen" in captured.err
+
+
+# ----------------------------------------------------------------------------- regions, limits, abstention
+
+CONFORMAL = {"score": "aps", "u": 0.5, "n": 9, "scores": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
+
+
+@pytest.fixture
+def calibrated_run(ws, hierarchy):
+    return make_tiny_run(ws.models_dir / "tiny", hierarchy, extra_meta={"conformal": CONFORMAL})
+
+
+@pytest.fixture
+def city_photos(tmp_path, make_jpeg):
+    from conftest import CITIES
+
+    return [str(make_jpeg(tmp_path / f"city{i}.jpg", color=color)) for i, (_, _, color) in enumerate(CITIES)]
+
+
+def test_coverage_needs_a_conformal_calibration(ws, run_dir, photos, capsys):
+    rc = main(["predict", str(photos["good"]), "--coverage", "0.9"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "no conformal calibration" in err and "evaluate tiny --calibrate" in err
+
+
+def test_coverage_json_returns_the_region_and_its_area(ws, calibrated_run, city_photos, capsys):
+    import numpy as np
+
+    from geohier import grid
+
+    rc = main(["predict", *city_photos, "--coverage", "0.9", "--json"])
+    rows = _json_lines(capsys.readouterr().out)
+    assert rc == 0 and len(rows) == 6
+    sizes = {}
+    for row in rows:
+        r = row["region"]
+        assert r["source"] == "conformal" and r["coverage"] == 0.9 and r["threshold"] == pytest.approx(0.9)
+        assert r["n_cells"] == len(r["cells"]) >= 1 and 0 < row["confidence"] <= 1
+        keys, level = grid.ids_to_keys(r["cells"])
+        assert level == 5
+        assert r["area_km2"] == pytest.approx(float(grid.key_areas_km2(keys, level).sum()), rel=1e-6)
+        assert 0 < r["mass"] <= 1.0 + 1e-6
+        sizes[row["image"]] = r["n_cells"]
+        assert "abstained" not in row and row["best"] is not None
+    # a lower coverage never gives a larger region
+    main(["predict", *city_photos, "--coverage", "0.5", "--json"])
+    for row in _json_lines(capsys.readouterr().out):
+        assert row["region"]["n_cells"] <= sizes[row["image"]]
+    assert main(["predict", city_photos[0], "--coverage", "1.5"]) == 2
+    assert "coverage must be in (0, 1)" in capsys.readouterr().err
+    assert main(["predict", city_photos[0], "--coverage", "0.9", "--no-temperature"]) == 2
+    assert "drop --no-temperature" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["country:FR", "country:DEU,Brazil", "bbox:30,-80,50,-60"])
+def test_within_never_answers_outside(ws, run_dir, city_photos, capsys, limit):
+    from geohier.geography import country_of
+    from geohier.limits import parse_within
+
+    rc = main(["predict", *city_photos, "--within", limit, "--json", "--rule", "topk", "--top-k", "3"])
+    rows = _json_lines(capsys.readouterr().out)
+    assert rc == 0 and len(rows) == 6
+    w = parse_within(limit)
+    for row in rows:
+        assert row["within"] == w.describe()
+        cands = row["candidates"]["5"]
+        lat = [c["lat"] for c in cands] + [row["best"]["lat"]]
+        lon = [c["lon"] for c in cands] + [row["best"]["lon"]]
+        if w.kind == "bbox":
+            s, west, n, e = w.bbox
+            assert all(s <= v <= n for v in lat) and all(west <= v <= e for v in lon), row
+        else:
+            allowed = {"FR"} if limit == "country:FR" else {"DE", "BR"}
+            assert set(country_of(lat, lon)["iso_a2"]) <= allowed, row
+            assert row["best"]["country"] in ({"France"} if limit == "country:FR" else {"Germany", "Brazil"})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--within", "country:XX"], "unknown country 'XX'"),
+    (["--within", "bbox:1,2,3"], "bbox:S,W,N,E takes four numbers"),
+    (["--within", "bbox:-60,-30,-50,-20"], "none of the run's"),  # the South Atlantic
+    (["--abstain", "2"], "--abstain must be a probability"),
+])
+def test_within_and_abstain_bad_values_are_one_line(ws, run_dir, city_photos, capsys, argv, message):
+    rc = main(["predict", city_photos[0], *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_abstain_answers_not_sure_with_the_region(ws, calibrated_run, city_photos, capsys):
+    # P = 1: every image is below it (the model is never certain); P = 0: none is
+    assert main(["predict", *city_photos[:3], "--abstain", "1", "--json"]) == 0
+    for row in _json_lines(capsys.readouterr().out):
+        assert row["abstained"] is True and row["best"] is None
+        assert row["region"]["source"] == "kept" and row["region"]["cells"] == \
+            [c["cell"] for c in row["candidates"]["5"]]
+    assert main(["predict", *city_photos[:3], "--abstain", "1", "--coverage", "0.8", "--json"]) == 0
+    for row in _json_lines(capsys.readouterr().out):
+        assert row["abstained"] is True and row["region"]["source"] == "conformal"
+    assert main(["predict", *city_photos[:3], "--abstain", "0", "--json"]) == 0
+    for row in _json_lines(capsys.readouterr().out):
+        assert row["abstained"] is False and row["best"]["cell"] and "region" not in row
+    assert main(["predict", city_photos[0], "--abstain", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "not sure: confidence" in out and "kept cells" in out
