@@ -2,8 +2,11 @@
 (the baseline) against images that are small on disk and huge once decoded.
 
 Each case runs in its own subprocess (``python -m pipeline predict IMAGE --run tiny
---json`` over a tiny random-weight resnet18 run at 32 px, and ``python -m pipeline
-import-photos DIR`` into a fresh workspace); its peak RSS is read from ``os.wait4``.
+--json`` over a tiny random-weight resnet18 run at 32 px; ``python -m pipeline
+import-photos DIR`` into a fresh workspace; ``geohier.images.open_image`` alone as a
+training/eval dataset or the embedder calls it for a 224 px preset, in a process that
+imports nothing else; and, for reference only, ``open_image`` at full size, which no
+consumer calls any more); its peak RSS is reported by a small launcher process.
 The cases (made here, streamed to disk, so the files are small):
 
 - baseline: a 640x480 JPEG with EXIF GPS;
@@ -133,15 +136,15 @@ def make_run(models: Path) -> Path:
 
 
 # The decoder alone: "dataset" opens the image as ManifestDataset does for an EvalPreset(224)
-# (geohier.images.decode_side_for when it exists, else a plain open_image as before).
+# (geohier.images.decode_side_for when it exists, else a plain open_image as before); the
+# size is given by a stand-in with the preset's attributes, so torch is not imported.
 DECODE = """
-import sys
+import sys, types
 from geohier import images
 path, how = sys.argv[1], sys.argv[2]
 side = None
 if how == "dataset" and hasattr(images, "decode_side_for"):
-    from geohier.presets import EvalPreset
-    side = images.decode_side_for(EvalPreset(224))
+    side = images.decode_side_for(types.SimpleNamespace(image_size=224, resize_size=224))
 img = images.open_image(path, max_side=side)
 print(how, "decode:", img.size, img.mode)
 """
@@ -184,15 +187,19 @@ def main() -> int:
                                      "--json"],
             "import-photos": lambda p, k: [sys.executable, "-m", "pipeline", "import-photos", str(_alone(p, k))],
             # the decoder alone, as a training/eval dataset or embedding calls it (before this
-            # change they decoded at full size: "full"), in a process that imports nothing else
+            # change they decoded at full size), in a process that imports nothing else
             "decode (dataset)": lambda p, k: [sys.executable, "-c", DECODE, str(p), "dataset"],
+            # reference, no goal: open_image without max_side, which no consumer calls any
+            # more (its RGB result alone is 400 MB at 100 MP)
             "decode (full size)": lambda p, k: [sys.executable, "-c", DECODE, str(p), "full"],
         }
+        no_goal = {"decode (full size)"}
         if args.only:
             commands = {c: v for c, v in commands.items() if c in args.only}
         failed = False
         for cmd, argv_of in commands.items():
-            print(f"\n{cmd}: peak RSS of one subprocess per image (goal: <= {GOAL_MB} MB over the baseline)")
+            goal = "reference, no goal" if cmd in no_goal else f"goal: <= {GOAL_MB} MB over the baseline"
+            print(f"\n{cmd}: peak RSS of one subprocess per image ({goal})")
             base = None
             for k, (label, path) in enumerate(cases.items()):
                 data = tmp / f"data-{cmd}-{k}"
@@ -205,12 +212,16 @@ def main() -> int:
                     continue
                 delta = peak - base
                 ok = delta <= GOAL_MB and rc == 0
-                failed |= not ok
                 verdict = "holds" if ok else "FAILS" if rc == 0 else "ERROR (exit status)"
+                if cmd in no_goal:
+                    verdict = "(reference)" if rc == 0 else verdict
+                else:
+                    failed |= not ok
                 print(f"  {label:<36} rc={rc}  peak {peak:7.0f} MB  delta {delta:+7.0f} MB  "
                       f"ratio {peak / base:5.2f}x  goal {verdict}")
                 print(f"      -> {last}")
-        print(f"\ngoal (every case <= {GOAL_MB} MB over its baseline): {'holds' if not failed else 'FAILS'}")
+        print(f"\ngoal (every case but the reference <= {GOAL_MB} MB over its baseline): "
+              f"{'holds' if not failed else 'FAILS'}")
         return 0
     finally:
         if args.keep:

@@ -374,54 +374,78 @@ def _orientation(img: Image.Image) -> int:
     return value if value in _ORIENTATION_FIX else 1
 
 
-def _to_8bit(arr: np.ndarray) -> np.ndarray:
+def _grey_range(img: Image.Image, rows: int) -> tuple[float, float]:
+    """The finite (min, max) of a grey picture (I;16, I, F), a band of ``rows`` rows at a
+    time; (0, 0) when it has no finite value."""
+    w, h = img.size
+    lo, hi = math.inf, -math.inf
+    for y in range(0, h, rows):
+        arr = np.asarray(img.crop((0, y, w, min(h, y + rows))) if rows < h else img)
+        if arr.dtype.kind == "f":
+            arr = arr[np.isfinite(arr)]
+        if arr.size:
+            lo, hi = min(lo, float(arr.min())), max(hi, float(arr.max()))
+    return (lo, hi) if lo <= hi else (0.0, 0.0)
+
+
+def _to_8bit(arr: np.ndarray, rng: tuple[float, float] | None = None) -> np.ndarray:
     """Integer or float grey levels -> uint8: floats in [0, 1] times 255, values in
     [0, 255] as they are, 16-bit values divided by 257, anything else stretched from its
-    min to its max. Works through the array in chunks of a million values, so a big one
-    costs its uint8 result and no float64 copies."""
+    min to its max. ``rng``: the (min, max) of the whole picture when ``arr`` is one band
+    of it (default: the array's own)."""
     is_float = arr.dtype.kind == "f"
-    flat = arr.reshape(-1)
-    step = 1 << 20
-    lo, hi = math.inf, -math.inf
-    for i in range(0, flat.size, step):
-        part = flat[i:i + step]
-        if is_float:
-            part = part[np.isfinite(part)]
-        if part.size:
-            lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
-    if lo > hi:
-        lo = hi = 0.0
-    out = np.empty(arr.shape, dtype=np.uint8)
-    flat_out = out.reshape(-1)
-    for i in range(0, flat.size, step):
-        part = flat[i:i + step].astype(np.float64)
-        if is_float and lo >= 0 and hi <= 1.0:
-            part *= 255.0
-        elif lo >= 0 and hi <= 255:
-            pass
-        elif lo >= 0 and hi <= 65535 and not is_float:
-            part /= 257.0
-        elif hi > lo:
-            part = (part - lo) * (255.0 / (hi - lo))
-        else:
-            part[:] = 0.0
-        flat_out[i:i + step] = np.clip(np.nan_to_num(part, nan=0.0), 0, 255).round()
-    return out
+    if rng is None:
+        finite = arr[np.isfinite(arr)] if is_float else arr
+        rng = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    lo, hi = rng
+    arr = arr.astype(np.float64)
+    if is_float and lo >= 0 and hi <= 1.0:
+        out = arr * 255.0
+    elif lo >= 0 and hi <= 255:
+        out = arr
+    elif lo >= 0 and hi <= 65535 and not is_float:
+        out = arr / 257.0
+    else:
+        out = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return np.clip(np.nan_to_num(out, nan=0.0), 0, 255).round().astype(np.uint8)
+
+
+# Pictures are converted (and reduced) a band of rows of about this many bytes at a time.
+_BAND_BYTES = 16 << 20
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB: alpha composited on white, CMYK through its ICC
-    profile when it has one, 16/32-bit and float greys scaled to 8 bits."""
+    profile when it has one, 16/32-bit and float greys scaled to 8 bits (by the range of
+    the whole picture). A big picture is converted a band of rows at a time, so the only
+    extra memory is the RGB result.
+
+    >>> to_rgb(Image.new("LA", (3000, 3000), (0, 0))).getpixel((2999, 2999))
+    (255, 255, 255)
+    """
     mode = img.mode
     keyed = "transparency" in img.info and mode in ("P", "L", "RGB")  # palette / colour-key alpha
     if mode == "RGB" and not keyed:
         return img
+    w, h = img.size
+    rows = max(1, _BAND_BYTES // (4 * w))
+    rng = _grey_range(img, rows) if mode.startswith("I;16") or mode in ("I", "F") else None
+    if h <= rows:
+        return _band_to_rgb(img, keyed, rng)
+    out = Image.new("RGB", img.size)
+    for y in range(0, h, rows):
+        out.paste(_band_to_rgb(img.crop((0, y, w, min(h, y + rows))), keyed, rng), (0, y))
+    return out
+
+
+def _band_to_rgb(img: Image.Image, keyed: bool, rng: tuple[float, float] | None) -> Image.Image:
+    mode = img.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or keyed:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        grey = Image.fromarray(_to_8bit(np.asarray(img)), mode="L")
+    if rng is not None:
+        grey = Image.fromarray(_to_8bit(np.asarray(img), rng), mode="L")
         return grey.convert("RGB")
     if mode == "CMYK" and img.info.get("icc_profile"):
         try:
@@ -462,7 +486,7 @@ def _band_mode(img: Image.Image) -> str:
     return mode
 
 
-def reduce_native(img: Image.Image, max_side: int, band_bytes: int = 16 << 20) -> Image.Image:
+def reduce_native(img: Image.Image, max_side: int, band_bytes: int | None = None) -> Image.Image:
     """A decoded picture box-averaged by the largest integer factor that keeps its long
     side at least ``max_side``, in its own mode (see ``_band_mode``), a band of rows at a
     time: the only full-size copy is the one the decoder made (Pillow's own reduce would
@@ -479,7 +503,7 @@ def reduce_native(img: Image.Image, max_side: int, band_bytes: int = 16 << 20) -
     work = _band_mode(img)
     if work == img.mode and work not in ("LA", "RGBA", "PA"):
         return img.reduce(factor)  # allocates the reduced picture only
-    rows = factor * max(1, band_bytes // (w * 4 * factor))
+    rows = factor * max(1, (band_bytes or _BAND_BYTES) // (w * 4 * factor))
     out = Image.new(work, (-(-w // factor), -(-h // factor)))
     for y in range(0, h, rows):
         band = img.crop((0, y, w, min(h, y + rows)))

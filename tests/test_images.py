@@ -588,3 +588,20 @@ def test_decode_slots_bound_concurrent_decodes(monkeypatch):
         assert not got
     t.join(30)
     assert got == ["decoded"]
+
+
+def test_full_size_conversion_goes_by_bands_with_one_grey_scale(monkeypatch):
+    monkeypatch.setattr(images, "_BAND_BYTES", 4 * 64 * 4)  # 4 rows of 64 px per band
+    arr = np.full((32, 64), 200, dtype=np.uint16)
+    arr[16:] = 65535  # the lower bands alone would say "16-bit", the upper ones "8-bit"
+    out = open_image(_encode(Image.fromarray(arr), "PNG"))
+    assert out.size == (64, 32) and out.getpixel((0, 0)) == (1, 1, 1) and out.getpixel((0, 31)) == (255, 255, 255)
+    rgba = Image.new("RGBA", (64, 32), (0, 0, 0, 0))
+    rgba.paste((10, 200, 30, 255), (0, 16, 64, 32))
+    out = open_image(_encode(rgba, "PNG"))
+    assert out.getpixel((5, 3)) == (255, 255, 255) and out.getpixel((5, 30)) == (10, 200, 30)
+    pal = Image.new("P", (64, 32), 1)
+    pal.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    pal.paste(0, (0, 0, 64, 8))
+    out = open_image(_encode(pal, "PNG", transparency=0))
+    assert out.getpixel((5, 3)) == (255, 255, 255) and out.getpixel((5, 30)) == (200, 0, 0)
