@@ -56,6 +56,8 @@ SWEEPS: dict[str, tuple[str, tuple]] = {
     "adaptive": ("k_max", (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)),
     "cumulative": ("cumulative", (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)),
 }
+#: Target coverages of the coverage rule's curve (``Explorer.coverage_curve``).
+COVERAGE_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 MIN_PROB_SWEEP = ("min_prob", (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5))
 
 
@@ -94,7 +96,25 @@ class Explorer:
                       progress: Callable[[int, int], None] | None = None, refresh: bool = False) -> Explorer:
         """Load (or compute and cache) the split's logits for a predictor's run(s)."""
         val = load_val_logits(predictor, ws, split, max_rows, batch_size, progress, refresh)
-        return cls(val, predictor.tree, predictor.positions, predictor.temperatures)
+        ex = cls(val, predictor.tree, predictor.positions, predictor.temperatures)
+        ex.predictor = predictor
+        return ex
+
+    predictor: Predictor | None = None
+
+    def coverage_curve(self, coverages: Sequence[float] = COVERAGE_SWEEP) -> list[dict]:
+        """The ``coverage`` rule (conformal prediction regions, ``geohier.conformal``) over
+        the cached rows: per target coverage, the share of rows whose true finest cell is
+        in its region, the regions' mean/median cells and km² (the curve of area against
+        coverage), through the Predictor (``Predictor.conformal_report``). On the val
+        split this is the calibration set itself, so the coverage holds by construction;
+        ``evaluate`` reports it on the held-out test split. InputError when the run has no
+        conformal calibration."""
+        if self.predictor is None:
+            raise InputError("the coverage rule needs an explorer built for a predictor (Explorer.for_predictor)")
+        finest = self.tree.levels[-1]
+        report = self.predictor.conformal_report(self.val.logits, self.val.targets[finest], tuple(coverages))
+        return [{"target": float(k), **v} for k, v in report.items()]
 
     def evaluate(self, rules: KeepRule | Mapping[int, KeepRule] | None = None, temperature: bool = True) -> dict:
         """``hierarchical_accuracy`` of one setting over every cached row."""

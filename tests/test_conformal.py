@@ -186,3 +186,38 @@ def test_country_limit_uses_overlap_not_the_main_country():
     assert set(country_of(moved[:, 0], moved[:, 1])["iso_a2"]) == {"FR"}
     with pytest.raises(InputError, match="unknown country 'XX'"):
         limits.build_limit("country:XX", tree, np.stack([lat, lon], 1), bounds)
+
+
+def test_region_geojson_has_one_rectangle_per_cell():
+    k = grid.key(grid.cell(10.0, 10.0, 2))
+    cell = grid.keys_to_ids([k], 2)[0]
+    gj = cf.region_geojson(cf.Region("conformal", [cell], [0], 0.9, 1.0, 0.9, 0.5), 2)
+    (f,) = gj["features"]
+    assert f["properties"] == {"cell": cell, "rank": 1}
+    assert f["geometry"]["coordinates"][0] == [[0, 0], [90, 0], [90, 45], [0, 45], [0, 0]]
+    assert cf.region_geojson(cf.Region("kept", [], [], 0.0, 0.0), 2)["features"] == []
+
+
+def test_explorer_coverage_rule_is_the_predictors_report(tmp_path):
+    from test_predictor import make_tiny_run
+
+    from geohier.explorer import Explorer, ValSet
+    from geohier.predictor import Predictor
+
+    conf = cf.Conformal.fit(np.linspace(0.05, 0.95, 19)).to_dict()
+    p = Predictor.load(make_tiny_run(tmp_path / "run", extra_meta={"conformal": conf}), device="cpu")
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    logits = {lv: torch.randn(n, p.tree.num_classes[lv], generator=g) for lv in p.levels}
+    targets = {lv: np.zeros(n, np.int64) for lv in p.levels}
+    targets[p.finest] = np.arange(n) % p.tree.num_classes[p.finest]
+    ex = Explorer(ValSet(p.levels, logits, targets, np.zeros(n), np.zeros(n)), p.tree, p.positions, p.temperatures)
+    with pytest.raises(InputError, match="for a predictor"):
+        ex.coverage_curve()
+    ex.predictor = p
+    curve = ex.coverage_curve((0.5, 0.8, 0.95))
+    assert [r["target"] for r in curve] == [0.5, 0.8, 0.95]
+    assert curve[0]["mean_cells"] <= curve[1]["mean_cells"] <= curve[2]["mean_cells"]
+    assert curve[0]["mean_area_km2"] <= curve[1]["mean_area_km2"] <= curve[2]["mean_area_km2"]
+    assert curve[1]["threshold"] == pytest.approx(0.8)  # ceil(20 * 0.8) = 16th of 0.05 .. 0.95
+    assert curve[1] == {"target": 0.8, **p.conformal_report(logits, targets[p.finest], (0.8,))["0.8"]}
