@@ -174,3 +174,40 @@ def test_corrupt_weights_are_one_error_box(ws, tiny):
     at.file_uploader(key="predict_upload").set_value([("a.jpg", jpeg_bytes(size=(40, 30)), "image/jpeg")]).run()
     assert not at.exception, at.exception
     assert any("a.jpg" in e and "non-finite outputs" in e for e in _errors(at)), _errors(at)
+
+
+# ----------------------------------------------------------------------------- coverage, limits, abstention
+
+
+def test_coverage_region_limit_and_abstention_controls(ws):
+    conformal = {"score": "aps", "u": 0.5, "n": 9, "scores": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
+    make_tiny_run(ws.models_dir / "tiny", tiny_hierarchy(), extra_meta={"conformal": conformal})
+    at = _page()
+    at.file_uploader(key="predict_upload").set_value(("a.jpg", jpeg_bytes(), "image/jpeg")).run()
+    assert not at.exception and not at.toggle(key="predict_coverage_on").disabled
+    assert "Region cells" not in {m.label for m in at.metric}
+    at.toggle(key="predict_coverage_on").set_value(True).run()
+    at.slider(key="predict_coverage").set_value(0.9).run()
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert int(metrics["Region cells"].replace(",", "")) >= 1 and metrics["Region area"].endswith("km²")
+    # a region limit: the answer is in France
+    at.text_input(key="predict_within").set_value("country:FR").run()
+    assert not at.exception and not _errors(at)
+    assert any("Within country:FR" in c.value for c in at.sidebar.caption)
+    assert {m.label: m.value for m in at.metric}["Country"] == "France"
+    at.text_input(key="predict_within").set_value("country:XX").run()
+    assert any("unknown country 'XX'" in e for e in _errors(at))
+    at.text_input(key="predict_within").set_value("").run()
+    # abstention: at 100% every answer is "not sure"
+    assert not any("Not sure" in w.value for w in at.warning)
+    at.slider(key="predict_abstain").set_value(1.0).run()
+    assert not at.exception
+    assert any("Not sure: the confidence" in w.value for w in at.warning)
+
+
+def test_coverage_control_says_how_to_calibrate(ws, tiny):
+    at = _page()
+    assert not at.exception
+    assert at.toggle(key="predict_coverage_on").disabled
+    assert any("evaluate tiny --calibrate" in c.value for c in at.sidebar.caption)
