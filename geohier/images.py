@@ -78,8 +78,10 @@ _PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16
 # The side a consumer gets when its transform does not say its input size.
 DEFAULT_DECODE_SIDE = 2048
 
-# How many images a server (the Predict page) decodes at once; more uploads wait their turn.
+# How many images a server (the Predict page) decodes at once; more uploads wait their turn
+# for up to DECODE_WAIT_S seconds, then are told the server is busy.
 DECODE_SLOTS = 2
+DECODE_WAIT_S = 60.0
 
 # EXIF tags used here.
 TAG_ORIENTATION = 0x0112
@@ -150,19 +152,19 @@ _slots = threading.BoundedSemaphore(DECODE_SLOTS)
 
 
 @contextmanager
-def decode_slot(timeout: float | None = 30.0) -> Iterator[None]:
+def decode_slot(timeout: float | None = None) -> Iterator[None]:
     """Hold one of the process's ``DECODE_SLOTS`` decode slots for the block: a server
     decoding uploads for many sessions wraps each decode in it, so N sessions cannot
-    multiply the peak memory of one. Waits up to ``timeout`` seconds (None: forever) for a
-    slot, then raises DecodeBusyError ("busy ... try again").
+    multiply the peak memory of one. Waits up to ``timeout`` seconds (default
+    ``DECODE_WAIT_S``) for a slot, then raises DecodeBusyError ("busy ... try again").
 
     >>> with decode_slot():
     ...     pass
     """
-    got = _slots.acquire() if timeout is None else _slots.acquire(timeout=max(0.0, float(timeout)))
-    if not got:
-        raise DecodeBusyError(f"the server is busy decoding {DECODE_SLOTS} other images; "
-                              "try again in a moment")
+    wait = DECODE_WAIT_S if timeout is None else timeout
+    if not _slots.acquire(timeout=max(0.0, float(wait))):
+        raise DecodeBusyError(f"the server is busy decoding {DECODE_SLOTS} other images "
+                              f"(waited {wait:g} s); try again in a moment")
     try:
         yield
     finally:

@@ -605,3 +605,32 @@ def test_full_size_conversion_goes_by_bands_with_one_grey_scale(monkeypatch):
     pal.paste(0, (0, 0, 64, 8))
     out = open_image(_encode(pal, "PNG", transparency=0))
     assert out.getpixel((5, 3)) == (255, 255, 255) and out.getpixel((5, 30)) == (200, 0, 0)
+
+
+def test_predict_page_says_busy_when_every_decode_slot_is_taken(ws, monkeypatch):
+    """N sessions uploading at once wait for one of DECODE_SLOTS decodes; past the wait the
+    upload says "busy" in one line (not cached: the next rerun decodes it)."""
+    import threading
+
+    from streamlit.testing.v1 import AppTest
+
+    from tests.conftest import ROOT
+    from tests.test_predictor import make_tiny_run, tiny_hierarchy
+
+    make_tiny_run(ws.models_dir / "tiny", tiny_hierarchy())
+    slots = threading.BoundedSemaphore(1)
+    monkeypatch.setattr(images, "_slots", slots)
+    monkeypatch.setattr(images, "DECODE_WAIT_S", 0.05)
+    at = AppTest.from_file(str(ROOT / "views" / "predict.py"), default_timeout=120).run()
+    photo = ("busy.jpg", jpeg_bytes(size=(72, 40), color=(11, 171, 91)), "image/jpeg")
+    slots.acquire()  # another session is decoding
+    try:
+        at.file_uploader(key="predict_upload").set_value([photo]).run()
+    finally:
+        slots.release()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and errors[0].startswith("busy.jpg: the server is busy") and "\n" not in errors[0]
+    at.run()  # the slot is free again: the same upload is decoded now
+    assert not at.exception and not at.error
+    assert "Best guess" in {m.label for m in at.metric}
