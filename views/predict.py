@@ -180,6 +180,34 @@ with st.sidebar:
     if not predictor.can_refine:
         st.caption(f"Refinement is off: {predictor.refine_problem}.")
     refine = refine and predictor.can_refine
+    # how sure: a coverage region (conformal), a region limit, abstention
+    can_cover = predictor.conformal is not None
+    cover_on = st.toggle("Coverage region", value=False, key="predict_coverage_on", disabled=not can_cover,
+                         help="the smallest set of cells holding the true one with the chosen probability "
+                              "(conformal, calibrated on the run's val split)")
+    coverage = st.slider("Coverage", 0.5, 0.99, 0.9, step=0.01, key="predict_coverage",
+                         disabled=not (can_cover and cover_on))
+    if not can_cover:
+        st.caption(f"No coverage region: run `python -m pipeline evaluate {predictor.runs[0].name} --calibrate` "
+                   "to calibrate it.")
+    coverage = coverage if can_cover and cover_on else None
+    within_text = st.text_input("Only within", "", key="predict_within", placeholder="country:FR,DE or bbox:S,W,N,E",
+                                help="cells outside get zero probability before the keep rules; no answer is "
+                                     "ever outside")
+    limit = None
+    if within_text.strip():
+        try:
+            limit = predictor.limit(within_text)
+            st.caption(f"Within {limit.describe()}.")
+        except GeohierError as exc:
+            st.error(str(exc))
+    if limit is not None and refine:
+        st.caption("Refinement is off inside a region limit (it could move the guess outside).")
+        refine = False
+    abstain = st.slider("Not sure below confidence", 0.0, 1.0, 0.0, step=0.01, key="predict_abstain",
+                        help="answer 'not sure' (the region instead of a point) when the top joint probability "
+                             "of a cell is under this (0: always answer)")
+    abstain = abstain if abstain > 0 else None
     if st.session_state.get("predict_applied"):
         st.success(st.session_state.pop("predict_applied"))
     st.caption(f"Run `{predictor.name}` · levels {', '.join(map(str, predictor.levels))} · "
@@ -210,10 +238,12 @@ with tab_predict:
         feats = np.concatenate([e["features"] for e in loaded]) if refine else None
         try:
             preds = predictor.predict_logits(logits, names, [e["gps"] for e in loaded], rules, temperature,
-                                             features=feats, refine=refine)
+                                             features=feats, refine=refine, coverage=coverage, abstain=abstain,
+                                             within=limit)
         except GeohierError as exc:  # an unusable neighbour index: say so, show the unrefined guess
             st.error(f"Refinement failed, showing the cells' positions: {exc}")
-            preds = predictor.predict_logits(logits, names, [e["gps"] for e in loaded], rules, temperature)
+            preds = predictor.predict_logits(logits, names, [e["gps"] for e in loaded], rules, temperature,
+                                             coverage=coverage, abstain=abstain, within=limit)
         if len(preds) > 1:
             st.dataframe(charts.summary_frame(preds).drop(columns=["problem"]), hide_index=True,
                          column_config={"prob": st.column_config.NumberColumn(format="%.3f")})
@@ -224,6 +254,10 @@ with tab_predict:
         c1, c2 = st.columns([1, 2])
         c1.image(entry["thumb"], caption=names[pick])
         with c2:
+            if pred.abstained:
+                st.warning(f"Not sure: the confidence ({pred.confidence:.1%}, the top joint probability) is under "
+                           f"{abstain:.0%}. The place is somewhere in the {len(pred.region.cells):,} cell(s) on the "
+                           f"map ({pred.region.area_km2:,.0f} km²); the best guess below is only the likeliest.")
             st.metric("Best guess", best.place or best.country or best.cell,
                       help=f"cell {best.cell} at {best.lat:.4f}, {best.lon:.4f}")
             m1, m2, m3 = st.columns(3)
@@ -239,11 +273,26 @@ with tab_predict:
                            f"(best similarity {best.refined.neighbours[0]['sim']:.3f}).")
             elif pred.refined is False:
                 st.caption("Not refined: no training image in the kept cells; the cell's position stands.")
+            if pred.region is not None:
+                r1, r2 = st.columns(2)
+                what = f"{pred.region.coverage:.0%} coverage region" if pred.region.source == "conformal" \
+                    else "kept cells"
+                r1.metric("Region cells", f"{len(pred.region.cells):,}", help=what)
+                r2.metric("Region area", f"{pred.region.area_km2:,.0f} km²",
+                          help=f"{what}; joint probability {pred.region.mass:.1%}")
             if pred.true:
                 t1, t2 = st.columns(2)
                 t1.metric("Error (EXIF GPS)", f"{pred.true['error_km']:,.0f} km")
                 t2.metric("GeoScore", f"{pred.true['geoscore']:,.0f}")
-        st_folium(maps.prediction_map(pred, predictor), height=480, use_container_width=True,
+        pmap = maps.prediction_map(pred, predictor)
+        if pred.region is not None:  # the region's cells, outlined in blue
+            import folium
+
+            from geohier.conformal import region_geojson
+            folium.GeoJson(region_geojson(pred.region, predictor.finest), name="region",
+                           style_function=lambda _: {"color": "#1f4fd1", "weight": 1.5, "fill": True,
+                                                     "fillOpacity": 0.08}).add_to(pmap)
+        st_folium(pmap, height=480, use_container_width=True,
                   returned_objects=[], key=f"predict_map_{pick}")
         st.plotly_chart(charts.level_bars(pred), width="stretch")
         st.subheader("Candidates")
