@@ -104,13 +104,14 @@ def free_port() -> int:
 
 @contextmanager
 def streamlit_server(data_dir: Path, models_dir: Path, log_path: Path):
-    """Start `streamlit run app.py` on a free port; yield its base URL; stop it."""
+    """Start the dashboard (`python -m pipeline.serve`, i.e. `streamlit run app.py` without the
+    external-IP lookup) on a free port; yield its base URL; stop it."""
     port = free_port()
     env = dict(os.environ, GEOHIER_DATA=str(data_dir), GEOHIER_MODELS=str(models_dir),
                PYTHONUNBUFFERED="1")
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+        [sys.executable, "-m", "pipeline.serve", "--server.address", "127.0.0.1",
          "--server.port", str(port), "--server.headless", "true",
          "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
