@@ -11,6 +11,8 @@ from streamlit.testing.v1 import AppTest
 from geohier import accuracy_charts as ac
 from geohier import metrics
 
+pytestmark = pytest.mark.slow  # trains tiny runs for the page: `make test-fast` skips this module
+
 PAGE = str(Path(__file__).resolve().parents[1] / "views" / "accuracy.py")
 
 

@@ -16,6 +16,8 @@ from geohier import splits
 from geohier.errors import InputError, WorkspaceError
 from pipeline import cli, evaluate
 
+pytestmark = pytest.mark.slow  # trains tiny runs to evaluate: `make test-fast` skips this module
+
 # Clusters of photos in six countries, 6 images each: 4 train, 1 val, 1 test.
 CLUSTERS = CITIES
 SPLIT_OF = ["train", "train", "train", "train", "val", "test"]

@@ -84,6 +84,7 @@ def test_offline_html_refuses_a_cdn_link():
         maps.offline_html(m)
 
 
+@pytest.mark.slow
 def test_streamlit_folium_gets_only_local_links():
     import streamlit_folium as sf
 

@@ -10,6 +10,8 @@ from streamlit.testing.v1 import AppTest
 from test_explorer import make_workspace
 from test_predictor import make_tiny_run, tiny_hierarchy
 
+pytestmark = pytest.mark.slow  # trains tiny runs for the page: `make test-fast` skips this module
+
 PAGE = str(ROOT / "views" / "predict.py")
 
 

@@ -79,6 +79,7 @@ def test_one_validator_one_image_size_limit(tmp_path):
     assert validate(TrainConfig(run_name="x" * 80 + "-L8", group="x" * 80)) == {}
 
 
+@pytest.mark.slow
 def test_cli_prints_every_bad_flag_on_one_line(ws, capsys):
     rc = main(["train", "--epochs", "0", "--image-size", "4096", "--backbone", "vgg", "--weights", "none"])
     err = capsys.readouterr().err.strip()
