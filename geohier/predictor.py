@@ -793,6 +793,27 @@ class Predictor:
             flush()
         return results  # type: ignore[return-value]
 
+    # ------------------------------------------------------------------ recall vs area
+
+    def truth_areas(self, logits: Mapping, targets, chunk: int = 256) -> np.ndarray:
+        """(N,) km² of the finest cells ranked (by ``log_joint``) down to each row's true
+        finest class (``geohier.conformal.truth_areas``; +inf for a target < 0)."""
+        t = np.asarray(targets, dtype=np.int64)
+        areas = self.finest_areas()
+        parts = [cf.truth_areas(self.log_joint({lv: torch.as_tensor(logits[lv])[i:i + chunk] for lv in self.levels}),
+                                t[i:i + chunk], areas) for i in range(0, t.size, chunk)]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def recall_area(self, logits: Mapping, targets, points: int = cf.RECALL_AREA_POINTS) -> dict:
+        """eval.json's ``recall_area``: the share of truths inside the top-ranked finest
+        cells against those cells' cumulative area, at ``points`` log-spaced areas from the
+        smallest cell to the whole grid."""
+        areas = self.finest_areas()
+        found = self.truth_areas(logits, targets)
+        return {"ranking": "finest cells by hierarchical joint probability (temperatures applied)",
+                "level": self.finest, "n": int(found.size),
+                "points": cf.recall_area_curve(found, float(areas.min()), float(areas.sum()), points)}
+
 
 def _check_share(value, name: str) -> float:
     try:

@@ -19,6 +19,8 @@ of path, lat, lon) and writes the run's eval report:
   mean/median cells and km², and the score threshold;
 - ``abstention``: accuracy at 25/200/750/2500 km of the most confident 10%..100% of the
   images (confidence: the top hierarchical joint probability);
+- ``recall_area``: the share of truths inside the top-ranked finest cells (by joint
+  probability) against those cells' cumulative area, at 30 log-spaced areas;
 - with ``refine`` (a run that carries ``neighbours.safetensors``): the same protocol for
   the rule ``hierarchical+refine``, the guess moved to the similarity-weighted position
   of the most similar training images inside the kept cells (``geohier.refine``), and a
@@ -440,6 +442,8 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     abstention = {"confidence": "top hierarchical joint probability of a finest class (product of each level's "
                                 "probability given its parent, temperatures applied)",
                   "rule": rule, "rows": cf.abstention_curve(predictor.confidence(collected["logits"]), dist)}
+    # recall vs area: the share of truths inside the top-ranked finest cells against their area
+    recall_area = predictor.recall_area(collected["logits"], collected["labels"][finest])
     baselines = benchmark.baseline_scores(evaluated, *run_training_points(predictor, ws))
     result = {
         "format": EVAL_FORMAT, "run": run_dir.name, "created_at": utcnow(), "source": source,
@@ -451,6 +455,7 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         "countries": countries,
         "conformal": conformal,
         "abstention": abstention,
+        "recall_area": recall_area,
         "calibration": meta.get("calibration"),
         "hierarchy_hash": meta.get("hierarchy_hash"), "time_s": round(time.perf_counter() - t0, 3),
         "device": str(forward.resolve_device(device)),
