@@ -417,6 +417,9 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     # every point comes from the Predictor: the answers `predict` gives, walk by walk
     points = {walk: predictor.points(collected["logits"], walk) for walk in predictor.walks()}
     geo_by_rule = {}
+    if predictor.hybrid:  # the centroid rule beside the hybrid guesses: the offsets' gain in one report
+        points.update({f"{walk}+centroid": predictor.points(collected["logits"], walk, offset=False)
+                       for walk in predictor.walks()})
     for walk, pts in points.items():
         geo_by_rule[walk] = benchmark.score_points(tlat, tlon, pts.lat, pts.lon, areas=evaluated.areas)
         geo_by_rule[walk].update(level=finest, point=pts.source, rule=walk)
@@ -468,11 +471,14 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     flag = (f"; NOT HELD OUT: {in_training['in_training']} of {len(ds)} images are in its training set"
             if in_training and in_training["in_training"] else "")
     board = Leaderboard(ws.data_dir)
-    entries = [(run_dir.name, plat, plon, f"{levels} levels, rule {rule}{flag}")]
+    arch = meta.get("arch") or {}
+    design = "".join(f", {k} {arch[k]}" for k, d in (("head", "cell"), ("loss", "independent"))
+                      if arch.get(k, d) != d)  # the run's design when it is not the seed's
+    entries = [(run_dir.name, plat, plon, f"{levels} levels, rule {rule}{design}{flag}")]
     if refined is not None:  # its own entry, beside the run's, so the table shows whether it helps
         rname, rlat, rlon = refined
         entries.append((f"{run_dir.name} +refine", rlat, rlon,
-                        f"{levels} levels, rule {rname} (k={refine_k}, tau={refine_tau:g}){flag}"))
+                        f"{levels} levels, rule {rname} (k={refine_k}, tau={refine_tau:g}){design}{flag}"))
     for name, elat, elon, note in entries:
         entry, full_lat, full_lon = benchmark.score_aligned(truth, benchmark.Predictions(name, keys, elat, elon))
         board.record(truth.info() | {"hash": truth.hash}, name, "run", entry["geo"], note=note,
