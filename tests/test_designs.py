@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from test_train import make_world, one_thread, tiny  # noqa: F401 - one_thread: an autouse fixture
+from test_train_page import started  # noqa: F401 - a fixture: the jobs the Train page starts
 
 from geohier import geodesy
 from geohier.errors import InputError, ModelError
@@ -220,3 +221,24 @@ def test_a_run_of_each_design_saves_loads_predicts_and_evaluates_from_its_folder
     if kw.get("frozen"):  # refinement wins where it finds neighbours; the hybrid point elsewhere
         result = evaluate_run(run, world, split="val", progress=False, refine=True)
         assert result["geo_by_rule"]["hierarchical+refine"]["point"] == "neighbours"
+
+
+# ----------------------------------------------------------------------------- the Train page
+
+
+def test_the_train_page_offers_the_designs_and_they_reach_the_job_argv(ws, started):  # noqa: F811 - the fixture
+    from test_train_page import _by_label, _hierarchy, _page
+
+    _hierarchy(ws)
+    at = _page().run()
+    head, loss = _by_label(at.selectbox, "Head"), _by_label(at.selectbox, "Loss")
+    assert (head.value, head.options) == ("cell", ["cell", "hybrid"])
+    assert (loss.value, loss.options) == ("independent", ["independent", "hierarchical"])
+    head.set_value("hybrid")
+    loss.set_value("hierarchical")
+    _by_label(at.number_input, "Offset loss weight (hybrid head)").set_value(2.0)
+    at = _by_label(at.button, "Launch").click().run()
+    assert not at.exception and not [e.value for e in at.error]
+    (argv,) = started
+    assert argv[argv.index("--head") + 1] == "hybrid" and argv[argv.index("--loss") + 1] == "hierarchical"
+    assert argv[argv.index("--offset-weight") + 1] == "2.0"
