@@ -95,6 +95,7 @@ def test_the_design_is_checked_and_recorded_in_the_arch():
 # ----------------------------------------------------------------------------- the hybrid head
 
 
+@pytest.mark.slow
 def test_the_hybrid_head_cuts_the_median_error_well_below_the_cell_point_on_features_that_know_the_position():
     """Features that encode the finest class and the position inside the cell: heads
     trained on them (classes + offsets, the loss a run uses) guess far closer than the
@@ -166,6 +167,7 @@ DESIGNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DESIGNS))
 def test_a_run_of_each_design_saves_loads_predicts_and_evaluates_from_its_folder(world, tmp_path, name):
     kw = DESIGNS[name]

@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import pytest
 from browser import streamlit_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,7 @@ def _handshake(port: int, host: str, origin: str | None = None) -> str:
         return s.recv(4096).decode("latin-1").split("\r\n")[0]
 
 
+@pytest.mark.slow
 def test_the_server_refuses_a_rebound_or_foreign_websocket(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "models").mkdir()
