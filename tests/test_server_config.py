@@ -13,8 +13,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
 from browser import streamlit_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
