@@ -19,7 +19,6 @@ import os
 import sys
 
 from geohier.errors import GeohierError
-from geohier.workspace import Workspace
 
 # The modules whose commands the CLI offers (tests narrow it to one).
 COMMAND_MODULES = (
@@ -135,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(argv)
     parser = build_parser(command_of(argv), prog=prog)
     args = parser.parse_args(argv)
+    from geohier.workspace import Workspace  # pandas: not for --help
+
     ws = Workspace.from_env(args.data, args.models)
     try:
         return int(args.func(args, ws) or 0)
