@@ -95,11 +95,33 @@ def is_temp_name(name: str, target_name: str | None = None) -> bool:
     return target_name is None or name.startswith(f".{target_name}.")
 
 
+def _writer_pid(name: str) -> int | None:
+    """The process id in a temporary file name of ``temp_name`` (None when it has none)."""
+    stem = name[: -len(TEMP_SUFFIX)].rsplit(".", 1)[-1]
+    head = stem.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether the process that made this temporary file has ended (on this machine)."""
+    pid = _writer_pid(name)
+    if pid is None or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False
+
+
 def remove_stale_temps(directory: str | os.PathLike, target_name: str | None = None,
                        older_than_s: float = STALE_TEMP_S) -> int:
-    """Remove the temporary files in ``directory`` (of ``target_name``, if given) that are
-    older than ``older_than_s``: leftovers of a killed writer. A live writer's file is fresh,
-    so it is never touched. Returns how many went."""
+    """Remove the temporary files in ``directory`` (of ``target_name``, if given) that a
+    killed writer left: those whose writing process has ended, and any older than
+    ``older_than_s`` (a writer on another machine sharing the folder). A live writer's file
+    is never touched. Returns how many went."""
     now, n = time.time(), 0
     try:
         entries = list(os.scandir(directory))
@@ -110,7 +132,7 @@ def remove_stale_temps(directory: str | os.PathLike, target_name: str | None = N
             continue
         try:
             st = entry.stat(follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode) and now - st.st_mtime >= older_than_s:
+            if stat.S_ISREG(st.st_mode) and (_writer_gone(entry.name) or now - st.st_mtime >= older_than_s):
                 os.unlink(entry.path)
                 n += 1
         except FileNotFoundError:

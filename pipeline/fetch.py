@@ -247,24 +247,16 @@ def _cell_filter(c: grid.Cell) -> tuple[str, tuple]:
 
 
 def clean_stale_temps(ws: Workspace, older_than_s: float = 60.0) -> int:
-    """Remove temporary files (``.*.tmp``) that an interrupted write left under images/;
-    only those older than ``older_than_s`` so that a concurrent writer is never hit."""
+    """Remove the temporary files that an interrupted write left under images/
+    (``geohier.fileio.remove_stale_temps`` in each folder: a killed writer's at once, any
+    older than ``older_than_s``), so that a concurrent writer is never hit."""
+    from geohier.fileio import remove_stale_temps
+
     root = ws.images_dir
     if not root.is_dir():
         return 0
-    now, n = time.time(), 0
-    for sub in os.scandir(root):
-        if not sub.is_dir(follow_symlinks=False):
-            continue
-        for entry in os.scandir(sub.path):
-            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                try:
-                    if now - entry.stat(follow_symlinks=False).st_mtime >= older_than_s:
-                        os.unlink(entry.path)
-                        n += 1
-                except FileNotFoundError:
-                    pass
-    return n
+    return sum(remove_stale_temps(sub.path, older_than_s=older_than_s)
+               for sub in os.scandir(root) if sub.is_dir(follow_symlinks=False))
 
 
 class _Fetcher:

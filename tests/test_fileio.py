@@ -243,3 +243,21 @@ def test_no_other_module_renames_temp_files_or_calls_safetensors_directly():
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert offenders == [], "write through geohier.fileio instead:\n" + "\n".join(offenders)
+
+
+def test_a_killed_writers_temp_goes_at_once_a_live_ones_stays(tmp_path):
+    """A temporary file whose writing process has ended is removed at once (a resumed
+    import or merge leaves nothing behind); a live writer's, however old, is not."""
+    import subprocess
+    import sys
+
+    from geohier import fileio
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = tmp_path / f".x.jpg.{dead.pid}-1-abcd1234.tmp"
+    mine = tmp_path / f".x.jpg.{os.getpid()}-1-abcd1234.tmp"
+    for p in (gone, mine):
+        p.write_bytes(b"partial")
+    assert fileio.remove_stale_temps(tmp_path, "x.jpg") == 1
+    assert not gone.exists() and mine.exists()
