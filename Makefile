@@ -1,4 +1,4 @@
-# The README's two commands: `make run` and `make test`. Both set up .venv first.
+# The README's commands: `make run`, `make test` and `make test-fast`. All set up .venv first.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.requirements.stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 8501
 
-.PHONY: setup run test demo lint bench clean-venv
+.PHONY: setup run test test-fast demo lint bench clean-venv
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ run: demo
 
 test: setup
 	$(PY) -m pytest
+
+# The quick loop while editing: unit tests and doctests, without the browser, training and
+# other slow tests (pytest markers `browser` and `slow`).
+test-fast: setup
+	$(PY) -m pytest -q -m "not browser and not slow"
 
 lint: setup
 	$(PY) -m ruff check .

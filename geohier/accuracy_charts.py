@@ -334,3 +334,68 @@ def hierarchy_frame(rows: Sequence[dict]) -> pd.DataFrame:
                           "finest misses wrong here": r["wrong_parent"],
                           "share of finest misses %": 100 * r["share"] if r["share"] == r["share"] else None}
                          for r in rows])
+
+
+# ----------------------------------------------------------------------------- recall vs area, abstention
+
+ABSTAIN_DASH = {25: "dot", 200: "dashdot", 750: "dash", 2500: "solid"}
+
+
+def with_key(evals: Mapping[str, dict], key: str) -> tuple[dict[str, dict], list[str]]:
+    """``({run: eval} of the evaluations that carry ``key``, [runs evaluated before it])``."""
+    have = {run: ev for run, ev in evals.items() if ev and ev.get(key)}
+    return have, [run for run in evals if run not in have]
+
+
+def missing_caption(missing: Sequence[str], what: str) -> str | None:
+    """The caption naming runs absent from a figure because their eval.json predates it."""
+    if not missing:
+        return None
+    return (f"Not shown: {', '.join(missing)} (evaluated before {what} was recorded; evaluate "
+            f"{'it' if len(missing) == 1 else 'them'} again to add {'it' if len(missing) == 1 else 'them'}).")
+
+
+def fig_recall_area(evals: Mapping[str, dict]) -> go.Figure:
+    """Per run (eval.json ``recall_area``), the share of test truths inside the top-ranked
+    finest cells against those cells' cumulative area (log km²). Runs without the block
+    are skipped (see ``with_key``)."""
+    have, _ = with_key(evals, "recall_area")
+    fig = go.Figure()
+    for i, (run, ev) in enumerate(have.items()):
+        pts = ev["recall_area"].get("points") or []
+        fig.add_trace(go.Scatter(
+            x=[p["area_km2"] for p in pts], y=[None if p["recall"] is None else 100 * p["recall"] for p in pts],
+            mode="lines+markers", name=run, line={"color": _colour(i), "width": 3, "shape": "hv"},
+            marker={"size": 5},
+            hovertemplate=f"{run}<br>%{{x:,.0f}} km²: %{{y:.1f}}% of truths<extra></extra>"))
+    for area, label in ((1e4, "a metro area"), (3e5, "a country (Italy)"), (1e7, "a continent")):
+        fig.add_vline(x=area, line={"color": "#bbbbbb", "dash": "dot", "width": 1},
+                      annotation={"text": label, "font": {"size": 10, "color": "#777777"}})
+    fig.update_layout(xaxis={"title": "area of the top-ranked cells searched (km², log)", "type": "log"},
+                      yaxis={"title": "truths found (%)", "range": [0, 100]}, height=400,
+                      margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend={"orientation": "h", "y": -0.3})
+    return fig
+
+
+def fig_abstention(evals: Mapping[str, dict], km: Sequence[int] = (25, 200, 750, 2500)) -> go.Figure:
+    """Per run (eval.json ``abstention``), accuracy within each distance of ``km`` against
+    the share of test images answered, the most confident first (colour: run; dash:
+    distance). Runs without the block are skipped."""
+    have, _ = with_key(evals, "abstention")
+    fig = go.Figure()
+    for i, (run, ev) in enumerate(have.items()):
+        rows = ev["abstention"].get("rows") or []
+        x = [100 * r["share"] for r in rows]
+        for t in km:
+            y = [None if r.get(f"acc_{t}km") is None else 100 * r[f"acc_{t}km"] for r in rows]
+            fig.add_trace(go.Scatter(
+                x=x, y=y, mode="lines+markers", name=f"{run} · {t} km", legendgroup=run,
+                line={"color": _colour(i), "dash": ABSTAIN_DASH.get(t, "solid"), "width": 2},
+                customdata=[r.get("min_confidence") for r in rows],
+                hovertemplate=(f"{run}, within {t} km<br>%{{x:.0f}}% answered: %{{y:.1f}}%"
+                               "<br>confidence ≥ %{customdata:.3f}<extra></extra>")))
+    fig.update_layout(xaxis={"title": "images answered, most confident first (%)", "range": [0, 102]},
+                      yaxis={"title": "answered images within the distance (%)", "range": [0, 100]},
+                      height=420, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                      legend={"orientation": "h", "y": -0.3})
+    return fig

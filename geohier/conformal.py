@@ -313,3 +313,49 @@ def abstention_curve(conf, distances_km, shares: Sequence[float] = SHARES,
             row[f"acc_{t}km"] = float((sel <= t).mean()) if k else None
         out.append(row)
     return out
+
+
+# =========================================================================== recall vs area
+
+#: Points of eval.json's ``recall_area`` curve (log-spaced areas).
+RECALL_AREA_POINTS = 30
+
+
+def truth_areas(logp: torch.Tensor, targets, areas) -> np.ndarray:
+    """(B,) km² searched before the truth is found: the summed areas of the finest cells
+    ranked above each row's true class by joint probability, plus its own (ties with
+    the truth count after it); +inf when the target is no class or has probability 0.
+
+    >>> lp = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    >>> truth_areas(lp, [1], [10.0, 20.0, 40.0]).tolist()
+    [30.0]
+    """
+    t = torch.as_tensor(np.asarray(targets), dtype=torch.long).reshape(-1)
+    a = torch.as_tensor(np.asarray(areas, dtype=np.float64))
+    if not logp.shape[0]:
+        return np.zeros(0)
+    c = logp.shape[1]
+    ok = (t >= 0) & (t < c)
+    safe = t.clamp(0, max(c - 1, 0))
+    ly = logp.gather(1, safe[:, None])  # (B, 1)
+    before = (logp > ly).to(torch.float64) @ a  # (B,)
+    out = before + a[safe]
+    out = torch.where(ok & torch.isfinite(ly[:, 0]), out, torch.full_like(out, float("inf")))
+    return out.numpy()
+
+
+def recall_area_curve(truth_area, lo: float, hi: float, points: int = RECALL_AREA_POINTS) -> list[dict]:
+    """Recall against area: at ``points`` log-spaced areas from ``lo`` to ``hi`` km² (the
+    smallest cell, the whole grid), the share of rows whose truth is inside the top-ranked
+    cells covering that area (``truth_area <= area``).
+
+    >>> recall_area_curve([1.0, 10.0, float("inf")], 1.0, 100.0, points=3)
+    [{'area_km2': 1.0, 'recall': 0.333333}, {'area_km2': 10.0, 'recall': 0.666667}, {'area_km2': 100.0, 'recall': 0.666667}]
+    """
+    t = np.asarray(truth_area, dtype=np.float64)
+    lo, hi = float(lo), float(max(hi, lo))
+    grid_ = np.geomspace(lo, hi, max(2, int(points))) if hi > lo else np.array([lo])
+    n = t.size
+    # a float's last bits must not drop a truth at exactly the grid's end
+    return [{"area_km2": round(float(a), 6 if a < 1 else 1),
+             "recall": round(float((t <= a * (1 + 1e-9)).mean()), 6) if n else None} for a in grid_]

@@ -19,6 +19,9 @@ import torch
 from geohier.errors import InputError
 
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+#: The extra key of a hybrid model's outputs: (B, C_finest, 2) offsets inside each finest
+#: cell (``geohier.model``); carried beside the level logits, ignored by whoever does not know it.
+OFFSET = "offset"
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -46,7 +49,8 @@ class Outputs:
     """What ``collect`` gathered: ``logits[level]`` (N, C) float32 on the CPU, in the order
     of ``index`` (the dataset indices of the images that decoded); ``skipped``: the
     dataset's records of those that did not; ``features`` (N, D) float32 on the CPU, the
-    pooled features the heads read, when asked for (else None)."""
+    pooled features the heads read, when asked for (else None). A hybrid model's offsets
+    ride along as ``logits["offset"]`` (N, C_finest, 2) (``OFFSET``)."""
 
     logits: dict[int, torch.Tensor]
     index: np.ndarray
@@ -117,13 +121,18 @@ def collect(models: torch.nn.Module | Sequence[torch.nn.Module], batches: Iterab
         if out:
             for lv in num_classes:
                 chunks[lv].append(out[lv])
+            if OFFSET in out:
+                chunks.setdefault(OFFSET, []).append(out[OFFSET])
             index.append(np.asarray(batch.index))
             if with_features:
                 feats.append(f[0])
         if progress is not None:
             progress(len(batch.index) + len(batch.skipped))
     idx = np.concatenate(index).astype(np.int64) if index else np.zeros(0, np.int64)
-    logits = {lv: torch.cat(parts) if parts else torch.zeros(0, num_classes[lv]) for lv, parts in chunks.items()}
+    logits = {lv: torch.cat(parts) if parts else torch.zeros(0, num_classes[lv]) for lv, parts in chunks.items()
+              if lv != OFFSET}
+    if chunks.get(OFFSET):
+        logits[OFFSET] = torch.cat(chunks[OFFSET])
     features = None
     if with_features:
         dim = getattr(_feature_model(models), "feature_dim", 0)

@@ -564,3 +564,65 @@ def prediction_map(pred, predictor) -> folium.Map:
     lons = [float(np.min(w)), float(np.max(e))] + [p[1] for p in points]
     m.fit_bounds([[min(lats), min(lons)], [max(lats), max(lons)]], max_zoom=8)
     return finish(m)
+
+
+# --------------------------------------------------------------------------- probability map
+
+PROB_RAMP = ("#fff7ec", "#fdd49e", "#fc8d59", "#d7301f", "#7f0000")  # warm: stands out on the blue sea
+PROB_DECADES = 6  # the colour scale spans this many powers of ten below the top cell
+
+
+def log_prob_scale(logp, decades: int = PROB_DECADES) -> np.ndarray:
+    """Positions in [0, 1] on a log colour scale of natural-log probabilities: 1 at the
+    most probable cell, 0 at ``decades`` powers of ten below it (and for anything less,
+    probability 0 included). Never decreasing in the probability.
+
+    >>> log_prob_scale(np.log([1.0, 0.1, 1e-3, 0.0]), decades=3).round(3).tolist()
+    [1.0, 0.667, 0.0, 0.0]
+    """
+    lp = np.asarray(logp, dtype=np.float64) / np.log(10.0)  # log10 p
+    finite = np.isfinite(lp)
+    if not finite.any():
+        return np.zeros(lp.shape)
+    top = float(lp[finite].max())
+    t = (np.where(finite, lp, -np.inf) - (top - decades)) / max(int(decades), 1)
+    return np.clip(np.nan_to_num(t, neginf=0.0), 0.0, 1.0)
+
+
+def probability_map(keys, level: int, logp, *, decades: int = PROB_DECADES, best: tuple | None = None,
+                    true: tuple | None = None, height: str | int = "100%", depths=None) -> folium.Map:
+    """The whole world with EVERY finest class coloured by its joint probability on a log
+    scale (``log_prob_scale``), as ONE canvas layer (``cells_layer``): a guess split
+    between two continents looks like one. ``keys``: the classes' cell keys at ``level``;
+    ``logp``: their natural-log probabilities (-inf: impossible, drawn at the floor).
+    ``best`` / ``true``: optional (lat, lon) markers. ``depths``: each cell's depth when
+    they differ (adaptive cells; ``Hierarchy.depths``). Offline, like every map here."""
+    keys = np.asarray(keys, dtype=np.int64).ravel()
+    lp = np.asarray(logp, dtype=np.float64).ravel()
+    if lp.size != keys.size:
+        raise InputError(f"{lp.size} probabilities for {keys.size} cells")
+    t = log_prob_scale(lp, decades)
+    colours = color_scale(t, vmin=0.0, vmax=1.0, colors=PROB_RAMP, steps=61)
+    p = np.exp(lp)
+    m = base_map(center=(20.0, 0.0), zoom=1, height=height)
+    cells_layer(keys, level if depths is None else depths, colours, alpha=0.25 + 0.7 * t,
+                fields={"p": [f"{v:.2g}" if v > 0 else "0" for v in p]},
+                tooltip=[("cell", "Cell"), ("p", "Joint probability")],
+                name=f"Level {level}: all {keys.size:,} classes", weight=0.0, fill_opacity=0.8).add_to(m)
+    legend = []
+    if best is not None:
+        add_marker(m, best[0], best[1], color=BEST_COLOR, tooltip="Best guess")
+        legend.append((BEST_COLOR, "Best guess"))
+    if true is not None:
+        add_marker(m, true[0], true[1], color=TRUE_COLOR, tooltip="True location (EXIF GPS)")
+        legend.append((TRUE_COLOR, "True location"))
+    finite = lp[np.isfinite(lp)]
+    top = float(finite.max() / np.log(10.0)) if finite.size else 0.0
+    stops = [top - d for d in range(0, int(decades) + 1, 2)]
+    legend += list(zip(color_scale(log_prob_scale(np.array(stops) * np.log(10.0), decades)
+                                   if finite.size else [0.0] * len(stops), vmin=0.0, vmax=1.0,
+                                   colors=PROB_RAMP, steps=61),
+                       [f"p = {10 ** s:.0e}" for s in stops], strict=True))
+    add_legend(m, legend, title="Joint probability",
+               note=f"log colour scale over {int(decades)} powers of ten; every class drawn")
+    return finish(m)

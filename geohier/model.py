@@ -5,6 +5,25 @@ final layer, or a foundation model's image tower) that returns pooled features, 
 by one ``nn.Linear`` per level: one forward pass serves every level. The seed's "one model per level" shape is simply a run whose
 model has a single level.
 
+Two designs change the heads (``ModelConfig.head`` / ``.loss``, recorded in meta.json's
+``arch`` so ``load_run`` rebuilds them):
+
+- ``head="hybrid"`` (OSV-5M's hybrid head): besides the classes, one more ``nn.Linear(D,
+  2 * C_finest)`` regresses the image's offset from its finest class's representative point,
+  per class, in the cell's own frame (``(dlat / cell height, dlon / cell width)``,
+  ``encode_offsets``). One output pair per class rather than 2 outputs conditioned on the
+  class: the head needs no class at forward time (the walk picks the class afterwards, and
+  every kept candidate gets its own offset), each cell learns its own within-cell map, and it
+  costs twice the finest head's parameters. ``forward`` adds the offsets as ``out["offset"]``
+  (B, C_finest, 2) (``geohier.forward.OFFSET``); consumers that do not know the key ignore it.
+- ``loss="hierarchical"`` (OSV-5M's hierarchical loss): only the finest head is built; every
+  coarser level's logits are *derived* from it as the log of the finest softmax summed over
+  each class's descendants (``derive_level_logits``: a logsumexp over children). Cross-entropy
+  on the derived logits of a level is the NLL of that level's summed probability, so the
+  ordinary per-level loss is exactly OSV-5M's form, and inference, calibration and the
+  threshold explorer work on the derived level probabilities unchanged. The coarser heads
+  are not built (there is nothing they would add: their logits would be ignored).
+
 Like nanoGPT's ``GPTConfig``, a small dataclass (``ModelConfig``) describes the model and is
 stored in the run's meta (``arch``), so ``load_run`` rebuilds the model from the run
 directory alone. Tensors are stored with safetensors and everything else as JSON: loading a
@@ -23,6 +42,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,11 +53,20 @@ from geohier.fileio import (  # the one safetensors I/O; re-exported for model's
     read_safetensors,
     save_tensors_atomic,
 )
+from geohier.forward import OFFSET
 from geohier.runs import BACKBONE_FILE, META_FILE, WEIGHTS_FILE
 from geohier.workspace import atomic_write_text
 
 RUN_FORMAT = "geohier-run/1"
 DEFAULT_BACKBONE = "resnet50"
+#: ``head``: ``cell`` (classes only) or ``hybrid`` (classes + the offset inside the finest cell).
+HEADS = ("cell", "hybrid")
+#: ``loss``: ``independent`` (one softmax per level) or ``hierarchical`` (the finest softmax
+#: summed into every ancestor level).
+LOSSES = ("independent", "hierarchical")
+#: A derived level's logit for a class with no finest descendant: far below any other
+#: (probability ~0) but finite, so nothing mistakes it for corrupt weights.
+EMPTY_LOGIT = -1e4
 
 
 @dataclass
@@ -47,7 +76,10 @@ class ModelConfig:
     ``backbone``: a spec (geohier.backbones); ``backbone_arch``: what rebuilds a
     foundation backbone offline (its library's config; None for torchvision names);
     ``frozen``: the backbone is not trained (its features are cached; the run's
-    checkpoint holds the heads, its backbone.safetensors the backbone)."""
+    checkpoint holds the heads, its backbone.safetensors the backbone). ``head`` /
+    ``loss``: the design (``HEADS`` / ``LOSSES``, module docstring); ``ancestors``: with
+    the hierarchical loss, for every coarser level, each finest class's ancestor class
+    index there (-1: none; it then counts towards no class of that level)."""
 
     backbone: str = DEFAULT_BACKBONE
     levels: list[int] = field(default_factory=list)
@@ -55,6 +87,9 @@ class ModelConfig:
     head_dropout: float = 0.0
     backbone_arch: dict | None = None
     frozen: bool = False
+    head: str = "cell"
+    loss: str = "independent"
+    ancestors: dict[int, list[int]] | None = None
 
     def __post_init__(self):
         check_backbone(self.backbone)
@@ -70,16 +105,43 @@ class ModelConfig:
                 raise ModelError(f"level {lv} has {n} classes; a head needs at least 1")
         if is_foundation(self.backbone) and not self.backbone_arch:
             raise ModelError(f"backbone {self.backbone} has no stored architecture (arch.backbone_arch)")
+        if self.head not in HEADS:
+            raise ModelError(f"unknown head {self.head!r}; use one of {', '.join(HEADS)}")
+        if self.loss not in LOSSES:
+            raise ModelError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
+        self.ancestors = {int(k): [int(i) for i in v] for k, v in (self.ancestors or {}).items()} or None
+        if self.loss == "hierarchical":
+            self._check_ancestors()
+
+    @property
+    def finest(self) -> int:
+        return max(self.levels)
+
+    def _check_ancestors(self) -> None:
+        need = [lv for lv in self.levels if lv != self.finest]
+        have = self.ancestors or {}
+        missing = [lv for lv in need if lv not in have]
+        if missing:
+            raise ModelError(f"the hierarchical loss needs the finest classes' ancestors at levels {missing}")
+        n = self.num_classes[self.finest]
+        for lv in need:
+            a = have[lv]
+            if len(a) != n or any(not -1 <= i < self.num_classes[lv] for i in a):
+                raise ModelError(f"the ancestors at level {lv} must be {n} class indices in "
+                                 f"[-1, {self.num_classes[lv]})")
 
     def to_dict(self) -> dict:
         """JSON form: level keys as strings (JSON object keys)."""
         d = asdict(self)
         d["num_classes"] = {str(k): v for k, v in self.num_classes.items()}
+        if self.ancestors is not None:
+            d["ancestors"] = {str(k): list(v) for k, v in self.ancestors.items()}
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ModelConfig:
-        known = {k: d[k] for k in ("backbone", "levels", "num_classes", "head_dropout", "backbone_arch", "frozen")
+        known = {k: d[k] for k in ("backbone", "levels", "num_classes", "head_dropout", "backbone_arch",
+                                             "frozen", "head", "loss", "ancestors")
                  if k in d}
         return cls(**known)
 
@@ -105,8 +167,16 @@ class GeoModel(nn.Module):
         self.backbone = backbone.net if backbone.library == "torchvision" else backbone
         self.dropout = nn.Dropout(config.head_dropout) if config.head_dropout > 0 else nn.Identity()
         # ModuleDict keys must be strings: "1", "3", ... (so state-dict keys are "heads.3.weight").
-        self.heads = nn.ModuleDict({str(lv): nn.Linear(self.feature_dim, config.num_classes[lv])
-                                    for lv in config.levels})
+        # The hierarchical loss builds the finest head alone (the others are derived from it);
+        # the hybrid head's regressor is heads.offset (so a frozen run's heads include it).
+        built = [config.finest] if config.loss == "hierarchical" else config.levels
+        heads = {str(lv): nn.Linear(self.feature_dim, config.num_classes[lv]) for lv in built}
+        if config.head == "hybrid":
+            heads[OFFSET] = nn.Linear(self.feature_dim, 2 * config.num_classes[config.finest])
+        self.heads = nn.ModuleDict(heads)
+        if config.loss == "hierarchical":  # not saved: rebuilt from the arch
+            for lv, a in (config.ancestors or {}).items():
+                self.register_buffer(f"ancestors_{lv}", torch.as_tensor(a, dtype=torch.long), persistent=False)
         if config.frozen:
             self.backbone.requires_grad_(False)
 
@@ -123,9 +193,21 @@ class GeoModel(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x).flatten(1)  # (B, D)
 
-    def forward_heads(self, feats: torch.Tensor) -> dict[int, torch.Tensor]:
+    def forward_heads(self, feats: torch.Tensor) -> dict:
+        """``{level: (B, C_level) logits}``, plus ``"offset"`` (B, C_finest, 2) for a hybrid head."""
+        cfg = self.config
         f = self.dropout(feats)
-        return {lv: self.heads[str(lv)](f) for lv in self.config.levels}  # {lv: (B, C_lv)}
+        if cfg.loss == "hierarchical":
+            z = self.heads[str(cfg.finest)](f)  # (B, C_finest)
+            anc = {lv: getattr(self, f"ancestors_{lv}") for lv in cfg.levels if lv != cfg.finest}
+            out = derive_level_logits(z, anc, cfg.num_classes)
+            out[cfg.finest] = z
+            out = {lv: out[lv] for lv in cfg.levels}
+        else:
+            out = {lv: self.heads[str(lv)](f) for lv in cfg.levels}  # {lv: (B, C_lv)}
+        if cfg.head == "hybrid":
+            out[OFFSET] = self.heads[OFFSET](f).view(f.shape[0], cfg.num_classes[cfg.finest], 2)
+        return out
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         return self.forward_heads(self.features(x))  # {lv: (B, C_lv)}
@@ -139,9 +221,79 @@ class GeoModel(nn.Module):
         return {f"backbone.{k}": v for k, v in state_dict_tensors(self.backbone).items()}
 
 
+def derive_level_logits(z: torch.Tensor, ancestors: Mapping[int, torch.Tensor],
+                        num_classes: Mapping[int, int]) -> dict[int, torch.Tensor]:
+    """Coarser levels' logits from the finest logits ``z`` (B, C_f): for each level in
+    ``ancestors`` ({level: (C_f,) ancestor class index, -1 = none}), the logsumexp of the
+    finest logits of each class's descendants, so that ``softmax(derived)`` is the finest
+    softmax summed into that level (exactly, when every finest class has an ancestor).
+    Computed in float32 with a per-group maximum (stable); a class without descendants gets
+    ``max - 1e4`` (probability ~0, but finite).
+
+    >>> z = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    >>> d = derive_level_logits(z, {1: torch.tensor([0, 0, 1, 1])}, {1: 2})
+    >>> [round(v, 4) for v in d[1].softmax(1)[0].tolist()]
+    [0.3, 0.7]
+    """
+    z = z.float()
+    out = {}
+    for lv, anc in ancestors.items():
+        anc = anc.to(z.device)
+        n = int(num_classes[lv])
+        ok = anc >= 0
+        zz, a = (z, anc) if bool(ok.all()) else (z[:, ok], anc[ok])
+        idx = a[None].expand(zz.shape[0], -1)
+        gmax = torch.full((zz.shape[0], n), float("-inf"), device=z.device).scatter_reduce(
+            1, idx, zz, reduce="amax", include_self=True)  # (B, C_lv)
+        empty = torch.isinf(gmax)
+        gsafe = gmax.masked_fill(empty, 0.0)
+        s = torch.zeros_like(gsafe).index_add_(1, a, torch.exp(zz - gsafe[:, a]))
+        d = torch.log(s.clamp_min(1e-30)) + gsafe
+        if bool(empty.any()):
+            d = torch.where(empty, zz.max(1, keepdim=True).values + EMPTY_LOGIT, d)
+        out[int(lv)] = d
+    return out
+
+
+def class_bounds(hierarchy, level: int) -> np.ndarray:
+    """(C, 4) west, south, east, north of each class's cell at ``level``: the frame the
+    hybrid head's offsets are measured in (the Predictor's ``bounds``)."""
+    return np.stack(hierarchy.bounds(level), axis=1).astype(np.float64)  # cells of any depth (adaptive)
+
+
+def encode_offsets(lat, lon, pos, bounds):
+    """The hybrid head's regression target: ``(dlat / cell height, dlon / cell width)``
+    of points ``lat``/``lon`` (N,) from their class's point ``pos`` (N, 2) in its cell
+    ``bounds`` (N, 4); dlon wrapped to [-180, 180). numpy or torch alike: (N, 2)."""
+    h = bounds[:, 3] - bounds[:, 1]
+    w = bounds[:, 2] - bounds[:, 0]
+    dlat = (lat - pos[:, 0]) / h
+    dlon = ((lon - pos[:, 1] + 180.0) % 360.0 - 180.0) / w
+    return (torch.stack if isinstance(dlat, torch.Tensor) else np.stack)([dlat, dlon], 1)
+
+
+def decode_offsets(offsets, pos, bounds) -> np.ndarray:
+    """The hybrid guess (N, 2) lat/lon: the class's point ``pos`` (N, 2) plus the predicted
+    ``offsets`` (N, 2) scaled by its cell ``bounds`` (N, 4), clamped to the cell.
+
+    Clamped, because every training image of a class lies in its cell: when the class is
+    right the true point is inside the box, and pulling a guess into the box moves each
+    coordinate towards it (never away), so the clamp can only help; when the class is wrong
+    the guess stays in the cell the walk chose, where its candidate, bounding box, region
+    and place name say it is (an unclamped offset could wander into a cell the model gave
+    no probability)."""
+    off = np.asarray(offsets, dtype=np.float64).reshape(-1, 2)
+    pos = np.asarray(pos, dtype=np.float64).reshape(-1, 2)
+    b = np.asarray(bounds, dtype=np.float64).reshape(-1, 4)
+    lat = np.clip(pos[:, 0] + off[:, 0] * (b[:, 3] - b[:, 1]), b[:, 1], b[:, 3])
+    lon = np.clip(pos[:, 1] + off[:, 1] * (b[:, 2] - b[:, 0]), b[:, 0], b[:, 2])
+    return np.stack([lat, lon], 1)
+
+
 def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: Mapping[int, int] | None = None,
                 weights: str = "none", head_dropout: float = 0.0, download: bool = True,
-                image_size: int | None = None, frozen: bool = False) -> GeoModel:
+                image_size: int | None = None, frozen: bool = False, head: str = "cell",
+                loss: str = "independent", ancestors: Mapping[int, list[int]] | None = None) -> GeoModel:
     """A ``GeoModel`` with heads for ``num_classes`` ({level: classes}).
 
     ``backbone``: a spec (``geohier.backbones``: a torchvision name, hf:, open_clip:,
@@ -149,14 +301,16 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: Mapping[int, int]
     (torchvision's ImageNet weights, downloaded into the torch cache on first use when
     ``download``; a foundation spec's own weights), or the path of a ``.safetensors``
     file with backbone weights. ``image_size``: the input size (a foundation model's own
-    by default). ``frozen``: the backbone is not trained.
+    by default). ``frozen``: the backbone is not trained. ``head`` / ``loss`` /
+    ``ancestors``: the design (``ModelConfig``).
     """
     if not num_classes:
         raise ModelError("build_model needs the number of classes of at least one level")
     bb = build_backbone(backbone, weights=weights, image_size=image_size, download=download)
     config = ModelConfig(backbone=bb.spec, levels=sorted(int(k) for k in num_classes),
                          num_classes=dict(num_classes), head_dropout=head_dropout,
-                         backbone_arch=None if bb.library == "torchvision" else bb.arch(), frozen=frozen)
+                         backbone_arch=None if bb.library == "torchvision" else bb.arch(), frozen=frozen,
+                         head=head, loss=loss, ancestors=dict(ancestors) if ancestors else None)
     model = GeoModel(config, bb)
     model.backbone_info = bb.describe()
     return model
@@ -299,7 +453,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
         state.update(read_safetensors(bpath, WorkspaceError, f"{where}cannot read {bpath}"))
     model = GeoModel(config)
     own = model.state_dict()
-    for lv in config.levels:
+    for lv in (config.finest,) if config.loss == "hierarchical" else config.levels:
         w = state.get(f"heads.{lv}.weight")
         if w is not None and w.shape[0] != config.num_classes[lv]:
             raise ModelError(f"{where}weights have {w.shape[0]} level-{lv} classes, {META_FILE} says "

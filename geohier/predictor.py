@@ -9,7 +9,15 @@ class's training images, else the cell centroid), a bounding box, and a country 
 nearest town from offline data. With ``refine=True`` (a single run that carries
 ``neighbours.safetensors``), the guess moves from the cell's position to the
 similarity-weighted position of the most similar training images inside the kept cells
-(``geohier.refine``). ``load_predictor`` keeps the last few predictors loaded,
+(``geohier.refine``). A run with a hybrid head (``geohier.model``) answers with the kept
+cell's point moved by the offset the model predicts for that cell (clamped to the cell,
+``geohier.model.decode_offsets``), in ``points`` and ``predict_logits`` alike; ``points(...,
+offset=False)`` gives the cell's point (the centroid rule evaluate reports beside it). With
+refinement as well, refinement wins: it replaces the point wherever it finds training images
+in the kept cells (real positions of similar images are finer evidence than a regression
+inside the cell, and it may pick another kept cell); where it finds none, the hybrid point
+stands. With a ``within`` limit the limit's points stand (an offset could leave the limit).
+``load_predictor`` keeps the last few predictors loaded,
 keyed by the runs' model files (``geohier.runs.runs_key``) and the device, so the CLI and
 the pages load a run once and reload it when it is retrained.
 """
@@ -33,7 +41,7 @@ from geohier import refine as rf
 from geohier.combine import Combined, KeepRule, Tree, combine, rules_for
 from geohier.conformal import Region
 from geohier.errors import GeohierError, InputError, WorkspaceError
-from geohier.forward import forward_batches, resolve_device
+from geohier.forward import OFFSET, forward_batches, resolve_device
 from geohier.runs import NEIGHBOURS_FILE, Run, as_runs, runs_key
 
 #: How the finest class is chosen: ``hierarchical`` walks down the levels (keep rules,
@@ -66,7 +74,8 @@ class Refinement:
 class Points:
     """Predicted points of many images (``Predictor.points``): ``lat``/``lon`` (N,), the
     finest class ``cls`` (N,), ``refined`` (N,) bool with refinement (else None), and
-    ``source``: ``cell_positions``, ``centroid`` or ``neighbours``."""
+    ``source``: ``cell_positions``, ``centroid``, ``offset`` (a hybrid head's guess) or
+    ``neighbours``."""
 
     lat: np.ndarray
     lon: np.ndarray
@@ -295,6 +304,8 @@ class Predictor:
         self._flat_tree = Tree.from_hierarchy(self.hierarchy, (self.finest,))
         self.cells = {lv: self.hierarchy.cells(lv) for lv in self.levels}
         self.bounds = np.stack(self.hierarchy.bounds(self.finest), axis=1)  # (C, 4) w, s, e, n; any depth
+        # a hybrid head (on the model of the finest level) regresses the offset inside its cells
+        self.hybrid = (meta_pos.get("arch") or {}).get("head") == "hybrid"
         self._place_cache: dict[int, tuple] = {}
         self.refine_k = rf.DEFAULT_K
         self.refine_tau = rf.DEFAULT_TAU
@@ -386,7 +397,11 @@ class Predictor:
             batch = Batch(x, torch.empty(0, dtype=torch.long), index, [])
             for _, z in forward_batches([self.models[i] for i in members], [batch], self.device):
                 out.update(z)
-        return {lv: out[lv] for lv in self.levels}
+        return self._levels_of(out)
+
+    def _levels_of(self, out: Mapping) -> dict:
+        """The levels' logits of a forward's outputs, and a hybrid head's offsets."""
+        return {lv: out[lv] for lv in self.levels} | ({OFFSET: out[OFFSET]} if OFFSET in out else {})
 
     def logits_and_features(self, images: Sequence) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """``(logits, (B, D) float32 CPU features)`` of PIL images: one forward of a single
@@ -400,7 +415,7 @@ class Predictor:
         out, feats = {}, torch.zeros(0)
         for _, z, f in forward_batches(self.models[0], [batch], self.device, with_features=True):
             out, feats = z, f
-        return {lv: out[lv] for lv in self.levels}, feats
+        return self._levels_of(out), feats
 
     # ------------------------------------------------------------------ predict
 
@@ -458,7 +473,9 @@ class Predictor:
         if refine:
             found = (self._refine(combined, features), self.neighbour_index())
         positions = limit.positions if limit is not None else None
-        preds = [self._prediction(combined, j, names[j], gps[j], places, found, positions=positions)
+        offsets = self._offsets(logits) if limit is None else None
+        preds = [self._prediction(combined, j, names[j], gps[j], places, found,
+                                  positions=positions if offsets is None else self.offset_positions(offsets[j]))
                  for j in range(len(names))]
         if coverage is not None or abstain is not None:
             logp = self.log_joint(logits, temperature, within=limit)
@@ -623,45 +640,76 @@ class Predictor:
             raise ModelError(f"{files} gives non-finite outputs (NaN or infinity) at level {bad[0]}: the weights "
                              "are corrupt; retrain the run or restore its weights")
 
-    def _refine(self, combined: Combined, features) -> rf.Refined:
+    def _offsets(self, logits: Mapping, offset: bool = True) -> torch.Tensor | None:
+        """A hybrid head's (N, C_finest, 2) offsets in ``logits`` (None when this is not a
+        hybrid run, they are missing, or ``offset`` is False: the centroid rule)."""
+        if not (offset and self.hybrid and OFFSET in logits):
+            return None
+        return torch.as_tensor(logits[OFFSET]).float().cpu()
+
+    def offset_points(self, cls, offsets) -> np.ndarray:
+        """(N, 2) hybrid guesses: the points of finest classes ``cls`` (N,) moved by their
+        predicted ``offsets`` (N, 2), clamped to their cells (``geohier.model.decode_offsets``)."""
+        from geohier.model import decode_offsets
+
+        cls = np.asarray(cls, dtype=np.int64)
+        return decode_offsets(np.asarray(offsets, dtype=np.float64), self.positions[cls], self.bounds[cls])
+
+    def offset_positions(self, offsets) -> np.ndarray:
+        """(C, 2) every finest class's hybrid point for one image's offsets (C, 2)."""
+        return self.offset_points(np.arange(len(self.positions)), offsets)
+
+    def _refine(self, combined: Combined, features, fallback: np.ndarray | None = None) -> rf.Refined:
         """Retrieval refinement of a combination's kept finest cells; rows without a
-        training image there keep the best cell's position."""
+        training image there keep the best cell's position (``fallback`` (N, 2) when
+        given: a hybrid head's points)."""
         index = self.neighbour_index()
         if features is None:
             raise InputError("refinement needs the images' features (Predictor.logits_and_features)")
         kept = rf.kept_lists(combined.index[self.finest], combined.prob[self.finest])
         best = combined.best().cpu().numpy()
         return rf.refine(torch.as_tensor(features), kept, index, k=self.refine_k, tau=self.refine_tau,
-                         fallback=self.positions[np.maximum(best, 0)])
+                         fallback=self.positions[np.maximum(best, 0)] if fallback is None else fallback)
 
     def points(self, logits: Mapping, walk: str = "hierarchical", *, features=None, refine: bool = False,
-               chunk: int = 1024) -> Points:
+               chunk: int = 1024, offset: bool = True) -> Points:
         """Predicted points of many rows of logits ``{level: (N, C)}`` (and features (N, D)
         with ``refine``), in chunks of ``chunk`` rows: what ``predict_logits``'s best
         candidate says for each row, without building the per-image objects. The
-        evaluation scores these, so its numbers are the answers users get."""
+        evaluation scores these, so its numbers are the answers users get. A hybrid run's
+        points are its offset guesses (``logits["offset"]``); ``offset=False``: the cell's
+        point instead (the centroid rule)."""
         if refine:
             self.neighbour_index()
         n = int(torch.as_tensor(logits[self.finest]).shape[0])
+        offsets = self._offsets(logits, offset)
+        source = "neighbours" if refine else "offset" if offsets is not None else self.position_source
         cls, lat, lon, moved = [], [], [], []
         for i in range(0, n, max(1, int(chunk))):
             part = {lv: torch.as_tensor(logits[lv])[i:i + chunk] for lv in self.levels}
             combined = self._combine(part, walk)
             best = np.maximum(combined.best().cpu().numpy(), 0)
             cls.append(best)
+            guess = None
+            if offsets is not None:
+                off = offsets[i:i + chunk]
+                guess = self.offset_points(best, off[torch.arange(len(best)), torch.as_tensor(best)].numpy())
             if refine:
-                found = self._refine(combined, torch.as_tensor(features)[i:i + chunk])
+                found = self._refine(combined, torch.as_tensor(features)[i:i + chunk], fallback=guess)
                 lat.append(np.asarray(found.lat, np.float64))
                 lon.append(np.asarray(found.lon, np.float64))
                 moved.append(np.asarray(found.refined, bool))
+            elif guess is not None:
+                lat.append(guess[:, 0])
+                lon.append(guess[:, 1])
             else:
                 lat.append(self.positions[best, 0])
                 lon.append(self.positions[best, 1])
         if not n:
             return Points(np.zeros(0), np.zeros(0), np.zeros(0, np.int64), None if not refine else np.zeros(0, bool),
-                          "neighbours" if refine else self.position_source)
+                          source)
         return Points(np.concatenate(lat), np.concatenate(lon), np.concatenate(cls).astype(np.int64),
-                      np.concatenate(moved) if refine else None, "neighbours" if refine else self.position_source)
+                      np.concatenate(moved) if refine else None, source)
 
     def read_image(self, src, name: str | None = None):
         """``(RGB image, EXIF (lat, lon) or None)`` of a path, bytes or file object; raises
@@ -791,6 +839,27 @@ class Predictor:
         if imgs:
             flush()
         return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ recall vs area
+
+    def truth_areas(self, logits: Mapping, targets, chunk: int = 256) -> np.ndarray:
+        """(N,) km² of the finest cells ranked (by ``log_joint``) down to each row's true
+        finest class (``geohier.conformal.truth_areas``; +inf for a target < 0)."""
+        t = np.asarray(targets, dtype=np.int64)
+        areas = self.finest_areas()
+        parts = [cf.truth_areas(self.log_joint({lv: torch.as_tensor(logits[lv])[i:i + chunk] for lv in self.levels}),
+                                t[i:i + chunk], areas) for i in range(0, t.size, chunk)]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def recall_area(self, logits: Mapping, targets, points: int = cf.RECALL_AREA_POINTS) -> dict:
+        """eval.json's ``recall_area``: the share of truths inside the top-ranked finest
+        cells against those cells' cumulative area, at ``points`` log-spaced areas from the
+        smallest cell to the whole grid."""
+        areas = self.finest_areas()
+        found = self.truth_areas(logits, targets)
+        return {"ranking": "finest cells by hierarchical joint probability (temperatures applied)",
+                "level": self.finest, "n": int(found.size),
+                "points": cf.recall_area_curve(found, float(areas.min()), float(areas.sum()), points)}
 
 
 def _check_share(value, name: str) -> float:

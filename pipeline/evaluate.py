@@ -19,6 +19,8 @@ of path, lat, lon) and writes the run's eval report:
   mean/median cells and km², and the score threshold;
 - ``abstention``: accuracy at 25/200/750/2500 km of the most confident 10%..100% of the
   images (confidence: the top hierarchical joint probability);
+- ``recall_area``: the share of truths inside the top-ranked finest cells (by joint
+  probability) against those cells' cumulative area, at 30 log-spaced areas;
 - with ``refine`` (a run that carries ``neighbours.safetensors``): the same protocol for
   the rule ``hierarchical+refine``, the guess moved to the similarity-weighted position
   of the most similar training images inside the kept cells (``geohier.refine``), and a
@@ -415,6 +417,9 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     # every point comes from the Predictor: the answers `predict` gives, walk by walk
     points = {walk: predictor.points(collected["logits"], walk) for walk in predictor.walks()}
     geo_by_rule = {}
+    if predictor.hybrid:  # the centroid rule beside the hybrid guesses: the offsets' gain in one report
+        points.update({f"{walk}+centroid": predictor.points(collected["logits"], walk, offset=False)
+                       for walk in predictor.walks()})
     for walk, pts in points.items():
         geo_by_rule[walk] = benchmark.score_points(tlat, tlon, pts.lat, pts.lon, areas=evaluated.areas)
         geo_by_rule[walk].update(level=finest, point=pts.source, rule=walk)
@@ -440,6 +445,8 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     abstention = {"confidence": "top hierarchical joint probability of a finest class (product of each level's "
                                 "probability given its parent, temperatures applied)",
                   "rule": rule, "rows": cf.abstention_curve(predictor.confidence(collected["logits"]), dist)}
+    # recall vs area: the share of truths inside the top-ranked finest cells against their area
+    recall_area = predictor.recall_area(collected["logits"], collected["labels"][finest])
     baselines = benchmark.baseline_scores(evaluated, *run_training_points(predictor, ws))
     result = {
         "format": EVAL_FORMAT, "run": run_dir.name, "created_at": utcnow(), "source": source,
@@ -451,6 +458,7 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         "countries": countries,
         "conformal": conformal,
         "abstention": abstention,
+        "recall_area": recall_area,
         "calibration": meta.get("calibration"),
         "hierarchy_hash": meta.get("hierarchy_hash"), "time_s": round(time.perf_counter() - t0, 3),
         "device": str(forward.resolve_device(device)),
@@ -463,11 +471,14 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     flag = (f"; NOT HELD OUT: {in_training['in_training']} of {len(ds)} images are in its training set"
             if in_training and in_training["in_training"] else "")
     board = Leaderboard(ws.data_dir)
-    entries = [(run_dir.name, plat, plon, f"{levels} levels, rule {rule}{flag}")]
+    arch = meta.get("arch") or {}
+    design = "".join(f", {k} {arch[k]}" for k, d in (("head", "cell"), ("loss", "independent"))
+                      if arch.get(k, d) != d)  # the run's design when it is not the seed's
+    entries = [(run_dir.name, plat, plon, f"{levels} levels, rule {rule}{design}{flag}")]
     if refined is not None:  # its own entry, beside the run's, so the table shows whether it helps
         rname, rlat, rlon = refined
         entries.append((f"{run_dir.name} +refine", rlat, rlon,
-                        f"{levels} levels, rule {rname} (k={refine_k}, tau={refine_tau:g}){flag}"))
+                        f"{levels} levels, rule {rname} (k={refine_k}, tau={refine_tau:g}){design}{flag}"))
     for name, elat, elon, note in entries:
         entry, full_lat, full_lon = benchmark.score_aligned(truth, benchmark.Predictions(name, keys, elat, elon))
         board.record(truth.info() | {"hash": truth.hash}, name, "run", entry["geo"], note=note,

@@ -11,6 +11,8 @@ from streamlit.testing.v1 import AppTest
 from geohier import accuracy_charts as ac
 from geohier import metrics
 
+pytestmark = pytest.mark.slow  # trains tiny runs for the page: `make test-fast` skips this module
+
 PAGE = str(Path(__file__).resolve().parents[1] / "views" / "accuracy.py")
 
 
@@ -223,3 +225,46 @@ def test_error_legend_names_the_colours_it_draws():
     # the antipode (20,015 km) the darkest red
     assert legend[1][0] == "#feda86"
     assert ac.error_colours([0.1, 25.0, 2500.0, 20_015.0]) == ["#1a9850", "#feda86", legend[4][0], "#7f0000"]
+
+
+# ----------------------------------------------------------------------------- recall vs area, abstention
+
+def _with_regions(doc):
+    doc["recall_area"] = {"ranking": "finest cells by joint probability", "level": 3, "n": 50,
+                          "points": [{"area_km2": a, "recall": r} for a, r in
+                                     ((10.0, 0.1), (1e3, 0.3), (1e5, 0.6), (1e7, 0.9), (5e8, 1.0))]}
+    doc["abstention"] = {"confidence": "top hierarchical joint probability", "rule": "hierarchical",
+                         "rows": [{"share": s, "n": int(50 * s), "min_confidence": 1 - s / 2,
+                                   **{f"acc_{t}km": min(1.0, t / 2500 + (1 - s) / 2) for t in (25, 200, 750, 2500)}}
+                                  for s in (0.5, 1.0)]}
+    return doc
+
+
+def test_fig_recall_area_and_abstention_skip_runs_evaluated_before():
+    evals = {"new": _with_regions(_eval_doc("new")), "old": _eval_doc("old")}
+    fig = ac.fig_recall_area(evals)
+    assert [t.name for t in fig.data] == ["new"]
+    assert fig.layout.xaxis.type == "log"
+    assert list(fig.data[0].y) == [10.0, 30.0, 60.0, 90.0, 100.0] and fig.data[0].x[-1] == 5e8
+    fab = ac.fig_abstention(evals)
+    assert [t.name for t in fab.data] == [f"new · {t} km" for t in (25, 200, 750, 2500)]
+    assert list(fab.data[-1].x) == [50.0, 100.0] and list(fab.data[-1].y) == [100.0, 100.0]
+    assert list(fab.data[0].y) == pytest.approx([100 * (0.01 + 0.25), 100 * 0.01])
+    have, missing = ac.with_key(evals, "recall_area")
+    assert list(have) == ["new"] and missing == ["old"]
+    assert "old" in ac.missing_caption(missing, "recall vs area") and ac.missing_caption([], "x") is None
+
+
+def test_page_shows_recall_area_and_abstention_curves(ws):
+    run = fake_run(ws, "run-new", base=0.2)
+    (run / "eval.json").write_text(json.dumps(_with_regions(_eval_doc("run-new"))))
+    fake_run(ws, "run-old", base=0.1)
+    at = _page().run()
+    assert not at.exception, at.exception
+    titles = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any('"type":"log"' in s.replace(" ", "") and "truths found" in s for s in titles)  # recall vs area
+    assert any("images answered, most confident first" in s for s in titles)  # abstention
+    assert any("Recall vs area" in m.value for m in at.markdown)
+    assert any("Abstention" in h.value for h in at.subheader)
+    notes = [c.value for c in at.caption if c.value.startswith("Not shown")]
+    assert len(notes) == 2 and all("run-old" in n and "evaluate" in n for n in notes)

@@ -20,6 +20,7 @@ def _home(ws) -> AppTest:
     return AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
 
 
+@pytest.mark.slow
 def test_home_on_empty_workspace(ws):
     at = _home(ws)
     assert not at.exception
@@ -57,6 +58,7 @@ def test_next_step_progression(ws):
     assert finished_runs(ws.models_dir) == [Run(run)]  # no weights: not finished
 
 
+@pytest.mark.slow
 def test_cli_unknown_command_is_one_line(capsys):
     with pytest.raises(SystemExit) as info:
         main(["no-such-command"])

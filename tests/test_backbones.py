@@ -18,6 +18,8 @@ from geohier import backbones as B
 from geohier.errors import GeohierError
 from geohier.model import build_model, load_run, save_checkpoint
 
+pytestmark = pytest.mark.slow  # builds foundation backbones from local folders, offline hubs in subprocesses: `make test-fast` skips this module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

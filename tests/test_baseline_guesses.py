@@ -34,6 +34,7 @@ def test_prior_is_the_mean_of_the_most_populous_cell():
     assert la == pytest.approx(10.1, abs=0.01) and lo == pytest.approx(20.1, abs=0.01)
 
 
+@pytest.mark.slow
 def test_random_land_is_on_land_and_reproducible():
     la, lo = baselines.random_land(300, seed=3)
     assert la.shape == (300,)

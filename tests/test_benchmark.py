@@ -54,6 +54,7 @@ def test_im2gps_crlf_truth(tmp_path):
     assert benchmark.read_truth(moved).hash != t.hash
 
 
+@pytest.mark.slow
 def test_osv5m_truth_with_its_full_header_and_area_columns(tmp_path):
     row = ("2351,{lat},{lon},https://x/y.jpg,FR,seq1,1600000000,1,2,3,4,5,right,6,7,0.5,"
            "1,2,3,4,5,6,7,{region},{sub},{city},{cc},me,42")
@@ -183,6 +184,7 @@ def test_leaderboard_keeps_truth_sets_apart(tmp_path):
     assert truth["name"] == "im2gps3k" and truth.get("aliases") == ["im2gps3k.csv"]
 
 
+@pytest.mark.slow
 def test_score_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("GEOHIER_DATA", str(tmp_path / "data"))
     truth = _im2gps(tmp_path / "im2gps3k.csv")

@@ -159,6 +159,7 @@ RULES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.describe())
 @pytest.mark.parametrize("scale", [0.5, 4.0])
 def test_pruned_combination_matches_the_brute_force(rule, scale):
@@ -235,6 +236,7 @@ def test_log_space_does_not_boost_unlikely_parents_like_the_seed():
     assert float(c.score[2][0, 0]) == pytest.approx(math.log(0.9) + math.log(float(q[0])), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_temperature_divides_the_logits():
     rng = np.random.default_rng(3)
     tree = random_tree(rng)
@@ -322,6 +324,7 @@ def test_hierarchical_accuracy_on_known_values():
     assert m["levels"][1]["hit"] == 1.0
 
 
+@pytest.mark.slow
 def test_row_buckets_give_the_same_answer(monkeypatch):
     """Big batches are split by how many parents each row kept; the result is the same."""
     import geohier.combine as gi

@@ -29,6 +29,7 @@ def ws_with_images(ws):
     return ws
 
 
+@pytest.mark.slow
 def test_level3_counts_map_and_table(ws_with_images):
     at = run_page(3)
     assert not at.exception

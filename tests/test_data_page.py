@@ -94,6 +94,7 @@ def _metric(at, label):
     return next(m.value for m in at.metric if m.label == label)
 
 
+@pytest.mark.slow
 def test_data_page_on_an_empty_workspace(ws):
     at = _page().run()
     assert not at.exception
@@ -102,6 +103,7 @@ def test_data_page_on_an_empty_workspace(ws):
     assert not ws.hierarchy_path.exists()
 
 
+@pytest.mark.slow
 def test_data_page_with_images(ws):
     _populate(ws)
     at = _page().run()
@@ -119,6 +121,7 @@ def test_data_page_with_images(ws):
     assert kept.set_index("level").loc[8, "classes"] == 1
 
 
+@pytest.mark.slow
 def test_min_images_control_changes_the_kept_count(ws):
     _populate(ws)
     at = _page().run()
@@ -165,6 +168,7 @@ def _wait_for_thread(name: str, timeout: float = 90.0) -> None:
     raise AssertionError(f"{name} still running after {timeout} s")
 
 
+@pytest.mark.slow
 def test_demo_build_from_the_page(ws):
     at = _page().run()
     next(n for n in at.number_input if n.label == "Images").set_value(12)
@@ -177,6 +181,7 @@ def test_demo_build_from_the_page(ws):
     assert _metric(at, "Images") == "12"
 
 
+@pytest.mark.slow
 def test_fetch_from_the_page_never_keeps_the_token(ws):
     import sys
 
@@ -226,6 +231,7 @@ def _page_text(at) -> str:
     return " ".join(str(getattr(el, "value", "")) for el in at.main)
 
 
+@pytest.mark.slow
 def test_cells_field_reads_no_server_file_and_never_raises(ws, tmp_path, monkeypatch):
     import threading
 

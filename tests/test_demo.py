@@ -31,6 +31,7 @@ def world():
 # ------------------------------------------------------------------- building
 
 
+@pytest.mark.slow
 def test_build_writes_rows_and_files(ws):
     calls = []
     summary = demo.build_demo(ws, images=40, seed=3, size=SIZE, workers=1, show_bar=False,
@@ -58,6 +59,7 @@ def test_build_writes_rows_and_files(ws):
             img.load()
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_and_rerun_adds_nothing(tmp_path):
     a = Workspace(tmp_path / "a", tmp_path / "am")
     b = Workspace(tmp_path / "b", tmp_path / "bm")
@@ -76,6 +78,7 @@ def test_same_seed_same_bytes_and_rerun_adds_nothing(tmp_path):
     assert len(new) == 10 and not new & {sha for _, sha in _shas(b)}
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(demo.build, "POOL_MIN_IMAGES", 1)  # the builder reads its own global
     one = Workspace(tmp_path / "one", tmp_path / "m1")

@@ -21,6 +21,8 @@ from conftest import ROOT, jpeg_bytes
 from geohier.embeddings import EmbeddingCache, cache_root, list_caches
 from pipeline.cli import main
 
+pytestmark = pytest.mark.slow  # embeds with tiny backbones in subprocesses: `make test-fast` skips this module
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -16,6 +16,8 @@ from geohier import splits
 from geohier.errors import InputError, WorkspaceError
 from pipeline import cli, evaluate
 
+pytestmark = pytest.mark.slow  # trains tiny runs to evaluate: `make test-fast` skips this module
+
 # Clusters of photos in six countries, 6 images each: 4 train, 1 val, 1 test.
 CLUSTERS = CITIES
 SPLIT_OF = ["train", "train", "train", "train", "val", "test"]
@@ -437,3 +439,15 @@ def test_evaluate_without_conformal_says_how_to_calibrate(ws, tiny_run):
     res = evaluate.evaluate_run(tiny_run, ws, calibrate=False, progress=False)
     assert res["conformal"] is None and res["abstention"]["rows"][-1]["n"] == 6
     assert "evaluate it with --calibrate" in evaluate.format_report(res)
+
+
+def test_evaluate_reports_recall_against_area(ws, tiny_run):
+    res = evaluate.evaluate_run(tiny_run, ws, calibrate=False, progress=False)
+    ra = res["recall_area"]
+    assert ra["n"] == 6 and ra["level"] == 3 and "joint probability" in ra["ranking"]
+    recalls = [p["recall"] for p in ra["points"]]
+    areas = [p["area_km2"] for p in ra["points"]]
+    assert len(recalls) == 30 and recalls == sorted(recalls) and areas == sorted(areas)
+    assert recalls[-1] == 1.0  # the whole grid holds every truth
+    saved = json.loads((tiny_run / "eval.json").read_text())
+    assert saved["recall_area"]["points"] == ra["points"]

@@ -12,6 +12,8 @@ from geohier.combine import KeepRule
 from geohier.errors import InputError
 from geohier.predictor import Predictor
 
+pytestmark = pytest.mark.slow  # trains a tiny run: `make test-fast` skips this module
+
 # ----------------------------------------------------------------------------- explorer
 
 SPLITS = ["train", "train", "val", "val", "test"]

@@ -249,6 +249,7 @@ def test_dedup_unit():
 # ------------------------------------------------------------------ faults
 
 
+@pytest.mark.slow
 def test_429_honours_retry_after(ws, srv):
     lat, lon = center(SMALL)
     srv.add_image("1", lat, lon)
@@ -416,6 +417,7 @@ def test_missing_or_malformed_token(ws, tmp_path, monkeypatch):
         M.read_token(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_token_never_printed_logged_or_stored(ws, srv, tmp_path):
     srv.seed_cells([box(CELL)], per_cell=4, spacing_m=400)
     srv.inject("429", times=1, retry_after=0)
@@ -472,6 +474,7 @@ def test_fetch_never_exceeds_the_rate_limit(ws, srv):
     assert max(int(np.sum((t >= a) & (t < a + window))) for a in t) <= 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cells", [[CELL], [CELL, CELL2]])
 def test_concurrency_overlaps_requests(ws, cells):
     # many cells run side by side; a single cell searches sub-boxes ahead of the filtering
@@ -530,6 +533,7 @@ def test_resume_counts_images_already_kept(ws, srv):
 CLI = "import sys, pipeline.cli as c; c.COMMAND_MODULES = ('pipeline.fetch',); sys.exit(c.main(sys.argv[1:]))"
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_no_partial_file_and_no_row_without_file(ws):
     cells = [CELL, CELL2, "0/1/2/3/0/1/2/3/0/3", "0/1/2/3/0/1/2/3/1/0"]
     with MapillaryServer(token=TOKEN, latency=0.05) as srv:
@@ -672,6 +676,7 @@ def test_cli_rejects_bad_values(ws, monkeypatch, capsys):
 # ------------------------------------------------------------------ bounds (issue 16): time, size, hosts
 
 
+@pytest.mark.slow
 def test_a_dripping_api_answer_is_cut_at_the_deadline(ws, srv):
     srv.seed_cells([box(SMALL)], per_cell=2)
     srv.inject("drip", times=-1, sleep=0.2)  # ~110 bytes: 20 s if the client read it all
@@ -682,6 +687,7 @@ def test_a_dripping_api_answer_is_cut_at_the_deadline(ws, srv):
     assert srv.arrived["images"] == 1 and not srv.hits_of("images")  # cut before the answer ended
 
 
+@pytest.mark.slow
 def test_a_dripping_thumbnail_body_is_cut_at_the_deadline(ws, srv):
     srv.seed_cells([box(SMALL)], per_cell=2)
     srv.inject("drip-body", times=-1, target="thumb", sleep=0.2)  # headers at once, then 0.2 s a byte
@@ -690,6 +696,7 @@ def test_a_dripping_thumbnail_body_is_cut_at_the_deadline(ws, srv):
     assert report.error == 1 and "timed out after 1 s" in st["error"] and len(rows(ws)) == 0
 
 
+@pytest.mark.slow
 def test_cli_drip_ends_with_one_error_line(ws, srv, monkeypatch, capsys):
     srv.seed_cells([box(SMALL)], per_cell=2)
     srv.inject("drip", times=-1, sleep=0.2)
@@ -744,6 +751,7 @@ CLI_SIGINT = ("import signal, sys, pipeline.cli as c; signal.signal(signal.SIGIN
               "c.COMMAND_MODULES = ('pipeline.fetch',); sys.exit(c.main(sys.argv[1:]))")
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_a_cli_fetch_keeping_finished_cells(ws, srv):
     first, second = F.sort_cells([SMALL, "0/1/2/3/0/1/2/3/0/1/2/2"])
     keep = srv.seed_cells([box(first)], per_cell=2, prefix="a")
@@ -907,6 +915,7 @@ def test_cli_says_which_token_goes_to_which_host(ws, srv, monkeypatch, capsys, t
     assert TOKEN not in cap.out + cap.err + cap2.out + cap2.err and set(srv.auth_seen) == {f"OAuth {TOKEN}"}
 
 
+@pytest.mark.slow
 def test_the_token_is_in_no_output_file_row_or_message(ws, srv, capsys, caplog):
     import logging
 

@@ -23,6 +23,8 @@ from geohier.model import load_run
 from geohier.presets import EvalPreset
 from pipeline import train as T
 
+pytestmark = pytest.mark.slow  # trains frozen runs, one under torchrun: `make test-fast` skips this module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

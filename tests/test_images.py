@@ -396,6 +396,7 @@ def test_library_warnings_are_collected_not_printed(recwarn):
     assert len(again) == 2  # every file counts, not only the first in the process
 
 
+@pytest.mark.slow
 def test_doctests():
     import doctest
 
@@ -435,6 +436,7 @@ def _jpeg_bomb(claim=(9000, 9000)) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 def test_16bit_grey_png_bomb_decodes_reduced_with_its_aspect(tmp_path):
     path = _png_bomb(tmp_path / "grey16.png", "I;16", (9999, 9999), b"\x80\x80")  # 32896 = 128 * 257
     assert path.stat().st_size < 1_000_000
@@ -471,6 +473,7 @@ def test_truncated_jpeg_claiming_9000x9000_decodes_in_draft_mode(monkeypatch):
     assert set(decoded) == {(1125, 1125)}  # 1/8 scale: 5 MB, not 324 MB of grey padding
 
 
+@pytest.mark.slow
 def test_byte_budget_and_pixel_guard_refuse_with_one_line(tmp_path):
     rgba = _png_bomb(tmp_path / "rgba.png", "RGBA", (2000, 1000), b"\x20\x80\xc0\xff")
     with pytest.raises(ImageReadError) as info:

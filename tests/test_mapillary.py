@@ -198,6 +198,7 @@ def test_backoff_field_in_ms_pauses_every_worker(ws, srv):
     assert all(s["status"] == "done" for s in log(ws).values())
 
 
+@pytest.mark.slow
 def test_rate_limit_shown_in_the_progress_bar(ws, srv, monkeypatch, capsys):
     srv.inject("rate", times=1, code=4, backoff_ms=1200)
     monkeypatch.setenv("MAPILLARY_ACCESS_TOKEN", TOKEN)
@@ -212,6 +213,7 @@ def test_rate_limit_shown_in_the_progress_bar(ws, srv, monkeypatch, capsys):
 # ------------------------------------------------------------------ transient: retry, then error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["500", "503", "502", "504", "timeout", "drop", "malformed"])
 def test_transient_faults_are_retried(ws, srv, kind):
     srv.inject(kind, times=2, sleep=0.8)

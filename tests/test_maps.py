@@ -84,6 +84,7 @@ def test_offline_html_refuses_a_cdn_link():
         maps.offline_html(m)
 
 
+@pytest.mark.slow
 def test_streamlit_folium_gets_only_local_links():
     import streamlit_folium as sf
 
@@ -232,3 +233,51 @@ def test_images_map_colours_cells_by_count_with_a_log_legend(monkeypatch):
     monkeypatch.setattr(maps, "IMAGES_MAP_MAX_CELLS", 2)
     with pytest.raises(InputError, match="3 cells are too many to draw"):
         maps.images_map([0, 5, 15], [1, 2, 3], ["", "", ""], 2)
+
+
+# --------------------------------------------------------------------------- probability map
+
+
+def test_log_prob_scale_is_monotone_and_floors_at_the_decades():
+    p = np.array([0.5, 0.05, 5e-4, 5e-7, 0.0])
+    with np.errstate(divide="ignore"):
+        t = maps.log_prob_scale(np.log(p), decades=6)
+    assert t.tolist() == pytest.approx([1.0, 5 / 6, 3 / 6, 0.0, 0.0])
+    rng = np.random.default_rng(0)
+    lp = np.sort(rng.normal(size=200) * 4)
+    assert (np.diff(maps.log_prob_scale(lp)) >= 0).all()
+    assert maps.log_prob_scale(np.full(3, -np.inf)).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_probability_map_is_one_layer_with_every_class():
+    keys = np.array([3, 7, 12, 40, 63])  # level 3
+    p = np.array([0.6, 0.3, 0.09, 0.01, 0.0])
+    with np.errstate(divide="ignore"):
+        lp = np.log(p)
+    m = maps.probability_map(keys, 3, lp, best=(10.0, 20.0))
+    layers = [el for el in _walk(m) if isinstance(el, maps.CellsLayer)]
+    assert len(layers) == 1
+    payload = json.loads(layers[0].payload)
+    assert payload["keys"] == keys.tolist() and payload["level"] == 3
+    shown = [payload["props"]["p"]["values"][i] for i in payload["props"]["p"]["index"]]
+    assert shown == ["0.6", "0.3", "0.09", "0.01", "0"]
+    # colours along the ramp: darker (lower luminance) for likelier cells, the floor for p = 0
+    colours = [payload["palette"][i] for i in payload["color"]]
+    lum = [sum(int(c[k:k + 2], 16) * w for k, w in ((1, 0.3), (3, 0.59), (5, 0.11))) for c in colours]
+    assert lum == sorted(lum) and lum[0] < lum[-1]
+    assert colours[-1] == maps.PROB_RAMP[0] and colours[0] == maps.PROB_RAMP[-1]
+    assert payload["alpha"][0] > payload["alpha"][-1]
+    html = maps.offline_html(m)
+    assert not maps.network_references(html) and "Joint probability" in html
+    with pytest.raises(InputError, match="4 probabilities for 5 cells"):
+        maps.probability_map(keys, 3, lp[:4])
+
+
+def test_probability_map_of_65k_classes_stays_one_compact_layer():
+    rng = np.random.default_rng(1)
+    keys = np.sort(rng.choice(4**8, 65_536, replace=False))
+    z = rng.normal(size=keys.size) * 3
+    m = maps.probability_map(keys, 8, z - np.log(np.exp(z).sum()))
+    layers = [el for el in _walk(m) if isinstance(el, maps.CellsLayer)]
+    assert len(layers) == 1 and len(json.loads(layers[0].payload)["keys"]) == 65_536
+    assert len(layers[0].payload) < 30 * 65_536  # ~20 bytes a cell, not a GeoJSON polygon each

@@ -199,6 +199,7 @@ def test_cli_merge_prints_a_summary(ws, tmp_path, monkeypatch, capsys):
 CLI = "import sys, pipeline.cli as c; c.COMMAND_MODULES = ('pipeline.merge',); sys.exit(c.main(sys.argv[1:]))"
 
 
+@pytest.mark.slow
 def test_a_killed_merge_resumes(ws, tmp_path):
     a = other(tmp_path, "a")
     n = 1500

@@ -147,6 +147,7 @@ def test_ece_fifteen_bins_default():
     assert rb["bins"] == 15 and rb["count"][14] == 1 and rb["ece"] == 0.0
 
 
+@pytest.mark.slow
 def test_temperature_fit_recovers_two():
     gen = torch.Generator().manual_seed(0)
     n, c = 4000, 10

@@ -35,6 +35,7 @@ def _meta(h, **kw):
             "input": EvalPreset(32).to_dict(), "temperatures": {"1": 1.0, "3": 1.0}, **kw}
 
 
+@pytest.mark.slow
 def test_forward_shapes_and_features(hier, r18):
     m = r18
     x = torch.randn(2, 3, 32, 32)
@@ -45,6 +46,7 @@ def test_forward_shapes_and_features(hier, r18):
     assert m.levels == [1, 3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,dim", [("mobilenet_v3_large", 1280), ("efficientnet_b0", 1280)])
 def test_other_backbones_drop_their_classifier(name, dim):
     m = build_model(name, {2: 3}).eval()
@@ -72,6 +74,7 @@ def test_config_round_trip():
     assert ModelConfig.from_dict(d) == c
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_same_logits(tmp_path, hier, r18):
     m = r18
     save_checkpoint(tmp_path, m, _meta(hier))
@@ -117,6 +120,7 @@ def test_load_refuses_weights_of_another_shape(tmp_path, hier):
         load_run(tmp_path)
 
 
+@pytest.mark.slow
 def test_load_refuses_another_workspace_hierarchy(tmp_path, hier, r18):
     save_checkpoint(tmp_path, r18, _meta(hier))
     with pytest.raises(GeohierError, match="trained on hierarchy"):
@@ -136,6 +140,7 @@ def test_no_pickle_in_checkpoint_code():
     assert "torch.load(" not in src and "import pickle" not in src
 
 
+@pytest.mark.slow
 def test_backbone_weights_from_a_safetensors_file(tmp_path, hier):
     from safetensors.torch import save_file
 
@@ -180,6 +185,7 @@ def test_imagenet_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypatch)
         build_model("resnet18", {1: 4}, weights="imagenet")
 
 
+@pytest.mark.slow
 def test_imagenet_weights_load_when_cached(monkeypatch):
     ref = build_model("resnet18", {1: 4})
     state = {k: v.clone() for k, v in ref.backbone.state_dict().items()}

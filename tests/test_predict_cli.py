@@ -13,6 +13,8 @@ from test_predictor import make_tiny_run, tiny_hierarchy
 from pipeline import cli
 from pipeline.predict import per_level
 
+pytestmark = pytest.mark.slow  # trains tiny runs to predict with: `make test-fast` skips this module
+
 
 def main(argv):
     """The real CLI entry (parsing, error handling, exit status) with only this command

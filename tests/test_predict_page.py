@@ -10,6 +10,8 @@ from streamlit.testing.v1 import AppTest
 from test_explorer import make_workspace
 from test_predictor import make_tiny_run, tiny_hierarchy
 
+pytestmark = pytest.mark.slow  # trains tiny runs for the page: `make test-fast` skips this module
+
 PAGE = str(ROOT / "views" / "predict.py")
 
 
@@ -211,3 +213,25 @@ def test_coverage_control_says_how_to_calibrate(ws, tiny):
     assert not at.exception
     assert at.toggle(key="predict_coverage_on").disabled
     assert any("evaluate tiny --calibrate" in c.value for c in at.sidebar.caption)
+
+
+def test_world_probability_map_and_why_this_guess(ws, tiny):
+    at = _page()
+    at.file_uploader(key="predict_upload").set_value(("a.jpg", jpeg_bytes(size=(80, 60)), "image/jpeg")).run()
+    assert not at.exception
+    assert at.toggle(key="predict_world").value is True
+    assert len(at.get("component_instance")) == 2  # st_folium: the kept cells, the world
+    assert any("Joint probability of every level-5 class" in c.value for c in at.caption)
+    at.toggle(key="predict_world").set_value(False).run()
+    assert not at.exception and len(at.get("component_instance")) == 1
+    # the explanation costs forwards: off until asked for
+    assert at.toggle(key="predict_explain").value is False and len(at.get("image")) == 1
+    assert not any("forwards in" in c.value for c in at.caption)
+    at.toggle(key="predict_explain").set_value(True).run()
+    at.slider(key="predict_explain_grid").set_value(3).run()
+    assert not at.exception and not _errors(at)
+    note = next(c.value for c in at.caption if "forwards in" in c.value)
+    assert note.startswith("10 forwards in")  # 3 x 3 patches + the unmasked photo
+    assert len(at.get("image")) == 2  # the photo, and the overlay
+    at.radio(key="predict_explain_measure").set_value("moved_km").run()
+    assert not at.exception

@@ -18,6 +18,8 @@ from geohier.predictor import Predictor, load_predictor
 from geohier.runs import finished_runs, newest_run, run_choices
 from geohier.workspace import utcnow
 
+pytestmark = pytest.mark.slow  # trains tiny runs: `make test-fast` skips this module
+
 # ----------------------------------------------------------------------------- tiny runs
 
 

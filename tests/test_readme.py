@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from pipeline.cli import COMMAND_MODULES, usage_markdown
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
@@ -9,9 +11,10 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding=
 
 def test_readme_gives_the_two_commands():
     head = README[:800]
-    assert "make run" in head and "make test" in head
+    assert "make run" in head and "make test" in head and "make test-fast" in head
 
 
+@pytest.mark.slow
 def test_readme_cli_section_matches_the_parser():
     # Regenerate with: python -c "from pipeline.cli import usage_markdown; print(usage_markdown())"
     section = README.split("<!-- CLI-START -->")[1].split("<!-- CLI-END -->")[0].strip()

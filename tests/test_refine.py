@@ -59,6 +59,7 @@ def world():
     return {"index": index, "feats": feats, "qlat": qlat, "qlon": qlon, "true": true, "kept": kept}
 
 
+@pytest.mark.slow
 def test_refined_error_is_far_below_the_cell_centre_error(world):
     kept, index = world["kept"], world["index"]
     top = np.array([k[0][0] for k in kept])

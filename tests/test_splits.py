@@ -15,6 +15,8 @@ from geohier.errors import WorkspaceError
 from geohier.predictor import Predictor
 from pipeline import cli, evaluate
 
+pytestmark = pytest.mark.slow  # trains tiny runs, relabels and evaluates them: `make test-fast` skips this module
+
 
 def _main(argv, capsys):
     rc = cli.main(argv)

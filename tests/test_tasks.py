@@ -62,6 +62,7 @@ def test_a_cancelled_task_ends_stopped():
     assert t.join(30) and t.state == "stopped" and t.result == "stopped early"
 
 
+@pytest.mark.slow
 def test_demo_task_builds_the_workspace(ws):
     t = tasks.start_demo(tasks.TaskRunner(), ws, 5, 1)
     assert t.join(120), t

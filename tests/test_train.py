@@ -31,6 +31,8 @@ from geohier.presets import EvalPreset
 from geohier.workspace import Workspace
 from pipeline import train as T
 
+pytestmark = pytest.mark.slow  # trains, one run under torchrun: `make test-fast` skips this module
+
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {0: (200, 40, 40), 1: (40, 200, 40), 2: (40, 40, 200), 3: (200, 200, 40)}  # NW NE SW SE
 

@@ -31,7 +31,8 @@ def _everything_changed() -> TrainConfig:
     """A config whose every field with a flag differs from the default."""
     return TrainConfig(levels=[1, 3], per_level=True, frozen=True, backbone="resnet18", weights="none", epochs=3,
                        batch_size=16, lr=0.002, weight_decay=0.1, warmup_epochs=0.5, image_size=64,
-                       label_smoothing=0.2, haversine_tau=25.0, level_weights={1: 1.0, 3: 0.5}, balanced=True,
+                       label_smoothing=0.2, haversine_tau=25.0, level_weights={1: 1.0, 3: 0.5}, head="hybrid",
+                       offset_weight=2.0, loss="hierarchical", balanced=True,
                        randaugment=True, hflip=0.5, mixup=0.2, cutmix=1.0, workers=0, threads=1, seed=7,
                        device="cpu", amp=False, run_name="all", max_steps=2, limit_train=10, limit_val=0)
 
@@ -56,7 +57,7 @@ def test_every_field_has_help_with_its_default():
     assert help_text(by_name["balanced"]).endswith("(default: off)")
     assert [f.name for f in config_fields(page=True)] == [
         "levels", "per_level", "backbone", "weights", "frozen", "epochs", "batch_size", "lr", "image_size",
-        "label_smoothing", "haversine_tau", "balanced", "run_name"]
+        "label_smoothing", "haversine_tau", "head", "offset_weight", "loss", "balanced", "run_name"]
 
 
 def test_one_validator_one_image_size_limit(tmp_path):
@@ -79,6 +80,7 @@ def test_one_validator_one_image_size_limit(tmp_path):
     assert validate(TrainConfig(run_name="x" * 80 + "-L8", group="x" * 80)) == {}
 
 
+@pytest.mark.slow
 def test_cli_prints_every_bad_flag_on_one_line(ws, capsys):
     rc = main(["train", "--epochs", "0", "--image-size", "4096", "--backbone", "vgg", "--weights", "none"])
     err = capsys.readouterr().err.strip()

@@ -174,6 +174,7 @@ def test_a_suggested_foundation_spec_turns_frozen_on(ws):
     assert "needs a GPU" in at.warning[0].value
 
 
+@pytest.mark.slow
 def test_other_spec_accepts_a_local_folder(ws, started, clip_dir):
     _hierarchy(ws)
     at = _other_spec(_page().run(), f"hf:{clip_dir}")
@@ -197,6 +198,7 @@ def test_a_foundation_spec_launches_without_a_run_name(ws, started, clip_dir):
     assert not [e.value for e in at.error] and len(started) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, message", [
     ("hf:nothing", "a hub model is ORG/NAME"),
     ("jax:vit", "unknown backbone library 'jax'"),

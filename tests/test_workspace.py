@@ -272,6 +272,7 @@ def _noisy_photo(path: Path, lat: float, lon: float, seed: int) -> None:
     img.save(path, "JPEG", exif=exif.tobytes())
 
 
+@pytest.mark.slow
 def test_two_concurrent_import_photos_both_succeed_and_add_every_image_once(ws, tmp_path):
     # Before one temp name per writer, one of the two failed ("No such file or directory:
     # .../.<sha>.jpg.<random>.tmp") in 2 of 3 tries: store_image deleted the other's temp file.
@@ -300,6 +301,7 @@ def test_two_concurrent_import_photos_both_succeed_and_add_every_image_once(ws, 
 # ------------------------------------------------------------------ output paths (coverage --csv)
 
 
+@pytest.mark.slow
 def test_coverage_csv_writes_through_a_symlink(ws, tmp_path, capsys):
     from pipeline.cli import main as cli_main
 

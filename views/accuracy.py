@@ -133,8 +133,20 @@ st.subheader("Distance from the true location")
 with_eval = {n: evals[n] for n in chosen if evals[n]}
 missing = [n for n in chosen if not evals[n]]
 if with_eval:
-    st.plotly_chart(ac.fig_km_accuracy(with_eval), use_container_width=True)
-    st.caption(ac.references_caption())
+    col_km, col_area = st.columns(2)
+    with col_km:
+        st.plotly_chart(ac.fig_km_accuracy(with_eval), use_container_width=True)
+        st.caption(ac.references_caption())
+    with col_area:
+        st.markdown("**Recall vs area**")
+        have_area, no_area = ac.with_key(with_eval, "recall_area")
+        if have_area:
+            st.plotly_chart(ac.fig_recall_area(have_area), use_container_width=True)
+            st.caption("The share of test truths inside the model's top-ranked finest cells (by joint probability) "
+                       "against the cells' total area: how much of the map must be searched to find the place.")
+        note = ac.missing_caption(no_area, "recall vs area")
+        if note:
+            st.caption(note)
     table = ac.km_table(with_eval)
     st.dataframe(table, hide_index=True, use_container_width=True, column_config={
         **{f"{t} km": st.column_config.NumberColumn(format="%.1f%%") for t in ac.KM_THRESHOLDS},
@@ -162,6 +174,19 @@ for name in missing:
 
 if not with_eval:
     st.stop()
+
+# ----------------------------------------------------------------------------- abstention
+
+st.subheader("Abstention: answer only when sure")
+have_ab, no_ab = ac.with_key(with_eval, "abstention")
+if have_ab:
+    st.plotly_chart(ac.fig_abstention(have_ab), use_container_width=True)
+    st.caption("Images ranked by confidence (the top hierarchical joint probability of a finest cell); "
+               "answering only the most confident share lifts accuracy. Hover for the confidence to pass "
+               "to `predict --abstain`.")
+note = ac.missing_caption(no_ab, "abstention")
+if note:
+    st.caption(note)
 
 # ----------------------------------------------------------------------------- per level + calibration
 

@@ -59,6 +59,37 @@ def upload_logits(runs: tuple[str, ...], stamp: tuple, sha: str, name: str, _dat
     return {"logits": logits, "features": feats, "gps": gps, "thumb": img, "error": None}
 
 
+@st.cache_resource(show_spinner=False, max_entries=16)
+def explain_upload(runs: tuple[str, ...], stamp: tuple, sha: str, name: str, _data: bytes, grid: int,
+                   temperature: bool) -> dict:
+    """Occlusion sensitivity of one upload (``geohier.explain``): grid**2 + 1 forwards, so
+    only on demand, and once per photo, grid and temperature setting."""
+    from geohier import explain
+
+    predictor = load_predictor(runs, stamp)
+    try:
+        with decode_slot():
+            img, _ = predictor.read_image(_data, name)
+    except DecodeBusyError:
+        raise
+    except GeohierError as exc:
+        return {"error": str(exc)}
+    expl = explain.occlusion(predictor, img, grid=grid, temperature=temperature)
+    img.thumbnail((720, 720))
+    return {"error": None, "explanation": expl, "photo": img}
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def world_map(runs: tuple[str, ...], stamp: tuple, sha: str, temperature: bool, within: str,
+              best: tuple[float, float], _logp, _true):
+    """The world probability map of one upload (``maps.probability_map``), built once per
+    photo, temperature setting and region limit."""
+    predictor = load_predictor(runs, stamp)
+    h = predictor.hierarchy
+    return maps.probability_map(h.keys(predictor.finest), predictor.finest, _logp, best=best, true=_true,
+                                depths=h.depths(predictor.finest) if h.adaptive else None)
+
+
 @st.cache_resource(show_spinner=False, max_entries=2)
 def load_explorer(runs: tuple[str, ...], stamp: tuple, key: str, data_dir: str, models_dir: str,
                   max_rows: int) -> explorer.Explorer:
@@ -218,12 +249,13 @@ files = st.file_uploader("Street photos", type=UPLOAD_TYPES, accept_multiple_fil
 tab_predict, tab_explore = st.tabs(["Prediction", "Threshold explorer"])
 
 with tab_predict:
-    loaded, names = [], []
+    loaded, names, uploads = [], [], []
     for f in files or []:
         data = f.getvalue()
+        sha = hashlib.sha256(data).hexdigest()
         with st.spinner(f"Reading {f.name}..."):
             try:
-                entry = upload_logits(runs, stamp, hashlib.sha256(data).hexdigest(), f.name, data)
+                entry = upload_logits(runs, stamp, sha, f.name, data)
             except DecodeBusyError as exc:
                 entry = {"error": f"{f.name}: {exc}"}
         if entry["error"]:
@@ -231,6 +263,7 @@ with tab_predict:
         else:
             loaded.append(entry)
             names.append(f.name)
+            uploads.append((sha, data))
     if not files:
         st.info("Drop one or more street photos above. Photos with EXIF GPS also show how far off the guess is.")
     elif loaded:
@@ -294,6 +327,49 @@ with tab_predict:
                                                      "fillOpacity": 0.08}).add_to(pmap)
         st_folium(pmap, height=480, use_container_width=True,
                   returned_objects=[], key=f"predict_map_{pick}")
+        # the whole world: every finest class by its joint probability (one canvas layer)
+        if st.toggle("World probability map", value=True, key="predict_world",
+                     help=f"all {predictor.tree.num_classes[predictor.finest]:,} level-{predictor.finest} classes "
+                          "coloured by their joint probability, log scale: a guess split between two continents "
+                          "shows as two blotches"):
+            row = {lv: logits[lv][pick:pick + 1] for lv in predictor.levels}
+            logp = predictor.log_joint(row, temperature, within=limit)[0].numpy()
+            true_at = (pred.true["lat"], pred.true["lon"]) if pred.true else None
+            wmap = world_map(runs, stamp, uploads[pick][0], temperature, limit.describe() if limit else "",
+                             (float(best.lat), float(best.lon)), logp, true_at)
+            st_folium(wmap, height=420, use_container_width=True, returned_objects=[],
+                      key=f"predict_world_map_{pick}")
+            st.caption(f"Joint probability of every level-{predictor.finest} class (product of each level's "
+                       "probability given its parent); the colour spans six powers of ten below the top cell.")
+        # why this guess: occlusion sensitivity, on demand (grid**2 + 1 forwards)
+        from geohier import explain
+
+        if st.toggle("Why this guess (occlusion)", value=False, key="predict_explain",
+                     help="mask each patch of the photo in turn and see how much the guess depends on it; costs "
+                          "one forward per patch"):
+            x1, x2 = st.columns(2)
+            grid_n = x1.slider("Patches per side", 3, 12, explain.DEFAULT_GRID, key="predict_explain_grid")
+            measure = x2.radio("Show", explain.MEASURES, horizontal=True, key="predict_explain_measure",
+                               format_func={"drop": "probability drop of the best cell",
+                                            "moved_km": "km the guess moves"}.get)
+            with st.spinner(f"Masking {grid_n * grid_n} patches..."):
+                try:
+                    ex = explain_upload(runs, stamp, uploads[pick][0], names[pick], uploads[pick][1], int(grid_n),
+                                        temperature)
+                except DecodeBusyError as exc:
+                    ex = {"error": f"{names[pick]}: {exc}"}
+            if ex["error"]:
+                st.error(ex["error"])
+            else:
+                e = ex["explanation"]
+                st.image(explain.overlay(ex["photo"], e, measure),
+                         caption=f"{names[pick]}: red = the guess depends on this patch", width=480)
+                worst = np.unravel_index(int(np.argmax(e.values(measure))), e.drop.shape)
+                st.caption(f"{e.forwards} forwards in {e.seconds:.1f} s. Masking a patch (painted the model's mean "
+                           f"colour) drops the best cell {e.base['cell']}'s joint probability by up to "
+                           f"{e.drop.max():.1%} and moves the guess up to {e.moved_km.max():,.0f} km "
+                           f"(strongest: row {worst[0] + 1}, column {worst[1] + 1}). The unmasked guess here is "
+                           "the default keep rules' best cell, without region limits.")
         st.plotly_chart(charts.level_bars(pred), width="stretch")
         st.subheader("Candidates")
         st.dataframe(charts.candidates_frame(pred), hide_index=True,

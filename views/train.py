@@ -82,6 +82,9 @@ def _widget(f, value):
     if f.name == "per_level":
         shapes = list(SHAPES)
         return SHAPES[st.radio(label, shapes, index=int(bool(value)), help=help_)]
+    if f.metadata.get("choices"):
+        choices = list(f.metadata["choices"])
+        return st.selectbox(label, choices, index=choices.index(value) if value in choices else 0, help=help_)
     if kind == "bool":
         return st.checkbox(label, value=bool(value), help=help_)
     if kind == "int":

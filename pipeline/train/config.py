@@ -28,7 +28,7 @@ from geohier import grid
 from geohier.backbones import SPEC_HELP, check_backbone, short_name
 from geohier.errors import GeohierError, InputError
 from geohier.forward import DEVICE_HELP, resolve_device
-from geohier.model import DEFAULT_BACKBONE
+from geohier.model import DEFAULT_BACKBONE, HEADS, LOSSES
 
 MAX_IMAGE_SIZE = 2048
 WEIGHT_CHOICES = ("imagenet", "pretrained", "none")
@@ -38,13 +38,15 @@ RUN_NAME_HELP = "use letters, digits, '.', '_' or '-' (at most 80)"
 
 def _opt(default, kind: str, help: str, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
          metavar: str | None = None, page: dict | None = None, cli: bool = True, resume: bool = False,
-         shown_default: str | None = None):
+         shown_default: str | None = None, choices: tuple | None = None):
     """A TrainConfig field. ``kind``: int, float, str, bool (a switch), tristate (--x/--no-x,
     None = automatic), levels ("1,3,5,8") or level_weights ("1:1,8:0.5"). ``lo``/``hi``:
     bounds (``*_open``: excluded); ``page``: the Train page's widget (label, step, format,
-    help) when the page shows the field; ``resume``: ``--resume`` may change it."""
+    help) when the page shows the field; ``resume``: ``--resume`` may change it;
+    ``choices``: the values a str field takes (the page shows a select box)."""
     meta = {"kind": kind, "help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
-            "metavar": metavar, "page": page, "cli": cli, "resume": resume, "shown_default": shown_default}
+            "metavar": metavar, "page": page, "cli": cli, "resume": resume, "shown_default": shown_default,
+            "choices": tuple(choices) if choices else None}
     return field(default=default, metadata=meta)
 
 
@@ -90,6 +92,20 @@ class TrainConfig:
     level_weights: dict[int, float] | None = _opt(
         None, "level_weights", "loss weight per level, LEVEL:W pairs (1:1,8:0.5) or one per level",
         shown_default="1 each")
+    head: str = _opt(
+        "cell", "str", "the model's head: cell (classes; the guess is the cell's point) or hybrid (classes "
+        "and the image's offset inside its finest cell; the guess is the cell's point moved by it)",
+        choices=HEADS, metavar="{" + ",".join(HEADS) + "}",
+        page={"label": "Head", "help": "hybrid also regresses where in its cell the image is (OSV-5M's hybrid head)"})
+    offset_weight: float = _opt(1.0, "float", "weight of the hybrid head's offset loss (L1, true class only)",
+                                lo=0.0, hi=1000.0, page={"label": "Offset loss weight (hybrid head)", "step": 0.5,
+                                                         "format": "%.2f"})
+    loss: str = _opt(
+        "independent", "str", "independent (one softmax per level) or hierarchical (the finest softmax summed "
+        "into every ancestor level, NLL at each: OSV-5M's hierarchical loss)",
+        choices=LOSSES, metavar="{" + ",".join(LOSSES) + "}",
+        page={"label": "Loss", "help": "hierarchical: one softmax at the finest level; the coarser levels' "
+                                      "probabilities are its sums"})
     balanced: bool = _opt(False, "bool", "class-balanced sampling at the finest level",
                           page={"label": "Class-balanced sampling"})
     randaugment: bool = _opt(False, "bool", "add RandAugment to the train transforms")
@@ -251,6 +267,9 @@ def validate(cfg: TrainConfig, available_levels=None) -> dict[str, str]:
             msg = _check_number(f, v)
             if msg:
                 errors[f.name] = msg
+        choices = f.metadata.get("choices")
+        if choices and v not in choices:
+            errors[f.name] = f"{_label(f.name)} must be one of {', '.join(choices)}, got {v!r}"
     checks = {
         "levels": lambda: _check_levels(cfg.levels, available_levels),
         "backbone": lambda: _message(check_backbone, cfg.backbone),

@@ -22,7 +22,7 @@ from geohier import splits as splits_mod
 from geohier.backbones import short_name
 from geohier.collective import any_rank, broadcast
 from geohier.errors import GeohierError, InputError, WorkspaceError
-from geohier.model import RUN_FORMAT, build_model, save_checkpoint
+from geohier.model import RUN_FORMAT, build_model, class_bounds, save_checkpoint
 from geohier.presets import EvalPreset
 from geohier.runs import Run, resolve_run
 from geohier.workspace import Workspace, utcnow
@@ -31,7 +31,7 @@ from pipeline.train.data import TrainError, cell_positions, load_data
 from pipeline.train.distributed import DistEnv, StopFlag, env_rank, setup_env, teardown, wrap
 from pipeline.train.frozen import FrozenSteps
 from pipeline.train.loop import evaluate, train_one_epoch
-from pipeline.train.losses import GeoLoss
+from pipeline.train.losses import GeoLoss, OffsetLoss
 from pipeline.train.mixing import Mixing
 from pipeline.train.progress import RunReport
 from pipeline.train.schedule import make_scheduler
@@ -231,9 +231,13 @@ class _Fit:
     def make_model(self) -> None:
         """The model (its backbone says what preprocessing the data gets)."""
         cfg, env, h = self.cfg, self.env, self.hierarchy
+        finest = self.levels[-1]
+        ancestors = ({lv: h.ancestors(finest, lv).tolist() for lv in self.levels[:-1]}
+                     if cfg.loss == "hierarchical" else None)
         self.net = build_model(cfg.backbone, {lv: h.num_classes[lv] for lv in self.levels}, weights=cfg.weights,
                                head_dropout=cfg.head_dropout, image_size=cfg.image_size,
-                               frozen=cfg.frozen).to(env.device)
+                               frozen=cfg.frozen, head=cfg.head, loss=cfg.loss,
+                               ancestors=ancestors).to(env.device)
         self.model = self.net
 
     def load_data(self) -> None:
@@ -264,7 +268,13 @@ class _Fit:
             for lv in levels:
                 la, lo = h.centroids(lv)
                 centroids[lv] = (torch.as_tensor(la, device=env.device), torch.as_tensor(lo, device=env.device))
-        self.criterion = GeoLoss(levels, cfg.level_weights, cfg.label_smoothing, cfg.haversine_tau, centroids)
+        pos = cell_positions(self.data.train_ds, levels[-1], h)
+        offset = None
+        if cfg.head == "hybrid":  # offsets from the same points the Predictor adds them to
+            offset = OffsetLoss(torch.as_tensor(pos, dtype=torch.float64, device=env.device),
+                                torch.as_tensor(class_bounds(h, levels[-1]), device=env.device), cfg.offset_weight)
+        self.criterion = GeoLoss(levels, cfg.level_weights, cfg.label_smoothing, cfg.haversine_tau, centroids,
+                                 offset=offset)
         # no weight decay on norms and biases (torchvision's --norm-weight-decay 0 habit)
         trained = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone's are not
         decay = [p for p in trained if p.ndim > 1]
@@ -273,7 +283,6 @@ class _Fit:
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         fp16 = self.amp and env.device.type == "cuda" and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-        pos = cell_positions(self.data.train_ds, levels[-1], h)
         self.positions = (np.array([p[0] for p in pos]), np.array([p[1] for p in pos]))
         self.meta_base = {"format": RUN_FORMAT, "run": self.run.name, "hierarchy": h.to_dict(),
                           "hierarchy_hash": h.hash, "split": self.splits.describe(),

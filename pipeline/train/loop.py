@@ -16,9 +16,9 @@ import torch
 
 from geohier.collective import any_rank, gather
 from geohier.dataset import IGNORE_INDEX
-from geohier.forward import forward_batches
+from geohier.forward import OFFSET, forward_batches
 from geohier.metrics import geo_metrics, target_rank
-from geohier.model import unwrap
+from geohier.model import decode_offsets, unwrap
 from pipeline.train.data import TrainError
 from pipeline.train.distributed import DistEnv, StopFlag
 from pipeline.train.losses import GeoLoss
@@ -107,12 +107,15 @@ def train_one_epoch(model: torch.nn.Module, criterion: GeoLoss, optimizer: torch
             break
         _count_skipped(batch.skipped, stats, log)
         x, y = batch.images, batch.labels
+        latlon = batch_latlon(loader, batch.index, env.device) if criterion.offset is not None else None
         if x.shape[0] < 2:  # all (or all but one) unreadable: nothing BatchNorm can use
             if not env.distributed:
                 continue
             # every rank must take part in the step: a batch whose targets are all ignored
             x = torch.zeros(2, *x.shape[1:]) if x.ndim != 4 else torch.zeros(2, 3, image_size, image_size)
             y = torch.full((2, len(levels)), IGNORE_INDEX, dtype=torch.long)
+            if latlon is not None:
+                latlon = (torch.zeros(2, dtype=torch.float64, device=env.device),) * 2
         lr = optimizer.param_groups[0]["lr"]
         x = x.to(env.device, non_blocking=True)
         if env.device.type == "cuda" and x.ndim == 4:
@@ -121,7 +124,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: GeoLoss, optimizer: torch
         x, mix = mixing(x)
         with autocast(env.device, amp):
             out = model(x)  # {lv: (B, C_lv)}
-            loss, _ = criterion(out, y, mix)
+            loss, _ = criterion(out, y, mix, latlon=latlon)
         if not torch.isfinite(loss):
             raise TrainError(f"the loss became {loss.item()} at step {scheduler.last_epoch}: "
                              f"lower --lr (now {scheduler.base_lrs[0]})")
@@ -148,6 +151,17 @@ def train_one_epoch(model: torch.nn.Module, criterion: GeoLoss, optimizer: torch
             "levels": topk.reduce(parts), "lr": lr, "steps": done, "stopped": stopped}
 
 
+def batch_latlon(loader, index, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The true (lat, lon) of a batch's images (float64 tensors on ``device``): a hybrid
+    head's offset targets. ``index`` indexes the loader's dataset (an image dataset, or a
+    frozen run's ``FeatureSet``), as ``batch.index`` does."""
+    ds = loader.dataset
+    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    idx = np.asarray(index, dtype=np.int64)
+    return (torch.as_tensor(np.asarray(base.lat)[idx], dtype=torch.float64, device=device),
+            torch.as_tensor(np.asarray(base.lon)[idx], dtype=torch.float64, device=device))
+
+
 def _count_skipped(skipped: list, stats: dict, log: Callable[[str], None]) -> None:
     if not skipped:
         return
@@ -162,7 +176,8 @@ def evaluate(model: torch.nn.Module, criterion: GeoLoss, loader, env: DistEnv, *
              stats: dict | None = None) -> dict:
     """Loss (the levels' weighted plain cross-entropy), top-1/5/10 per level and, when
     ``positions`` (lat, lon arrays of the finest level's classes) is given, the km metrics
-    of predicting the finest level's argmax. Returns {"loss", "levels", "km", "n"}."""
+    of predicting the finest level's argmax (moved by its offset for a hybrid head).
+    Returns {"loss", "levels", "km", "n"}."""
     levels = criterion.levels
     net = unwrap(model)  # no DDP hooks: the ranks' shares differ in length
     net.eval()
@@ -178,14 +193,22 @@ def evaluate(model: torch.nn.Module, criterion: GeoLoss, loader, env: DistEnv, *
             continue
         y = batch.labels
         b = y.shape[0]
-        loss_sum += float(criterion.plain(out, y)) * b
+        latlon = None
+        if criterion.offset is not None:
+            i = batch.index.numpy()
+            latlon = (torch.as_tensor(base.lat[i]), torch.as_tensor(base.lon[i]))
+        loss_sum += float(criterion.plain(out, y, latlon)) * b
         n_seen += b
         topk.add(out, y)
         if positions is not None:
             top = out[levels[-1]].argmax(1).numpy()  # (B,) finest-level class
             idx = batch.index.numpy()
-            for acc, v in zip(pos, (positions[0][top], positions[1][top], base.lat[idx], base.lon[idx]),
-                              strict=True):
+            plat, plon = positions[0][top], positions[1][top]
+            if OFFSET in out and criterion.offset is not None:  # a hybrid head: its guess
+                guess = decode_offsets(out[OFFSET][torch.arange(len(top)), torch.as_tensor(top)].numpy(),
+                                       np.stack([plat, plon], 1), criterion.offset.bounds.cpu().numpy()[top])
+                plat, plon = guess[:, 0], guess[:, 1]
+            for acc, v in zip(pos, (plat, plon, base.lat[idx], base.lon[idx]), strict=True):
                 acc.append(v)
     part = {"loss": loss_sum, "n": n_seen, **topk.part(),
             "pos": [np.concatenate(a) if a else np.zeros(0) for a in pos]}

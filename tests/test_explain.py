@@ -1,0 +1,121 @@
+"""geohier.explain: occlusion sensitivity with known answers (a constructed model that only
+looks at the top-left quadrant of its input), the overlay PNG, and `predict --explain`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CITIES
+from PIL import Image
+
+from geohier import explain
+from geohier.errors import InputError
+from geohier.hierarchy import build_hierarchy
+from geohier.predictor import Predictor
+from geohier.presets import EvalPreset
+
+
+class TopLeft(torch.nn.Module):
+    """Logits of every level from the mean of the top-left quadrant of the input alone:
+    class c of C gets ``scale * m * (c - C/2) / C``; a brighter top-left favours the last
+    classes. Nothing else in the photo matters."""
+
+    def __init__(self, num_classes: dict[int, int], scale: float = 8.0):
+        super().__init__()
+        self.num_classes = dict(num_classes)
+        self.scale = scale
+
+    def forward(self, x):
+        s = x.shape[-1] // 2
+        m = x[:, :, :s, :s].mean(dim=(1, 2, 3))  # (B,)
+        return {lv: self.scale * m[:, None] * (torch.arange(c, dtype=torch.float32) - c / 2) / c
+                for lv, c in self.num_classes.items()}
+
+
+def top_left_predictor(image_size=32):
+    lat = [c[0] + 0.01 * j for c in CITIES for j in range(3)]
+    lon = [c[1] + 0.01 * j for c in CITIES for j in range(3)]
+    h = build_hierarchy(lat, lon, (1, 3, 5), min_images=1)
+    model = TopLeft({lv: h.num_classes[lv] for lv in h.levels}).eval()
+    meta = {"hierarchy": h.to_dict(), "hierarchy_hash": h.hash, "input": EvalPreset(image_size).to_dict(),
+            "arch": {"levels": list(h.levels)}, "temperatures": {}}
+    return Predictor([(model, meta, Path("top-left"))], "cpu")
+
+
+def photo(size=64):
+    """White top-left quadrant (the model's favourite), a noisy rest."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    a[:size // 2, :size // 2] = 255
+    return Image.fromarray(a)
+
+
+def test_occlusion_lights_up_the_region_the_model_reads():
+    pred = top_left_predictor()
+    e = explain.occlusion(pred, photo(), grid=4, batch_size=5)
+    assert e.drop.shape == e.moved_km.shape == (4, 4)
+    assert e.forwards == 17
+    assert e.box == (0.0, 0.0, 1.0, 1.0)  # a square photo: the model sees all of it
+    # the top-left 2 x 2 patches are the top-left quadrant of the model's input
+    inside = np.zeros((4, 4), bool)
+    inside[:2, :2] = True
+    assert (e.drop[inside] > 0.01).all()
+    assert np.abs(e.drop[~inside]).max() < 1e-6  # masking elsewhere changes nothing
+    assert (e.moved_km[~inside] == 0).all()
+    assert e.base["prob"] > 0 and e.base["cell"] == pred.cells[pred.finest][-1]
+    # the values are what a direct forward of the masked photo says
+    small, box = explain.model_view(photo(), pred.presets[0])
+    im = small.copy()
+    im.paste(tuple(int(round(255 * v)) for v in pred.presets[0].mean), explain.patches(box, 4)[0])
+    p = pred.log_joint(pred.logits([im]))[0, -1].exp().item()
+    assert e.drop[0, 0] == pytest.approx(e.base["prob"] - p, abs=1e-6)
+
+
+def test_occlusion_on_a_wide_photo_masks_only_what_the_model_sees():
+    pred = top_left_predictor()
+    wide = Image.new("RGB", (128, 64), (0, 0, 0))
+    wide.paste((255, 255, 255), (32, 0, 64, 32))  # the top-left quadrant of the centre crop
+    e = explain.occlusion(pred, wide, grid=2)
+    assert e.box == pytest.approx((0.25, 0.0, 0.75, 1.0))
+    assert e.drop[0, 0] > 0.01 and np.abs(e.drop.ravel()[1:]).max() < 1e-6
+
+
+def test_overlay_heats_the_patch_and_keeps_the_size():
+    pred = top_left_predictor()
+    img = photo(96)
+    e = explain.occlusion(pred, img, grid=4)
+    out = explain.overlay(img, e)
+    assert out.size == img.size and out.mode == "RGB"
+    a = np.asarray(out).astype(int)
+    src = np.asarray(img).astype(int)
+    assert np.abs(a[:48, :48] - src[:48, :48]).mean() > 20  # heat over the top-left
+    assert np.abs(a[60:, 60:] - src[60:, 60:]).max() <= 1  # an ignored patch shows the photo as is
+    png = explain.png_bytes(out)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_grid_and_measure_are_one_line():
+    pred = top_left_predictor()
+    with pytest.raises(InputError, match="grid must be 1 to 16"):
+        explain.occlusion(pred, photo(), grid=0)
+    e = explain.occlusion(pred, photo(), grid=1)
+    with pytest.raises(InputError, match="unknown measure"):
+        e.values("nope")
+
+
+def test_write_explanations_writes_a_png_and_json_per_image(tmp_path, make_jpeg):
+    pred = top_left_predictor()
+    a = tmp_path / "a.png"
+    photo().save(a)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a picture")
+    recs = explain.write_explanations(pred, [a, bad], tmp_path / "out", grid=4)
+    assert recs[0]["png"].endswith("a.explain.png") and "error" in recs[1]
+    assert Image.open(recs[0]["png"]).size == (64, 64)
+    data = json.loads(Path(recs[0]["json"]).read_text())
+    assert data["grid"] == 4 and len(data["drop"]) == 4 and data["drop"][3][3] == pytest.approx(0, abs=1e-6)
+    assert data["drop"][0][0] > 0.01
