@@ -292,3 +292,38 @@ def test_training_end_to_end_on_adaptive_cells(tmp_path):
         assert p.hierarchy.adaptive and len(p.positions) == p.hierarchy.num_classes[2]
     finally:
         torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------- pages
+
+
+def test_data_page_previews_and_writes_an_adaptive_partition(ws):
+    from test_data_page import _page, _populate
+
+    _populate(ws)  # 14 photos: Paris 8, London 3, New York 2, Cape Town 1
+    at = _page().run()
+    assert not at.exception
+    at.text_input(key="adaptive_thresholds").input("10,4")
+    at.number_input(key="adaptive_depth").set_value(8)
+    at.run()
+    assert not at.exception
+    table = next(d.value for d in at.dataframe if "images without a class" in d.value.columns)
+    assert table["classes"].tolist() == list(build_adaptive(*_points(ws), [10, 4], max_depth=8).num_classes.values())
+    assert table["images without a class"].tolist() == [0, 0]
+    at.text_input(key="adaptive_thresholds").input("4,10")
+    at.run()
+    assert not at.exception and any("decrease" in e.value for e in at.error)
+    at.text_input(key="adaptive_thresholds").input("10,4")
+    at.run()
+    at.button(key="adaptive_write").click().run()
+    assert not at.exception
+    assert any("adaptive cells" in s.value for s in at.success)
+    h = Hierarchy.load(ws.hierarchy_path)
+    assert h.adaptive and h.scheme["thresholds"] == {1: 10, 2: 4} and h.max_depth == 8
+    at.run()  # the page reads the adaptive hierarchy.json back
+    assert not at.exception
+
+
+def _points(ws):
+    with ws.manifest() as m:
+        return m.points()
