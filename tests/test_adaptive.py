@@ -327,3 +327,26 @@ def test_data_page_previews_and_writes_an_adaptive_partition(ws):
 def _points(ws):
     with ws.manifest() as m:
         return m.points()
+
+
+def test_predict_page_and_explorer_on_an_adaptive_run(ws):
+    from conftest import ROOT, jpeg_bytes
+    from streamlit.testing.v1 import AppTest
+    from test_explorer import make_workspace
+    from test_predictor import make_tiny_run
+
+    make_workspace(ws)
+    h = build_adaptive(*_points(ws), [8, 4, 2], max_depth=10)
+    h.save(ws.hierarchy_path)
+    run = make_tiny_run(ws.models_dir / "ada", h)
+    at = AppTest.from_file(str(ROOT / "views" / "predict.py"), default_timeout=120).run()
+    assert not at.exception
+    at.file_uploader(key="predict_upload").set_value(
+        ("paris.jpg", jpeg_bytes(size=(80, 60), gps=(48.8566, 2.3522)), "image/jpeg")).run()
+    assert not at.exception and not [e.value for e in at.error]
+    assert "Best guess" in {m.label for m in at.metric}
+    assert len(at.get("component_instance")) == 2  # the kept cells and the world map, cells of any depth
+    at.button(key="explorer_compute").click().run()
+    assert not at.exception
+    assert (run / "val_logits.safetensors").exists()
+    assert "True cell kept" in {m.label for m in at.metric}
