@@ -350,3 +350,19 @@ def test_predict_page_and_explorer_on_an_adaptive_run(ws):
     assert not at.exception
     assert (run / "val_logits.safetensors").exists()
     assert "True cell kept" in {m.label for m in at.metric}
+
+
+def test_accuracy_page_evaluates_an_adaptive_run(ws):
+    from conftest import ROOT
+    from streamlit.testing.v1 import AppTest
+    from test_evaluate import make_tiny_run, make_tiny_workspace
+
+    make_tiny_workspace(ws)
+    build_adaptive(*_points(ws), [10, 4], max_depth=12).save(ws.hierarchy_path)
+    run = make_tiny_run(ws, levels=(1, 2))
+    at = AppTest.from_file(str(ROOT / "views" / "accuracy.py"), default_timeout=120).run()
+    assert not at.exception
+    at = next(b for b in at.button if b.label == "Evaluate").click().run()
+    assert not at.exception, at.exception
+    assert (run / "eval.json").exists() and not at.error
+    assert at.dataframe
