@@ -577,7 +577,7 @@ def log_prob_scale(logp, decades: int = PROB_DECADES) -> np.ndarray:
     most probable cell, 0 at ``decades`` powers of ten below it (and for anything less,
     probability 0 included). Never decreasing in the probability.
 
-    >>> log_prob_scale(np.log([1.0, 0.1, 1e-3, 0.0]), decades=3).round(3).tolist()
+    >>> log_prob_scale([*np.log([1.0, 0.1, 1e-3]), -np.inf], decades=3).round(3).tolist()
     [1.0, 0.667, 0.0, 0.0]
     """
     lp = np.asarray(logp, dtype=np.float64) / np.log(10.0)  # log10 p

@@ -29,6 +29,11 @@ the kept cells, ``"source": "kept"``). With ``--within country:FR,DE`` or
 ``--within bbox:S,W,N,E``: ``within`` names the limit, and every candidate lies inside it
 (``geohier.limits``).
 
+With ``--explain DIR``: for each readable photo, ``DIR/<name>.explain.png`` (the photo
+with an occlusion-sensitivity heat map: red where masking a patch drops the best cell's
+joint probability most) and ``DIR/<name>.explain.json`` (the grid of drops and of km the
+guess moves; ``geohier.explain``).
+
 ``prob`` is a cell's probability among the candidates considered at its level (what the
 keep rules use); ``joint`` the probability of its whole path (the product of every level's
 probability along it). A file that cannot be read gets ``error`` instead of ``best``; the
@@ -49,7 +54,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from geohier import combine
+from geohier import combine, explain
 from geohier.errors import InputError
 from geohier.predictor import Prediction, load_predictor
 from geohier.runs import NEIGHBOURS_FILE, newest_run, resolve_run
@@ -106,6 +111,10 @@ def register(sub) -> None:
     p.add_argument("--abstain", type=float, default=None, metavar="P",
                    help="answer 'not sure' (the region, --coverage's or the kept cells, instead of a point) "
                         "when the confidence (top joint probability of a finest cell) is below P (default: never)")
+    p.add_argument("--explain", default=None, metavar="DIR",
+                   help="also write why each guess: an occlusion-sensitivity overlay <name>.explain.png and its "
+                        f"grid values <name>.explain.json into DIR ({explain.DEFAULT_GRID}x{explain.DEFAULT_GRID} "
+                        f"patches, {explain.DEFAULT_GRID ** 2 + 1} forwards per photo; default: none)")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line (default: a table)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward pass (default: 16)")
     p.add_argument("--show", type=int, default=5, metavar="N",
@@ -250,6 +259,10 @@ def _describe_region(r) -> str:
 def run(args: argparse.Namespace, ws: Workspace) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.explain is not None:  # refuse a bad directory before any forward
+        target = Path(args.explain).expanduser()
+        if target.exists() and not target.is_dir():
+            raise InputError(f"--explain {args.explain}: not a directory")
     paths = resolve_runs(ws, args.run, args.runs)
     predictor = load_predictor(paths, device=args.device)
     rules = rules_from_args(args, predictor.levels)
@@ -272,6 +285,13 @@ def run(args: argparse.Namespace, ws: Workspace) -> int:
         else:
             out.write(format_table(p, args.show) + "\n")
         out.flush()
+    if args.explain is not None:
+        records = explain.write_explanations(predictor, args.images, args.explain, batch_size=args.batch_size,
+                                             temperature=not args.no_temperature)
+        done = [r for r in records if "png" in r]
+        if done:
+            per = sum(r["seconds"] for r in done) / len(done)
+            print(f"explanations: {len(done)} overlay(s) in {args.explain} ({per:.2f} s per photo)", file=sys.stderr)
     failed = sum(p.error is not None for p in preds)
     if failed:
         print(f"{failed} of {len(preds)} image(s) could not be read", file=sys.stderr)

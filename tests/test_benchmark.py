@@ -118,6 +118,7 @@ def test_keys_that_match_nothing(tmp_path):
         benchmark.align(truth, p)
 
 
+@pytest.mark.slow
 def test_score_known_values_and_missing_policies(tmp_path):
     truth = benchmark.read_truth(_im2gps(tmp_path / "t.csv"))
     # Paris exact, Berlin 10 km off, Tokyo ~1 degree off, NYC missing; a bad row and an extra image

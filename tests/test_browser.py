@@ -234,3 +234,53 @@ def test_data_page_cells_upload_is_sized_and_checked(app, page, tmp_path):
     assert "SECRET" not in text and not exception_texts(page)
     screenshot(page, "data-cells-upload")
     assert_no_off_host_requests(page)
+
+
+def map_cell_counts(page, want: int, tries: int = 120) -> list[int]:
+    """The ``data-geohier-cells`` of every drawn geohier map on the page, once ``want``
+    of them have drawn (fewer after ``tries`` half-seconds)."""
+    counts: list[int] = []
+    for _ in range(tries):
+        counts = []
+        for f in page.frames:
+            try:
+                el = f.locator(".leaflet-container[data-geohier-cells]")
+                if el.count():
+                    counts.append(int(el.first.get_attribute("data-geohier-cells") or 0))
+            except Exception:  # frames come and go while the components load
+                continue
+        if len([c for c in counts if c > 0]) >= want:
+            return counts
+        page.wait_for_timeout(500)
+    return counts
+
+
+def test_predict_world_probability_map_and_explanation_overlay(app, page, tmp_path):
+    """The Predict page draws the world probability map (every finest class: as many cells
+    as the run has level-3 classes) beside the kept cells, and the occlusion overlay on
+    demand; nothing leaves the host."""
+    from geohier.hierarchy import Hierarchy
+
+    url, ws = app
+    classes = Hierarchy.load(ws.hierarchy_path).num_classes[3]  # the tiny run's finest level
+    page.goto(url + "/predict")
+    wait_for_app(page)
+    photo = tmp_path / "street.jpg"
+    photo.write_bytes(jpeg_bytes(size=(320, 240), gps=(48.85, 2.35)))
+    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files([str(photo)])
+    wait_for_app(page)
+    counts = map_cell_counts(page, 2)
+    assert len([c for c in counts if c > 0]) >= 2, f"the two maps did not draw: {counts}"
+    assert classes in counts, (classes, counts)  # the world map: every class
+    page.get_by_text("Why this guess (occlusion)").first.click()
+    wait_for_app(page)
+    main = page.locator('[data-testid="stMain"]')
+    for _ in range(240):
+        if "forwards in" in main.inner_text():
+            break
+        page.wait_for_timeout(500)
+    assert "forwards in" in main.inner_text()
+    assert page.locator('[data-testid="stImage"] img').count() >= 2  # the photo and its overlay
+    screenshot(page, "predict-world-and-why")
+    assert not exception_texts(page)
+    assert_no_off_host_requests(page)

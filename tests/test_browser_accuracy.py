@@ -258,3 +258,23 @@ def test_error_map_and_cell_hit_map_draw(app, page):
     assert not script_failures, script_failures
     assert not exception_texts(page), exception_texts(page)
     assert_no_off_host_requests(page)
+
+
+def test_recall_area_and_abstention_curves_draw(app, page):
+    """The evaluation above recorded recall vs area and abstention: both curves draw
+    (plotly axis titles in the page), the recall axis on a log scale, nothing off-host."""
+    open_accuracy(page, app["url"])
+    page.get_by_text("Recall vs area").first.scroll_into_view_if_needed()
+    titles: list[str] = []
+    for _ in range(120):
+        titles = page.locator('[data-testid="stPlotlyChart"] .xtitle').all_text_contents()
+        if any("km², log" in t for t in titles) and any("most confident first" in t for t in titles):
+            break
+        page.mouse.wheel(0, 600)
+        page.wait_for_timeout(500)
+    assert any("km², log" in t for t in titles), titles
+    assert any("most confident first" in t for t in titles), titles
+    assert not page.get_by_text("Not shown:").count()  # the run has both blocks
+    screenshot(page, "accuracy-recall-area-abstention")
+    assert not exception_texts(page)
+    assert_no_off_host_requests(page)

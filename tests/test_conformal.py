@@ -77,6 +77,7 @@ def test_threshold_is_the_finite_sample_quantile():
     assert cf.Conformal.from_dict({"score": "aps", "n": 2, "scores": [0.1, "x"]}) is None
 
 
+@pytest.mark.slow
 def test_coverage_holds_on_a_large_synthetic_test_set_and_sets_shrink_with_sharpness():
     tree = _tree()
     areas = np.ones(PARENTS * CHILDREN)
@@ -198,6 +199,7 @@ def test_region_geojson_has_one_rectangle_per_cell():
     assert cf.region_geojson(cf.Region("kept", [], [], 0.0, 0.0), 2)["features"] == []
 
 
+@pytest.mark.slow
 def test_explorer_coverage_rule_is_the_predictors_report(tmp_path):
     from test_predictor import make_tiny_run
 

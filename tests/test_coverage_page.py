@@ -42,6 +42,7 @@ def test_level3_counts_map_and_table(ws_with_images):
     assert int(table["images"].sum()) == 3
 
 
+@pytest.mark.slow
 def test_changing_the_level_recounts(ws_with_images):
     at = run_page(3)
     at.sidebar.selectbox[0].select(1).run()

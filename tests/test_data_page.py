@@ -139,6 +139,7 @@ def test_min_images_control_changes_the_kept_count(ws):
     assert any("fewer than 2 classes" in w.value for w in at.warning)
 
 
+@pytest.mark.slow
 def test_write_button_builds_the_hierarchy(ws):
     _populate(ws)
     at = _page().run()

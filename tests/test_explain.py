@@ -119,3 +119,38 @@ def test_write_explanations_writes_a_png_and_json_per_image(tmp_path, make_jpeg)
     data = json.loads(Path(recs[0]["json"]).read_text())
     assert data["grid"] == 4 and len(data["drop"]) == 4 and data["drop"][3][3] == pytest.approx(0, abs=1e-6)
     assert data["drop"][0][0] > 0.01
+
+
+def _cli(argv):
+    from pipeline import cli
+
+    saved = cli.COMMAND_MODULES
+    cli.COMMAND_MODULES = ("pipeline.predict",)
+    try:
+        return cli.main(argv)
+    finally:
+        cli.COMMAND_MODULES = saved
+
+
+@pytest.mark.slow
+def test_predict_explain_writes_overlays(ws, tmp_path, make_jpeg, capsys):
+    from test_predictor import make_tiny_run, tiny_hierarchy
+
+    make_tiny_run(ws.models_dir / "tiny", tiny_hierarchy())
+    good = make_jpeg(tmp_path / "paris.jpg", size=(80, 60), color=(200, 60, 60))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"")
+    out = tmp_path / "why"
+    rc = _cli(["predict", str(good), str(bad), "--json", "--explain", str(out)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert f"explanations: 1 overlay(s) in {out}" in err and "s per photo" in err
+    assert Image.open(out / "paris.explain.png").size == (80, 60)
+    data = json.loads((out / "paris.explain.json").read_text())
+    assert data["grid"] == explain.DEFAULT_GRID and data["forwards"] == explain.DEFAULT_GRID ** 2 + 1
+    assert np.asarray(data["moved_km"]).shape == (7, 7) and data["image"] == str(good)
+    # a file where the directory should be: one line, exit 2, before any forward
+    (tmp_path / "afile").write_text("x")
+    assert _cli(["predict", str(good), "--explain", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "--explain" in err and "not a directory" in err and "Traceback" not in err

@@ -610,6 +610,7 @@ def test_full_size_conversion_goes_by_bands_with_one_grey_scale(monkeypatch):
     assert out.getpixel((5, 3)) == (255, 255, 255) and out.getpixel((5, 30)) == (200, 0, 0)
 
 
+@pytest.mark.slow
 def test_predict_page_says_busy_when_every_decode_slot_is_taken(ws, monkeypatch):
     """N sessions uploading at once wait for one of DECODE_SLOTS decodes; past the wait the
     upload says "busy" in one line (not cached: the next rerun decodes it)."""

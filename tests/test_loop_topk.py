@@ -14,6 +14,7 @@ from pipeline.train.loop import TOPK, TopK
 from pipeline.train.samplers import BalancedSampler
 
 
+@pytest.mark.slow
 def test_target_rank_matches_topk_correct_with_ties_ignored_rows_and_nan():
     g = torch.Generator().manual_seed(0)
     for trial in range(200):

@@ -183,6 +183,7 @@ def test_rate_limit_codes_back_off_and_retry(ws, srv, status, code):
     assert "1 rate limited" in report.summary()
 
 
+@pytest.mark.slow
 def test_backoff_field_in_ms_pauses_every_worker(ws, srv):
     srv.inject("rate", times=1, code=613, backoff_ms=600)
     seen: list[float] = []

@@ -13,6 +13,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 from browser import streamlit_server  # noqa: E402
 
@@ -60,6 +62,7 @@ def _handshake(port: int, host: str, origin: str | None = None) -> str:
         return s.recv(4096).decode("latin-1").split("\r\n")[0]
 
 
+@pytest.mark.slow
 def test_the_server_refuses_a_rebound_or_foreign_websocket(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "models").mkdir()

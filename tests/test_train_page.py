@@ -191,6 +191,7 @@ def test_other_spec_accepts_a_local_folder(ws, started, clip_dir):
     assert _flag(argv, "--weights") == "pretrained" and _flag(argv, "--run-name") == "clip-frozen"
 
 
+@pytest.mark.slow
 def test_a_foundation_spec_launches_without_a_run_name(ws, started, clip_dir):
     _hierarchy(ws)
     at = _other_spec(_page().run(), f"hf:{clip_dir}")
