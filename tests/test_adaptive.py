@@ -290,6 +290,13 @@ def test_training_end_to_end_on_adaptive_cells(tmp_path):
         assert res["levels"] == [1, 2] and res["per_level"]["2"]["n"] == res["images"] == 6
         p = Predictor.load(run, device="cpu")
         assert p.hierarchy.adaptive and len(p.positions) == p.hierarchy.num_classes[2]
+        # the other designs on the same adaptive cells: hybrid head (offsets in cells of any
+        # depth) with the hierarchical loss
+        both = T.train(ws, tiny(epochs=1, max_steps=2, run_name="ada-both", head="hybrid", loss="hierarchical"))
+        res = evaluate.evaluate_run(both, ws, split="val", progress=False)
+        assert res["levels"] == [1, 2] and res["images"] == 6
+        q = Predictor.load(both, device="cpu")
+        assert q.hybrid and np.array_equal(q.bounds, np.stack(q.hierarchy.bounds(2), axis=1))
     finally:
         torch.set_num_threads(old)
 
