@@ -480,9 +480,11 @@ IMAGES_MAP_MAX_CELLS = 60_000  # one canvas layer copes; beyond, the browser wou
 def images_map(keys, counts, countries, level: int) -> folium.Map:
     """The Data page's map: each cell with images coloured by its count (log scale),
     with its country in the tooltip, zoomed to the data (clipped at +-80 deg latitude),
-    and a legend at powers of ten. Raises an InputError over IMAGES_MAP_MAX_CELLS cells."""
+    and a legend at powers of ten. Raises an InputError over IMAGES_MAP_MAX_CELLS cells.
+    ``level`` may be one depth per cell (adaptive cells)."""
     keys = np.asarray(keys)
     n = np.asarray(counts)
+    mixed = bool(np.ndim(level))
     if len(keys) > IMAGES_MAP_MAX_CELLS:
         raise InputError(f"{len(keys):,} cells are too many to draw (at most {IMAGES_MAP_MAX_CELLS:,}); "
                          "inspect a coarser level")
@@ -491,11 +493,11 @@ def images_map(keys, counts, countries, level: int) -> folium.Map:
     colours = color_scale(n, log=True, vmin=1, vmax=max(top, 2), colors=IMAGES_RAMP)
     cells_layer(keys, level, colours, fields={"images": n, "country": list(countries)},
                 tooltip=[("cell", "Cell"), ("country", "Country"), ("images", "Images")],
-                name=f"Images per level-{level} cell", fill_opacity=0.8,
-                weight=0.5 if level <= 6 else 0.2).add_to(m)
+                name="Images per adaptive cell" if mixed else f"Images per level-{level} cell", fill_opacity=0.8,
+                weight=0.2 if mixed or level > 6 else 0.5).add_to(m)
     if keys.size:
-        w, south, e, north = (float(f(a)) for f, a in zip((np.min, np.min, np.max, np.max),
-                                                            grid.key_bounds(keys, level), strict=True))
+        box = grid.depth_bounds(keys, level) if mixed else grid.key_bounds(keys, level)
+        w, south, e, north = (float(f(a)) for f, a in zip((np.min, np.min, np.max, np.max), box, strict=True))
         m.fit_bounds([[max(south, -80.0), w], [min(north, 80.0), e]])  # zoom to the data
     stops = sorted({1, *[10**k for k in range(1, 7) if 10**k < top], top})
     legend = color_scale(stops, log=True, vmin=1, vmax=max(top, 2), colors=IMAGES_RAMP)

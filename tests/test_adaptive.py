@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -189,6 +190,8 @@ def test_cells_layer_draws_cells_of_any_depth():
     assert maps.cells_of(["0/1", "3/3"], 2)[1] == 2
     with pytest.raises(InputError, match="depths"):
         maps.cells_layer([0, 99], [1, 1], "#ff0000")
+    html = maps.images_map(h.keys(1), h.counts(1), [""] * 4, h.depths(1)).get_root().render()
+    assert re.search(r'"depths":\s*\[2,\s*3,\s*1,\s*1\]', html)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -317,6 +320,7 @@ def test_data_page_previews_and_writes_an_adaptive_partition(ws):
     table = next(d.value for d in at.dataframe if "images without a class" in d.value.columns)
     assert table["classes"].tolist() == list(build_adaptive(*_points(ws), [10, 4], max_depth=8).num_classes.values())
     assert table["images without a class"].tolist() == [0, 0]
+    assert any("cells of the finest level" in c.value for c in at.caption)  # and its map
     at.text_input(key="adaptive_thresholds").input("4,10")
     at.run()
     assert not at.exception and any("decrease" in e.value for e in at.error)
