@@ -21,7 +21,7 @@ demo: setup
 	$(PY) -m pipeline quickstart
 
 run: demo
-	$(PY) -m streamlit run app.py --server.address $(HOST) --server.port $(PORT) --server.headless true
+	$(PY) -m pipeline.serve --server.address $(HOST) --server.port $(PORT) --server.headless true
 
 test: setup
 	$(PY) -m pytest

@@ -42,3 +42,15 @@ class ImageReadError(InputError):
     def __init__(self, message: str, reason: str = "not an image"):
         super().__init__(message)
         self.reason = reason
+
+
+class DecodeBusyError(ImageReadError):
+    """Every decode slot stayed taken for the whole wait (``geohier.images.decode_slot``):
+    try again."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "busy")
+
+
+class SplitError(WorkspaceError):
+    """A run's own split cannot be used (missing, or not the one asked for)."""

@@ -59,7 +59,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from geohier.errors import ImageReadError, InputError
+from geohier.errors import DecodeBusyError, ImageReadError, InputError
 
 # Default refusal limit for one image, in pixels (width x height). A 100 MP limit passes
 # every phone and most camera photos (a 61 MP full-frame sensor) and refuses the classic
@@ -139,13 +139,6 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | I
 
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif"}
 _heif_state: bool | None = None  # None: not tried yet; then whether pillow-heif registered
-
-
-class DecodeBusyError(ImageReadError):
-    """Every decode slot stayed taken for the whole wait (``decode_slot``): try again."""
-
-    def __init__(self, message: str):
-        super().__init__(message, READ_BUSY)
 
 
 _slots = threading.BoundedSemaphore(DECODE_SLOTS)

@@ -395,8 +395,11 @@ class Predictor:
             preset = self.presets[members[0]]
             x = torch.stack([preset(img) for img in images])  # (B, 3, S, S)
             batch = Batch(x, torch.empty(0, dtype=torch.long), index, [])
-            for _, z in forward_batches([self.models[i] for i in members], [batch], self.device):
-                out.update(z)
+            for i in members:
+                for _, z in forward_batches(self.models[i], [batch], self.device):
+                    if self.finest not in self.part_levels[i]:
+                        z.pop(OFFSET, None)  # offsets are the finest level's (a per-level set's other runs)
+                    out.update(z)
         return self._levels_of(out)
 
     def _levels_of(self, out: Mapping) -> dict:

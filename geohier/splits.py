@@ -36,16 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
-from geohier.errors import WorkspaceError
+from geohier.errors import SplitError, WorkspaceError
 from geohier.fileio import atomic_link_or_copy, atomic_write_bytes, open_safetensors
 from geohier.workspace import SPLITS, Workspace
 
 FORMAT = "geohier-splits/1"
 STORE_DIR = "splits"
-
-
-class SplitError(WorkspaceError):
-    """A run's own split cannot be used (missing, or not the one asked for)."""
 
 
 @dataclass

@@ -168,6 +168,7 @@ DESIGNS = {
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # trains three tiny runs: `make test-fast` skips it
 @pytest.mark.parametrize("name", list(DESIGNS))
 def test_a_run_of_each_design_saves_loads_predicts_and_evaluates_from_its_folder(world, tmp_path, name):
     kw = DESIGNS[name]
@@ -228,6 +229,7 @@ def test_a_run_of_each_design_saves_loads_predicts_and_evaluates_from_its_folder
 # ----------------------------------------------------------------------------- the Train page
 
 
+@pytest.mark.slow  # a Streamlit page run: `make test-fast` skips it
 def test_the_train_page_offers_the_designs_and_they_reach_the_job_argv(ws, started):  # noqa: F811 - the fixture
     from test_train_page import _by_label, _hierarchy, _page
 

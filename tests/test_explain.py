@@ -133,6 +133,7 @@ def _cli(argv):
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # the CLI end to end on a tiny resnet18 run (~4 s)
 def test_predict_explain_writes_overlays(ws, tmp_path, make_jpeg, capsys):
     from test_predictor import make_tiny_run, tiny_hierarchy
 
