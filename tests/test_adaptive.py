@@ -320,6 +320,8 @@ def test_data_page_previews_and_writes_an_adaptive_partition(ws):
     table = next(d.value for d in at.dataframe if "images without a class" in d.value.columns)
     assert table["classes"].tolist() == list(build_adaptive(*_points(ws), [10, 4], max_depth=8).num_classes.values())
     assert table["images without a class"].tolist() == [0, 0]
+    at.toggle(key="adaptive_map").set_value(True).run()
+    assert not at.exception
     assert any("cells of the finest level" in c.value for c in at.caption)  # and its map
     at.text_input(key="adaptive_thresholds").input("4,10")
     at.run()

@@ -36,19 +36,24 @@ from views._common import manifest_summary, manifest_version, workspace
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _adaptive_preview(data_dir: str, models_dir: str, version: float, thresholds: str,
-                      max_depth: int) -> tuple[list[dict], str | None]:
-    """``geohier.hierarchy.adaptive_summary`` of the manifest's positions, and the map of
-    the finest level's cells (None over ``maps.IMAGES_MAP_MAX_CELLS``)."""
+def _adaptive_preview(data_dir: str, models_dir: str, version: float, thresholds: str, max_depth: int) -> list[dict]:
+    """``geohier.hierarchy.adaptive_summary`` of the manifest's positions."""
     with Workspace(Path(data_dir), Path(models_dir)).manifest() as m:
         lat, lon = m.points()
-    rows = adaptive_summary(lat, lon, thresholds, max_depth)
+    return adaptive_summary(lat, lon, thresholds, max_depth)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _adaptive_map(data_dir: str, models_dir: str, version: float, thresholds: str, max_depth: int) -> str | None:
+    """The map of the finest adaptive level's cells (None over ``maps.IMAGES_MAP_MAX_CELLS``)."""
+    with Workspace(Path(data_dir), Path(models_dir)).manifest() as m:
+        lat, lon = m.points()
     h = build_adaptive(lat, lon, thresholds, max_depth)
     f = h.levels[-1]
     if h.num_classes[f] > maps.IMAGES_MAP_MAX_CELLS:
         return rows, None
     html = maps.offline_html(maps.images_map(h.keys(f), h.counts(f), [""] * h.num_classes[f], h.depths(f)))
-    return rows, html
+    return html
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -307,19 +312,20 @@ with st.expander("Adaptive cells: preview and write", expanded=bool(stored and s
     max_depth = int(a2.number_input("Max depth", min_value=1, max_value=grid.MAX_LEVEL, key="adaptive_depth",
                                     value=int((stored or {}).get("max_depth", ADAPTIVE_MAX_DEPTH))))
     try:
-        preview, preview_map = _adaptive_preview(str(ws.data_dir), str(ws.models_dir), version, thresholds_text,
-                                                 max_depth)
+        preview = _adaptive_preview(str(ws.data_dir), str(ws.models_dir), version, thresholds_text, max_depth)
     except GeohierError as exc:
         st.error(str(exc))
     else:
         st.dataframe(pd.DataFrame(preview).rename(columns={"without_class": "images without a class"}),
                      hide_index=True)
-        if preview_map is None:
-            st.info("The finest level has too many cells to draw.")
-        else:
-            st.caption(f"The {preview[-1]['classes']:,} cells of the finest level (level {preview[-1]['level']}), "
-                       "coloured by images")
-            st.iframe(preview_map, height=420)
+        if st.toggle("Map the finest level's cells", key="adaptive_map"):
+            preview_map = _adaptive_map(str(ws.data_dir), str(ws.models_dir), version, thresholds_text, max_depth)
+            if preview_map is None:
+                st.info("The finest level has too many cells to draw.")
+            else:
+                st.caption(f"The {preview[-1]['classes']:,} cells of the finest level (level {preview[-1]['level']}), "
+                           "coloured by images")
+                st.iframe(preview_map, height=420)
         if st.button("Write adaptive hierarchy.json and the splits", key="adaptive_write"):
             try:
                 with st.spinner("Building the adaptive hierarchy and the splits ..."):
