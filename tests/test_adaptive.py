@@ -379,3 +379,15 @@ def test_accuracy_page_evaluates_an_adaptive_run(ws):
     assert not at.exception, at.exception
     assert (run / "eval.json").exists() and not at.error
     assert at.dataframe
+
+
+def test_train_page_offers_the_adaptive_levels(ws):
+    from conftest import ROOT
+    from streamlit.testing.v1 import AppTest
+
+    build_adaptive([48.85, 52.52, 40.71, -33.87], [2.35, 13.40, -74.0, 151.21], [3, 2], max_depth=8) \
+        .save(ws.hierarchy_path)
+    at = AppTest.from_file(str(ROOT / "views" / "train.py"), default_timeout=60).run()
+    assert not at.exception
+    levels = next(m for m in at.multiselect if m.label == "Levels")
+    assert levels.value == [1, 2] and levels.options == ["1", "2"]
