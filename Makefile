@@ -10,10 +10,13 @@ PORT   ?= 8501
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+# requirements.txt pins the tested versions; then the project itself, editable (the `geohier`
+# command, and `import geohier` / `pipeline` from anywhere without sys.path edits).
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 # Build the demo world, its labels and the demo model if the workspace lacks them.

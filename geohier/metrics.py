@@ -21,9 +21,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from geohier import geodesy
+from geohier.lazy import torch  # imported on first use: `score` reads metrics without torch
 
 #: Distance thresholds (km) of the standard geolocation protocol: street, city, region,
 #: country, continent.

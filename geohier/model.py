@@ -149,7 +149,8 @@ class ModelConfig:
 class GeoModel(nn.Module):
     """A backbone and one linear head per level.
 
-    ``forward(x)`` maps images (B, 3, H, W) to ``{level: logits (B, C_level)}``;
+    ``forward(x)`` maps images (B, 3, H, W) to ``{level: logits (B, C_level)}`` (and, for
+    a hybrid head, ``"offset"``: (B, C_finest, 2), see the module docstring);
     ``features(x)`` returns the shared pooled features (B, D); ``forward_heads(f)`` the
     logits of features (what a frozen run trains on cached embeddings). A torchvision
     backbone is the torchvision module itself (state keys ``backbone.conv1.weight``); a

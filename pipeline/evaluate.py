@@ -564,6 +564,11 @@ def format_report(result: dict) -> str:
                       "  " + "  ".join(f"{t} km {pct(r.get(f'acc_{t}km')).strip()}" for t in metrics.KM_THRESHOLDS),
                       f"  median {num(r.get('median_km'), 0, 1).strip()} km, mean "
                       f"{num(r.get('mean_km'), 0, 1).strip()} km, GeoScore {num(r.get('geoscore'), 0, 0).strip()}"]
+        elif name == f"{g['rule']}+centroid":  # a hybrid head: the cell's point, for comparison
+            lines += [f"the same cells at their points, without the offsets ({name}):",
+                      "  " + "  ".join(f"{t} km {pct(r.get(f'acc_{t}km')).strip()}" for t in metrics.KM_THRESHOLDS),
+                      f"  median {num(r.get('median_km'), 0, 1).strip()} km, mean "
+                      f"{num(r.get('mean_km'), 0, 1).strip()} km, GeoScore {num(r.get('geoscore'), 0, 0).strip()}"]
     if result.get("conformal"):
         lines += ["", "prediction regions (conformal, calibrated on val):",
                   f"  {'target':>6} {'covered':>8} {'mean cells':>10} {'median km2':>12} {'mean km2':>12}"]

@@ -30,7 +30,7 @@ from geohier.model import (
 )
 from geohier.predictor import Predictor
 from pipeline import train as T
-from pipeline.evaluate import evaluate_run
+from pipeline.evaluate import evaluate_run, format_report
 from pipeline.train.losses import GeoLoss, OffsetLoss
 
 # ----------------------------------------------------------------------------- the hierarchical loss
@@ -213,6 +213,7 @@ def test_a_run_of_each_design_saves_loads_predicts_and_evaluates_from_its_folder
         assert {"hierarchical", "hierarchical+centroid", "argmax", "argmax+centroid"} <= set(rules)
         assert rules["hierarchical"]["point"] == "offset"
         assert rules["hierarchical+centroid"]["point"] == "cell_positions"
+        assert "without the offsets (hierarchical+centroid)" in format_report(result)  # the CLI prints both
     else:
         assert set(rules) == {"hierarchical", "argmax"}
     assert result["geo"] == rules["hierarchical"]
