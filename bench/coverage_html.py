@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from geohier import geography, maps  # noqa: E402
+from geohier import geography, maps
 
 LEVEL = 8
 SAMPLE = 500

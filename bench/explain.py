@@ -10,7 +10,6 @@ Usage: ``python bench/explain.py [--grid 7] [--repeat 2]``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -18,12 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from geohier import explain  # noqa: E402
-from geohier.hierarchy import build_hierarchy  # noqa: E402
-from geohier.model import build_model  # noqa: E402
-from geohier.predictor import Predictor  # noqa: E402
-from geohier.presets import EvalPreset  # noqa: E402
+from geohier import explain
+from geohier.hierarchy import build_hierarchy
+from geohier.model import build_model
+from geohier.predictor import Predictor
+from geohier.presets import EvalPreset
 
 
 def predictor(backbone: str, image_size: int) -> Predictor:

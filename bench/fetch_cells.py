@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from geohier import grid
+from pipeline.fetch_cells import MAX_CELLS, sort_cells
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from geohier import grid  # noqa: E402
-from pipeline.fetch_cells import MAX_CELLS, sort_cells  # noqa: E402
 
 
 def seed_sort(ids):

@@ -45,18 +45,16 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pipeline.train.fit as fit_mod  # noqa: E402
-import pipeline.train.frozen as frozen_mod  # noqa: E402
-from geohier.model import build_model  # noqa: E402
-from geohier.runs import Run  # noqa: E402
-from geohier.workspace import Workspace  # noqa: E402
-from pipeline import train as T  # noqa: E402
-from pipeline.train import loop  # noqa: E402
-from pipeline.train.distributed import StopFlag, teardown  # noqa: E402
-from pipeline.train.fit import load_hierarchy  # noqa: E402
-from pipeline.train.mixing import Mixing  # noqa: E402
+import pipeline.train.fit as fit_mod
+import pipeline.train.frozen as frozen_mod
+from geohier.model import build_model
+from geohier.runs import Run
+from geohier.workspace import Workspace
+from pipeline import train as T
+from pipeline.train import loop
+from pipeline.train.distributed import StopFlag, teardown
+from pipeline.train.fit import load_hierarchy
+from pipeline.train.mixing import Mixing
 
 GOAL = 50.0          # heads epoch at least this many times faster than a fine-tuning epoch
 RECIPE_EPOCHS = 6    # the demo recipe's epochs, for the honest total

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from geohier import grid  # noqa: E402
+from geohier import grid
 
 N = 1_000_000
 SAMPLE = 20_000

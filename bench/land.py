@@ -17,12 +17,10 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from geohier import geography, grid  # noqa: E402
+from geohier import geography, grid
 
 LEVEL = 8
 SAMPLE = 1_000

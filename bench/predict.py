@@ -30,15 +30,13 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from geohier.combine import KeepRule, Tree, combine  # noqa: E402
-from geohier.explorer import synthetic, synthetic_hierarchy  # noqa: E402
-from geohier.model import build_model  # noqa: E402
+from geohier.combine import KeepRule, Tree, combine
+from geohier.explorer import synthetic, synthetic_hierarchy
+from geohier.model import build_model
 
 LEVELS = (1, 3, 5, 8)
 LATENCY_VS_PLAIN = 1.15

@@ -27,12 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from geohier.hierarchy import build_hierarchy  # noqa: E402
-from geohier.runs import Run  # noqa: E402
-from geohier.workspace import Workspace  # noqa: E402
-from pipeline import train as T  # noqa: E402
+from geohier.hierarchy import build_hierarchy
+from geohier.runs import Run
+from geohier.workspace import Workspace
+from pipeline import train as T
 
 GOAL = 0.35
 LEVELS = (1, 3, 5, 8)

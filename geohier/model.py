@@ -16,13 +16,17 @@ Two designs change the heads (``ModelConfig.head`` / ``.loss``, recorded in meta
   every kept candidate gets its own offset), each cell learns its own within-cell map, and it
   costs twice the finest head's parameters. ``forward`` adds the offsets as ``out["offset"]``
   (B, C_finest, 2) (``geohier.forward.OFFSET``); consumers that do not know the key ignore it.
-- ``loss="hierarchical"`` (OSV-5M's hierarchical loss): only the finest head is built; every
-  coarser level's logits are *derived* from it as the log of the finest softmax summed over
-  each class's descendants (``derive_level_logits``: a logsumexp over children). Cross-entropy
-  on the derived logits of a level is the NLL of that level's summed probability, so the
-  ordinary per-level loss is exactly OSV-5M's form, and inference, calibration and the
-  threshold explorer work on the derived level probabilities unchanged. The coarser heads
-  are not built (there is nothing they would add: their logits would be ignored).
+- ``loss="hierarchical"`` (OSV-5M's hierarchical loss): one softmax over the *leaves* of the
+  class tree, summed into every level through the parent maps; each level's logits are
+  *derived* as the log of those sums (``derive_level_logits``: a logsumexp over each class's
+  leaves). Cross-entropy on a level's derived logits is the NLL of its summed probability, so
+  the ordinary per-level loss is exactly OSV-5M's form, and inference, calibration and the
+  threshold explorer work on the derived level probabilities unchanged. The leaves are the
+  finest classes (the finest head's logits) and, with fixed levels, the coarser classes that
+  have no class below them (their cells' images were too few at the next level): a coarser
+  head is built only for those (``ModelConfig.leaves``), one output per such class, so their
+  images keep a class with a probability at their own level. When every class has children
+  (adaptive cells label every image at every level), the finest head is the only head.
 
 Like nanoGPT's ``GPTConfig``, a small dataclass (``ModelConfig``) describes the model and is
 stored in the run's meta (``arch``), so ``load_run`` rebuilds the model from the run
@@ -64,8 +68,8 @@ HEADS = ("cell", "hybrid")
 #: ``loss``: ``independent`` (one softmax per level) or ``hierarchical`` (the finest softmax
 #: summed into every ancestor level).
 LOSSES = ("independent", "hierarchical")
-#: A derived level's logit for a class with no finest descendant: far below any other
-#: (probability ~0) but finite, so nothing mistakes it for corrupt weights.
+#: A derived level's logit for a class without leaves (cannot happen for a tree built from
+#: parent maps; a guard): far below any other (probability ~0) but finite.
 EMPTY_LOGIT = -1e4
 
 
@@ -77,9 +81,9 @@ class ModelConfig:
     foundation backbone offline (its library's config; None for torchvision names);
     ``frozen``: the backbone is not trained (its features are cached; the run's
     checkpoint holds the heads, its backbone.safetensors the backbone). ``head`` /
-    ``loss``: the design (``HEADS`` / ``LOSSES``, module docstring); ``ancestors``: with
-    the hierarchical loss, for every coarser level, each finest class's ancestor class
-    index there (-1: none; it then counts towards no class of that level)."""
+    ``loss``: the design (``HEADS`` / ``LOSSES``, module docstring); ``parents``: with the
+    hierarchical loss, for every level but the first, each class's parent class index at
+    the previous level (``geohier.hierarchy.Hierarchy.ancestors``)."""
 
     backbone: str = DEFAULT_BACKBONE
     levels: list[int] = field(default_factory=list)
@@ -89,7 +93,7 @@ class ModelConfig:
     frozen: bool = False
     head: str = "cell"
     loss: str = "independent"
-    ancestors: dict[int, list[int]] | None = None
+    parents: dict[int, list[int]] | None = None
 
     def __post_init__(self):
         check_backbone(self.backbone)
@@ -109,39 +113,69 @@ class ModelConfig:
             raise ModelError(f"unknown head {self.head!r}; use one of {', '.join(HEADS)}")
         if self.loss not in LOSSES:
             raise ModelError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
-        self.ancestors = {int(k): [int(i) for i in v] for k, v in (self.ancestors or {}).items()} or None
+        self.parents = {int(k): [int(i) for i in v] for k, v in (self.parents or {}).items()} or None
         if self.loss == "hierarchical":
-            self._check_ancestors()
+            self._check_parents()
 
     @property
     def finest(self) -> int:
         return max(self.levels)
 
-    def _check_ancestors(self) -> None:
-        need = [lv for lv in self.levels if lv != self.finest]
-        have = self.ancestors or {}
+    def _check_parents(self) -> None:
+        need = self.levels[1:]
+        have = self.parents or {}
         missing = [lv for lv in need if lv not in have]
         if missing:
-            raise ModelError(f"the hierarchical loss needs the finest classes' ancestors at levels {missing}")
-        n = self.num_classes[self.finest]
-        for lv in need:
-            a = have[lv]
-            if len(a) != n or any(not -1 <= i < self.num_classes[lv] for i in a):
-                raise ModelError(f"the ancestors at level {lv} must be {n} class indices in "
-                                 f"[-1, {self.num_classes[lv]})")
+            raise ModelError(f"the hierarchical loss needs the parent maps of levels {missing}")
+        for prev, lv in zip(self.levels, need, strict=False):
+            p = have[lv]
+            if len(p) != self.num_classes[lv] or any(not 0 <= i < self.num_classes[prev] for i in p):
+                raise ModelError(f"the parents of level {lv} must be {self.num_classes[lv]} class indices in "
+                                 f"[0, {self.num_classes[prev]})")
+
+    def leaves(self) -> dict[int, np.ndarray]:
+        """With the hierarchical loss: per level, the classes that are leaves of the class
+        tree (every class of the finest level; a coarser class without a class below it)."""
+        out = {}
+        for lv, nxt in zip(self.levels, [*self.levels[1:], None], strict=True):
+            has_child = np.zeros(self.num_classes[lv], bool)
+            if nxt is not None:
+                has_child[np.asarray(self.parents[nxt], dtype=np.int64)] = True
+            out[lv] = np.flatnonzero(~has_child)
+        return out
+
+    def leaf_ancestors(self) -> dict[int, np.ndarray]:
+        """Per level, the class there of each leaf (finest leaves first, then each coarser
+        level's in level order; -1 where the leaf is coarser than the level): the maps
+        ``derive_level_logits`` sums the leaves' softmax through."""
+        leaves = self.leaves()
+        order = [self.finest, *[lv for lv in self.levels if lv != self.finest]]
+        out = {lv: [] for lv in self.levels}
+        for j in order:  # the leaves of level j
+            cls = leaves[j]
+            for lv in self.levels:
+                if lv > j:
+                    out[lv].append(np.full(cls.size, -1, np.int64))
+            cur, idx = j, cls.astype(np.int64)
+            out[j].append(idx)
+            for lv in reversed([v for v in self.levels if v < j]):
+                idx = np.asarray(self.parents[cur], dtype=np.int64)[idx]
+                cur = lv
+                out[lv].append(idx)
+        return {lv: np.concatenate(parts) for lv, parts in out.items()}
 
     def to_dict(self) -> dict:
         """JSON form: level keys as strings (JSON object keys)."""
         d = asdict(self)
         d["num_classes"] = {str(k): v for k, v in self.num_classes.items()}
-        if self.ancestors is not None:
-            d["ancestors"] = {str(k): list(v) for k, v in self.ancestors.items()}
+        if self.parents is not None:
+            d["parents"] = {str(k): list(v) for k, v in self.parents.items()}
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ModelConfig:
         known = {k: d[k] for k in ("backbone", "levels", "num_classes", "head_dropout", "backbone_arch",
-                                             "frozen", "head", "loss", "ancestors")
+                                             "frozen", "head", "loss", "parents")
                  if k in d}
         return cls(**known)
 
@@ -168,16 +202,22 @@ class GeoModel(nn.Module):
         self.backbone = backbone.net if backbone.library == "torchvision" else backbone
         self.dropout = nn.Dropout(config.head_dropout) if config.head_dropout > 0 else nn.Identity()
         # ModuleDict keys must be strings: "1", "3", ... (so state-dict keys are "heads.3.weight").
-        # The hierarchical loss builds the finest head alone (the others are derived from it);
-        # the hybrid head's regressor is heads.offset (so a frozen run's heads include it).
-        built = [config.finest] if config.loss == "hierarchical" else config.levels
-        heads = {str(lv): nn.Linear(self.feature_dim, config.num_classes[lv]) for lv in built}
+        # The hierarchical loss builds one output per leaf of the class tree (all the finest
+        # classes; a coarser head only for its classes without children), the level logits are
+        # derived from them; the hybrid head's regressor is heads.offset (a frozen run's heads
+        # include it).
+        if config.loss == "hierarchical":
+            built = {lv: int(c.size) for lv, c in config.leaves().items() if c.size}
+        else:
+            built = dict(config.num_classes)
+        heads = {str(lv): nn.Linear(self.feature_dim, n) for lv, n in built.items()}
         if config.head == "hybrid":
             heads[OFFSET] = nn.Linear(self.feature_dim, 2 * config.num_classes[config.finest])
         self.heads = nn.ModuleDict(heads)
         if config.loss == "hierarchical":  # not saved: rebuilt from the arch
-            for lv, a in (config.ancestors or {}).items():
-                self.register_buffer(f"ancestors_{lv}", torch.as_tensor(a, dtype=torch.long), persistent=False)
+            self.leaf_levels = [lv for lv in [config.finest, *config.levels[:-1]] if str(lv) in self.heads]
+            for lv, a in config.leaf_ancestors().items():
+                self.register_buffer(f"leaf_ancestors_{lv}", torch.as_tensor(a, dtype=torch.long), persistent=False)
         if config.frozen:
             self.backbone.requires_grad_(False)
 
@@ -199,11 +239,9 @@ class GeoModel(nn.Module):
         cfg = self.config
         f = self.dropout(feats)
         if cfg.loss == "hierarchical":
-            z = self.heads[str(cfg.finest)](f)  # (B, C_finest)
-            anc = {lv: getattr(self, f"ancestors_{lv}") for lv in cfg.levels if lv != cfg.finest}
-            out = derive_level_logits(z, anc, cfg.num_classes)
-            out[cfg.finest] = z
-            out = {lv: out[lv] for lv in cfg.levels}
+            z = torch.cat([self.heads[str(lv)](f) for lv in self.leaf_levels], 1)  # (B, leaves)
+            anc = {lv: getattr(self, f"leaf_ancestors_{lv}") for lv in cfg.levels}
+            out = derive_level_logits(z, anc, cfg.num_classes)  # {lv: (B, C_lv)}
         else:
             out = {lv: self.heads[str(lv)](f) for lv in cfg.levels}  # {lv: (B, C_lv)}
         if cfg.head == "hybrid":
@@ -224,12 +262,12 @@ class GeoModel(nn.Module):
 
 def derive_level_logits(z: torch.Tensor, ancestors: Mapping[int, torch.Tensor],
                         num_classes: Mapping[int, int]) -> dict[int, torch.Tensor]:
-    """Coarser levels' logits from the finest logits ``z`` (B, C_f): for each level in
-    ``ancestors`` ({level: (C_f,) ancestor class index, -1 = none}), the logsumexp of the
-    finest logits of each class's descendants, so that ``softmax(derived)`` is the finest
-    softmax summed into that level (exactly, when every finest class has an ancestor).
-    Computed in float32 with a per-group maximum (stable); a class without descendants gets
-    ``max - 1e4`` (probability ~0, but finite).
+    """Levels' logits from leaf logits ``z`` (B, L): for each level in ``ancestors``
+    ({level: (L,) the class there of each leaf, -1 = none}), the logsumexp of the logits of
+    each class's leaves, so that ``softmax(derived)`` is the leaves' softmax summed into that
+    level (renormalised over the leaves under some class of it). Computed in float32 with a
+    per-group maximum (stable); a class without leaves gets ``max - 1e4`` (probability ~0,
+    but finite).
 
     >>> z = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
     >>> d = derive_level_logits(z, {1: torch.tensor([0, 0, 1, 1])}, {1: 2})
@@ -294,7 +332,7 @@ def decode_offsets(offsets, pos, bounds) -> np.ndarray:
 def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: Mapping[int, int] | None = None,
                 weights: str = "none", head_dropout: float = 0.0, download: bool = True,
                 image_size: int | None = None, frozen: bool = False, head: str = "cell",
-                loss: str = "independent", ancestors: Mapping[int, list[int]] | None = None) -> GeoModel:
+                loss: str = "independent", parents: Mapping[int, list[int]] | None = None) -> GeoModel:
     """A ``GeoModel`` with heads for ``num_classes`` ({level: classes}).
 
     ``backbone``: a spec (``geohier.backbones``: a torchvision name, hf:, open_clip:,
@@ -303,7 +341,7 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: Mapping[int, int]
     ``download``; a foundation spec's own weights), or the path of a ``.safetensors``
     file with backbone weights. ``image_size``: the input size (a foundation model's own
     by default). ``frozen``: the backbone is not trained. ``head`` / ``loss`` /
-    ``ancestors``: the design (``ModelConfig``).
+    ``parents``: the design (``ModelConfig``).
     """
     if not num_classes:
         raise ModelError("build_model needs the number of classes of at least one level")
@@ -311,7 +349,7 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: Mapping[int, int]
     config = ModelConfig(backbone=bb.spec, levels=sorted(int(k) for k in num_classes),
                          num_classes=dict(num_classes), head_dropout=head_dropout,
                          backbone_arch=None if bb.library == "torchvision" else bb.arch(), frozen=frozen,
-                         head=head, loss=loss, ancestors=dict(ancestors) if ancestors else None)
+                         head=head, loss=loss, parents=dict(parents) if parents else None)
     model = GeoModel(config, bb)
     model.backbone_info = bb.describe()
     return model
@@ -454,7 +492,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
         state.update(read_safetensors(bpath, WorkspaceError, f"{where}cannot read {bpath}"))
     model = GeoModel(config)
     own = model.state_dict()
-    for lv in (config.finest,) if config.loss == "hierarchical" else config.levels:
+    for lv in () if config.loss == "hierarchical" else config.levels:  # (leaf heads: the shape check below)
         w = state.get(f"heads.{lv}.weight")
         if w is not None and w.shape[0] != config.num_classes[lv]:
             raise ModelError(f"{where}weights have {w.shape[0]} level-{lv} classes, {META_FILE} says "

@@ -221,7 +221,6 @@ def _check_capacity(ws: Workspace, limit: int | None) -> None:
 def _spawn(run: Run, argv: list[str], extra_job: dict) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     with open(run.console_path, "ab") as console:
         proc = subprocess.Popen(argv, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL, stdout=console,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True,

@@ -41,6 +41,17 @@ others still run.
 Exit status: 0 when at least one image was predicted, 1 when none could be, 2 for a bad
 option or run (``error: ...``).
 
+With ``--csv OUT.csv`` (batch prediction into the scoring format), the inputs may also be a
+directory (every image file in it, sorted by name) or a CSV (its image column, as
+``evaluate --csv`` reads it: ``path`` or ``id`` names, images found under ``--images-root``,
+default the CSV's folder). One row per image goes to OUT.csv: ``image`` (the image key,
+``geohier.tables.image_key``: the file name without extension), ``lat``, ``lon``, ``cell``
+(the best finest cell), ``prob`` (its probability at its level) and ``joint`` (the
+probability of its whole path), written a batch at a time under a progress bar on stderr.
+It is resumable: images whose key is already in OUT.csv are skipped, so a run that was
+killed continues where it stopped. ``python -m pipeline score OUT.csv --truth T.csv``
+scores it as it is.
+
 Per-level values: ``--rule``, ``--top-k``, ``--cumulative``, ``--min-prob`` and ``--k-max``
 take one value for every level or ``LEVEL:VALUE`` pairs, e.g. ``--top-k 1:1,8:5`` (unnamed
 levels keep the default), as ``labels --min-images`` does.
@@ -49,13 +60,15 @@ levels keep the default), as ``labels --min-images`` does.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from geohier import combine, explain
+from geohier import combine, explain, tables
 from geohier.errors import InputError
+from geohier.images import FORMAT_EXTENSIONS
 from geohier.predictor import Prediction, load_predictor
 from geohier.runs import NEIGHBOURS_FILE, newest_run, resolve_run
 from geohier.workspace import Workspace
@@ -70,7 +83,9 @@ def register(sub) -> None:
         description="Predict where street photos were taken: per-level candidates, the best cell with "
                     "its country and nearest town, and the error when the photo has EXIF GPS.",
         epilog=EPILOG)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP; HEIC with pillow-heif)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (JPEG, PNG, WebP; HEIC with pillow-heif); with --csv also a directory "
+                        "(its image files) or a CSV (its image column)")
     p.add_argument("--run", default=None,
                    help="run directory or name under the models directory (default: the newest finished run)")
     p.add_argument("--runs", default=None, metavar="DIR,DIR",
@@ -116,6 +131,12 @@ def register(sub) -> None:
                         f"grid values <name>.explain.json into DIR ({explain.DEFAULT_GRID}x{explain.DEFAULT_GRID} "
                         f"patches, {explain.DEFAULT_GRID ** 2 + 1} forwards per photo; default: none)")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line (default: a table)")
+    p.add_argument("--csv", default=None, metavar="OUT.csv",
+                   help="write one row per image (image key, lat, lon, best cell, prob, joint) to this CSV, "
+                        "the format `score` reads; resumable: images already in it are skipped (default: none)")
+    p.add_argument("--images-root", default=None, metavar="DIR",
+                   help="with --csv and a CSV input: where its image paths or ids are found (default: the "
+                        "CSV's folder)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per forward pass (default: 16)")
     p.add_argument("--show", type=int, default=5, metavar="N",
                    help="finest-level candidates listed per image in the table (default: 5)")
@@ -259,6 +280,10 @@ def _describe_region(r) -> str:
 def run(args: argparse.Namespace, ws: Workspace) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.csv is not None:
+        return run_csv(args, ws)
+    if args.images_root is not None:
+        raise InputError("--images-root goes with --csv (and a CSV input)")
     if args.explain is not None:  # refuse a bad directory before any forward
         target = Path(args.explain).expanduser()
         if target.exists() and not target.is_dir():
@@ -296,3 +321,146 @@ def run(args: argparse.Namespace, ws: Workspace) -> int:
     if failed:
         print(f"{failed} of {len(preds)} image(s) could not be read", file=sys.stderr)
     return 1 if failed == len(preds) else 0
+
+
+# ----------------------------------------------------------------------------- --csv
+
+CSV_COLUMNS = ("image", "lat", "lon", "cell", "prob", "joint")
+IMAGE_SUFFIXES = frozenset({f".{e}" for e in FORMAT_EXTENSIONS.values()} | {".jpeg", ".tiff", ".heif"})
+
+
+def csv_inputs(items: Sequence[str], images_root: str | None = None) -> tuple[list[tuple[str, Path]], dict]:
+    """The images ``predict --csv`` is given, as ``[(image key, path)]`` in input order (the
+    first of a repeated key kept), and ``{reason: count}`` of what was left out.
+
+    An item is a directory (its image files, sorted by name; not its sub-folders), a CSV
+    (its image column, ``path`` or ``id`` names as ``evaluate --csv``; images found under
+    ``images_root``, default the CSV's folder, by ``geohier.tables.Locator``), or an image
+    file. A missing item, or a CSV without an image column, is an InputError."""
+    out: list[tuple[str, Path]] = []
+    seen: set[str] = set()
+    left: dict[str, int] = {}
+    had_csv = False
+
+    def add(key: str, path: Path) -> None:
+        if key in seen:
+            left[tables.DUPLICATE_KEY] = left.get(tables.DUPLICATE_KEY, 0) + 1
+            return
+        seen.add(key)
+        out.append((key, path))
+
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            for f in sorted(p.iterdir(), key=lambda f: f.name):
+                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+                    add(tables.image_key(f.name), f)
+        elif p.suffix.lower() in (".csv", ".tsv") and p.is_file():
+            had_csv = True
+            header, rows = tables.read_rows(p)
+            col = (tables.find_column(header, tables.CSV_ALIASES["path"])
+                   or tables.find_column(header, tables.CSV_ALIASES["id"]))
+            if col is None:
+                shown = ", ".join(h for h in header if h) or "(none)"
+                raise InputError(f"{p} has no image id or path column; accepted names (any case): "
+                                 f"{tables.aliases('id')} (an id) or {tables.aliases('path')} (a path). "
+                                 f"Columns found: {shown}")
+            root = Path(images_root).expanduser() if images_root else p.parent
+            if not root.is_dir():
+                raise InputError(f"images root {root} is not a directory")
+            locate = tables.Locator(root)
+            for row in rows:
+                ref = (row.get(col) or "").strip()
+                if not ref:
+                    left[tables.MISSING_REF] = left.get(tables.MISSING_REF, 0) + 1
+                    continue
+                found, why = locate.locate(ref)
+                if found is None:
+                    why = why or "image not found under the images root"
+                    left[why] = left.get(why, 0) + 1
+                    continue
+                add(tables.image_key(ref), found)
+        elif p.is_file():
+            add(tables.image_key(p.name), p)
+        else:
+            raise InputError(f"{item}: no such file or directory")
+    if images_root is not None and not had_csv:
+        raise InputError("--images-root goes with a CSV input")
+    return out, left
+
+
+def done_keys(out: Path) -> set[str]:
+    """The image keys already in a ``predict --csv`` output (empty for a new file). A last
+    line cut short by a kill is dropped first; a file with other columns is refused."""
+    if not out.exists() or out.stat().st_size == 0:
+        return set()
+    if not out.is_file():
+        raise InputError(f"--csv {out}: not a file")
+    data = out.read_bytes()
+    if not data.endswith(b"\n"):
+        with open(out, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        if out.stat().st_size == 0:
+            return set()
+    header, rows = tables.read_rows(out)
+    if [h.strip().lower() for h in header] != list(CSV_COLUMNS):
+        raise InputError(f"--csv {out} exists and is not a predict --csv output (columns: {', '.join(header)}); "
+                         "give a new file, or the one an earlier run wrote to continue it")
+    return {r["image"] for r in rows}
+
+
+def run_csv(args: argparse.Namespace, ws: Workspace) -> int:
+    """``predict ... --csv OUT.csv``: see the module's docstring."""
+    for flag, value in (("--json", args.json), ("--explain", args.explain), ("--coverage", args.coverage),
+                        ("--abstain", args.abstain)):
+        if value not in (None, False):
+            raise InputError(f"{flag} does not go with --csv (one point per image)")
+    out = Path(args.csv).expanduser()
+    if out.is_dir():
+        raise InputError(f"--csv {args.csv}: a directory, not a CSV file")
+    if not out.parent.is_dir():
+        raise InputError(f"--csv {args.csv}: no such directory {out.parent}")
+    inputs, left = csv_inputs(args.images, args.images_root)
+    for why, n in sorted(left.items()):
+        print(f"left out: {n} row(s) or file(s): {why}", file=sys.stderr)
+    done = done_keys(out)
+    todo = [(k, p) for k, p in inputs if k not in done]
+    if not inputs:
+        raise InputError(f"no image to predict in {', '.join(args.images)}")
+    if not todo:
+        print(f"nothing to do: all {len(inputs)} image(s) are already in {out}")
+        return 0
+    predictor = load_predictor(resolve_runs(ws, args.run, args.runs), device=args.device)
+    rules = rules_from_args(args, predictor.levels)
+    if predictor.synthetic_note:
+        print(f"note: {predictor.synthetic_note}", file=sys.stderr)
+    from geohier.progress import progress_bar
+
+    written = failed = 0
+    bs = args.batch_size
+    new = not out.exists() or out.stat().st_size == 0
+    with open(out, "a", encoding="utf-8", newline="") as fh, \
+            progress_bar(total=len(todo), desc="predict", unit="img") as bar:
+        w = csv.writer(fh, lineterminator="\n")
+        if new:
+            w.writerow(CSV_COLUMNS)
+            fh.flush()
+        for start in range(0, len(todo), bs):
+            chunk = todo[start:start + bs]
+            preds = predictor.predict_files([str(p) for _, p in chunk], names=[k for k, _ in chunk], rules=rules,
+                                            temperature=not args.no_temperature, batch_size=bs, places=0,
+                                            refine=args.refine, within=args.within)
+            for (key, path), pred in zip(chunk, preds, strict=True):
+                b = pred.best if pred.error is None else None
+                if b is None:
+                    failed += 1
+                    bar.write(f"{path}: {pred.error or 'no prediction'}", file=sys.stderr)
+                    continue
+                w.writerow([key, f"{b.lat:.6f}", f"{b.lon:.6f}", b.cell, f"{b.prob:.6f}", f"{b.joint:.6f}"])
+                written += 1
+            fh.flush()  # whole rows on disk after every batch: a kill loses at most this batch
+            bar.update(len(chunk))
+    skipped = len(inputs) - len(todo)
+    print(f"wrote {written} row(s) to {out}" + (f"; {skipped} already there" if skipped else "")
+          + (f"; {failed} image(s) could not be read" if failed else ""))
+    return 1 if written == 0 and failed else 0

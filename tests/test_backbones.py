@@ -116,7 +116,7 @@ def test_offline_hub_names_end_in_one_line_quickly(tmp_path):
     """No network (a closed port as the hub): each library's hub spec ends with one line
     that names what it fetched and how to give a folder instead, without a traceback."""
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HOME": str(tmp_path / "hf"),
-           "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+           "PATH": "/usr/bin:/bin"}
     code = ("from geohier import backbones as B\nfrom geohier.errors import GeohierError\n"
             "for s in ['hf:openai/clip-vit-base-patch16', 'timm:vit_small_patch14_dinov2.lvd142m',"
             " 'open_clip:ViT-B-32/laion2b_s34b_b79k']:\n"

@@ -38,8 +38,8 @@ from pipeline.train.losses import GeoLoss, OffsetLoss
 
 def test_the_hierarchical_loss_is_the_nll_of_the_summed_finest_softmax_at_each_level():
     # a 2-level toy: 4 finest classes, the first two under coarse class 0, the last two under 1
-    model = build_model("resnet18", {1: 2, 3: 4}, loss="hierarchical", ancestors={1: [0, 0, 1, 1]})
-    assert set(model.heads) == {"3"}  # the finest head alone: the coarse level is derived
+    model = build_model("resnet18", {1: 2, 3: 4}, loss="hierarchical", parents={3: [0, 0, 1, 1]})
+    assert set(model.heads) == {"3"}  # every coarse class has children: the finest head alone
     with torch.no_grad():
         model.heads["3"].weight.zero_()
         model.heads["3"].bias.copy_(torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])))  # softmax: .1 .2 .3 .4
@@ -54,6 +54,31 @@ def test_the_hierarchical_loss_is_the_nll_of_the_summed_finest_softmax_at_each_l
     # with level weights, each level's NLL is weighted as for independent heads
     total, _ = GeoLoss([1, 3], {1: 2.0, 3: 0.5})(out, torch.tensor([[1, 3]]))
     assert total.item() == pytest.approx(-2 * math.log(0.7) - 0.5 * math.log(0.4), abs=1e-5)
+
+
+def test_a_coarse_class_without_finer_classes_is_a_leaf_of_the_one_softmax():
+    # fixed levels: coarse class 2's images were too few at the finer level, it has no child
+    model = build_model("resnet18", {1: 3, 3: 4}, loss="hierarchical", parents={3: [0, 0, 1, 1]})
+    assert {k: v.out_features for k, v in model.heads.items()} == {"1": 1, "3": 4}  # one output: class 2
+    with torch.no_grad():
+        for head in model.heads.values():
+            head.weight.zero_()
+        model.heads["3"].bias.copy_(torch.log(torch.tensor([0.1, 0.2, 0.3, 0.2])))
+        model.heads["1"].bias.fill_(math.log(0.2))  # the leaves' softmax: .1 .2 .3 .2 | .2
+    out = model.forward_heads(torch.randn(1, model.feature_dim))
+    assert out[1].softmax(1)[0].tolist() == pytest.approx([0.3, 0.5, 0.2], abs=1e-6)
+    # the finest level: the same softmax among the images that have a finest class
+    assert out[3].softmax(1)[0].tolist() == pytest.approx([0.125, 0.25, 0.375, 0.25], abs=1e-6)
+    # an image of coarse class 2 (no finest class) costs -ln P(class 2) alone
+    total, _ = GeoLoss([1, 3])(out, torch.tensor([[2, -100]]))
+    assert total.item() == pytest.approx(-math.log(0.2), abs=1e-5)
+    assert bool(torch.isfinite(out[1]).all() and torch.isfinite(out[3]).all())
+    # three levels: the leaves are every level-5 class and level-3 class 2; their classes per level
+    cfg = ModelConfig(backbone="resnet18", num_classes={1: 2, 3: 3, 5: 3}, loss="hierarchical",
+                      parents={3: [0, 0, 1], 5: [0, 0, 1]})
+    assert {lv: v.tolist() for lv, v in cfg.leaves().items()} == {1: [], 3: [2], 5: [0, 1, 2]}
+    assert {lv: v.tolist() for lv, v in cfg.leaf_ancestors().items()} == {
+        5: [0, 1, 2, -1], 3: [0, 0, 1, 2], 1: [0, 0, 0, 1]}
 
 
 def test_derived_level_probabilities_are_the_finest_softmax_summed_and_stay_finite():
@@ -77,12 +102,12 @@ def test_derived_level_probabilities_are_the_finest_softmax_summed_and_stay_fini
 def test_the_design_is_checked_and_recorded_in_the_arch():
     with pytest.raises(ModelError, match="unknown head"):
         ModelConfig(backbone="resnet18", num_classes={1: 2}, head="mystery")
-    with pytest.raises(ModelError, match="ancestors at levels \\[1\\]"):
+    with pytest.raises(ModelError, match="parent maps of levels \\[3\\]"):
         ModelConfig(backbone="resnet18", num_classes={1: 2, 3: 4}, loss="hierarchical")
     with pytest.raises(ModelError, match="must be 4 class indices"):
-        ModelConfig(backbone="resnet18", num_classes={1: 2, 3: 4}, loss="hierarchical", ancestors={1: [0, 5, 1, 1]})
+        ModelConfig(backbone="resnet18", num_classes={1: 2, 3: 4}, loss="hierarchical", parents={3: [0, 5, 1, 1]})
     cfg = ModelConfig(backbone="resnet18", num_classes={1: 2, 3: 4}, loss="hierarchical", head="hybrid",
-                      ancestors={1: [0, 0, 1, 1]})
+                      parents={3: [0, 0, 1, 1]})
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert ModelConfig.from_dict({"backbone": "resnet18", "num_classes": {"1": 2}}).head == "cell"  # old runs
     # the one validator refuses unknown designs (the CLI's one error line, the page's message)

@@ -131,7 +131,7 @@ def test_a_workspace_without_a_manifest_is_one_line(ws, weights, capsys):
 def test_torchrun_two_processes_embed_their_shares(ws, weights):
     fill(ws, 7)
     env = dict(os.environ, GEOHIER_DATA=str(ws.data_dir), GEOHIER_MODELS=str(ws.models_dir),
-               PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "pipeline", *args(weights, "--batch-size", "2", "--shard-rows", "2")]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300)

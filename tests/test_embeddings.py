@@ -347,7 +347,7 @@ def test_two_ranks_under_torchrun_each_write_their_shards_and_rank0_the_index(ws
             "out": str(tmp_path / "rank")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "rank_main.py").write_text(RANK_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(tmp_path / "rank_main.py"), str(tmp_path / "spec.json"), str(ROOT / "tests")]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300)

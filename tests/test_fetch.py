@@ -424,7 +424,7 @@ def test_token_never_printed_logged_or_stored(ws, srv, tmp_path):
     srv.inject("500", times=1)
     srv.inject("drop", times=1)
     srv.inject("500", times=-1, target="thumb", ids=[next(iter(srv.images))])  # one image errors
-    env = dict(os.environ, MAPILLARY_ACCESS_TOKEN=TOKEN, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, MAPILLARY_ACCESS_TOKEN=TOKEN)
     args = ["--data", str(ws.data_dir), "--models", str(ws.models_dir), "fetch", "--cells", CELL,
             "--api-url", srv.url, "--backoff", "0.01", "--retries", "3", "--timeout", "1"]
     p1 = subprocess.run([sys.executable, "-c", CLI, *args], env=env, capture_output=True, text=True, timeout=60)
@@ -538,7 +538,7 @@ def test_kill_9_leaves_no_partial_file_and_no_row_without_file(ws):
     cells = [CELL, CELL2, "0/1/2/3/0/1/2/3/0/3", "0/1/2/3/0/1/2/3/1/0"]
     with MapillaryServer(token=TOKEN, latency=0.05) as srv:
         srv.seed_cells([box(c) for c in cells], per_cell=6, spacing_m=400)
-        env = dict(os.environ, MAPILLARY_ACCESS_TOKEN=TOKEN, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, MAPILLARY_ACCESS_TOKEN=TOKEN)
         proc = subprocess.Popen(
             [sys.executable, "-c", CLI, "--data", str(ws.data_dir), "fetch", "--cells", ",".join(cells),
              "--api-url", srv.url, "--concurrency", "4", "--per-cell", "100"],
@@ -757,7 +757,7 @@ def test_ctrl_c_ends_a_cli_fetch_keeping_finished_cells(ws, srv):
     keep = srv.seed_cells([box(first)], per_cell=2, prefix="a")
     drip = srv.seed_cells([box(second)], per_cell=2, prefix="b")
     srv.inject("drip-body", times=-1, target="thumb", sleep=1.0, ids=[i.id for i in drip])
-    env = dict(os.environ, MAPILLARY_ACCESS_TOKEN=TOKEN, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, MAPILLARY_ACCESS_TOKEN=TOKEN)
     proc = subprocess.Popen(
         [sys.executable, "-c", CLI_SIGINT, "--data", str(ws.data_dir), "--models", str(ws.models_dir), "fetch",
          "--cells", f"{first},{second}", "--api-url", srv.url, "--concurrency", "1", "--timeout", "600"],

@@ -157,7 +157,7 @@ def test_frozen_foundation_backbone_from_the_command_line(tmp_path):
     ws = make_world(tmp_path, n=24)
     spec = f"hf:{tb.hf_clip(tmp_path)}"
     env = {**os.environ, "GEOHIER_DATA": str(ws.data_dir), "GEOHIER_MODELS": str(ws.models_dir),
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+           "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "pipeline", "train", "--frozen", "--backbone", spec, "--weights", "pretrained",
            "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu",
            "--threads", "1", "--run-name", "clip"]
@@ -178,7 +178,7 @@ def test_frozen_foundation_backbone_from_the_command_line(tmp_path):
 def test_frozen_under_torchrun_embeds_once_and_trains_in_lock_step(tmp_path):
     ws = make_world(tmp_path, n=24)
     env = {**os.environ, "GEOHIER_DATA": str(ws.data_dir), "GEOHIER_MODELS": str(ws.models_dir),
-           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "pipeline.train", "--frozen", "--backbone", "resnet18", "--weights", "none", "--image-size", "32",
            "--epochs", "2", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--threads", "1",

@@ -212,7 +212,7 @@ def test_a_killed_merge_resumes(ws, tmp_path):
             (a.data_dir / rel).write_bytes(data)
             m.add_image(source="mapillary", source_id=f"img{k}", sequence_id=f"s{k // 10}", lat=48.0,
                         lon=2.0 + k * 1e-4, sha256=sha, path=rel.as_posix(), split="train")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-c", CLI, "--data", str(ws.data_dir), "merge", str(a.data_dir)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -338,7 +338,7 @@ def test_demo_preset_from_the_command_line():
 
 def _env(ws: Workspace) -> dict:
     env = dict(os.environ, GEOHIER_DATA=str(ws.data_dir), GEOHIER_MODELS=str(ws.models_dir),
-               PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1")
     return env
 
 

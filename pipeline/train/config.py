@@ -101,11 +101,11 @@ class TrainConfig:
                                 lo=0.0, hi=1000.0, page={"label": "Offset loss weight (hybrid head)", "step": 0.5,
                                                          "format": "%.2f"})
     loss: str = _opt(
-        "independent", "str", "independent (one softmax per level) or hierarchical (the finest softmax summed "
-        "into every ancestor level, NLL at each: OSV-5M's hierarchical loss)",
+        "independent", "str", "independent (one softmax per level) or hierarchical (one softmax over the "
+        "class tree's leaves summed into every level, NLL at each: OSV-5M's hierarchical loss)",
         choices=LOSSES, metavar="{" + ",".join(LOSSES) + "}",
-        page={"label": "Loss", "help": "hierarchical: one softmax at the finest level; the coarser levels' "
-                                      "probabilities are its sums"})
+        page={"label": "Loss", "help": "hierarchical: one softmax over the finest classes (and coarser classes "
+                                      "without finer ones); each level's probabilities are its sums"})
     balanced: bool = _opt(False, "bool", "class-balanced sampling at the finest level",
                           page={"label": "Class-balanced sampling"})
     randaugment: bool = _opt(False, "bool", "add RandAugment to the train transforms")

@@ -231,13 +231,12 @@ class _Fit:
     def make_model(self) -> None:
         """The model (its backbone says what preprocessing the data gets)."""
         cfg, env, h = self.cfg, self.env, self.hierarchy
-        finest = self.levels[-1]
-        ancestors = ({lv: h.ancestors(finest, lv).tolist() for lv in self.levels[:-1]}
-                     if cfg.loss == "hierarchical" else None)
+        parents = ({lv: h.ancestors(lv, prev).tolist() for prev, lv in zip(self.levels, self.levels[1:])}
+                   if cfg.loss == "hierarchical" else None)
         self.net = build_model(cfg.backbone, {lv: h.num_classes[lv] for lv in self.levels}, weights=cfg.weights,
                                head_dropout=cfg.head_dropout, image_size=cfg.image_size,
                                frozen=cfg.frozen, head=cfg.head, loss=cfg.loss,
-                               ancestors=ancestors).to(env.device)
+                               parents=parents).to(env.device)
         self.model = self.net
 
     def load_data(self) -> None:
