@@ -247,8 +247,8 @@ def cells_area_km2(keys, level: int) -> float:
 def region_geojson(region: Region, level: int) -> dict:
     """A GeoJSON FeatureCollection of a region's cells (one rectangle each, most probable
     first; properties ``cell`` and ``rank``) for a map layer."""
-    keys, _ = grid.ids_to_keys(region.cells) if region.cells else (np.zeros(0, np.int64), level)
-    w, s, e, n = grid.key_bounds(np.asarray(keys, np.int64), level)
+    keys, depths = grid.ids_to_depth_keys(region.cells)  # cells of any depth (adaptive levels)
+    w, s, e, n = grid.depth_bounds(keys, depths)
     feats = [{"type": "Feature", "properties": {"cell": c, "rank": i + 1},
               "geometry": {"type": "Polygon", "coordinates": [[[a, b], [c2, b], [c2, d], [a, d], [a, b]]]}}
              for i, (c, a, b, c2, d) in enumerate(zip(region.cells, w.tolist(), s.tolist(), e.tolist(), n.tolist(),

@@ -560,3 +560,75 @@ def ids_to_keys(ids: Iterable[str]) -> tuple[np.ndarray, int]:
     cols = np.array([c.col for c in cells], dtype=np.int64)
     return rowcol_to_key(rows, cols, level), level
 
+
+
+# ------------------------------------------------------------- cells of mixed depth
+# An adaptive hierarchy's classes are cells of any depth: a cell is then a (key, depth)
+# pair, the key read at the cell's own depth. These helpers group the cells by depth (a
+# few distinct depths, so a short loop over vectorised calls) and keep the input order.
+
+
+def depth_bounds(keys, depths) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """West, south, east, north arrays of cells of mixed depths (``key_bounds`` per depth).
+
+    >>> [a.tolist() for a in depth_bounds(np.array([0, 15]), np.array([1, 2]))]
+    [[-180.0, 90.0], [0.0, -90.0], [0.0, 180.0], [90.0, -45.0]]
+    """
+    keys = np.asarray(keys, dtype=np.int64).ravel()
+    depths = np.asarray(depths, dtype=np.int64).ravel()
+    if keys.shape != depths.shape:
+        raise CellIdError(f"{keys.size} keys but {depths.size} depths")
+    out = [np.empty(keys.size, dtype=np.float64) for _ in range(4)]
+    for d in np.unique(depths).tolist():
+        sel = depths == d
+        for arr, part in zip(out, key_bounds(keys[sel], check_level(d)), strict=True):
+            arr[sel] = part
+    return out[0], out[1], out[2], out[3]
+
+
+def depth_centroids(keys, depths) -> tuple[np.ndarray, np.ndarray]:
+    """(lat, lon) arrays of the centres of cells of mixed depths.
+
+    >>> [a.tolist() for a in depth_centroids(np.array([3]), np.array([1]))]
+    [[-45.0], [90.0]]
+    """
+    w, s, e, n = depth_bounds(keys, depths)
+    return (s + n) / 2.0, (w + e) / 2.0
+
+
+def depth_areas_km2(keys, depths) -> np.ndarray:
+    """Spherical areas in km² of cells of mixed depths."""
+    w, s, e, n = depth_bounds(keys, depths)
+    return geodesy.EARTH_RADIUS_KM**2 * np.radians(e - w) * (np.sin(np.radians(n)) - np.sin(np.radians(s)))
+
+
+def depth_ids(keys, depths, sep: str = "/") -> list[str]:
+    """Id strings of cells of mixed depths, in input order.
+
+    >>> depth_ids(np.array([1, 7]), np.array([1, 2]))
+    ['1', '1/3']
+    """
+    keys = np.asarray(keys, dtype=np.int64).ravel()
+    depths = np.asarray(depths, dtype=np.int64).ravel()
+    out: list[str] = [""] * keys.size
+    for d in np.unique(depths).tolist():
+        idx = np.flatnonzero(depths == d)
+        for i, s in zip(idx.tolist(), keys_to_ids(keys[idx], d, sep=sep), strict=True):
+            out[i] = s
+    return out
+
+
+def ids_to_depth_keys(ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Keys (each at its own depth) and depths of id strings of any depths.
+
+    >>> [a.tolist() for a in ids_to_depth_keys(["1", "1/3"])]
+    [[1, 7], [1, 2]]
+    """
+    cells = [from_id(i) for i in ids]
+    depths = np.array([c.level for c in cells], dtype=np.int64)
+    keys = np.zeros(len(cells), dtype=np.int64)
+    for d in np.unique(depths).tolist():
+        idx = np.flatnonzero(depths == d)
+        keys[idx] = rowcol_to_key(np.array([cells[i].row for i in idx], dtype=np.int64),
+                                  np.array([cells[i].col for i in idx], dtype=np.int64), d)
+    return keys, depths

@@ -52,6 +52,10 @@ from geohier.errors import GeohierError, InputError, InvalidLevelError
 from geohier.workspace import SPLITS, atomic_write_text, utcnow
 
 FORMAT = "geohier-hierarchy/1"
+# Adaptive cells are written as /2 so that a geohier that predates them refuses the file
+# with one line naming its format instead of failing on cell ids of mixed depths; /1 files
+# (fixed levels) are written and read exactly as before.
+FORMAT_ADAPTIVE = "geohier-hierarchy/2"
 DEFAULT_MIN_IMAGES = 5
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 SPLIT_BUCKET_LEVEL = 15  # cells of ~1.2 x 0.6 km at the equator (narrower towards the poles)
@@ -202,7 +206,8 @@ class Hierarchy:
     def __init__(self, levels: Sequence[int], keys: Mapping[int, np.ndarray],
                  counts: Mapping[int, np.ndarray] | None = None, min_images=None,
                  splits: Mapping | None = None, created_at: str | None = None,
-                 images: int | None = None, stats: Mapping | None = None):
+                 images: int | None = None, stats: Mapping | None = None,
+                 depths: Mapping[int, np.ndarray] | None = None, scheme: Mapping | None = None):
         self.levels: tuple[int, ...] = grid.check_levels(levels)
         missing = [lv for lv in self.levels if lv not in keys]
         if missing:
@@ -210,8 +215,14 @@ class Hierarchy:
         self._keys: dict[int, np.ndarray] = {}
         self._counts: dict[int, np.ndarray] = {}
         self._parents: dict[int, np.ndarray] = {}
+        self._depths: dict[int, np.ndarray] = {}
+        self.adaptive: bool = depths is not None
+        self.scheme: dict | None = None
+        self.max_depth: int | None = None
+        if self.adaptive:
+            self._init_adaptive(keys, counts, depths, scheme or {})
         prev = None
-        for lv in self.levels:
+        for lv in self.levels if not self.adaptive else ():
             k = np.asarray(keys[lv], dtype=np.int64).ravel()
             if k.size and (np.any(np.diff(k) <= 0) or k[0] < 0 or k[-1] >= 4**lv):
                 raise InputError(f"level {lv}'s cells must be distinct level-{lv} cells in ascending order")
@@ -226,10 +237,13 @@ class Hierarchy:
                 if np.any(p < 0):
                     orphan = grid.keys_to_ids(k[p < 0][:1], lv)[0]
                     raise InputError(f"level {lv}'s cell {orphan} has no parent class at level {prev}")
-            for a in (k, c, p):
+            d = np.full(k.size, lv, dtype=np.int64)
+            for a in (k, c, p, d):
                 a.setflags(write=False)
-            self._keys[lv], self._counts[lv], self._parents[lv] = k, c, p
+            self._keys[lv], self._counts[lv], self._parents[lv], self._depths[lv] = k, c, p, d
             prev = lv
+        if self.adaptive:
+            min_images = None  # a class of an adaptive level holds >= 1 image; the scheme has the thresholds
         self.min_images: dict[int, int] = (parse_min_images(min_images, self.levels)
                                            if min_images is not None else dict.fromkeys(self.levels, 1))
         self.splits: dict | None = dict(splits) if splits else None
@@ -237,6 +251,55 @@ class Hierarchy:
         self.images: int = int(images) if images is not None else int(self._counts[self.levels[0]].sum())
         self.stats: dict = {int(k): dict(v) for k, v in (stats or {}).items()}
         self._hash: str | None = None
+
+    def _init_adaptive(self, keys, counts, depths, scheme) -> None:
+        # Classes are (key, depth) cells; each is the range [start, end) of keys at
+        # max_depth, so sorted starts order the classes (= the ids' order, since the cells
+        # of a level are disjoint), and a parent is the class of the level above whose range
+        # holds the child's.
+        try:
+            self.max_depth = grid.check_level(int(scheme.get("max_depth", 0)))
+            thresholds = {int(k): int(v) for k, v in (scheme.get("thresholds") or {}).items()}
+        except (TypeError, ValueError, GeohierError):
+            raise InputError("an adaptive hierarchy needs max_depth (1-24) and thresholds per level") from None
+        if sorted(thresholds) != list(self.levels):
+            raise InputError(f"an adaptive hierarchy needs a threshold for each level {list(self.levels)}, "
+                             f"got {sorted(thresholds)}")
+        self.scheme = {"cells": "adaptive", "thresholds": thresholds, "max_depth": self.max_depth}
+        self._starts: dict[int, np.ndarray] = {}
+        self._ends: dict[int, np.ndarray] = {}
+        big = self.max_depth
+        prev = None
+        for lv in self.levels:
+            k = np.asarray(keys[lv], dtype=np.int64).ravel()
+            d = np.asarray(depths[lv], dtype=np.int64).ravel()
+            c = (np.zeros(k.size, dtype=np.int64) if counts is None
+                 else np.asarray(counts[lv], dtype=np.int64).ravel())
+            if not (d.size == k.size == c.size):
+                raise InputError(f"level {lv} has {k.size} cells, {d.size} depths and {c.size} counts")
+            if d.size and (d.min() < 1 or d.max() > big):
+                raise InputError(f"level {lv}'s cells must be of depth 1 to {big}")
+            if k.size and (k.min() < 0 or np.any(k >= 4 ** d)):
+                raise InputError(f"level {lv} has a key outside its cell's depth")
+            shift = 2 * (big - d)
+            start, end = k << shift, (k + 1) << shift
+            if k.size and np.any(end[:-1] > start[1:]):
+                raise InputError(f"level {lv}'s cells must be disjoint and in ascending order")
+            if prev is None:
+                p = np.full(k.size, -1, dtype=np.int64)
+            else:
+                ps, pe = self._starts[prev], self._ends[prev]
+                p = np.searchsorted(ps, start, side="right").astype(np.int64) - 1
+                bad = (p < 0) | (end > pe[np.maximum(p, 0)]) if ps.size else np.ones(k.size, bool)
+                if np.any(bad):
+                    i = int(np.flatnonzero(bad)[0])
+                    orphan = grid.depth_ids(k[i:i + 1], d[i:i + 1])[0]
+                    raise InputError(f"level {lv}'s cell {orphan} has no parent class at level {prev}")
+            for a in (k, c, p, d, start, end):
+                a.setflags(write=False)
+            self._keys[lv], self._counts[lv], self._parents[lv], self._depths[lv] = k, c, p, d
+            self._starts[lv], self._ends[lv] = start, end
+            prev = lv
 
     def __repr__(self) -> str:
         return f"Hierarchy(levels={list(self.levels)}, num_classes={self.num_classes}, hash={self.hash[:12]})"
@@ -256,13 +319,32 @@ class Hierarchy:
         return lv
 
     def keys(self, level: int) -> np.ndarray:
-        """Sorted int64 grid keys of the level's classes (class index = position)."""
+        """Int64 grid keys of the level's classes (class index = position), each read at
+        its cell's depth (``depths``): with fixed levels every depth is the level and the
+        keys ascend; with adaptive cells pair them with ``depths`` (or use ``bounds``,
+        ``centroids``, ``areas_km2``, which work for both)."""
         return self._keys[self._check(level)]
+
+    def depths(self, level: int) -> np.ndarray:
+        """Per class, the depth of its cell (the level itself with fixed levels)."""
+        return self._depths[self._check(level)]
 
     def cells(self, level: int) -> list[str]:
         """Cell ids ("0/1/2") of the level's classes, in class-index order."""
         lv = self._check(level)
+        if self.adaptive:
+            return grid.depth_ids(self._keys[lv], self._depths[lv])
         return grid.keys_to_ids(self._keys[lv], lv)
+
+    def bounds(self, level: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """West, south, east, north arrays of the level's class cells (any depth)."""
+        lv = self._check(level)
+        return grid.depth_bounds(self._keys[lv], self._depths[lv])
+
+    def areas_km2(self, level: int) -> np.ndarray:
+        """Spherical area in km² of each class cell of the level (any depth)."""
+        lv = self._check(level)
+        return grid.depth_areas_km2(self._keys[lv], self._depths[lv])
 
     def counts(self, level: int) -> np.ndarray:
         """Images per class at build time (int64)."""
@@ -287,8 +369,20 @@ class Hierarchy:
         return self.levels[i + 1] if i + 1 < len(self.levels) else None
 
     def lookup(self, level: int, keys) -> np.ndarray:
-        """Class indices of grid keys of ``level`` (int64, -1 where the cell is no class)."""
-        return _lookup(self._keys[self._check(level)], np.asarray(keys, dtype=np.int64))
+        """Class indices of grid keys of ``level`` (int64, -1 where the cell is no class).
+
+        With adaptive cells the keys are read at ``max_depth`` and the answer is the class
+        whose cell holds each of them."""
+        lv = self._check(level)
+        keys = np.asarray(keys, dtype=np.int64)
+        if not self.adaptive:
+            return _lookup(self._keys[lv], keys)
+        starts, ends = self._starts[lv], self._ends[lv]
+        if not starts.size:
+            return np.full(keys.shape, -1, dtype=np.int64)
+        i = np.searchsorted(starts, keys, side="right").astype(np.int64) - 1
+        ok = (i >= 0) & (keys < ends[np.maximum(i, 0)])
+        return np.where(ok, i, -1).astype(np.int64)
 
     def index(self, level: int, cell_id: str) -> int:
         """The class index of one cell id, or -1 when it is not a class.
@@ -296,6 +390,10 @@ class Hierarchy:
         Raises InputError when the id is of another level."""
         c = grid.from_id(cell_id)
         lv = self._check(level)
+        if self.adaptive:  # a class of any depth: the id must name the class's cell exactly
+            i = int(self.lookup(lv, [grid.key(c) << (2 * (self.max_depth - c.level))])[0]) \
+                if c.level <= self.max_depth else -1
+            return i if i >= 0 and int(self._depths[lv][i]) == c.level else -1
         if c.level != lv:
             raise InputError(f"cell {cell_id!r} is of level {c.level}, not {lv}")
         return int(self.lookup(lv, [grid.key(c)])[0])
@@ -312,15 +410,21 @@ class Hierarchy:
             raise InputError(f"lat and lon differ in shape: {lat.shape} vs {lon.shape}")
         ok = grid.valid_points(lat, lon)
         out = {lv: np.full(lat.shape, -1, dtype=np.int64) for lv in self.levels}
-        if ok.any():
+        if ok.any() and self.adaptive:  # encode once at max_depth, then a range search per level
+            fine = grid.encode(lat[ok], lon[ok], self.max_depth)
+            for lv in self.levels:
+                out[lv][ok] = self.lookup(lv, fine)
+        elif ok.any():
             keys = grid.encode(lat[ok], lon[ok], list(self.levels))
             for lv in self.levels:
                 out[lv][ok] = _lookup(self._keys[lv], keys[lv])
         return out
 
     def centroids(self, level: int) -> tuple[np.ndarray, np.ndarray]:
-        """(lat, lon) arrays of the cell centres of the level's classes."""
+        """(lat, lon) arrays of the cell centres of the level's classes (any depth)."""
         lv = self._check(level)
+        if self.adaptive:
+            return grid.depth_centroids(self._keys[lv], self._depths[lv])
         return grid.key_centroids(self._keys[lv], lv)
 
     def ancestors(self, level: int, to_level: int) -> np.ndarray:
@@ -388,7 +492,12 @@ class Hierarchy:
         out = []
         for lv in self.levels:
             n = self.num_classes[lv]
-            if n < 2:
+            if n < 2 and self.adaptive:
+                out.append(
+                    f"level {lv} has {n} class{'es' if n != 1 else ''} (training needs at least 2): "
+                    f"lower --thresholds for level {lv} (now {self.scheme['thresholds'][lv]}), drop the level, "
+                    "or add images")
+            elif n < 2:
                 out.append(
                     f"level {lv} has {n} class{'es' if n != 1 else ''} (training needs at least 2): "
                     f"lower --min-images for level {lv} (now {self.min_images.get(lv)}), drop the level, "
@@ -419,7 +528,7 @@ class Hierarchy:
     def to_dict(self) -> dict:
         """The hierarchy.json document."""
         d = {
-            "format": FORMAT,
+            "format": FORMAT if not self.adaptive else FORMAT_ADAPTIVE,
             "levels": list(self.levels),
             "min_images": {str(lv): int(self.min_images[lv]) for lv in self.levels},
             "splits": self.splits,
@@ -432,6 +541,10 @@ class Hierarchy:
         }
         if self.stats:
             d["stats"] = {str(lv): v for lv, v in self.stats.items()}
+        if self.adaptive:
+            d["cells"] = "adaptive"
+            d["thresholds"] = {str(lv): int(v) for lv, v in self.scheme["thresholds"].items()}
+            d["max_depth"] = int(self.max_depth)
         return d
 
     @classmethod
@@ -440,23 +553,32 @@ class Hierarchy:
 
         Checks the format tag, that every level's cells are of that level and sorted,
         that the stored parent indices match the cells, and that the stored hash matches."""
-        if not isinstance(d, Mapping) or d.get("format") != FORMAT:
+        if not isinstance(d, Mapping) or d.get("format") not in (FORMAT, FORMAT_ADAPTIVE):
             got = d.get("format") if isinstance(d, Mapping) else type(d).__name__
-            raise InputError(f"not a geohier hierarchy (format {got!r}, expected {FORMAT!r})")
+            raise InputError(f"not a geohier hierarchy (format {got!r}, expected {FORMAT!r} or {FORMAT_ADAPTIVE!r})")
+        adaptive = d.get("format") == FORMAT_ADAPTIVE
+        if adaptive and d.get("cells") != "adaptive":
+            raise InputError(f"invalid hierarchy: format {FORMAT_ADAPTIVE} needs cells \"adaptive\", "
+                             f"got {d.get('cells')!r}")
         try:
             levels = grid.check_levels(int(v) for v in d["levels"])
             classes = d["classes"]
-            keys, counts = {}, {}
+            keys, counts, depths = {}, {}, {}
             for lv in levels:
                 entry = classes[str(lv)]
-                k, got_lv = grid.ids_to_keys(entry["cells"])
-                if entry["cells"] and got_lv != lv:
-                    raise InputError(f"level {lv}'s cells are of level {got_lv}")
+                if adaptive:
+                    k, depths[lv] = grid.ids_to_depth_keys(entry["cells"])
+                else:
+                    k, got_lv = grid.ids_to_keys(entry["cells"])
+                    if entry["cells"] and got_lv != lv:
+                        raise InputError(f"level {lv}'s cells are of level {got_lv}")
                 keys[lv] = k
                 counts[lv] = np.asarray(entry.get("counts") or [0] * len(entry["cells"]), dtype=np.int64)
+            scheme = {"thresholds": d.get("thresholds"), "max_depth": d.get("max_depth")} if adaptive else None
             h = cls(levels, keys, counts, min_images={int(k): int(v) for k, v in (d.get("min_images") or {}).items()}
                     or None, splits=d.get("splits"), created_at=d.get("created_at"), images=d.get("images"),
-                    stats={int(k): v for k, v in (d.get("stats") or {}).items()})
+                    stats={int(k): v for k, v in (d.get("stats") or {}).items()},
+                    depths=depths if adaptive else None, scheme=scheme)
             for lv in levels:
                 stored = classes[str(lv)].get("parent")
                 if stored is not None and list(stored) != h._parents[lv].tolist():
@@ -540,6 +662,171 @@ def build_hierarchy(lat, lon, levels: Sequence[int] = grid.DEFAULT_LEVELS,
     return Hierarchy(levels, {lv: counts[lv][0][masks[lv]] for lv in levels},
                      {lv: counts[lv][1][masks[lv]] for lv in levels},
                      min_images=mins, images=total, stats=stats)
+
+
+# --------------------------------------------------------------------------- adaptive cells
+# Design (``build_adaptive``): a class of adaptive level k is a quadtree cell of any depth
+# up to ``max_depth`` (default 16, ~600 x 300 m at the equator). Level k starts from the
+# cells of level k-1 (level 1 from the four depth-1 quadrants: the root is no class) and
+# splits each cell at its midpoint, again and again, while it holds at least N_k images and
+# is shallower than max_depth; children without images are dropped (no image, no class),
+# children with few images are KEPT, as OSV-5M keeps them: merging a small child back
+# would overlap its siblings, and keeping it is what labels every image at every level.
+# With N_1 > N_2 > ... every level refines the one above, so every class has one parent.
+# Every cell is a contiguous range of Morton keys at max_depth, so the counts are two
+# binary searches in the sorted keys, and labelling is one encode at max_depth plus a
+# binary search over the sorted range starts (``Hierarchy.labels``).
+
+ADAPTIVE_MAX_DEPTH = 16
+ADAPTIVE_LEVELS = 4
+# Class counts the default thresholds aim at, level by level: those of today's fixed
+# levels 1, 3, 5 (4, 64, 1024) and a finest level of 16384.
+ADAPTIVE_TARGETS = (4, 64, 1024, 16384)
+ADAPTIVE_MIN_SPLIT = 20  # the defaults split no cell of fewer images (below: halve level by level)
+
+
+def default_thresholds(images: int, levels: int = ADAPTIVE_LEVELS) -> list[int]:
+    """Split thresholds N_1 > N_2 > ... for ``images`` images, aiming at the class counts
+    of ``ADAPTIVE_TARGETS``: a split cell holds >= N and its children about N/4 each, so a
+    level of threshold N has about 2 * images / N classes, hence N_k = 2 * images / T_k
+    (at least ``ADAPTIVE_MIN_SPLIT``; a level whose threshold would not fall below the one
+    above gets half of it, and the list stops where that reaches 1).
+
+    >>> default_thresholds(100_000)
+    [50000, 3125, 196, 20]
+    >>> default_thresholds(200)
+    [100, 20, 10, 5]
+    """
+    targets = list(ADAPTIVE_TARGETS[:levels]) + [ADAPTIVE_TARGETS[-1] * 16 ** i
+                                                 for i in range(1, levels - len(ADAPTIVE_TARGETS) + 1)]
+    out: list[int] = []
+    for t in targets:
+        n = max(ADAPTIVE_MIN_SPLIT, math.ceil(2 * max(int(images), 1) / t))
+        if out and n >= out[-1]:
+            n = out[-1] // 2
+        if n < 1 or (out and n >= out[-1]):
+            break
+        out.append(n)
+    return out or [1]
+
+
+def parse_thresholds(spec) -> list[int]:
+    """``"1000,100,10"`` (or a sequence of ints) as a strictly decreasing list of ints >= 1.
+
+    >>> parse_thresholds("1000, 100,10")
+    [1000, 100, 10]
+    """
+    parts = [p.strip() for p in spec.split(",") if p.strip()] if isinstance(spec, str) else list(spec)
+    try:
+        out = [int(str(p).strip()) for p in parts]
+    except ValueError:
+        raise InputError(f"--thresholds must be whole numbers such as 1000,100,10, got {spec!r}") from None
+    if not out:
+        raise InputError(f"--thresholds is empty; give one number per level such as 1000,100,10, got {spec!r}")
+    if any(v < 1 for v in out):
+        raise InputError(f"--thresholds must be >= 1, got {spec!r}")
+    if any(b >= a for a, b in zip(out, out[1:])):
+        raise InputError(f"--thresholds must decrease level by level (each level splits finer), got {spec!r}")
+    return out
+
+
+def check_max_depth(value) -> int:
+    """``value`` as a max depth (1-24), or InputError."""
+    try:
+        return grid.check_level(int(value))
+    except (TypeError, ValueError, GeohierError):
+        raise InputError(f"--max-depth must be a whole number from 1 to {grid.MAX_LEVEL}, got {value!r}") from None
+
+
+def adaptive_partition(lat, lon, thresholds, max_depth: int = ADAPTIVE_MAX_DEPTH
+                       ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per level, (keys at their own depth, depths, image counts) of the adaptive cells,
+    in ascending (id) order; invalid points are ignored.
+
+    >>> [(k.tolist(), d.tolist(), n.tolist()) for k, d, n in adaptive_partition(
+    ...     [10, 10, 10, -40], [10, 10, 10, 20], [3], max_depth=2)]
+    [([6, 3], [2, 1], [3, 1])]
+    """
+    thresholds = parse_thresholds(thresholds)
+    big = check_max_depth(max_depth)
+    lat = np.asarray(lat, dtype=np.float64).ravel()
+    lon = np.asarray(lon, dtype=np.float64).ravel()
+    if lat.shape != lon.shape:
+        raise InputError(f"lat and lon differ in length: {lat.size} vs {lon.size}")
+    ok = grid.valid_points(lat, lon)
+    fine = np.sort(grid.encode(lat[ok], lon[ok], big))
+
+    def count(k, d):
+        shift = 2 * (big - d)
+        return (np.searchsorted(fine, (k + 1) << shift) - np.searchsorted(fine, k << shift)).astype(np.int64)
+
+    k = np.arange(4, dtype=np.int64)
+    d = np.ones(4, dtype=np.int64)
+    c = count(k, d)
+    k, d, c = k[c > 0], d[c > 0], c[c > 0]
+    out = []
+    for n_split in thresholds:
+        done_k, done_d, done_c = [], [], []
+        while k.size:
+            split = (c >= n_split) & (d < big)
+            done_k.append(k[~split])
+            done_d.append(d[~split])
+            done_c.append(c[~split])
+            ck = ((k[split] * 4)[:, None] + np.arange(4, dtype=np.int64)).ravel()
+            cd = np.repeat(d[split] + 1, 4)
+            cc = count(ck, cd)
+            k, d, c = ck[cc > 0], cd[cc > 0], cc[cc > 0]
+        k, d, c = np.concatenate(done_k), np.concatenate(done_d), np.concatenate(done_c)
+        order = np.argsort(k << (2 * (big - d)), kind="stable")
+        k, d, c = k[order], d[order], c[order]
+        out.append((k, d, c))
+    return out
+
+
+def build_adaptive(lat, lon, thresholds=None, max_depth: int = ADAPTIVE_MAX_DEPTH) -> Hierarchy:
+    """An adaptive hierarchy (levels named 1, 2, ... one per threshold) from image positions.
+
+    ``thresholds`` default to ``default_thresholds`` of the number of valid points. Every
+    valid point has a class at every level. Raises InputError when there are no valid points.
+
+    >>> h = build_adaptive([10, 10, 10, -40], [10, 10, 10, 20], [4, 2], max_depth=2)
+    >>> h.cells(1), h.cells(2), h.parents(2).tolist()
+    (['1', '3'], ['1/2', '3'], [0, 1])
+    """
+    lat = np.asarray(lat, dtype=np.float64).ravel()
+    lon = np.asarray(lon, dtype=np.float64).ravel()
+    total = int(grid.valid_points(lat, lon).sum()) if lat.shape == lon.shape else 0
+    if total == 0:
+        raise InputError("no images with valid coordinates to build a hierarchy from")
+    thresholds = parse_thresholds(default_thresholds(total) if thresholds is None else thresholds)
+    parts = adaptive_partition(lat, lon, thresholds, max_depth)
+    levels = list(range(1, len(parts) + 1))
+    stats = {lv: {"cells_with_images": int(k.size), "dropped": 0, "images_kept": int(c.sum()),
+                  "max_depth_reached": int(d.max()) if d.size else 0}
+             for lv, (k, d, c) in zip(levels, parts, strict=True)}
+    return Hierarchy(levels, {lv: p[0] for lv, p in zip(levels, parts, strict=True)},
+                     {lv: p[2] for lv, p in zip(levels, parts, strict=True)}, images=total, stats=stats,
+                     depths={lv: p[1] for lv, p in zip(levels, parts, strict=True)},
+                     scheme={"thresholds": dict(zip(levels, thresholds, strict=True)), "max_depth": max_depth})
+
+
+def adaptive_summary(lat, lon, thresholds=None, max_depth: int = ADAPTIVE_MAX_DEPTH) -> list[dict]:
+    """Per level of the partition ``build_adaptive`` would make: level, threshold, classes,
+    images, images without a class, depth range, smallest/median/largest class, Gini.
+    The Data page previews a partition with it before writing it."""
+    from geohier.charts import gini
+
+    h = build_adaptive(lat, lon, thresholds, max_depth)
+    valid = int(grid.valid_points(np.asarray(lat, float).ravel(), np.asarray(lon, float).ravel()).sum())
+    rows = []
+    for lv in h.levels:
+        n, d = h.counts(lv), h.depths(lv)
+        rows.append({"level": lv, "threshold": h.scheme["thresholds"][lv], "classes": int(n.size),
+                     "images": valid, "without_class": int(valid - n.sum()),
+                     "min_depth": int(d.min()), "max_depth": int(d.max()),
+                     "smallest": int(n.min()), "median": float(np.median(n)), "largest": int(n.max()),
+                     "gini": round(float(gini(n)), 4)})
+    return rows
 
 
 # --------------------------------------------------------------------------- splits

@@ -153,11 +153,13 @@ class CellsLayer(Layer):
     _template = Template("""
         {% macro script(this, kwargs) %}
         var {{ this.get_name() }} = (function (d, o) {
-            var n = Math.pow(2, d.level), w = 360 / n, h = 180 / n, feats = [];
+            var feats = [];
             var names = Object.keys(d.props);
             for (var i = 0; i < d.keys.length; i++) {
+                var lev = d.depths ? d.depths[i] : d.level;  // adaptive cells: a depth per cell
+                var n = Math.pow(2, lev), w = 360 / n, h = 180 / n;
                 var k = d.keys[i], row = 0, col = 0, id = [];
-                for (var j = d.level - 1; j >= 0; j--) {
+                for (var j = lev - 1; j >= 0; j--) {
                     var dig = Math.floor(k / Math.pow(4, j)) % 4;
                     row = row * 2 + (dig >> 1); col = col * 2 + (dig & 1); id.push(dig);
                 }
@@ -293,7 +295,8 @@ def cells_layer(keys, level: int, colors, *, fields: Mapping[str, Sequence] | No
                 interactive: bool = True, show: bool = True) -> CellsLayer:
     """One GeoJSON layer of many cells of ``level``.
 
-    keys: cell keys (``grid`` keys) of that level. colors: one CSS colour for all, or one
+    keys: cell keys (``grid`` keys) of that level. ``level`` may also be an array of one
+    depth per cell (adaptive cells, each key read at its own depth; ``cells_of``). colors: one CSS colour for all, or one
     per cell. fields: extra per-cell properties {name: values} (numbers or strings).
     tooltip: [(property, label)] rows shown on hover; "cell" (the id) is always a
     property. alpha: optional per-cell fill opacity (0-1). fill=False with a
@@ -303,9 +306,19 @@ def cells_layer(keys, level: int, colors, *, fields: Mapping[str, Sequence] | No
     >>> type(layer).__name__
     'CellsLayer'
     """
-    level = grid.check_level(level)
     keys = np.asarray(keys, dtype=np.int64).ravel()
-    if keys.size and (keys.min() < 0 or keys.max() >= 4**level):
+    depths = None
+    if np.ndim(level):  # one depth per cell
+        depths = np.asarray(level, dtype=np.int64).ravel()
+        if depths.size != keys.size:
+            raise InputError(f"{depths.size} depths for {keys.size} cells")
+        if depths.size and (depths.min() < 1 or depths.max() > grid.MAX_LEVEL):
+            raise InputError(f"cell depths must be within [1, {grid.MAX_LEVEL}]")
+        if keys.size and (keys.min() < 0 or np.any(keys >= 4**depths)):
+            raise InputError("cell keys must be within [0, 4**depth) at their depths")
+        level = int(depths.max()) if depths.size else 1
+    level = grid.check_level(level)
+    if depths is None and keys.size and (keys.min() < 0 or keys.max() >= 4**level):
         raise InputError(f"cell keys must be within [0, {4**level}) at level {level}")
     if isinstance(colors, str):
         colors = [colors] * len(keys)
@@ -326,9 +339,22 @@ def cells_layer(keys, level: int, colors, *, fields: Mapping[str, Sequence] | No
                "color": color_index.astype(np.int64).tolist(), "props": props,
                "alpha": None if alpha is None else np.round(np.asarray(alpha, dtype=float), 3).tolist(),
                "tooltip": [list(t) for t in tooltip or ()]}
+    if depths is not None:
+        payload["depths"] = depths.tolist()
     options = {"fill": bool(fill), "fillOpacity": float(fill_opacity), "color": stroke_color,
                "weight": float(weight), "opacity": float(opacity), "interactive": bool(interactive)}
     return CellsLayer(_json(payload), options, name=name, show=show)
+
+
+def cells_of(ids: Sequence[str], level: int):
+    """(keys, level) for ``cells_layer`` from cell ids: ``level`` itself when every id is
+    of that level (fixed levels), else the array of each id's depth (adaptive cells).
+
+    >>> cells_of(["1/3", "2"], 2)
+    (array([7, 2]), array([2, 1]))
+    """
+    keys, depths = grid.ids_to_depth_keys(ids)
+    return (keys, level) if np.all(depths == level) else (keys, depths)
 
 
 def add_legend(m: folium.Map, items: Sequence[tuple[str, str]], title: str | None = None,
@@ -454,9 +480,11 @@ IMAGES_MAP_MAX_CELLS = 60_000  # one canvas layer copes; beyond, the browser wou
 def images_map(keys, counts, countries, level: int) -> folium.Map:
     """The Data page's map: each cell with images coloured by its count (log scale),
     with its country in the tooltip, zoomed to the data (clipped at +-80 deg latitude),
-    and a legend at powers of ten. Raises an InputError over IMAGES_MAP_MAX_CELLS cells."""
+    and a legend at powers of ten. Raises an InputError over IMAGES_MAP_MAX_CELLS cells.
+    ``level`` may be one depth per cell (adaptive cells)."""
     keys = np.asarray(keys)
     n = np.asarray(counts)
+    mixed = bool(np.ndim(level))
     if len(keys) > IMAGES_MAP_MAX_CELLS:
         raise InputError(f"{len(keys):,} cells are too many to draw (at most {IMAGES_MAP_MAX_CELLS:,}); "
                          "inspect a coarser level")
@@ -465,11 +493,11 @@ def images_map(keys, counts, countries, level: int) -> folium.Map:
     colours = color_scale(n, log=True, vmin=1, vmax=max(top, 2), colors=IMAGES_RAMP)
     cells_layer(keys, level, colours, fields={"images": n, "country": list(countries)},
                 tooltip=[("cell", "Cell"), ("country", "Country"), ("images", "Images")],
-                name=f"Images per level-{level} cell", fill_opacity=0.8,
-                weight=0.5 if level <= 6 else 0.2).add_to(m)
+                name="Images per adaptive cell" if mixed else f"Images per level-{level} cell", fill_opacity=0.8,
+                weight=0.2 if mixed or level > 6 else 0.5).add_to(m)
     if keys.size:
-        w, south, e, north = (float(f(a)) for f, a in zip((np.min, np.min, np.max, np.max),
-                                                            grid.key_bounds(keys, level), strict=True))
+        box = grid.depth_bounds(keys, level) if mixed else grid.key_bounds(keys, level)
+        w, south, e, north = (float(f(a)) for f, a in zip((np.min, np.min, np.max, np.max), box, strict=True))
         m.fit_bounds([[max(south, -80.0), w], [min(north, 80.0), e]])  # zoom to the data
     stops = sorted({1, *[10**k for k in range(1, 7) if 10**k < top], top})
     legend = color_scale(stops, log=True, vmin=1, vmax=max(top, 2), colors=IMAGES_RAMP)
@@ -492,16 +520,16 @@ def prediction_map(pred, predictor) -> folium.Map:
     levels = sorted(pred.levels)
     for i, lv in enumerate(levels[:-1]):  # coarse levels: outlines, thicker further up
         cands = pred.levels[lv]
-        keys = grid.ids_to_keys([c.cell for c in cands])[0]
-        cells_layer(keys, lv, "#000000", fill=False, stroke_color="#333333",
+        keys, depth = cells_of([c.cell for c in cands], lv)
+        cells_layer(keys, depth, "#000000", fill=False, stroke_color="#333333",
                     weight=max(1.0, 3.0 - i * 0.7), opacity=0.9, interactive=False,
                     name=f"Level {lv}: {len(cands)} kept").add_to(m)
     cands = pred.levels[finest]
-    keys = grid.ids_to_keys([c.cell for c in cands])[0]
+    keys, depth = cells_of([c.cell for c in cands], finest)
     probs = np.array([c.prob for c in cands])
     colors = color_scale(probs, vmin=0.0, vmax=max(float(probs.max()), 1e-9),
                          colors=("#fff5eb", "#fdae6b", "#e6550d", "#7f2704"))
-    cells_layer(keys, finest, colors, fill_opacity=0.75, stroke_color="#7f2704", weight=1.0,
+    cells_layer(keys, depth, colors, fill_opacity=0.75, stroke_color="#7f2704", weight=1.0,
                 fields={"prob": [f"{p:.1%}" for p in probs],
                         "rank": list(range(1, len(cands) + 1)),
                         "country": [c.country or "" for c in cands],
@@ -564,12 +592,13 @@ def log_prob_scale(logp, decades: int = PROB_DECADES) -> np.ndarray:
 
 
 def probability_map(keys, level: int, logp, *, decades: int = PROB_DECADES, best: tuple | None = None,
-                    true: tuple | None = None, height: str | int = "100%") -> folium.Map:
+                    true: tuple | None = None, height: str | int = "100%", depths=None) -> folium.Map:
     """The whole world with EVERY finest class coloured by its joint probability on a log
     scale (``log_prob_scale``), as ONE canvas layer (``cells_layer``): a guess split
     between two continents looks like one. ``keys``: the classes' cell keys at ``level``;
     ``logp``: their natural-log probabilities (-inf: impossible, drawn at the floor).
-    ``best`` / ``true``: optional (lat, lon) markers. Offline, like every map here."""
+    ``best`` / ``true``: optional (lat, lon) markers. ``depths``: each cell's depth when
+    they differ (adaptive cells; ``Hierarchy.depths``). Offline, like every map here."""
     keys = np.asarray(keys, dtype=np.int64).ravel()
     lp = np.asarray(logp, dtype=np.float64).ravel()
     if lp.size != keys.size:
@@ -578,7 +607,7 @@ def probability_map(keys, level: int, logp, *, decades: int = PROB_DECADES, best
     colours = color_scale(t, vmin=0.0, vmax=1.0, colors=PROB_RAMP, steps=61)
     p = np.exp(lp)
     m = base_map(center=(20.0, 0.0), zoom=1, height=height)
-    cells_layer(keys, level, colours, alpha=0.25 + 0.7 * t,
+    cells_layer(keys, level if depths is None else depths, colours, alpha=0.25 + 0.7 * t,
                 fields={"p": [f"{v:.2g}" if v > 0 else "0" for v in p]},
                 tooltip=[("cell", "Cell"), ("p", "Joint probability")],
                 name=f"Level {level}: all {keys.size:,} classes", weight=0.0, fill_opacity=0.8).add_to(m)

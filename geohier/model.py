@@ -50,7 +50,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from geohier import grid
 from geohier.backbones import Backbone, build_backbone, check_backbone, from_arch, is_foundation
 from geohier.errors import GeohierError, ModelError, WorkspaceError
 from geohier.fileio import (  # the one safetensors I/O; re-exported for model's callers
@@ -298,7 +297,7 @@ def derive_level_logits(z: torch.Tensor, ancestors: Mapping[int, torch.Tensor],
 def class_bounds(hierarchy, level: int) -> np.ndarray:
     """(C, 4) west, south, east, north of each class's cell at ``level``: the frame the
     hybrid head's offsets are measured in (the Predictor's ``bounds``)."""
-    return np.stack(grid.key_bounds(hierarchy.keys(level), level), axis=1).astype(np.float64)
+    return np.stack(hierarchy.bounds(level), axis=1).astype(np.float64)  # cells of any depth (adaptive)
 
 
 def encode_offsets(lat, lon, pos, bounds):

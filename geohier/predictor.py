@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from geohier import conformal as cf
-from geohier import geodesy, grid
+from geohier import geodesy
 from geohier import refine as rf
 from geohier.combine import Combined, KeepRule, Tree, combine, rules_for
 from geohier.conformal import Region
@@ -303,8 +303,7 @@ class Predictor:
         # the "argmax" walk: the finest head alone, as a one-level tree
         self._flat_tree = Tree.from_hierarchy(self.hierarchy, (self.finest,))
         self.cells = {lv: self.hierarchy.cells(lv) for lv in self.levels}
-        keys = self.hierarchy.keys(self.finest)
-        self.bounds = np.stack(grid.key_bounds(keys, self.finest), axis=1)  # (C, 4) w, s, e, n
+        self.bounds = np.stack(self.hierarchy.bounds(self.finest), axis=1)  # (C, 4) w, s, e, n; any depth
         # a hybrid head (on the model of the finest level) regresses the offset inside its cells
         self.hybrid = (meta_pos.get("arch") or {}).get("head") == "hybrid"
         self._place_cache: dict[int, tuple] = {}
@@ -561,7 +560,7 @@ class Predictor:
 
     def finest_areas(self) -> np.ndarray:
         """(C,) km² of each finest class's cell."""
-        return grid.key_areas_km2(np.asarray(self.hierarchy.keys(self.finest), np.int64), self.finest)
+        return self.hierarchy.areas_km2(self.finest)
 
     def conformal_regions(self, logp: torch.Tensor, coverage: float) -> list[Region]:
         """The conformal region of each row of ``log_joint``: the finest cells a coverage of

@@ -26,35 +26,51 @@ from tqdm import tqdm
 from geohier import grid
 from geohier.errors import InputError, WorkspaceError
 from geohier.hierarchy import (
+    ADAPTIVE_MAX_DEPTH,
     DEFAULT_FRACTIONS,
     DEFAULT_MIN_IMAGES,
     Hierarchy,
     assign_splits,
+    build_adaptive,
     build_hierarchy,
     cell_counts,
     check_fractions,
+    check_max_depth,
     parse_min_images,
+    parse_thresholds,
 )
 from geohier.splits import Splits, runs_on_other_splits
 from geohier.splits import record as record_split
 from geohier.workspace import SPLITS, Workspace, atomic_write_text
 
 EXPORT_MARKER = ".geohier-export.json"
+CELLS = ("fixed", "adaptive")
 NO_IMAGES = ("the manifest has no images; build the demo world (`python -m pipeline demo`), "
              "import photos (`import-photos DIR`) or fetch some first")
 
 
 def build_labels(ws: Workspace, levels: Sequence[int] = grid.DEFAULT_LEVELS,
                  min_images=DEFAULT_MIN_IMAGES, seed: int = 0,
-                 fractions=DEFAULT_FRACTIONS) -> Hierarchy:
+                 fractions=DEFAULT_FRACTIONS, cells: str = "fixed", thresholds=None,
+                 max_depth: int = ADAPTIVE_MAX_DEPTH) -> Hierarchy:
     """Build hierarchy.json from the manifest and assign every image's split.
 
     ``min_images`` is an int, a {level: n} mapping or text such as ``"1:1,3:5"``.
+    ``cells="adaptive"`` builds adaptive levels instead (``geohier.hierarchy.build_adaptive``:
+    levels 1..K, one per threshold, ``thresholds`` defaulting from the image count;
+    ``levels`` and ``min_images`` are then unused).
     Raises InputError on an empty manifest; levels with fewer than 2 classes are allowed
     (see ``Hierarchy.problems``). Returns the saved hierarchy.
     """
+    if cells not in CELLS:
+        raise InputError(f"--cells must be one of {', '.join(CELLS)}, got {cells!r}")
+    adaptive = cells == "adaptive"
     levels = grid.check_levels(levels)
     mins = parse_min_images(min_images, levels)
+    if adaptive:
+        max_depth = check_max_depth(max_depth)
+        if thresholds is not None:
+            thresholds = parse_thresholds(thresholds)
     fr = check_fractions(fractions)
     if not ws.has_manifest():
         raise InputError(NO_IMAGES)
@@ -63,7 +79,8 @@ def build_labels(ws: Workspace, levels: Sequence[int] = grid.DEFAULT_LEVELS,
         if df.empty:
             raise InputError(NO_IMAGES)
         lat, lon = df["lat"].to_numpy(np.float64), df["lon"].to_numpy(np.float64)
-        h = build_hierarchy(lat, lon, levels, mins)
+        h = (build_adaptive(lat, lon, thresholds, max_depth) if adaptive
+             else build_hierarchy(lat, lon, levels, mins))
         splits = assign_splits(df["id"].to_numpy(), lat, lon, df["sequence_id"].to_numpy(object),
                                fractions=fr, seed=seed)
         info = {"train": float(fr[0]), "val": float(fr[1]), "test": float(fr[2]), "seed": int(seed)}
@@ -223,6 +240,17 @@ def register(sub) -> None:
     p.add_argument("--min-images", default=str(DEFAULT_MIN_IMAGES), metavar="N|LEVEL:N,...",
                    help="images a cell needs to be a class: one number for every level, or per level "
                         f"such as 1:1,3:5,8:10 (unnamed levels get the default) (default: {DEFAULT_MIN_IMAGES})")
+    p.add_argument("--cells", choices=CELLS, default="fixed",
+                   help="fixed: the cells of --levels with enough images; adaptive: levels 1..K of quadtree "
+                        "cells of any depth, split while they hold --thresholds images, so that every image "
+                        "has a class at every level (default: fixed)")
+    p.add_argument("--thresholds", default=None, metavar="N1,N2,...",
+                   help="adaptive cells: per level, split a cell while it holds at least this many images; "
+                        "decreasing, one number per level (default: from the image count, aiming at about "
+                        "4, 64, 1024 and 16384 classes)")
+    p.add_argument("--max-depth", type=int, default=ADAPTIVE_MAX_DEPTH,
+                   help=f"adaptive cells: the deepest quadtree level a cell may reach "
+                        f"(default: {ADAPTIVE_MAX_DEPTH}, ~600 m)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split assignment (default: 0)")
     p.add_argument("--split", default="0.8,0.1,0.1", metavar="TRAIN,VAL,TEST",
                    help="split fractions over images (default: 0.8,0.1,0.1)")
@@ -233,11 +261,28 @@ def register(sub) -> None:
 
 
 def run(args, ws: Workspace) -> int:
+    cells = getattr(args, "cells", "fixed")
+    if cells == "adaptive" and args.levels != "1,3,5,8":
+        raise InputError("--levels is for fixed cells; adaptive levels are 1..K, one per --thresholds value")
     levels = grid.parse_levels(args.levels)
-    h = build_labels(ws, levels, args.min_images, args.seed, args.split)
-    print(f"wrote {ws.hierarchy_path} (hash {h.hash[:12]}, {h.images} images)")
-    print(f"{'level':>5} {'min':>5} {'cells':>7} {'classes':>8} {'dropped':>8} {'images kept':>12}")
-    for lv in h.levels:
+    h = build_labels(ws, levels, args.min_images, args.seed, args.split, cells=cells,
+                     thresholds=getattr(args, "thresholds", None), max_depth=getattr(args, "max_depth",
+                                                                                     ADAPTIVE_MAX_DEPTH))
+    print(f"wrote {ws.hierarchy_path} (hash {h.hash[:12]}, {h.images} images"
+          + (f", adaptive cells, max depth {h.max_depth})" if h.adaptive else ")"))
+    if h.adaptive:
+        from geohier.charts import gini
+
+        print(f"{'level':>5} {'split at':>8} {'classes':>8} {'depths':>7} {'median':>7} {'gini':>6} "
+              f"{'images kept':>12}")
+        for lv in h.levels:
+            n, d = h.counts(lv), h.depths(lv)
+            kept = int(n.sum())
+            print(f"{lv:>5} {h.scheme['thresholds'][lv]:>8} {n.size:>8} {f'{d.min()}-{d.max()}':>7} "
+                  f"{float(np.median(n)):>7g} {gini(n):>6.3f} {f'{kept} ({kept / max(h.images, 1):.0%})':>12}")
+    else:
+        print(f"{'level':>5} {'min':>5} {'cells':>7} {'classes':>8} {'dropped':>8} {'images kept':>12}")
+    for lv in h.levels if not h.adaptive else ():
         s = h.stats.get(lv, {})
         kept = s.get("images_kept", int(h.counts(lv).sum()))
         print(f"{lv:>5} {h.min_images[lv]:>5} {s.get('cells_with_images', 0):>7} {h.num_classes[lv]:>8} "

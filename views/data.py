@@ -17,13 +17,43 @@ import streamlit as st
 
 from geohier import charts, grid, maps
 from geohier.errors import GeohierError
-from geohier.hierarchy import DEFAULT_MIN_IMAGES, Hierarchy, kept_summary, select_classes
+from geohier.hierarchy import (
+    ADAPTIVE_MAX_DEPTH,
+    DEFAULT_MIN_IMAGES,
+    Hierarchy,
+    adaptive_summary,
+    build_adaptive,
+    default_thresholds,
+    kept_summary,
+    select_classes,
+)
 from geohier.workspace import Workspace
 from pipeline import fetch_cells, tasks
 from pipeline.labels import build_labels, cell_table, level_counts, split_report
 from views._common import manifest_summary, manifest_version, workspace
 
 # --------------------------------------------------------------------------- cached reads
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _adaptive_preview(data_dir: str, models_dir: str, version: float, thresholds: str, max_depth: int) -> list[dict]:
+    """``geohier.hierarchy.adaptive_summary`` of the manifest's positions."""
+    with Workspace(Path(data_dir), Path(models_dir)).manifest() as m:
+        lat, lon = m.points()
+    return adaptive_summary(lat, lon, thresholds, max_depth)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _adaptive_map(data_dir: str, models_dir: str, version: float, thresholds: str, max_depth: int) -> str | None:
+    """The map of the finest adaptive level's cells (None over ``maps.IMAGES_MAP_MAX_CELLS``)."""
+    with Workspace(Path(data_dir), Path(models_dir)).manifest() as m:
+        lat, lon = m.points()
+    h = build_adaptive(lat, lon, thresholds, max_depth)
+    f = h.levels[-1]
+    if h.num_classes[f] > maps.IMAGES_MAP_MAX_CELLS:
+        return rows, None
+    html = maps.offline_html(maps.images_map(h.keys(f), h.counts(f), [""] * h.num_classes[f], h.depths(f)))
+    return html
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -268,6 +298,48 @@ if st.button("Write hierarchy.json and the splits", type="primary"):
             st.warning(problem)
         stored = h.to_dict()
         summary = manifest_summary(str(ws.data_dir), str(ws.models_dir), manifest_version(ws))
+
+with st.expander("Adaptive cells: preview and write", expanded=bool(stored and stored.get("cells") == "adaptive")):
+    st.caption("Instead of fixed levels: level k splits quadtree cells while they hold at least N_k images "
+               "(N decreasing level by level), so every image has a class at every level and classes are "
+               "cells of any depth (`python -m pipeline labels --cells adaptive`).")
+    a1, a2 = st.columns(2)
+    thresholds_text = a1.text_input(
+        "Split thresholds N1,N2,...", key="adaptive_thresholds",
+        value=",".join(map(str, (stored or {}).get("thresholds", {}).values()))
+        or ",".join(map(str, default_thresholds(summary["images"]))),
+        help="one number per level, decreasing; the default aims at about 4, 64, 1024 and 16384 classes")
+    max_depth = int(a2.number_input("Max depth", min_value=1, max_value=grid.MAX_LEVEL, key="adaptive_depth",
+                                    value=int((stored or {}).get("max_depth", ADAPTIVE_MAX_DEPTH))))
+    try:
+        preview = _adaptive_preview(str(ws.data_dir), str(ws.models_dir), version, thresholds_text, max_depth)
+    except GeohierError as exc:
+        st.error(str(exc))
+    else:
+        st.dataframe(pd.DataFrame(preview).rename(columns={"without_class": "images without a class"}),
+                     hide_index=True)
+        if st.toggle("Map the finest level's cells", key="adaptive_map"):
+            preview_map = _adaptive_map(str(ws.data_dir), str(ws.models_dir), version, thresholds_text, max_depth)
+            if preview_map is None:
+                st.info("The finest level has too many cells to draw.")
+            else:
+                st.caption(f"The {preview[-1]['classes']:,} cells of the finest level (level {preview[-1]['level']}), "
+                           "coloured by images")
+                st.iframe(preview_map, height=420)
+        if st.button("Write adaptive hierarchy.json and the splits", key="adaptive_write"):
+            try:
+                with st.spinner("Building the adaptive hierarchy and the splits ..."):
+                    h = build_labels(ws, seed=int(split_seed), fractions=split_text, cells="adaptive",
+                                     thresholds=thresholds_text, max_depth=max_depth)
+            except GeohierError as exc:
+                st.error(str(exc))
+            else:
+                st.success(f"Wrote {ws.hierarchy_path.name} (adaptive cells): {h.num_classes} classes, "
+                           f"hash {h.hash[:12]}; split version {h.splits['hash'][:12]}.")
+                for problem in h.problems():
+                    st.warning(problem)
+                stored = h.to_dict()
+                summary = manifest_summary(str(ws.data_dir), str(ws.models_dir), manifest_version(ws))
 
 if stored:
     splits = summary.get("by_split", {})

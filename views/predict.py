@@ -85,8 +85,9 @@ def world_map(runs: tuple[str, ...], stamp: tuple, sha: str, temperature: bool, 
     """The world probability map of one upload (``maps.probability_map``), built once per
     photo, temperature setting and region limit."""
     predictor = load_predictor(runs, stamp)
-    return maps.probability_map(predictor.hierarchy.keys(predictor.finest), predictor.finest, _logp,
-                                best=best, true=_true)
+    h = predictor.hierarchy
+    return maps.probability_map(h.keys(predictor.finest), predictor.finest, _logp, best=best, true=_true,
+                                depths=h.depths(predictor.finest) if h.adaptive else None)
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
