@@ -249,14 +249,22 @@ def test_store_image_spares_a_concurrent_writers_temp_file_and_removes_a_stale_o
     sha = sha256_bytes(data)
     folder = ws.images_dir / sha[:2]
     folder.mkdir(parents=True)
-    theirs = folder / f".{sha}.jpg.99999-1-abcd.tmp"      # another import, mid-write
-    stale = folder / f".{sha}.jpg.88888-1-dead.tmp"       # an import killed long ago
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another importer, alive
+    theirs = folder / f".{sha}.jpg.{other.pid}-1-abcd.tmp"      # its file, mid-write
+    stale = folder / f".{sha}.jpg.{os.getpid()}-1-dead.tmp"     # one of ours, left long ago
     theirs.write_bytes(data[:5])
     stale.write_bytes(data[:3])
     hour_ago = time.time() - 3600
     os.utime(stale, (hour_ago, hour_ago))
-    with ws.manifest() as m:
-        assert m.store_image(data, "jpg", source="photos", lat=1.0, lon=2.0) is not None
+    try:
+        with ws.manifest() as m:
+            assert m.store_image(data, "jpg", source="photos", lat=1.0, lon=2.0) is not None
+    finally:
+        other.kill()
+        other.wait()
     assert theirs.read_bytes() == data[:5] and not stale.exists()
     assert (folder / f"{sha}.jpg").read_bytes() == data
 
