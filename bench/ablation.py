@@ -110,7 +110,7 @@ def main() -> int:
     args = ap.parse_args()
     base = T.demo_config(backbone=args.backbone, image_size=args.image_size, epochs=args.epochs,
                          batch_size=args.batch_size, threads=args.threads, workers=1, seed=0, device="cpu")
-    started = datetime.now(UTC)
+    started, code = datetime.now(UTC), commit()  # the code that runs: HEAD may move during the run
     rows, sizes, hashes, baselines = [], set(), set(), {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -150,7 +150,7 @@ def main() -> int:
                   f"{result['geo']['geoscore']:.0f} (rule {rule}), {n} test images, split "
                   f"{str(split_hash)[:12]}", flush=True)
     same = len(sizes) == 1 and len(hashes) == 1
-    print(f"\ndate {started:%Y-%m-%d %H:%M} UTC, commit {commit()}; synthetic demo world ({args.images} images, "
+    print(f"\ndate {started:%Y-%m-%d %H:%M} UTC, commit {code}; synthetic demo world ({args.images} images, "
           f"seed 0), one small CPU budget ({args.backbone} from scratch, {args.image_size} px, {args.epochs} epochs, "
           f"batch {args.batch_size}, {args.threads} thread(s)); test split: {', '.join(map(str, sorted(sizes)))} "
           f"images, {'the same split in every row' if same else 'SPLITS DIFFER ACROSS ROWS'}\n")
