@@ -675,22 +675,29 @@ class Predictor:
                          fallback=self.positions[np.maximum(best, 0)] if fallback is None else fallback)
 
     def points(self, logits: Mapping, walk: str = "hierarchical", *, features=None, refine: bool = False,
-               chunk: int = 1024, offset: bool = True) -> Points:
+               chunk: int = 1024, offset: bool = True, within=None) -> Points:
         """Predicted points of many rows of logits ``{level: (N, C)}`` (and features (N, D)
         with ``refine``), in chunks of ``chunk`` rows: what ``predict_logits``'s best
         candidate says for each row, without building the per-image objects. The
         evaluation scores these, so its numbers are the answers users get. A hybrid run's
         points are its offset guesses (``logits["offset"]``); ``offset=False``: the cell's
-        point instead (the centroid rule)."""
+        point instead (the centroid rule). ``within``: a region limit, as ``predict_logits``
+        applies it (classes outside it out of the walk, the limit's points, no offsets)."""
+        limit = self.limit(within) if within is not None else None
+        if limit is not None and refine:
+            raise InputError("--within and --refine do not go together: refinement may move a guess outside "
+                             "the limit")
         if refine:
             self.neighbour_index()
         n = int(torch.as_tensor(logits[self.finest]).shape[0])
-        offsets = self._offsets(logits, offset)
-        source = "neighbours" if refine else "offset" if offsets is not None else self.position_source
+        offsets = self._offsets(logits, offset) if limit is None else None
+        positions = limit.positions if limit is not None else self.positions
+        source = ("neighbours" if refine else "offset" if offsets is not None
+                  else "within" if limit is not None else self.position_source)
         cls, lat, lon, moved = [], [], [], []
         for i in range(0, n, max(1, int(chunk))):
             part = {lv: torch.as_tensor(logits[lv])[i:i + chunk] for lv in self.levels}
-            combined = self._combine(part, walk)
+            combined = self._combine(part, walk, within=limit)
             best = np.maximum(combined.best().cpu().numpy(), 0)
             cls.append(best)
             guess = None
@@ -706,8 +713,8 @@ class Predictor:
                 lat.append(guess[:, 0])
                 lon.append(guess[:, 1])
             else:
-                lat.append(self.positions[best, 0])
-                lon.append(self.positions[best, 1])
+                lat.append(positions[best, 0])
+                lon.append(positions[best, 1])
         if not n:
             return Points(np.zeros(0), np.zeros(0), np.zeros(0, np.int64), None if not refine else np.zeros(0, bool),
                           source)

@@ -334,7 +334,8 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
                  images_root: str | os.PathLike | None = None, split: str = "test",
                  batch_size: int = 64, device: str | None = None, num_workers: int = 0,
                  calibrate: bool | None = None, progress: bool = True, refine: bool = False,
-                 refine_k: int = rf.DEFAULT_K, refine_tau: float = rf.DEFAULT_TAU) -> dict:
+                 refine_k: int = rf.DEFAULT_K, refine_tau: float = rf.DEFAULT_TAU,
+                 within: str | None = None) -> dict:
     """Evaluate a run; write ``eval.json`` into the run and return its content.
 
     ``csv``: evaluate on an external CSV (path, lat, lon; OSV-5M and Im2GPS3k column names
@@ -343,7 +344,9 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     meta.json has none fitted yet and the workspace has a val split). ``refine``: also
     score retrieval refinement (``refine_k`` neighbours per cell, temperature
     ``refine_tau``; see ``geohier.refine``) as its own rule and leaderboard entry; a run
-    without ``neighbours.safetensors`` is refused before anything runs.
+    without ``neighbours.safetensors`` is refused before anything runs. ``within``: score
+    the guesses ``predict --within`` gives (a region limit, ``geohier.limits``) on every
+    image; its leaderboard entry is ``<run> within <limit>``, beside the unlimited one.
     """
     run_dir = Path(run_dir)
     if split not in SPLIT_CHOICES:
@@ -351,6 +354,10 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     _check_not_running(run_dir)
     t0 = time.perf_counter()
     predictor = _load(run_dir, device)
+    if within is not None and refine:
+        raise InputError("--within and --refine do not go together: refinement may move a guess outside the limit")
+    if within is not None:
+        predictor.limit(within)  # a bad limit is refused before anything runs
     if refine:
         predictor.refine_k, predictor.refine_tau = int(refine_k), float(refine_tau)
         predictor.neighbour_index()  # refuse before anything runs
@@ -415,9 +422,9 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     evaluated = truth.subset(keys)
     tlat, tlon = collected["lat"], collected["lon"]
     # every point comes from the Predictor: the answers `predict` gives, walk by walk
-    points = {walk: predictor.points(collected["logits"], walk) for walk in predictor.walks()}
+    points = {walk: predictor.points(collected["logits"], walk, within=within) for walk in predictor.walks()}
     geo_by_rule = {}
-    if predictor.hybrid:  # the centroid rule beside the hybrid guesses: the offsets' gain in one report
+    if predictor.hybrid and within is None:  # the centroid rule beside the hybrid guesses: the offsets' gain
         points.update({f"{walk}+centroid": predictor.points(collected["logits"], walk, offset=False)
                        for walk in predictor.walks()})
     for walk, pts in points.items():
@@ -449,7 +456,8 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     recall_area = predictor.recall_area(collected["logits"], collected["labels"][finest])
     baselines = benchmark.baseline_scores(evaluated, *run_training_points(predictor, ws))
     result = {
-        "format": EVAL_FORMAT, "run": run_dir.name, "created_at": utcnow(), "source": source,
+        "format": EVAL_FORMAT, "run": run_dir.name, "created_at": utcnow(),
+        "source": {**source, **({"within": predictor.limit(within).describe()} if within is not None else {})},
         "images": int(len(collected["index"])), "skipped": len(collected["skipped"]),
         "levels": levels, "per_level": per_level, "geo": geo, "geo_by_rule": geo_by_rule,
         "baselines": {name: {**b["geo"], "note": b["note"]} for name, b in baselines.items()},
@@ -474,7 +482,8 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     arch = meta.get("arch") or {}
     design = "".join(f", {k} {arch[k]}" for k, d in (("head", "cell"), ("loss", "independent"))
                       if arch.get(k, d) != d)  # the run's design when it is not the seed's
-    entries = [(run_dir.name, plat, plon, f"{levels} levels, rule {rule}{design}{flag}")]
+    limited = f" within {predictor.limit(within).describe()}" if within is not None else ""
+    entries = [(f"{run_dir.name}{limited}", plat, plon, f"{levels} levels, rule {rule}{limited}{design}{flag}")]
     if refined is not None:  # its own entry, beside the run's, so the table shows whether it helps
         rname, rlat, rlon = refined
         entries.append((f"{run_dir.name} +refine", rlat, rlon,
@@ -622,6 +631,9 @@ def register(sub) -> None:
     p.add_argument("--refine", action="store_true",
                    help="also score the guess refined to the nearest training images inside the kept cells "
                         f"(runs with {runs.NEIGHBOURS_FILE}), as its own rule and leaderboard entry (default: off)")
+    p.add_argument("--within", default=None, metavar="country:CC,...|bbox:S,W,N,E",
+                   help="score the guesses predict --within gives (classes outside the region out of the walk); "
+                        "its own leaderboard entry '<run> within ...' (default: no limit)")
     p.add_argument("--json", action="store_true", help=f"print {runs.EVAL_FILE} instead of the table")
     p.set_defaults(func=run)
 
@@ -634,7 +646,8 @@ def run(args, ws: Workspace) -> int:
     run_dir = runs.resolve_run(ws.models_dir, args.run_dir).path
     result = evaluate_run(run_dir, ws, csv=args.csv, images_root=args.images_root, split=args.split,
                           batch_size=args.batch_size, device=args.device, num_workers=args.workers,
-                          calibrate=args.calibrate, progress=sys.stderr.isatty(), refine=args.refine)
+                          calibrate=args.calibrate, progress=sys.stderr.isatty(), refine=args.refine,
+                          within=args.within)
     for note in result.get("notes") or []:
         print(f"note: {note}", file=sys.stderr)
     if args.json:

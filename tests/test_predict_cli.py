@@ -245,7 +245,6 @@ def test_coverage_needs_a_conformal_calibration(ws, run_dir, photos, capsys):
 
 
 def test_coverage_json_returns_the_region_and_its_area(ws, calibrated_run, city_photos, capsys):
-    import numpy as np
 
     from geohier import grid
 

@@ -210,3 +210,36 @@ def test_evaluate_csv_flags_training_images(ws, tmp_path, capsys):
     board = Leaderboard(ws.data_dir)
     entry = board.entries(board.truth_sets()[0]["hash"])["tiny"]
     assert "NOT HELD OUT: 3 of 5" in entry["note"] and entry["in_training"] == 3
+
+
+def test_evaluate_within_scores_predicts_limited_answers(ws, capsys):
+    """evaluate --within: every scored guess lies inside the limit (the points predict
+    --within gives), in an entry of its own beside the run's."""
+    from geohier.leaderboard import Leaderboard
+
+    run = make_tiny_run(ws, "tiny")
+    bbox = "bbox:30,-10,60,20"  # Europe: Paris and Berlin
+    rc, _, err = _main(["evaluate", "tiny", "--no-calibrate"], capsys)
+    assert rc == 0, err
+    rc, _, err = _main(["evaluate", "tiny", "--no-calibrate", "--within", bbox], capsys)
+    assert rc == 0, err
+    res = json.loads((run / "eval.json").read_text())
+    assert res["source"]["within"].startswith("bbox") and res["geo"]["point"] == "within"
+    board = Leaderboard(ws.data_dir)
+    entries = board.entries(board.truth_sets()[0]["hash"])
+    name = next(n for n in entries if n.startswith("tiny within "))
+    assert "tiny" in entries and entries[name]["geo"] != entries["tiny"]["geo"]
+    pts = board.points(board.truth_sets()[0]["hash"], name)
+    lat, lon = pts["pred_lat"].to_numpy(float), pts["pred_lon"].to_numpy(float)
+    assert ((lat >= 30) & (lat <= 60) & (lon >= -10) & (lon <= 20)).all()
+    # and the Predictor's own answers agree with them
+    p = Predictor.load(run, device="cpu")
+    with ws.manifest() as m:
+        frame = m.frame(["id", "path"])
+    frame = frame[frame["id"].isin(splits.of_run(run, ws).ids["test"])]
+    preds = p.predict_files([str(ws.resolve(x)) for x in frame["path"]], places=0, within=bbox)
+    got = dict(zip(pts["key"].astype(str), zip(lat, lon, strict=True), strict=True))
+    for key, q in zip(frame["id"].astype(str), preds, strict=True):
+        assert got[key] == pytest.approx((q.best.lat, q.best.lon), abs=1e-9)
+    rc, _, err = _main(["evaluate", "tiny", "--within", "country:ZZ"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
