@@ -480,8 +480,9 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
             if in_training and in_training["in_training"] else "")
     board = Leaderboard(ws.data_dir)
     arch = meta.get("arch") or {}
-    design = "".join(f", {k} {arch[k]}" for k, d in (("head", "cell"), ("loss", "independent"))
+    design = ("".join(f", {k} {arch[k]}" for k, d in (("head", "cell"), ("loss", "independent"))
                       if arch.get(k, d) != d)  # the run's design when it is not the seed's
+              + (", adaptive cells" if predictor.hierarchy.adaptive else ""))
     limited = f" within {predictor.limit(within).describe()}" if within is not None else ""
     entries = [(f"{run_dir.name}{limited}", plat, plon, f"{levels} levels, rule {rule}{limited}{design}{flag}")]
     if refined is not None:  # its own entry, beside the run's, so the table shows whether it helps

@@ -248,6 +248,10 @@ def test_evaluate_on_an_adaptive_workspace(ws):
     assert res["levels"] == [1, 2] and res["images"] == 6
     assert res["per_level"]["2"]["n"] == 6  # every test image has a class at the finest level
     assert 0 <= res["geo"]["median_km"] < 20_100
+    from geohier.leaderboard import Leaderboard
+
+    board = Leaderboard(ws.data_dir)  # the leaderboard says the run's design
+    assert "adaptive cells" in board.entries(board.truth_sets()[0]["hash"])["tiny"]["note"]
 
 
 def test_build_labels_cli(ws, capsys):
