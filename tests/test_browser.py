@@ -284,3 +284,26 @@ def test_predict_world_probability_map_and_explanation_overlay(app, page, tmp_pa
     screenshot(page, "predict-world-and-why")
     assert not exception_texts(page)
     assert_no_off_host_requests(page)
+
+
+def test_predict_coverage_region_draws_its_cells(app, page, tmp_path):
+    """The coverage region (the run is calibrated at the end of training): its cell count and
+    km² on the page; nothing leaves the host."""
+    from geohier.hierarchy import Hierarchy
+
+    url, ws = app
+    page.goto(url + "/predict")
+    wait_for_app(page)
+    photo = tmp_path / "street.jpg"
+    photo.write_bytes(jpeg_bytes(size=(320, 240), gps=(48.85, 2.35)))
+    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files([str(photo)])
+    wait_for_app(page)
+    page.get_by_text("Coverage region").first.click()
+    wait_for_app(page)
+    text = page.locator('[data-testid="stMain"]').inner_text()
+    assert "Region cells" in text and "km²" in text
+    region = int(text.split("Region cells", 1)[1].split()[0].replace(",", ""))
+    assert 1 <= region <= Hierarchy.load(ws.hierarchy_path).num_classes[3]
+    screenshot(page, "predict-coverage-region")
+    assert not exception_texts(page)
+    assert_no_off_host_requests(page)
