@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +36,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from geohier.errors import SplitError, WorkspaceError
+from geohier import geodesy, grid
+from geohier.errors import InputError, SplitError, WorkspaceError
 from geohier.fileio import atomic_link_or_copy, atomic_write_bytes, open_safetensors
 from geohier.workspace import SPLITS, Workspace
 
@@ -323,4 +326,136 @@ def runs_on_other_splits(models_dir: str | os.PathLike, new_hash: str) -> list[t
 
 
 __all__ = ["FORMAT", "RunSplit", "SplitError", "Splits", "attach", "current", "of_run", "record", "recorded",
-           "recorded_hash", "run_ids", "runs_on_other_splits", "store_path"]
+           "recorded_hash", "run_ids", "runs_on_other_splits", "store_path",
+           "assign_splits", "check_fractions", "split_groups", "DEFAULT_FRACTIONS"]
+
+
+# ---------------------------------------------------------------- drawing the splits (pipeline labels)
+
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+SPLIT_BUCKET_LEVEL = 15  # cells of ~1.2 x 0.6 km at the equator (narrower towards the poles)
+LINK_M = 100.0  # points closer than this across a bucket edge share a group
+_DEDUP_LEVEL = 22  # ~10 x 5 m: points in one such cell are one point for the link search
+
+
+def _known(values) -> np.ndarray:
+    s = pd.Series(values, dtype=object)
+    return (s.notna() & (s.astype(str).str.strip() != "") & (s.astype(str) != "None")).to_numpy()
+
+
+def split_groups(lat, lon, sequence_ids=None, link_m: float = LINK_M,
+                 bucket_level: int = SPLIT_BUCKET_LEVEL, max_group: int | None = None) -> np.ndarray:
+    """The split group of every image, as strings: ``"s:<sequence>"`` when the sequence is
+    known, else ``"b:<bucket key>"`` (a ~1 km cell, merged across edges with neighbours
+    closer than ``link_m``).
+
+    Merging stops short of a group larger than ``max_group`` images (default: 2% of the
+    images, at least 50), so that one dense city of unsequenced photos cannot swallow a
+    whole split; the closest pairs merge first.
+    """
+    lat = np.asarray(lat, dtype=np.float64).ravel()
+    lon = np.asarray(lon, dtype=np.float64).ravel()
+    n = lat.size
+    if lon.size != n:
+        raise InputError(f"lat and lon differ in length: {n} vs {lon.size}")
+    seq = np.asarray(sequence_ids if sequence_ids is not None else [None] * n, dtype=object).ravel()
+    if seq.size != n:
+        raise InputError(f"sequence_ids has {seq.size} entries for {n} points")
+    groups = np.empty(n, dtype=object)
+    has_seq = _known(seq) if n else np.zeros(0, dtype=bool)
+    groups[has_seq] = ["s:" + str(s) for s in seq[has_seq]]
+    sp = np.flatnonzero(~has_seq)
+    if sp.size:
+        bucket = grid.encode(lat[sp], lon[sp], bucket_level)
+        roots = _merge_buckets(lat[sp], lon[sp], bucket, bucket_level, link_m,
+                               max_group if max_group is not None else max(50, math.ceil(0.02 * n)))
+        groups[sp] = ["b:" + str(int(b)) for b in roots]
+    return groups
+
+
+def _merge_buckets(lat, lon, bucket, bucket_level, link_m, max_group) -> np.ndarray:
+    # Union-find over buckets, linked by point pairs closer than link_m in different buckets.
+    from scipy.spatial import cKDTree
+
+    ub, inv, size = np.unique(bucket, return_inverse=True, return_counts=True)
+    if link_m <= 0 or ub.size < 2:
+        return ub[inv]
+    # Points in one ~10 m cell are in one bucket: search on one point per such cell.
+    fine = grid.encode(lat, lon, max(_DEDUP_LEVEL, bucket_level))
+    _, rep = np.unique(fine, return_index=True)
+    xyz = geodesy.unit_vectors(lat[rep], lon[rep]) * geodesy.EARTH_RADIUS_M  # (P, 3) metres
+    pairs = cKDTree(xyz).query_pairs(link_m, output_type="ndarray")
+    if pairs.size == 0:
+        return ub[inv]
+    a, b = inv[rep[pairs[:, 0]]], inv[rep[pairs[:, 1]]]
+    cross = a != b
+    a, b, p = a[cross], b[cross], pairs[cross]
+    d = np.linalg.norm(xyz[p[:, 0]] - xyz[p[:, 1]], axis=1)
+    order = np.argsort(d, kind="stable")
+    parent = np.arange(ub.size)
+    weight = size.astype(np.int64).copy()
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i in order:
+        ra, rb = find(a[i]), find(b[i])
+        if ra == rb or weight[ra] + weight[rb] > max_group:
+            continue
+        if ra > rb:  # the smaller bucket key names the group: independent of input order
+            ra, rb = rb, ra
+        parent[rb] = ra
+        weight[ra] += weight[rb]
+    roots = np.array([find(i) for i in range(ub.size)])
+    return ub[roots][inv]
+
+
+def assign_splits(ids, lat, lon, sequence_ids=None, fractions=DEFAULT_FRACTIONS, seed: int = 0,
+                  link_m: float = LINK_M) -> np.ndarray:
+    """"train" / "val" / "test" for every image, drawn by groups (``split_groups``).
+
+    Groups are ordered by a seeded hash of their name and dealt out along the cumulative
+    image count, so the fractions hold over images up to the size of one group, the result
+    does not depend on the order of the input, and the same seed gives the same splits.
+    ``ids`` only fixes the length (and is checked against it).
+
+    >>> assign_splits([1, 2], [10, 10.0001], [10, 10], [None, None]).tolist()
+    ['train', 'train']
+    """
+    ids = np.asarray(ids).ravel()
+    fr = check_fractions(fractions)
+    groups = split_groups(lat, lon, sequence_ids, link_m=link_m)
+    if groups.size != ids.size:
+        raise InputError(f"{ids.size} ids but {groups.size} points")
+    out = np.empty(ids.size, dtype="<U5")
+    if not ids.size:
+        return out
+    codes, names = pd.factorize(pd.Series(groups, dtype=object), sort=False)
+    names = np.asarray(names, dtype=object)
+    sizes = np.bincount(codes, minlength=names.size)
+    key = hashlib.sha256(f"geohier-splits:{seed}".encode()).hexdigest()[:16]
+    h = pd.util.hash_array(names, hash_key=key, categorize=False)  # (G,) uint64, seeded
+    order = np.argsort(h, kind="stable")  # input order matters only on a 64-bit collision
+    cum = np.cumsum(sizes[order])
+    mid = (cum - sizes[order] / 2.0) / cum[-1]  # a group's centre on the [0, 1] image axis
+    bounds = np.cumsum(fr)[:-1]
+    group_split = np.empty(names.size, dtype=np.int64)
+    group_split[order] = np.searchsorted(bounds, mid, side="right")
+    return np.asarray(SPLITS)[group_split[codes]].astype("<U5")
+
+
+def check_fractions(fractions) -> np.ndarray:
+    if isinstance(fractions, str):
+        try:
+            fractions = [float(x) for x in fractions.split(",")]
+        except ValueError:
+            raise InputError(f"split fractions must be three numbers such as 0.8,0.1,0.1, got {fractions!r}") from None
+    fr = np.asarray(list(fractions), dtype=np.float64)
+    if fr.size != 3 or not np.all(np.isfinite(fr)) or np.any(fr < 0) or fr.sum() <= 0:
+        raise InputError(f"split fractions must be three non-negative numbers (train, val, test), got {fractions!r}")
+    if abs(fr.sum() - 1.0) > 1e-6:
+        raise InputError(f"split fractions must sum to 1, got {list(fr)} (sum {fr.sum():g})")
+    return fr

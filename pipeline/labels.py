@@ -27,19 +27,16 @@ from geohier import grid
 from geohier.errors import InputError, WorkspaceError
 from geohier.hierarchy import (
     ADAPTIVE_MAX_DEPTH,
-    DEFAULT_FRACTIONS,
     DEFAULT_MIN_IMAGES,
     Hierarchy,
-    assign_splits,
     build_adaptive,
     build_hierarchy,
     cell_counts,
-    check_fractions,
     check_max_depth,
     parse_min_images,
     parse_thresholds,
 )
-from geohier.splits import Splits, runs_on_other_splits
+from geohier.splits import DEFAULT_FRACTIONS, Splits, assign_splits, check_fractions, runs_on_other_splits
 from geohier.splits import record as record_split
 from geohier.workspace import SPLITS, Workspace, atomic_write_text
 

@@ -12,14 +12,13 @@ from geohier import grid
 from geohier.errors import InputError, InvalidLevelError, WorkspaceError
 from geohier.hierarchy import (
     Hierarchy,
-    assign_splits,
     build_hierarchy,
     cell_counts,
     kept_summary,
     parse_min_images,
     select_classes,
-    split_groups,
 )
+from geohier.splits import assign_splits, split_groups
 
 # A small world at levels 1 and 2 (cells worked out by hand from the quadrant digits):
 #   3 x (10, 10)    -> L1 "1", L2 "1/2"
