@@ -12,7 +12,6 @@ loop can add it to its stats (workers cannot update the parent's counters).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -164,7 +163,7 @@ class ManifestDataset(Dataset):
 
 
 def _exists(path: str) -> bool:
-    try:
-        return os.path.isfile(path)
-    except (OSError, ValueError):
-        return False
+    """A file, or a member present in its zip or tar (``geohier.archives``)."""
+    from geohier.archives import exists
+
+    return exists(path)

@@ -59,6 +59,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from geohier import archives
 from geohier.errors import DecodeBusyError, ImageReadError, InputError
 
 # Default refusal limit for one image, in pixels (width x height). A 100 MP limit passes
@@ -240,6 +241,8 @@ def read_source(src: ImageSource, name: str | None = None) -> bytes:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return bytes(src)
     if isinstance(src, (str, os.PathLike)):
+        if archives.is_member(src):  # an image inside a zip or tar, read in place
+            return archives.read_member(os.fspath(src))
         path = Path(src)
         try:
             return path.read_bytes()

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geohier.archives import is_archive_name
 from geohier.errors import InputError
 
 INVALID_EMPTY = "invalid coordinates (empty)"
@@ -246,22 +247,110 @@ def rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
         yield line, row
 
 
+def check_images_root(root: Path) -> None:
+    """InputError unless ``root`` is a folder, a zip or an uncompressed tar (an images root)."""
+    if root.is_dir():
+        return
+    if not root.exists():
+        raise InputError(f"images root {root} is not a directory")
+    if not is_archive_name(root):
+        raise InputError(f"images root {root} is neither a directory nor a .zip or .tar")
+    from geohier.archives import open_archive
+
+    try:
+        open_archive(root).close()
+    except OSError as exc:
+        raise InputError(f"images root {root}: {exc}") from None
+
+
+class MemberIndex:
+    """The image members of archives (``geohier.archives``: zips, tars), each indexed once
+    by its file name without extension (OSV-5M's ``id``), whatever folders the archive
+    holds inside. The first archive in name order wins a repeated name.
+
+    Memory is one dict entry (name -> packed archive and member numbers) and one member
+    name per image: about 0.2 KB an image."""
+
+    def __init__(self, archives: list[Path]):
+        from geohier.archives import open_archive
+
+        self.archives = [str(a) for a in archives]
+        self.members: list[list[str]] = []
+        self.by_stem: dict[str, int] = {}
+        self.unreadable: list[tuple[str, str]] = []
+        for n, path in enumerate(self.archives):
+            names: list[str] = []
+            try:
+                a = open_archive(path)
+            except OSError as exc:
+                self.unreadable.append((path, str(exc)))
+                self.members.append(names)
+                continue
+            try:
+                for entry in a.entries():
+                    base = entry.name.rsplit("/", 1)[-1]
+                    stem, dot, ext = base.rpartition(".")
+                    if not dot or f".{ext.lower()}" not in _KNOWN_SUFFIXES or base.startswith("."):
+                        continue
+                    self.by_stem.setdefault(stem, (n << 32) | len(names))
+                    names.append(entry.name)
+            finally:
+                a.close()
+            self.members.append(names)
+
+    def __len__(self) -> int:
+        return len(self.by_stem)
+
+    def find(self, ref: str) -> str | None:
+        """The member reference (``archive!/member``) of an id or file name, or None."""
+        from geohier.archives import member_ref
+
+        base = ref.replace("\\", "/").rsplit("/", 1)[-1]
+        stem, dot, ext = base.rpartition(".")
+        exact = bool(dot) and f".{ext.lower()}" in _KNOWN_SUFFIXES
+        code = self.by_stem.get(stem if exact else base)
+        if code is None:
+            return None
+        member = self.members[code >> 32][code & 0xFFFFFFFF]
+        if exact and member.rsplit("/", 1)[-1] != base:  # 123.png asked, 123.jpg stored
+            return None
+        return member_ref(self.archives[code >> 32], member)
+
+
 class Locator:
     """Finds a CSV row's image under the images root: the path or id as given, with the
     known extensions tried when it has none, then by file name anywhere in the tree (an
-    index built on the first miss; symlinked folders are not followed).
+    index built on the first miss; symlinked folders are not followed), then among the
+    members of the zips and tars under the root (``MemberIndex``; the root may itself be
+    one zip or tar). A member is returned as its reference ``archive!/member`` (a str),
+    read in place by ``geohier.images.read_source``; a file as a resolved Path.
 
     The image must be inside the root: a ``../`` path, an absolute path elsewhere, or a
     symlink (file or folder) whose target is outside is refused with ``OUTSIDE_ROOT``
     before the file is opened — unless ``allow_outside``, the caller's explicit choice.
-    Found paths come back resolved (symlinks followed), so what is read is what was
-    checked."""
+    An archive that is a symlink leading out of the root is not indexed (its images are
+    "missing"). Found paths come back resolved (symlinks followed), so what is read is
+    what was checked."""
 
     def __init__(self, root: str | os.PathLike, allow_outside: bool = False):
-        self.root = Path(root)
+        root = Path(root)
+        self.single_archive = root.is_file()
+        self.root = root.parent if self.single_archive else root
+        self.archive_root = root
         self.real_root = self.root.resolve()
         self.allow_outside = allow_outside
         self._index: dict[str, Path] | None = None
+        self._members: MemberIndex | None = None
+
+    @property
+    def members(self) -> MemberIndex:
+        """The member index of the archives under the root (built on first use)."""
+        if self._members is None:
+            from geohier.archives import archives_under
+
+            found = [a.resolve() for a in archives_under(self.archive_root)]
+            self._members = MemberIndex([a for a in found if self.allow_outside or self._inside(a)])
+        return self._members
 
     def _build_index(self) -> dict[str, Path]:
         index: dict[str, Path] = {}
@@ -285,11 +374,14 @@ class Locator:
         norm = os.path.normpath(ref)
         return norm != ".." and not norm.startswith(".." + os.sep)
 
-    def locate(self, ref: str) -> tuple[Path | None, str | None]:
-        """``(resolved path, None)``, ``(None, OUTSIDE_ROOT)`` or ``(None, None)`` (not found)."""
+    def locate(self, ref: str) -> tuple[Path | str | None, str | None]:
+        """``(resolved path or member reference, None)``, ``(None, OUTSIDE_ROOT)`` or
+        ``(None, None)`` (not found)."""
         ref_path = Path(ref)
         if not self.allow_outside and not self._lexically_inside(ref_path):
             return None, OUTSIDE_ROOT
+        if self.single_archive:
+            return self.members.find(ref), None
         base = ref_path if ref_path.is_absolute() else self.root / ref_path
         candidates = [base]
         if ref_path.suffix.lower() not in _KNOWN_SUFFIXES:
@@ -310,6 +402,10 @@ class Locator:
                 if found is not None:
                     return found, None
                 outside |= escaped
+            if not outside:
+                member = self.members.find(ref_path.name)
+                if member is not None:
+                    return member, None
         return None, OUTSIDE_ROOT if outside else None
 
     def _check(self, candidate: Path) -> tuple[Path | None, bool]:
@@ -322,6 +418,8 @@ class Locator:
             return None, False
         if not self.allow_outside and not self._inside(real):
             return None, real.exists()
+        if real.is_file() and is_archive_name(real):  # an archive is no image: look inside
+            return None, False
         return (real, False) if real.is_file() else (None, False)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from geohier import grid
-from geohier.errors import InputError, WorkspaceError
+from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.fileio import (  # re-exported: the one atomic writer lives in geohier.fileio
     atomic_write_bytes,
     atomic_write_text,  # noqa: F401 - re-exported for the callers that import it from here
@@ -103,6 +103,15 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file, or of a member of a zip or tar (``geohier.archives``; OSError
+    when it cannot be read)."""
+    from geohier import archives
+
+    if archives.is_member(path):
+        try:
+            return sha256_bytes(archives.read_member(os.fspath(path)))
+        except GeohierError as exc:
+            raise OSError(str(exc)) from None
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):

@@ -43,6 +43,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-photos": ("pipeline.ingest", "import a folder of geotagged photos (GPS from EXIF)"),
     "import-csv": ("pipeline.ingest",
                    "import images listed in a CSV with their coordinates (OSV-5M, Im2GPS3k, ...)"),
+    "import-wds": ("pipeline.ingest",
+                   "import WebDataset shards (osv5m-wds, PLONK): tars of jpg + json per sample"),
     "fetch": ("pipeline.fetch", "fetch street-level images from the Mapillary API v4"),
     "merge": ("pipeline.merge", "combine other workspaces (e.g. sharded fetches) into this one"),
     "coverage": ("pipeline.coverage", "coverage status per cell: ocean / land / land with images"),

@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from geohier import benchmark, forward, geodesy, metrics, runs, tables
+from geohier import archives, benchmark, forward, geodesy, metrics, runs, tables
 from geohier import conformal as cf
 from geohier import refine as rf
 from geohier import splits as splits_mod
@@ -91,8 +91,7 @@ def read_points_csv(csv: str | os.PathLike, images_root: str | os.PathLike | Non
     header, rows = tables.read_rows(csv)
     ref_col, latcol, loncol = csv_columns(header, str(csv))
     root = Path(images_root).expanduser() if images_root else csv.parent
-    if not root.is_dir():
-        raise InputError(f"images root {root} is not a directory")
+    tables.check_images_root(root)
     sel = benchmark.select_rows(rows, ref_col, latcol, loncol)
     skipped = sel.skipped()
     locate = tables.Locator(root)
@@ -121,7 +120,7 @@ class PointsDataset(Dataset):
         from geohier.dataset import IGNORE_INDEX
 
         self.levels = [int(v) for v in hierarchy.levels]
-        exists = np.array([os.path.isfile(p) for p in frame["path"]], dtype=bool)
+        exists = np.array([archives.exists(p) for p in frame["path"]], dtype=bool)
         self.missing_examples = [str(p) for p in frame["path"][~exists][:5]]
         frame = frame[exists].reset_index(drop=True)
         self.paths = frame["path"].to_numpy(object)

@@ -26,16 +26,18 @@ unless ``--allow-outside-root``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from geohier import grid
+from geohier.archives import archives_under, is_archive_name, member_ref, open_archive, read_member
 from geohier.errors import InputError
 from geohier.images import (
     GPS_BROKEN,
@@ -52,6 +54,7 @@ from geohier.images import (
     open_image,
 )
 from geohier.tables import (  # the CSV formats at the doors, shared with evaluate and score
+    CSV_ALIASES,
     MISSING_REF,
     CsvColumns,
     Locator,
@@ -168,13 +171,13 @@ class ImportSummary:
         return out
 
 
-def _store(m: Manifest, data: bytes, path: Path, ext: str, link: bool, sha: str, row: dict) -> int | None:
-    if link:
-        return m.add_image(sha256=sha, path=str(path.resolve()), **row)
+def _store(m: Manifest, data: bytes, path: Path | str, ext: str, link: bool, sha: str, row: dict) -> int | None:
+    if link:  # a file where it is, or a member read in place from its (resolved) archive
+        return m.add_image(sha256=sha, path=path if isinstance(path, str) else str(path.resolve()), **row)
     return m.store_image(data, ext, **row)
 
 
-def _add_file(m: Manifest, s: ImportSummary, path: Path, name: str, *, link: bool,
+def _add_file(m: Manifest, s: ImportSummary, path: Path | str, name: str, *, link: bool,
               latlon: tuple[float, float] | None, row: dict, decode_side: int = 256) -> None:
     """Read, check and add one image file; count what happened in ``s``.
 
@@ -189,10 +192,13 @@ def _add_file(m: Manifest, s: ImportSummary, path: Path, name: str, *, link: boo
             s.warn(message, name)
 
 
-def _read_and_add(m: Manifest, s: ImportSummary, path: Path, name: str, *, link: bool,
+def _read_and_add(m: Manifest, s: ImportSummary, path: Path | str, name: str, *, link: bool,
                   latlon: tuple[float, float] | None, row: dict, decode_side: int) -> None:
     try:
-        data = path.read_bytes()
+        data = read_member(path) if isinstance(path, str) else path.read_bytes()
+    except ImageReadError as exc:  # a member of a zip or tar
+        s.skip(exc.reason, f"{name} ({exc})" if exc.reason != READ_MISSING else name)
+        return
     except FileNotFoundError:
         s.skip(MISSING_FILE, name)
         return
@@ -312,7 +318,7 @@ def parse_time(text: str | None) -> str | None:
 
 
 def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os.PathLike, *,
-               link: bool = False, allow_outside_root: bool = False,
+               link: bool = False, copy: bool = False, allow_outside_root: bool = False,
                progress: Progress | None = None) -> ImportSummary:
     """Import the images a CSV lists with their coordinates (see the module docstring for
     the accepted columns). The source is "osv5m" or "im2gps3k" when the columns say so,
@@ -321,15 +327,27 @@ def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os
 
     Images must lie inside ``images_root``: a row whose path leads out of it (``../``, an
     absolute path elsewhere, a symlink out) is skipped as ``OUTSIDE_ROOT`` without its file
-    being opened, unless ``allow_outside_root``. A malformed CSV (not UTF-8, NUL bytes,
+    being opened, unless ``allow_outside_root``.
+
+    ``images_root`` may be a folder of zips or tars (OSV-5M's ``images/test/00.zip …``,
+    WebDataset shards), or one: an image found inside is read in place and stored as its
+    member reference (``geohier.archives``), unless ``copy`` (then its bytes are copied into
+    the workspace like a loose file's). ``link`` references loose files where they are.
+    A malformed CSV (not UTF-8, NUL bytes,
     bad quoting, a field over 131,072 characters) is an InputError naming the line,
     raised before anything is imported."""
     csv_path = Path(csv_path).expanduser()
     images_root = Path(images_root).expanduser()
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: no such file" if not csv_path.exists() else f"{csv_path} is not a file")
-    if not images_root.is_dir():
+    if not images_root.exists():
         raise InputError(f"{images_root}: no such directory (--images-root)")
+    if not (images_root.is_dir() or is_archive_name(images_root)):
+        raise InputError(f"{images_root} is neither a directory nor a .zip or .tar (--images-root)")
+    if images_root.is_file() and not _readable_archive(images_root):
+        raise InputError(f"{images_root}: not a readable zip or uncompressed tar (--images-root)")
+    if link and copy:
+        raise InputError("--link and --copy contradict each other: choose one")
     total, delimiter = check_text(csv_path)
     cols = match_columns(header(csv_path, delimiter), str(csv_path))
     locate = Locator(images_root, allow_outside=allow_outside_root)
@@ -338,7 +356,7 @@ def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os
         try:
             for done, (line, row) in enumerate(rows(csv_path, delimiter), start=1):
                 s.total += 1
-                _import_row(m, s, cols, locate, line, row, link)
+                _import_row(m, s, cols, locate, line, row, link, copy)
                 if progress:
                     progress(done, max(total, done))
         except KeyboardInterrupt:
@@ -347,7 +365,7 @@ def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os
 
 
 def _import_row(m: Manifest, s: ImportSummary, cols: CsvColumns, locate: Locator, line: int,
-                row: dict[str, str], link: bool) -> None:
+                row: dict[str, str], link: bool, copy: bool = False) -> None:
     ident = (row.get(cols.id) or "").strip() if cols.id else ""
     ref = (row.get(cols.path) or "").strip() if cols.path else ""
     label = ident or ref or f"line {line}"
@@ -369,7 +387,153 @@ def _import_row(m: Manifest, s: ImportSummary, cols: CsvColumns, locate: Locator
     extra = {"source": cols.source, "source_id": source_id,
              "sequence_id": (row.get(cols.sequence) or "").strip() or None if cols.sequence else None,
              "captured_at": parse_time(row.get(cols.captured_at)) if cols.captured_at else None}
-    _add_file(m, s, path, label, link=link, latlon=(lat, lon), row=extra)
+    in_place = link or (isinstance(path, str) and not copy)  # members stay in their archive
+    _add_file(m, s, path, label, link=in_place, latlon=(lat, lon), row=extra)
+
+
+def _readable_archive(path: Path) -> bool:
+    try:
+        open_archive(path).close()
+    except OSError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- WebDataset shards
+
+WDS_SOURCE = "wds"
+NO_METADATA = "no json with coordinates"
+MAX_JSON_BYTES = 1 << 20
+COMPRESSED_TAR = "compressed tar (no random access: gunzip it to a .tar first)"
+
+
+def _wds_samples(tar: Path) -> Iterator[tuple[str, str | None, dict | None, str | None]]:
+    """``(key, image member, metadata, problem)`` per sample of a WebDataset shard, in
+    order. A sample is the members sharing a key (the path up to the first dot of the file
+    name, WebDataset's rule); its image is the jpg/jpeg/png/webp member, its metadata the
+    json one (read here, at most 1 MB)."""
+    import tarfile
+
+    def flush(key, image, meta, problem):
+        return key, image, meta, problem
+
+    key: str | None = None
+    image: str | None = None
+    meta: dict | None = None
+    problem: str | None = None
+    with tarfile.open(tar, mode="r:") as tf:
+        for ti in tf:
+            if not ti.isfile():
+                continue
+            folder, _, base = ti.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot or base.startswith("."):
+                continue
+            k = f"{folder}/{stem}" if folder else stem
+            if k != key:
+                if key is not None:
+                    yield flush(key, image, meta, problem)
+                key, image, meta, problem = k, None, None, None
+            ext = ext.lower()
+            if ext in ("jpg", "jpeg", "png", "webp") and image is None:
+                image = ti.name
+            elif ext == "json":
+                if ti.size > MAX_JSON_BYTES:
+                    problem = f"json over {MAX_JSON_BYTES:,} bytes"
+                    continue
+                try:
+                    parsed = json.loads(tf.extractfile(ti).read())
+                except (ValueError, UnicodeDecodeError) as exc:
+                    problem = f"json not readable ({exc})"
+                    continue
+                if isinstance(parsed, dict):
+                    meta = parsed
+                else:
+                    problem = "json is not an object"
+        if key is not None:
+            yield flush(key, image, meta, problem)
+
+
+def _meta_value(meta: dict, role: str) -> str | None:
+    lowered = {str(k).strip().lower(): v for k, v in meta.items()}
+    for alias in CSV_ALIASES[role]:
+        v = lowered.get(alias)
+        if v is not None and not isinstance(v, (dict, list)):
+            return str(v)
+    return None
+
+
+def import_wds(ws: Workspace, shards: str | os.PathLike | list, *, copy: bool = False,
+               progress: Progress | None = None) -> ImportSummary:
+    """Import WebDataset shards (osv5m-wds, PLONK's format): tars of ``<key>.jpg`` +
+    ``<key>.json`` per sample, coordinates from the json (``latitude``/``longitude`` or
+    any alias ``import-csv`` accepts; ``id``, ``sequence``, ``captured_at`` when present).
+    ``shards``: tar files or folders of them. Images are read in place (member references
+    into the tars, ``geohier.archives``) unless ``copy``. A compressed tar (.tar.gz) has no
+    random access: it is counted and skipped. source "wds", source_id the json's id or
+    the sample's key. A shard whose samples are already imported costs one pass over its
+    headers and json members."""
+    items = shards if isinstance(shards, list) else [shards]
+    tars: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if not p.exists():
+            raise InputError(f"{p}: no such file or directory")
+        found = [a for a in archives_under(p) if a.suffix.lower() == ".tar"] if p.is_dir() else [p]
+        if p.is_dir() and not found:
+            raise InputError(f"{p}: no .tar shards in it")
+        tars += found
+    import tarfile
+
+    s = ImportSummary(WDS_SOURCE, ", ".join(str(Path(i)) for i in items))
+    with ws.manifest() as m:
+        try:
+            for n, tar in enumerate(tars):
+                if _compressed(tar):
+                    s.skip(COMPRESSED_TAR, str(tar))
+                    continue
+                try:
+                    samples = list(_wds_samples(tar.resolve()))
+                except (tarfile.TarError, OSError) as exc:
+                    s.skip("unreadable tar", f"{tar} ({exc})")
+                    continue
+                for key, member, meta, problem in samples:
+                    s.total += 1
+                    label = f"{tar.name}:{key}"
+                    if member is None:
+                        s.skip(READ_MISSING, label)
+                        continue
+                    if meta is None:
+                        s.skip(problem or NO_METADATA, label)
+                        continue
+                    lat_text, lon_text = _meta_value(meta, "lat"), _meta_value(meta, "lon")
+                    if lat_text is None or lon_text is None:
+                        s.skip(NO_METADATA, label)
+                        continue
+                    lat, lon, why = parse_point(lat_text, lon_text)
+                    if why is not None:
+                        s.skip(why, label)
+                        continue
+                    source_id = _meta_value(meta, "id") or key
+                    if m.has_source_id(WDS_SOURCE, source_id):
+                        s.duplicates += 1
+                        continue
+                    ref = member_ref(tar.resolve(), member)
+                    extra = {"source": WDS_SOURCE, "source_id": source_id,
+                             "sequence_id": _meta_value(meta, "sequence"),
+                             "captured_at": parse_time(_meta_value(meta, "captured_at"))}
+                    _add_file(m, s, ref, label, link=not copy, latlon=(lat, lon), row=extra)
+                if progress:
+                    progress(n + 1, len(tars))
+        except KeyboardInterrupt:
+            s.interrupted = True
+    return s
+
+
+def _compressed(tar: Path) -> bool:
+    with open(tar, "rb") as f:
+        head = f.read(6)
+    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
 
 
 # ---------------------------------------------------------------- CLI
@@ -408,8 +572,17 @@ def run_photos(args, ws: Workspace) -> int:
 def run_csv(args, ws: Workspace) -> int:
     bar, update = _bar("import-csv")
     try:
-        s = import_csv(ws, args.file, args.images_root, link=args.link,
+        s = import_csv(ws, args.file, args.images_root, link=args.link, copy=args.copy,
                        allow_outside_root=args.allow_outside_root, progress=update)
+    finally:
+        bar.close()
+    return _report(s, ws)
+
+
+def run_wds(args, ws: Workspace) -> int:
+    bar, update = _bar("import-wds")
+    try:
+        s = import_wds(ws, list(args.shards), copy=args.copy, progress=update)
     finally:
         bar.close()
     return _report(s, ws)
@@ -437,10 +610,25 @@ def register(sub) -> None:
                     "missing files or paths outside --images-root are counted and skipped.")
     p.add_argument("file", metavar="FILE", help="the CSV file (UTF-8; comma, semicolon or tab separated)")
     p.add_argument("--images-root", required=True, metavar="DIR",
-                   help="folder the CSV's ids or paths are relative to (required)")
+                   help="folder the CSV's ids or paths are relative to (required); it may hold zips or "
+                        "tars (OSV-5M's images/test/00.zip ..., WebDataset shards) or be one: their images "
+                        "are found by file name without extension and read in place")
     p.add_argument("--link", action="store_true",
-                   help="reference the images where they are instead of copying them (default: copy)")
+                   help="reference loose image files where they are instead of copying them (default: copy)")
+    p.add_argument("--copy", action="store_true",
+                   help="copy images found inside zips or tars into the workspace (default: read them in place)")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="also import rows whose path leads outside --images-root (../, absolute paths, "
                         "symlinks out; default: skip and count them)")
     p.set_defaults(func=run_csv)
+
+    p = sub.add_parser(
+        "import-wds", help="import WebDataset shards (osv5m-wds, PLONK): tars of jpg + json per sample",
+        description="Import the samples of WebDataset tar shards: each sample's image (jpg, png, webp) "
+                    "with the coordinates of its json (latitude/longitude or lat/lon; id, sequence and "
+                    "captured_at when present). Images are read in place from the tars (no extraction) "
+                    "unless --copy. Samples without coordinates or image are counted and skipped.")
+    p.add_argument("shards", metavar="SHARD", nargs="+", help="a .tar shard, or a folder of them")
+    p.add_argument("--copy", action="store_true",
+                   help="copy the images into the workspace (default: read them in place from the tars)")
+    p.set_defaults(func=run_wds)

@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from geohier import grid
+from geohier import archives, grid
 from geohier.errors import InputError, WorkspaceError
+from geohier.fileio import atomic_write_bytes
 from geohier.hierarchy import (
     ADAPTIVE_MAX_DEPTH,
     DEFAULT_MIN_IMAGES,
@@ -36,6 +37,7 @@ from geohier.hierarchy import (
     parse_min_images,
     parse_thresholds,
 )
+from geohier.images import read_source
 from geohier.splits import DEFAULT_FRACTIONS, Splits, assign_splits, check_fractions, runs_on_other_splits
 from geohier.splits import record as record_split
 from geohier.workspace import SPLITS, Workspace, atomic_write_text
@@ -154,7 +156,8 @@ def export_seed(ws: Workspace, h: Hierarchy, out_dir: str | os.PathLike, progres
     - ``l{a}_to_l{b}.json`` for consecutive levels: {parent class index: [child class
       indices]} (as strings of the index for keys, JSON-style);
     - ``L{k}/{split}/{cell id with / -> _}/{image file}``: a symbolic link to each image
-      with a class at level k and a split (a hard link where symlinks are refused).
+      with a class at level k and a split (a hard link where symlinks are refused; a copy
+      of an image read in place from a zip or tar).
 
     The L{k} folders of an earlier export (marked by ``.geohier-export.json``) are
     replaced; folders not made by an export are never touched. Returns {"links", "mode",
@@ -203,7 +206,10 @@ def export_seed(ws: Workspace, h: Hierarchy, out_dir: str | os.PathLike, progres
             dest = folder / names[i]
             if dest.exists() or dest.is_symlink():  # two linked photos with one file name
                 dest = folder / f"{df['id'].iat[i]}-{names[i]}"
-            mode = _link(targets[i], dest, mode)
+            if archives.is_member(targets[i]):  # inside a zip or tar: no link can point there
+                atomic_write_bytes(dest, read_source(str(targets[i])))
+            else:
+                mode = _link(targets[i], dest, mode)
             links += 1
             bar.update(1)
     bar.close()

@@ -30,7 +30,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from geohier.errors import InputError, WorkspaceError
+from geohier import archives
+from geohier.errors import ImageReadError, InputError, WorkspaceError
+from geohier.images import read_source
 from geohier.progress import progress_bar
 from geohier.workspace import Manifest, Workspace, sha256_bytes
 from pipeline.fetch import clean_stale_temps
@@ -159,7 +161,7 @@ def _merge_row(m: Manifest, src: Workspace, row: dict, link: bool, seq_split: di
         return
     path = src.resolve(row.pop("path"))
     sha = row.pop("sha256")
-    if not path.is_file():
+    if not archives.exists(path):  # a file, or a member of a zip or tar read in place
         report.missing += 1
         if len(report.problems) < 5:
             report.problems.append(f"missing file {path}")
@@ -176,7 +178,11 @@ def _merge_row(m: Manifest, src: Workspace, row: dict, link: bool, seq_split: di
         new = m.add_image(sha256=sha, path=str(path), **row)
         report.linked += new is not None
     else:
-        data = path.read_bytes()
+        try:
+            data = read_source(str(path))
+        except ImageReadError:
+            report.missing += 1
+            return
         if sha256_bytes(data) != sha:  # changed since it was stored: not the image the row describes
             report.corrupt += 1
             if len(report.problems) < 5:

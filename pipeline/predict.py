@@ -329,20 +329,21 @@ CSV_COLUMNS = ("image", "lat", "lon", "cell", "prob", "joint")
 IMAGE_SUFFIXES = frozenset({f".{e}" for e in FORMAT_EXTENSIONS.values()} | {".jpeg", ".tiff", ".heif"})
 
 
-def csv_inputs(items: Sequence[str], images_root: str | None = None) -> tuple[list[tuple[str, Path]], dict]:
+def csv_inputs(items: Sequence[str], images_root: str | None = None) -> tuple[list[tuple[str, Path | str]], dict]:
     """The images ``predict --csv`` is given, as ``[(image key, path)]`` in input order (the
     first of a repeated key kept), and ``{reason: count}`` of what was left out.
 
     An item is a directory (its image files, sorted by name; not its sub-folders), a CSV
     (its image column, ``path`` or ``id`` names as ``evaluate --csv``; images found under
     ``images_root``, default the CSV's folder, by ``geohier.tables.Locator``), or an image
-    file. A missing item, or a CSV without an image column, is an InputError."""
-    out: list[tuple[str, Path]] = []
+    file. A missing item, or a CSV without an image column, is an InputError. Images found
+    inside zips or tars under the root come as member references (str, read in place)."""
+    out: list[tuple[str, Path | str]] = []
     seen: set[str] = set()
     left: dict[str, int] = {}
     had_csv = False
 
-    def add(key: str, path: Path) -> None:
+    def add(key: str, path: Path | str) -> None:
         if key in seen:
             left[tables.DUPLICATE_KEY] = left.get(tables.DUPLICATE_KEY, 0) + 1
             return
@@ -366,8 +367,7 @@ def csv_inputs(items: Sequence[str], images_root: str | None = None) -> tuple[li
                                  f"{tables.aliases('id')} (an id) or {tables.aliases('path')} (a path). "
                                  f"Columns found: {shown}")
             root = Path(images_root).expanduser() if images_root else p.parent
-            if not root.is_dir():
-                raise InputError(f"images root {root} is not a directory")
+            tables.check_images_root(root)
             locate = tables.Locator(root)
             for row in rows:
                 ref = (row.get(col) or "").strip()

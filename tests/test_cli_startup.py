@@ -31,6 +31,7 @@ LIGHT = [
     ["import-csv", "{tmp}/nope.csv", "--images-root", "{tmp}"],
     ["import-photos", "--help"],
     ["import-photos", "{tmp}/nope"],
+    ["import-wds", "{tmp}/nope"],
     ["fetch", "--help"],
     ["fetch"],
 ]

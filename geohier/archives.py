@@ -1,0 +1,266 @@
+"""Images read in place from the archives datasets are published in: zips and tars.
+
+OSV-5M ships ``images/train/00.zip … 97.zip`` and WebDataset shards (osv5m-wds, PLONK) are
+plain tars of ``<key>.jpg`` + ``<key>.json``. geohier reads their members where they are,
+with no extraction: the manifest's ``path`` of such an image is a *member reference*,
+``<archive path>!/<member name>`` (the form Java's ``jar:`` URLs use), and every reader
+that takes a path (``geohier.images.read_source``, so ``open_image``, the datasets, the
+embedding cache, evaluate, predict and the pages) reads the member's bytes from the
+archive instead.
+
+Each process keeps its own open archives (``ArchiveCache``): a ZipFile's file position
+is not shared safely across a fork, so a DataLoader worker opens its own on first use.
+At most ``MAX_OPEN`` archives stay open per process (least recently used closed first).
+A tar is indexed once per process (its headers only: each member's offset and size),
+then a member is one seek and one read. Compressed tars (``.tar.gz``) have no random
+access and are refused as archives to read in place.
+
+>>> ref = member_ref("/data/osv5m/images/test/00.zip", "00/123.jpg")
+>>> ref
+'/data/osv5m/images/test/00.zip!/00/123.jpg'
+>>> split_ref(ref)
+('/data/osv5m/images/test/00.zip', '00/123.jpg')
+>>> split_ref("/photos/a.jpg") is None
+True
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+import threading
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from geohier.errors import ImageReadError
+
+SEP = "!/"
+ARCHIVE_SUFFIXES = (".zip", ".tar")
+MAX_OPEN = 64
+# A member bigger than this is refused before it is read (a zip bomb declares its size).
+MAX_MEMBER_BYTES = 256 << 20
+
+_REF = re.compile(r"^(.*?\.(?:zip|tar))!/(.+)$", re.IGNORECASE | re.DOTALL)
+
+# the reasons, as geohier.images names them (kept equal; images imports this module)
+_MISSING = "missing file"
+_UNREADABLE = "unreadable file"
+_TOO_LARGE = "too large"
+
+
+def member_ref(archive: str | os.PathLike, member: str) -> str:
+    """The manifest path of ``member`` inside ``archive``."""
+    return f"{os.fspath(archive)}{SEP}{member}"
+
+
+def split_ref(ref: str | os.PathLike) -> tuple[str, str] | None:
+    """``(archive, member)`` of a member reference, or None for a plain path."""
+    if not isinstance(ref, str):
+        ref = os.fspath(ref)
+    if SEP not in ref:
+        return None
+    m = _REF.match(ref)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def is_member(ref: str | os.PathLike) -> bool:
+    return split_ref(ref) is not None
+
+
+def is_archive_name(path: str | os.PathLike) -> bool:
+    """Whether a file name is one geohier reads in place (``.zip``, ``.tar``)."""
+    return os.fspath(path).lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def member_name(ref: str) -> str:
+    """The file name (last part) of a member reference or a path.
+
+    >>> member_name("/a/00.zip!/x/123.jpg"), member_name("/a/b.jpg")
+    ('123.jpg', 'b.jpg')
+    """
+    parts = split_ref(ref)
+    return (parts[1] if parts else ref).replace("\\", "/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image member: its name and uncompressed size."""
+
+    name: str
+    size: int
+
+
+class _Zip:
+    def __init__(self, path: str):
+        self.zf = zipfile.ZipFile(path)  # noqa: SIM115 - kept open, closed by close()
+
+    def entries(self) -> Iterator[Entry]:
+        for info in self.zf.infolist():
+            if not info.is_dir():
+                yield Entry(info.filename, info.file_size)
+
+    def size(self, member: str) -> int | None:
+        try:
+            return self.zf.getinfo(member).file_size
+        except KeyError:
+            return None
+
+    def read(self, member: str) -> bytes:
+        return self.zf.read(member)
+
+    def close(self) -> None:
+        self.zf.close()
+
+
+class _Tar:
+    """An uncompressed tar indexed by its headers: member -> (data offset, size)."""
+
+    def __init__(self, path: str):
+        self.fh = open(path, "rb")  # noqa: SIM115 - kept open, closed by close()
+        try:
+            with tarfile.open(fileobj=self.fh, mode="r:") as tf:
+                self.index = {ti.name: (ti.offset_data, ti.size) for ti in tf if ti.isfile()}
+        except tarfile.ReadError as exc:
+            self.fh.close()
+            raise OSError(f"not a readable uncompressed tar ({exc})") from None
+
+    def entries(self) -> Iterator[Entry]:
+        for name, (_, size) in self.index.items():
+            yield Entry(name, size)
+
+    def size(self, member: str) -> int | None:
+        hit = self.index.get(member)
+        return None if hit is None else hit[1]
+
+    def read(self, member: str) -> bytes:
+        offset, size = self.index[member]
+        self.fh.seek(offset)
+        data = self.fh.read(size)
+        if len(data) != size:
+            raise OSError(f"truncated member ({len(data)} of {size} bytes)")
+        return data
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def open_archive(path: str | os.PathLike) -> _Zip | _Tar:
+    """Open a zip or an uncompressed tar (by content, whatever its name says).
+    OSError when it is neither or cannot be read."""
+    path = os.fspath(path)
+    if zipfile.is_zipfile(path):
+        try:
+            return _Zip(path)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+            raise OSError(f"not a readable zip ({exc})") from None
+    if path.lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+        raise OSError("a compressed tar cannot be read in place; unpack it or recompress as .tar")
+    return _Tar(path)
+
+
+class ArchiveCache:
+    """The archives one process has open, least recently used closed beyond ``max_open``.
+    Keyed by process id too: after a fork (DataLoader workers) the child opens its own."""
+
+    def __init__(self, max_open: int = MAX_OPEN):
+        self.max_open = max_open
+        self._open: OrderedDict[str, _Zip | _Tar] = OrderedDict()
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def _get(self, archive: str) -> _Zip | _Tar:
+        if os.getpid() != self._pid:  # forked: the parent's handles are not ours to use
+            self._open = OrderedDict()
+            self._pid = os.getpid()
+        a = self._open.get(archive)
+        if a is not None:
+            self._open.move_to_end(archive)
+            return a
+        a = open_archive(archive)
+        self._open[archive] = a
+        while len(self._open) > self.max_open:
+            _, old = self._open.popitem(last=False)
+            old.close()
+        return a
+
+    def read(self, ref: str, max_bytes: int = MAX_MEMBER_BYTES) -> bytes:
+        """The bytes of a member reference; ImageReadError (reason "missing file",
+        "unreadable file" or "too large") when it cannot be had."""
+        parts = split_ref(ref)
+        if parts is None:
+            raise ImageReadError(f"{ref}: not an archive member reference", _MISSING)
+        archive, member = parts
+        with self._lock:
+            try:
+                a = self._get(archive)
+            except FileNotFoundError:
+                raise ImageReadError(f"{ref}: no such archive {archive}", _MISSING) from None
+            except OSError as exc:
+                raise ImageReadError(f"{ref}: cannot read the archive ({exc.strerror or exc})",
+                                     _UNREADABLE) from None
+            size = a.size(member)
+            if size is None:
+                raise ImageReadError(f"{ref}: no member {member!r} in {archive}", _MISSING)
+            if size > max_bytes:
+                raise ImageReadError(f"{ref}: {size:,} bytes, over the {max_bytes:,}-byte limit for one image",
+                                     _TOO_LARGE)
+            try:
+                return a.read(member)
+            except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+                raise ImageReadError(f"{ref}: cannot read the member ({exc})", _UNREADABLE) from None
+
+    def exists(self, ref: str) -> bool:
+        parts = split_ref(ref)
+        if parts is None:
+            return False
+        with self._lock:
+            try:
+                return self._get(parts[0]).size(parts[1]) is not None
+            except OSError:
+                return False
+
+    def close(self) -> None:
+        with self._lock:
+            for a in self._open.values():
+                a.close()
+            self._open.clear()
+
+
+_cache = ArchiveCache()
+
+
+def read_member(ref: str, max_bytes: int = MAX_MEMBER_BYTES) -> bytes:
+    """The bytes of a member reference, from this process's open archives."""
+    return _cache.read(ref, max_bytes)
+
+
+def member_exists(ref: str) -> bool:
+    return _cache.exists(ref)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """Whether an image path or member reference can be read (a file, or a member present
+    in its archive)."""
+    if is_member(path):
+        return member_exists(os.fspath(path))
+    try:
+        return os.path.isfile(path)
+    except (OSError, ValueError):
+        return False
+
+
+def archives_under(root: str | os.PathLike) -> list[Path]:
+    """The archives geohier reads in place under ``root`` (a folder, searched recursively
+    without following symlinked folders, in name order), or ``[root]`` when it is one."""
+    root = Path(root)
+    if root.is_file():
+        return [root] if is_archive_name(root) else []
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in sorted(filenames) if is_archive_name(f) and not f.startswith(".")]
+    return found
