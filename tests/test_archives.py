@@ -284,6 +284,17 @@ def test_zips_import_train_evaluate_and_predict_to_score_with_no_extraction(ws, 
     ds = ManifestDataset(ws, Hierarchy.load(ws.hierarchy_path), "train", transform=lambda im: np.asarray(im))
     assert ds.stats["missing"] == 0 and len(ds) > 30
     assert all(not isinstance(ds[i], Skipped) and ds[i][0].shape[2] == 3 for i in range(len(ds)))
+    # the embedding cache, two loader workers reading the zips
+    from geohier.embeddings import cache_root, list_caches
+
+    rc = cli.main(["embed", "--backbone", "resnet18", "--weights", "none", "--image-size", "32", "--device", "cpu",
+                   "--workers", "2", "--threads", "1", "--batch-size", "8"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err[-2000:]
+    (info,) = list_caches(cache_root(ws))
+    with ws.manifest() as m:
+        n_split = len(m.frame(["id"], where="split IS NOT NULL"))
+    assert info["n"] == n_split == 60 and not info["bad_shards"]
     # evaluate on the published test split, read from its zips
     rc = cli.main(["evaluate", "z", "--csv", str(test_csv), "--images-root", str(test_root), "--no-calibrate"])
     cap = capsys.readouterr()
