@@ -102,6 +102,44 @@ class Explorer:
 
     predictor: Predictor | None = None
 
+    limit: object | None = None  # the geohier.limits.Limit a ``limited`` explorer applies
+
+    def limited(self, within) -> Explorer:
+        """The explorer of the answers ``predict --within`` gives: classes outside the
+        region get zero probability before the keep rules (the Predictor's ``limit``, the
+        same masking), class points moved inside the region, over the rows whose true class
+        lies inside it (at the finest level where the row has one): how the rules do for
+        photos from the region when the answers are held to it. InputError for a bad limit
+        or when no row lies inside."""
+        if self.predictor is None:
+            raise InputError("a region limit needs an explorer built for a predictor (Explorer.for_predictor)")
+        limit = self.predictor.limit(within)
+        inside = np.zeros(self.val.rows, dtype=bool)
+        decided = np.zeros(self.val.rows, dtype=bool)
+        for lv in reversed(self.val.levels):
+            t = np.asarray(self.val.targets[lv])
+            has = (t >= 0) & ~decided
+            inside[has] = np.asarray(limit.allowed[lv], dtype=bool)[t[has]]
+            decided |= has
+        if not inside.any():
+            raise InputError(f"none of the {self.val.rows:,} val images lies within {limit.describe()}")
+        rows = torch.as_tensor(np.flatnonzero(inside))
+        logits = {lv: z.index_select(0, rows) for lv, z in self.val.logits.items()}  # masked when scored
+        pick = inside
+        val = ValSet(self.val.levels, logits, {lv: np.asarray(t)[pick] for lv, t in self.val.targets.items()},
+                     self.val.lat[pick], self.val.lon[pick], None if self.val.ids is None else self.val.ids[pick],
+                     self.val.info)
+        ex = Explorer(val, self.tree, limit.positions, self.temperatures)
+        ex.predictor, ex.limit = self.predictor, limit
+        return ex
+
+    def logits(self) -> dict[int, torch.Tensor]:
+        """The cached rows' logits as they are scored: with a limit, -inf outside it."""
+        if self.limit is None:
+            return self.val.logits
+        return {lv: z.float().masked_fill(~torch.as_tensor(np.asarray(self.limit.allowed[lv], dtype=bool)),
+                                          float("-inf")) for lv, z in self.val.logits.items()}
+
     def coverage_curve(self, coverages: Sequence[float] = COVERAGE_SWEEP) -> list[dict]:
         """The ``coverage`` rule (conformal prediction regions, ``geohier.conformal``) over
         the cached rows: per target coverage, the share of rows whose true finest cell is
@@ -113,12 +151,12 @@ class Explorer:
         if self.predictor is None:
             raise InputError("the coverage rule needs an explorer built for a predictor (Explorer.for_predictor)")
         finest = self.tree.levels[-1]
-        report = self.predictor.conformal_report(self.val.logits, self.val.targets[finest], tuple(coverages))
+        report = self.predictor.conformal_report(self.logits(), self.val.targets[finest], tuple(coverages))
         return [{"target": float(k), **v} for k, v in report.items()]
 
     def evaluate(self, rules: KeepRule | Mapping[int, KeepRule] | None = None, temperature: bool = True) -> dict:
         """``hierarchical_accuracy`` of one setting over every cached row."""
-        return hierarchical_accuracy(self.val.logits, self.tree, self.val.targets, self.val.lat, self.val.lon,
+        return hierarchical_accuracy(self.logits(), self.tree, self.val.targets, self.val.lat, self.val.lon,
                                      self.positions, rules, self.temperatures if temperature else None)
 
     def sweep(self, rules: KeepRule | Mapping[int, KeepRule] | None = None, temperature: bool = True,

@@ -97,3 +97,34 @@ def test_explorer_sweep_and_rules():
     hot, cold = ex.evaluate(KeepRule("cumulative", cumulative=0.9)), ex.evaluate(
         KeepRule("cumulative", cumulative=0.9), temperature=False)
     assert hot["kept"] > cold["kept"]
+
+
+def test_a_region_limit_scores_the_answers_predict_within_gives(ws):
+    """The explorer's region limit: the val rows whose truth is inside, answered as
+    `predict --within` answers them (the Predictor's own points)."""
+    import numpy as np
+
+    from geohier.explorer import Explorer
+    from geohier.geodesy import haversine_km
+
+    h = make_workspace(ws)
+    predictor = Predictor.load(make_tiny_run(ws.models_dir / "tiny", h), device="cpu")
+    ex = Explorer.for_predictor(predictor, ws)
+    box = "bbox:30,-10,60,20"  # Paris and Berlin, nothing else among the cities
+    lim = ex.limited(box)
+    assert lim.val.rows == 4 and set(np.round(lim.val.lat)) == {49.0, 53.0}
+    mine = lim.evaluate()
+    pts = predictor.points(lim.val.logits, "hierarchical", within=box)
+    assert (pts.lat >= 30).all() and (pts.lat <= 60).all() and (pts.lon >= -10).all() and (pts.lon <= 20).all()
+    km = haversine_km(lim.val.lat, lim.val.lon, pts.lat, pts.lon)
+    assert mine["median_km"] == pytest.approx(float(np.median(km)), abs=1e-6)
+    assert mine["acc_200km"] == pytest.approx(float((km <= 200).mean()))
+    assert mine["kept"] <= ex.evaluate()["kept"] + 1e-9
+    with pytest.raises(InputError, match="none of the run's 6 level-5 cells lies inside"):
+        ex.limited("bbox:-80,-10,-70,10")
+    sydney = ex.limited("bbox:-40,145,-30,155")
+    assert sydney.val.rows == 2
+    with pytest.raises(InputError, match="none of the 2 val images lies within"):
+        sydney.limited(box)
+    with pytest.raises(InputError):
+        ex.limited("country:ZZZ")

@@ -115,6 +115,12 @@ def test_threshold_explorer(ws):
     assert not at.exception
     kept = next(m.value for m in at.metric if m.label.startswith("Mean cells kept"))
     assert float(kept) <= 2.0
+    # a region limit: the val images from inside it, answered within it
+    at.text_input(key="predict_within").set_value("bbox:30,-10,60,20").run()
+    assert not at.exception
+    assert any(c.value.startswith("Within bbox:30,-10,60,20") and "4 val images" in c.value for c in at.caption)
+    at.text_input(key="predict_within").set_value("").run()
+    assert any(c.value.startswith("12 val images") for c in at.caption)
 
 
 def test_refine_switch(ws, tiny):

@@ -416,6 +416,8 @@ with tab_explore:
                                                            text=f"Val logits: {d:,} / {t:,} images"))
                     bar.empty()
                 ex = load_explorer(runs, stamp, key, str(ws.data_dir), str(ws.models_dir), max_rows)
+                if limit is not None:  # the val images from the region, answered within it
+                    ex = ex.limited(limit)
             except GeohierError as exc:
                 st.error(str(exc))
                 st.stop()
@@ -427,7 +429,8 @@ with tab_explore:
             cols[3].metric("GeoScore", f"{current['geoscore']:,.0f}")
             for col, name in zip(st.columns(4), ("acc_25km", "acc_200km", "acc_750km", "acc_2500km"), strict=True):
                 col.metric(METRICS[name], f"{current[name]:.1%}")
-            st.caption(f"{current['rows']:,} val images · median error {current['median_km']:,.0f} km · "
+            st.caption((f"Within {limit.describe()}: " if limit is not None else "")
+                       + f"{current['rows']:,} val images · median error {current['median_km']:,.0f} km · "
                        "true cell kept = the true finest cell is among the kept ones; top-1 = it is the best")
             finest_rule = rules[predictor.finest]
             params = ["top_k", "k_max", "cumulative", "min_prob"]
@@ -438,7 +441,7 @@ with tab_explore:
             metric = e2.selectbox("Accuracy", list(METRICS), format_func=METRICS.get, key="explorer_metric")
             base = {lv: dict(r.to_dict(), **{param: combine.KeepRule().to_dict()[param]})
                     for lv, r in rules.items()}
-            curve = sweep_rows(ex, key, json.dumps({str(k): v for k, v in base.items()}, sort_keys=True),
+            curve = sweep_rows(ex, key + (f"|within {limit.describe()}" if limit is not None else ""), json.dumps({str(k): v for k, v in base.items()}, sort_keys=True),
                                temperature, param)
             st.plotly_chart(charts.tradeoff_figure(curve, current, metric), width="stretch")
             if curve:
