@@ -244,18 +244,6 @@ def cells_area_km2(keys, level: int) -> float:
     return float(grid.key_areas_km2(keys, level).sum()) if keys.size else 0.0
 
 
-def region_geojson(region: Region, level: int) -> dict:
-    """A GeoJSON FeatureCollection of a region's cells (one rectangle each, most probable
-    first; properties ``cell`` and ``rank``) for a map layer."""
-    keys, depths = grid.ids_to_depth_keys(region.cells)  # cells of any depth (adaptive levels)
-    w, s, e, n = grid.depth_bounds(keys, depths)
-    feats = [{"type": "Feature", "properties": {"cell": c, "rank": i + 1},
-              "geometry": {"type": "Polygon", "coordinates": [[[a, b], [c2, b], [c2, d], [a, d], [a, b]]]}}
-             for i, (c, a, b, c2, d) in enumerate(zip(region.cells, w.tolist(), s.tolist(), e.tolist(), n.tolist(),
-                                                      strict=True))]
-    return {"type": "FeatureCollection", "features": feats}
-
-
 def region_stats(logp: torch.Tensor, targets, tau: float, areas: np.ndarray, u: float = APS_U,
                  chunk: int = CHUNK) -> dict:
     """Per row (numpy arrays): ``covered`` (the target is in the region), ``cells`` (region

@@ -41,6 +41,7 @@ from geohier.charts import BEST_COLOR, TRUE_COLOR
 from geohier.errors import InputError, WorkspaceError
 
 NEIGHBOUR_COLOR = "#756bb1"  # purple: training images a refined guess was averaged from
+REGION_COLOR = "#1f4fd1"  # blue: a coverage region, or the cells of a "not sure" answer
 LAND_DATA = "#2ca25f"  # green: land with images
 LAND_NO_DATA = "#9e9e9e"  # grey: land without images
 OCEAN = "#6baed6"  # blue: ocean
@@ -509,9 +510,33 @@ def images_map(keys, counts, countries, level: int) -> folium.Map:
 # --------------------------------------------------------------------------- a prediction
 
 
+def prediction_key(pred) -> str:
+    """A short digest of what ``prediction_map`` draws for ``pred`` (its kept cells, region,
+    guesses and truth): a page gives the map component this in its key, since a mounted
+    map only redraws when its key changes.
+
+    >>> from types import SimpleNamespace as N
+    >>> c = N(cell="0/1", prob=0.5, lat=1.0, lon=2.0)
+    >>> a = N(levels={1: [c]}, best=c, region=None, true=None)
+    >>> b = N(levels={1: [c, c]}, best=c, region=None, true=None)
+    >>> prediction_key(a) == prediction_key(a), prediction_key(a) == prediction_key(b)
+    (True, False)
+    """
+    import hashlib
+
+    best, region = pred.best, getattr(pred, "region", None)
+    refined = getattr(best, "refined", None)
+    parts = [[lv, [(c.cell, round(float(c.prob), 6)) for c in cands]] for lv, cands in sorted(pred.levels.items())]
+    parts.append([best.cell, round(float(best.lat), 6), round(float(best.lon), 6), refined is not None])
+    parts.append(None if region is None else [list(region.cells), region.source, round(float(region.coverage or 0), 4)])
+    parts.append(None if not pred.true else [pred.true.get("lat"), pred.true.get("lon")])
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
+
+
 def prediction_map(pred, predictor) -> folium.Map:
     """The kept finest-level cells coloured by probability, the kept cells of the coarser
-    levels outlined, the best guess (red) and the EXIF position (green) marked; a refined
+    levels outlined, the coverage region (or a "not sure" answer's region) outlined in blue,
+    the best guess (red) and the EXIF position (green) marked; a refined
     guess also shows the training images it was averaged from (purple) and the cell's own
     position (white). Offline, like every map here."""
     finest = max(pred.levels)
@@ -537,6 +562,13 @@ def prediction_map(pred, predictor) -> folium.Map:
                 tooltip=[("cell", "Cell"), ("rank", "Rank"), ("prob", "Probability"),
                          ("country", "Country"), ("place", "Nearest town")],
                 name=f"Level {finest}: {len(cands)} kept").add_to(m)
+    region = getattr(pred, "region", None)  # a coverage region or the "not sure" answer's cells
+    if region is not None and len(region.cells):
+        rkeys, rdepth = cells_of(region.cells, finest)
+        what = f"{region.coverage:.0%} coverage region" if region.source == "conformal" else "Region"
+        cells_layer(rkeys, rdepth, REGION_COLOR, fill=True, fill_opacity=0.08, stroke_color=REGION_COLOR,
+                    weight=1.5, opacity=0.9, interactive=False,
+                    name=f"{what}: {len(region.cells)} cells").add_to(m)
     refined = getattr(best, "refined", None)  # retrieval refinement moved the guess (geohier.refine)
     if refined is not None:
         for nb in refined.neighbours:
@@ -553,6 +585,8 @@ def prediction_map(pred, predictor) -> folium.Map:
               ("#ffffff", "Outlines: kept parent cells")]
     if refined is not None:
         legend[1:1] = [(NEIGHBOUR_COLOR, "Nearest training images"), ("#ffffff", "Cell position (unrefined)")]
+    if region is not None and len(region.cells):
+        legend.append((REGION_COLOR, f"Region: {len(region.cells):,} cells, {region.area_km2:,.0f} km²"))
     points = [[c.lat, c.lon] for c in cands]
     if pred.true:
         t = pred.true

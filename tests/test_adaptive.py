@@ -208,7 +208,6 @@ def tiny_adaptive():
 def test_predictor_on_an_adaptive_run(tmp_path, make_jpeg):
     from test_predictor import make_tiny_run
 
-    from geohier.conformal import region_geojson
     from geohier.predictor import Predictor
 
     h = tiny_adaptive()
@@ -227,10 +226,14 @@ def test_predictor_on_an_adaptive_run(tmp_path, make_jpeg):
     assert p.finest_areas().tolist() == pytest.approx(h.areas_km2(3).tolist())
     html = maps.prediction_map(pred, p).get_root().render()
     assert "depths" in html
+    from dataclasses import replace
+
     from geohier.predictor import Region
 
-    geo = region_geojson(Region("conformal", h.cells(3)[:2], [0, 1], 0.5, 1.0, 0.9, 0.1), 3)
-    assert len(geo["features"]) == 2
+    with_region = replace(pred, region=Region("conformal", h.cells(3)[:2], [0, 1], 0.5, 1234.0, 0.9, 0.1))
+    html = maps.prediction_map(with_region, p).get_root().render()
+    assert "90% coverage region: 2 cells" in html and "Region: 2 cells, 1,234 km" in html
+    assert maps.prediction_key(with_region) != maps.prediction_key(pred)  # the page's map redraws
 
 
 def test_evaluate_on_an_adaptive_workspace(ws):

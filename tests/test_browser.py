@@ -298,12 +298,23 @@ def test_predict_coverage_region_draws_its_cells(app, page, tmp_path):
     photo.write_bytes(jpeg_bytes(size=(320, 240), gps=(48.85, 2.35)))
     page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files([str(photo)])
     wait_for_app(page)
+    classes = Hierarchy.load(ws.hierarchy_path).num_classes[3]
+    before = [c for c in map_cell_counts(page, 2) if c != classes]  # the prediction map's cells
+    assert len(before) == 1 and before[0] > 0, before
     page.get_by_text("Coverage region").first.click()
     wait_for_app(page)
     text = page.locator('[data-testid="stMain"]').inner_text()
     assert "Region cells" in text and "km²" in text
     region = int(text.split("Region cells", 1)[1].split()[0].replace(",", ""))
-    assert 1 <= region <= Hierarchy.load(ws.hierarchy_path).num_classes[3]
+    assert 1 <= region <= classes
+    # the map redraws with the region's cells outlined (a mounted map redraws under a new key)
+    for _ in range(120):
+        counts = map_cell_counts(page, 2)
+        if before[0] + region in counts and classes in counts:
+            break
+        page.wait_for_timeout(500)
+    assert before[0] + region in counts, (before, region, counts)
+    assert classes in counts  # the world map is still there
     screenshot(page, "predict-coverage-region")
     assert not exception_texts(page)
     assert_no_off_host_requests(page)

@@ -189,16 +189,6 @@ def test_country_limit_uses_overlap_not_the_main_country():
         limits.build_limit("country:XX", tree, np.stack([lat, lon], 1), bounds)
 
 
-def test_region_geojson_has_one_rectangle_per_cell():
-    k = grid.key(grid.cell(10.0, 10.0, 2))
-    cell = grid.keys_to_ids([k], 2)[0]
-    gj = cf.region_geojson(cf.Region("conformal", [cell], [0], 0.9, 1.0, 0.9, 0.5), 2)
-    (f,) = gj["features"]
-    assert f["properties"] == {"cell": cell, "rank": 1}
-    assert f["geometry"]["coordinates"][0] == [[0, 0], [90, 0], [90, 45], [0, 45], [0, 0]]
-    assert cf.region_geojson(cf.Region("kept", [], [], 0.0, 0.0), 2)["features"] == []
-
-
 @pytest.mark.slow
 def test_explorer_coverage_rule_is_the_predictors_report(tmp_path):
     from test_predictor import make_tiny_run

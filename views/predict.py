@@ -4,6 +4,7 @@ embeddings can refine the guess to the nearest training images inside the kept c
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 
@@ -317,16 +318,9 @@ with tab_predict:
                 t1, t2 = st.columns(2)
                 t1.metric("Error (EXIF GPS)", f"{pred.true['error_km']:,.0f} km")
                 t2.metric("GeoScore", f"{pred.true['geoscore']:,.0f}")
-        pmap = maps.prediction_map(pred, predictor)
-        if pred.region is not None:  # the region's cells, outlined in blue
-            import folium
-
-            from geohier.conformal import region_geojson
-            folium.GeoJson(region_geojson(pred.region, predictor.finest), name="region",
-                           style_function=lambda _: {"color": "#1f4fd1", "weight": 1.5, "fill": True,
-                                                     "fillOpacity": 0.08}).add_to(pmap)
-        st_folium(pmap, height=480, use_container_width=True,
-                  returned_objects=[], key=f"predict_map_{pick}")
+        # a mounted map redraws only under a new key: the key follows what the map shows
+        st_folium(maps.prediction_map(pred, predictor), height=480, use_container_width=True,
+                  returned_objects=[], key=f"predict_map_{pick}_{maps.prediction_key(pred)}")
         # the whole world: every finest class by its joint probability (one canvas layer)
         if st.toggle("World probability map", value=True, key="predict_world",
                      help=f"all {predictor.tree.num_classes[predictor.finest]:,} level-{predictor.finest} classes "
@@ -335,8 +329,11 @@ with tab_predict:
             row = {lv: logits[lv][pick:pick + 1] for lv in predictor.levels}
             logp = predictor.log_joint(row, temperature, within=limit)[0].numpy()
             true_at = (pred.true["lat"], pred.true["lon"]) if pred.true else None
-            wmap = world_map(runs, stamp, uploads[pick][0], temperature, limit.describe() if limit else "",
-                             (float(best.lat), float(best.lon)), logp, true_at)
+            # a copy: rendering a folium map twice changes its script (layers added again), so the
+            # cached map itself is never rendered
+            wmap = copy.deepcopy(world_map(runs, stamp, uploads[pick][0], temperature,
+                                           limit.describe() if limit else "", (float(best.lat), float(best.lon)),
+                                           logp, true_at))
             st_folium(wmap, height=420, use_container_width=True, returned_objects=[],
                       key=f"predict_world_map_{pick}")
             st.caption(f"Joint probability of every level-{predictor.finest} class (product of each level's "
