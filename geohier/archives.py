@@ -26,6 +26,7 @@ True
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import tarfile
@@ -231,6 +232,7 @@ class ArchiveCache:
 
 
 _cache = ArchiveCache()
+atexit.register(_cache.close)
 
 
 def read_member(ref: str, max_bytes: int = MAX_MEMBER_BYTES) -> bytes:

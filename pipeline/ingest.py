@@ -39,10 +39,8 @@ from pathlib import Path
 from geohier import grid
 from geohier.archives import archives_under, is_archive_name, member_ref, open_archive, read_member
 from geohier.errors import InputError
+from geohier.exif import GPS_BROKEN, GPS_INVALID, GPS_MISSING
 from geohier.images import (
-    GPS_BROKEN,
-    GPS_INVALID,
-    GPS_MISSING,
     READ_MISSING,
     READ_NOT_IMAGE,
     READ_UNREADABLE,

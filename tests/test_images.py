@@ -13,11 +13,8 @@ from PIL.TiffImagePlugin import IFDRational
 
 from geohier import images
 from geohier.errors import InputError
+from geohier.exif import GPS_BROKEN, GPS_INVALID, GPS_MISSING, GPS_VOID
 from geohier.images import (
-    GPS_BROKEN,
-    GPS_INVALID,
-    GPS_MISSING,
-    GPS_VOID,
     ImageReadError,
     brightness,
     image_info,

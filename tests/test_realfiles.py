@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import pipeline.cli
-from geohier import images
+from geohier import exif, images
 from geohier.images import ImageReadError, image_info, inspect_gps, open_image
 from pipeline.ingest import import_photos
 
@@ -232,7 +232,7 @@ def test_raw_empty_and_non_image_files_get_their_reasons():
         assert _refusal(_odd(name)).reason == images.READ_NOT_IMAGE, name
     for n in range(1, 5):  # metadata-extractor's "NEF" files hold JPEG data: content decides
         info = image_info(_odd(f"Issue 247-{n}.nef"), decode=False)
-        assert (info.format, info.gps_problem) == ("JPEG", images.GPS_MISSING)
+        assert (info.format, info.gps_problem) == ("JPEG", exif.GPS_MISSING)
 
 
 def test_truncated_real_photos():
@@ -300,15 +300,15 @@ def test_injected_faults_in_real_gps_blocks():
     gps, _, e = _gps_entries(data)
     minutes_den = gps[2][1] + 12  # latitude = 3 rationals of (num, den); den of the minutes
     zero = _patched(data, minutes_den, struct.pack(e + "I", 0))
-    assert inspect_gps(zero) == (None, images.GPS_BROKEN)
+    assert inspect_gps(zero) == (None, exif.GPS_BROKEN)
     no_ref = _patched(data, gps[3][0], struct.pack(e + "H", 0x7FFF))  # GPSLongitudeRef renamed away
-    assert inspect_gps(no_ref) == (None, images.GPS_BROKEN)
+    assert inspect_gps(no_ref) == (None, exif.GPS_BROKEN)
 
     sony = (GPS_DIR / SONY).read_bytes()
     sgps, _, _ = _gps_entries(sony)
     assert sony[sgps[9][1]:sgps[9][1] + 1] == b"A"
     void = _patched(sony, sgps[9][1], b"V")
-    assert inspect_gps(void) == (None, images.GPS_VOID)
+    assert inspect_gps(void) == (None, exif.GPS_VOID)
     assert open_image(void).size == open_image(sony).size  # the picture itself is fine
 
 
@@ -316,7 +316,7 @@ def test_gps_of_exif_only_files_read_from_their_real_bytes():
     base = (GPS_DIR / IPHONE).read_bytes()
     goexif = "rwcarlsen+goexif__"
     null_island = _graft(base, (ODD_DIR / f"{goexif}2011-05-07-13-02-49-sep-2011-05-07-13-02-49a.jpg").read_bytes())
-    assert inspect_gps(null_island) == (None, images.GPS_INVALID)  # 0 N 0 E: a receiver without a fix
+    assert inspect_gps(null_island) == (None, exif.GPS_INVALID)  # 0 N 0 E: a receiver without a fix
     temple = _graft(base, (ODD_DIR / f"{goexif}2012-12-19-21-38-40-sep-temple_square1.jpg").read_bytes())
     assert inspect_gps(temple) == (pytest.approx((40.770339, -111.891222), abs=1e-6), None)  # Salt Lake City
     assert open_image(temple).size == (1296, 968)
