@@ -303,7 +303,8 @@ def test_predict_coverage_region_draws_its_cells(app, page, tmp_path):
     text = page.locator('[data-testid="stMain"]').inner_text()
     assert "Region cells" in text and "km²" in text
     region = int(text.split("Region cells", 1)[1].split()[0].replace(",", ""))
-    assert 1 <= region <= Hierarchy.load(ws.hierarchy_path).num_classes[3]
+    h = Hierarchy.load(ws.hierarchy_path)
+    assert 1 <= region <= h.num_classes[3] + h.num_classes[1]  # finest cells and level-1 cells' rests
     screenshot(page, "predict-coverage-region")
     assert not exception_texts(page)
     assert_no_off_host_requests(page)
