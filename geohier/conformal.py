@@ -6,27 +6,62 @@ parent* (a softmax among siblings, after temperature scaling; ``log_joint``). Un
 keep rules' ``joint`` (``geohier.combine``, which only looks at the kept paths), this is a
 distribution over ALL finest classes: it sums to 1 whatever a keep rule would keep.
 
-**The score: adaptive prediction sets (APS, Romano, Sesia & Candès 2020).** Rank an image's
-finest classes by joint probability; the score of class y is the probability mass of the
-classes ranked above it plus half its own: ``s(x, y) = sum_{p_j > p_y} p_j + u * p_y``
-with ``u = 1/2`` (``APS_U``, fixed rather than random, so that the same photo always gets
-the same region; any fixed score keeps the guarantee). The region at threshold tau is the
-prefix of the ranking whose scores are <= tau (and never less than the top class). Why
-APS rather than "every class with p >= t": the region grows until it holds a fixed share
-of the image's own probability mass, so its size *adapts to how unsure the model is about
-this image*: one cell for a photo of a landmark, a country's worth of cells for an
-ambiguous road. A probability cut-off gives every image the same per-class bar and
-undercovers the hard images, whose mass is spread over many small probabilities.
+**What a region is made of, and what "covered" means: the partition** (``Partition``). A
+fixed-level hierarchy drops the cells with too few images (on the demo world 23% of the
+test images are in no finest class), so a set of finest classes can never hold those
+images: scored on the finest classes alone they score +inf, and at 0.8 the threshold
+itself is +inf (every region is every class) while the coverage stays at the labelled
+share. But a region is a set of *places* and the truth is a *point*, so the guarantee is
+defined geographically, over something every image has: the regions are made of
+*nodes* that tile the classes' cells: every finest class's cell, and for every class of a
+coarser level its *rest*, the cell less its class sub-cells at the next level (where the
+dropped sub-cells lie). An image is covered when its point is inside its region, i.e.
+when its node (its finest class, else the rest of its deepest class) is in the region;
+calibration uses the same definition (the score of a val image is the APS mass needed
+until the region holds its node). The heads only tell class sub-cells apart, so a rest's
+probability is its class's joint probability times the class's share of images outside
+its class sub-cells (from the hierarchy's image counts, the data every class was drawn
+from; the same for val and test, so exchangeability is untouched), the sub-cells sharing
+the remainder. With adaptive cells every image has a finest class, every rest is empty
+and the nodes are the finest classes: nothing changes. An image outside every first-level
+class scores +inf, and the quantile counts it honestly: it is never covered.
 
-**Calibration** (``Conformal.fit``): the scores of the true cells of the run's val images
-(after temperature scaling). For coverage 1 - alpha the threshold is the
-``ceil((n + 1)(1 - alpha))``-th smallest of the n scores (the finite-sample quantile,
-``ceil((n+1)(1-alpha))/n``); an image whose true cell is no class (or has probability 0)
-scores +inf and is never covered. Then, for a new image exchangeable with the calibration
-ones, P(true cell in region) >= 1 - alpha (marginally, not per image). Storing the sorted
-scores lets any 1 - alpha be asked for at predict time; above ``MAX_STORED`` scores a
-subset of order statistics is stored and the next stored one up is used (a threshold at
-least as high: still valid, slightly larger regions).
+**The score: adaptive prediction sets (APS, Romano, Sesia & Candès 2020).** Rank an image's
+nodes by probability; the score of node y is the probability mass of the nodes ranked
+above it plus half its own: ``s(x, y) = sum_{p_j > p_y} p_j + u * p_y`` with ``u = 1/2``
+(``APS_U``, fixed rather than random, so that the same photo always gets the same region;
+any fixed score keeps the guarantee). The region at threshold tau is the prefix of the
+ranking whose scores are <= tau (and never less than the top node). Why APS rather than
+"every class with p >= t": the region grows until it holds a fixed share of the image's
+own probability mass, so its size *adapts to how unsure the model is about this image*:
+one cell for a photo of a landmark, a country's worth of cells for an ambiguous road. A
+probability cut-off gives every image the same per-class bar and undercovers the hard
+images, whose mass is spread over many small probabilities.
+
+**Calibration** (``Conformal.fit``): the scores of the run's val images (after temperature
+scaling). Splits are dealt by *place groups* (``geohier.splits``: a capture sequence, else
+a ~1 km bucket), so val and test are exchangeable as groups, not as images: photos of one
+place share its difficulty, and the classic image quantile (each of n images and +inf
+weighing 1/(n + 1)) has no finite-sample guarantee for them. So the images are weighed by
+group (``method="groups"``, hierarchical conformal prediction, Lee, Barber & Willett 2023):
+each of the K val groups weighs 1/(K + 1), shared equally by its images, +inf weighs
+1/(K + 1), and the threshold of coverage 1 - alpha is the smallest score whose weight up
+to it reaches 1 - alpha. Then for a random photo of a new place, P(its point is in its
+region) >= 1 - alpha, marginally (each place counting once: ``group_coverage``; the share
+of test *images* covered weighs the places by their photos and may differ where big
+places are harder or easier). Val is the right calibration set: it is drawn exactly as
+test is (groups dealt at random), so "a random half of val drawn like test" would be val
+again, and test must stay untouched. What a by-group deal does bring is *variance*: with
+~120 groups a split's coverage strays by several points from one deal to the next
+(``summarise``'s standard errors say how far), so ``evaluate`` also reports a cross-fit
+(``crossfit``: the test split's groups dealt into halves, one calibrating, the other
+measured, both ways, over random halvings), the coverage the method gives when
+calibration and test are drawn alike, free of the luck of the one val/test deal.
+``method="images"`` (every image alike) is kept for calibrations without groups (an
+external CSV) and those stored before groups. Storing the sorted scores and their
+cumulative weights lets any 1 - alpha be asked for at predict time; above ``MAX_STORED``
+scores a subset is stored and the next stored one up is used (a threshold at least as
+high: still valid, slightly larger regions).
 
 **Abstention.** An image's confidence is its top finest joint probability
 (``confidence``); ``abstention_curve`` ranks images by it and reports the accuracy of the
@@ -288,7 +323,14 @@ class Conformal:
     ``method``: ``groups`` (each group weighs 1/(K + 1), shared equally by its images,
     +inf weighs 1/(K + 1); Lee, Barber & Willett 2023) or ``images`` (each image and +inf
     weigh 1/(n + 1): the classic quantile). Only some order statistics are stored beyond
-    ``MAX_STORED`` scores (the next stored one up answers: a threshold at least as high)."""
+    ``MAX_STORED`` scores (the next stored one up answers: a threshold at least as high).
+
+    Why ``groups`` holds for a random photo of a new place: weigh all K + 1 groups (the
+    new one included) alike and let q be the 1 - alpha quantile of that weighted CDF; the
+    groups' mean covered share at q is then >= 1 - alpha and, the groups being
+    exchangeable, so is the new group's in expectation, which is the chance its random
+    photo is covered. The new group's scores are unknown, so its weight sits at +inf:
+    a quantile at least q."""
 
     n: int
     scores: np.ndarray

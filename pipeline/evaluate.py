@@ -15,8 +15,14 @@ of path, lat, lon) and writes the run's eval report:
   same country), km accuracies, median km;
 - ``conformal``: for coverages 0.8/0.9/0.95, the prediction regions of
   ``geohier.conformal`` (calibrated by ``calibrate_run`` on the val split, after the
-  temperatures): the share of images whose true cell is in their region, the regions'
-  mean/median cells and km², and the score threshold;
+  temperatures, each image weighed by its place group): ``coverage``, the share of images
+  whose point is inside their region (finest cells, and the rests of coarser cells where a
+  fixed-level hierarchy dropped cells), with ``coverage_se``; ``group_coverage``, the
+  place groups' mean share (what the calibration guarantees), with ``group_coverage_se``;
+  the regions' mean/median cells and km², the score threshold; and ``crossfit``: the
+  coverage when the test split's own place groups, dealt into halves, calibrate each
+  other (``geohier.conformal.crossfit``). ``conformal_calibration`` says how the
+  calibration was made: split, method, images, groups;
 - ``abstention``: accuracy at 25/200/750/2500 km of the most confident 10%..100% of the
   images (confidence: the top hierarchical joint probability);
 - ``recall_area``: the share of truths inside the top-ranked finest cells (by joint
