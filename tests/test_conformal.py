@@ -424,3 +424,17 @@ def test_predictor_regions_hold_the_dropped_cells(tmp_path):
         assert r.area_km2 == pytest.approx(float(p.node_areas()[alive].sum()), rel=1e-6)
     rest_cell = h.cells(3)[labels[3][2]]
     assert rest_cell in big[2].rest and p._sub_cells(3, labels[3][2]) == big[2].rest_minus[big[2].rest.index(rest_cell)]
+
+
+def test_groups_of_are_the_groups_the_splits_were_dealt_in(ws):
+    from geohier import splits
+
+    points = [(48.85, 2.35, "seq-1"), (40.0, -3.7, "seq-1"), (45.0, 7.0, None), (45.0003, 7.0, None),
+              (10.0, 10.0, None)]  # one sequence far apart; two photos 33 m apart; one alone
+    with ws.manifest() as m:
+        ids = [m.add_image(source="demo", lat=la, lon=lo, sha256=f"{i:064x}", path=f"/x/{i}.jpg", sequence_id=s)
+               for i, (la, lo, s) in enumerate(points)]
+    g = splits.groups_of(ws, [*ids, 999])
+    assert g[0] == g[1] == "s:seq-1" and g[2] == g[3] and len({g[0], g[2], g[4]}) == 3 and g[5] == "i:999"
+    lat, lon, seq = zip(*points, strict=True)
+    assert g[:5].tolist() == splits.split_groups(lat, lon, seq).tolist()
