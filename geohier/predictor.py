@@ -628,7 +628,7 @@ class Predictor:
             for k in nodes:
                 if k >= n_fine:
                     lv, cls = part.node(k)
-                    rest.append(self.hierarchy.cells(lv)[cls])
+                    rest.append(self.cells[lv][cls])
                     minus.append(self._sub_cells(lv, cls))
             out.append(Region("conformal", [self.cells[self.finest][k] for k in fine], fine,
                               float(p[j, nodes].sum()), float(areas[nodes].sum()), float(coverage), tau,
