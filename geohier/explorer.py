@@ -142,16 +142,16 @@ class Explorer:
 
     def coverage_curve(self, coverages: Sequence[float] = COVERAGE_SWEEP) -> list[dict]:
         """The ``coverage`` rule (conformal prediction regions, ``geohier.conformal``) over
-        the cached rows: per target coverage, the share of rows whose true finest cell is
-        in its region, the regions' mean/median cells and km² (the curve of area against
+        the cached rows: per target coverage, the share of rows whose point is in its
+        region (its finest cell, else its deepest class's rest: ``targets`` at every
+        level), the regions' mean/median cells and km² (the curve of area against
         coverage), through the Predictor (``Predictor.conformal_report``). On the val
         split this is the calibration set itself, so the coverage holds by construction;
         ``evaluate`` reports it on the held-out test split. InputError when the run has no
         conformal calibration."""
         if self.predictor is None:
             raise InputError("the coverage rule needs an explorer built for a predictor (Explorer.for_predictor)")
-        finest = self.tree.levels[-1]
-        report = self.predictor.conformal_report(self.logits(), self.val.targets[finest], tuple(coverages))
+        report = self.predictor.conformal_report(self.logits(), self.val.targets, tuple(coverages))
         return [{"target": float(k), **v} for k, v in report.items()]
 
     def evaluate(self, rules: KeepRule | Mapping[int, KeepRule] | None = None, temperature: bool = True) -> dict:

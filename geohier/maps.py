@@ -528,7 +528,8 @@ def prediction_key(pred) -> str:
     refined = getattr(best, "refined", None)
     parts = [[lv, [(c.cell, round(float(c.prob), 6)) for c in cands]] for lv, cands in sorted(pred.levels.items())]
     parts.append([best.cell, round(float(best.lat), 6), round(float(best.lon), 6), refined is not None])
-    parts.append(None if region is None else [list(region.cells), region.source, round(float(region.coverage or 0), 4)])
+    parts.append(None if region is None else [list(region.cells), list(getattr(region, "rest", [])), region.source,
+                                              round(float(region.coverage or 0), 4)])
     parts.append(None if not pred.true else [pred.true.get("lat"), pred.true.get("lon")])
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
 
@@ -563,12 +564,20 @@ def prediction_map(pred, predictor) -> folium.Map:
                          ("country", "Country"), ("place", "Nearest town")],
                 name=f"Level {finest}: {len(cands)} kept").add_to(m)
     region = getattr(pred, "region", None)  # a coverage region or the "not sure" answer's cells
-    if region is not None and len(region.cells):
-        rkeys, rdepth = cells_of(region.cells, finest)
+    if region is not None:
         what = f"{region.coverage:.0%} coverage region" if region.source == "conformal" else "Region"
-        cells_layer(rkeys, rdepth, REGION_COLOR, fill=True, fill_opacity=0.08, stroke_color=REGION_COLOR,
-                    weight=1.5, opacity=0.9, interactive=False,
-                    name=f"{what}: {len(region.cells)} cells").add_to(m)
+        if len(region.cells):
+            rkeys, rdepth = cells_of(region.cells, finest)
+            cells_layer(rkeys, rdepth, REGION_COLOR, fill=True, fill_opacity=0.08, stroke_color=REGION_COLOR,
+                        weight=1.5, opacity=0.9, interactive=False,
+                        name=f"{what}: {len(region.cells)} cells").add_to(m)
+        if getattr(region, "rest", None):  # coarser cells less their class sub-cells: polygons with holes
+            from geohier.conformal import region_geojson
+
+            rests = [f for f in region_geojson(region)["features"] if f["properties"].get("rest")]
+            folium.GeoJson({"type": "FeatureCollection", "features": rests}, name=f"{what}: {len(rests)} rests",
+                           style_function=lambda _: {"color": REGION_COLOR, "weight": 1.5, "dashArray": "6 4",
+                                                     "fillColor": REGION_COLOR, "fillOpacity": 0.05}).add_to(m)
     refined = getattr(best, "refined", None)  # retrieval refinement moved the guess (geohier.refine)
     if refined is not None:
         for nb in refined.neighbours:
@@ -585,8 +594,9 @@ def prediction_map(pred, predictor) -> folium.Map:
               ("#ffffff", "Outlines: kept parent cells")]
     if refined is not None:
         legend[1:1] = [(NEIGHBOUR_COLOR, "Nearest training images"), ("#ffffff", "Cell position (unrefined)")]
-    if region is not None and len(region.cells):
-        legend.append((REGION_COLOR, f"Region: {len(region.cells):,} cells, {region.area_km2:,.0f} km²"))
+    if region is not None and region.n_cells:
+        rests = f" ({len(region.rest)} the rest of a coarser cell, dashed)" if getattr(region, "rest", None) else ""
+        legend.append((REGION_COLOR, f"Region: {region.n_cells:,} cells{rests}, {region.area_km2:,.0f} km²"))
     points = [[c.lat, c.lon] for c in cands]
     if pred.true:
         t = pred.true

@@ -311,6 +311,8 @@ class Predictor:
         self.refine_tau = rf.DEFAULT_TAU
         self._index: tuple[tuple, rf.NeighbourIndex] | None = None
         self._limits: dict[str, object] = {}
+        self._partition: cf.Partition | None = None
+        self._node_areas: np.ndarray | None = None
 
     @property
     def synthetic_note(self) -> str | None:
@@ -483,7 +485,8 @@ class Predictor:
         if coverage is not None or abstain is not None:
             logp = self.log_joint(logits, temperature, within=limit)
             conf = cf.confidence(logp)
-            regions = self.conformal_regions(logp, coverage) if coverage is not None else None
+            regions = self.conformal_regions(self.region_log_probs(logits, temperature, within=limit), coverage) \
+                if coverage is not None else None
             for j, pred in enumerate(preds):
                 pred.confidence = float(conf[j])
                 if regions is not None:
@@ -529,6 +532,30 @@ class Predictor:
         return np.concatenate(parts) if parts else np.zeros(0)
 
     @property
+    def partition(self) -> cf.Partition:
+        """The nodes prediction regions are made of (``geohier.conformal.Partition``): the
+        finest classes and every coarser class's rest, with rest shares from the
+        hierarchy's image counts."""
+        if self._partition is None:
+            self._partition = cf.Partition.from_counts(self.tree, {lv: self.hierarchy.counts(lv) for lv in self.levels})
+        return self._partition
+
+    def node_areas(self) -> np.ndarray:
+        """(N,) km² of every node of ``partition``."""
+        if self._node_areas is None:
+            self._node_areas = self.partition.areas({lv: self.hierarchy.areas_km2(lv) for lv in self.levels})
+        return self._node_areas
+
+    def region_log_probs(self, logits: Mapping, temperature: bool = True, within=None) -> torch.Tensor:
+        """(B, N) log probability of every node of ``partition`` (the run's temperatures;
+        -inf outside ``within``)."""
+        z = {lv: torch.as_tensor(logits[lv]).float().cpu() for lv in self.levels}
+        self.check_finite(z)
+        limit = self.limit(within) if within is not None else None
+        return self.partition.log_probs(z, self.temperatures if temperature else None,
+                                        limit.allowed if limit is not None else None)
+
+    @property
     def conformal(self) -> cf.Conformal | None:
         """The run's conformal calibration (meta.json ``conformal``), None without one (or
         for a per-level set of runs, which is never calibrated as one)."""
@@ -536,22 +563,43 @@ class Predictor:
             return None
         return cf.Conformal.from_dict(self.metas[0].get("conformal"))
 
-    def check_conformal(self, temperature: bool = True) -> cf.Conformal:
-        """The conformal calibration, or an InputError saying how to get one."""
+    @property
+    def conformal_stale(self) -> bool:
+        """Whether the run's conformal calibration ranked the finest classes alone (written
+        before ``space``) while its partition has rests with probability: it no longer
+        fits the regions (``check_conformal`` refuses it, ``evaluate`` fits it again)."""
         c = self.conformal
+        return c is not None and (c.extra or {}).get("space") != cf.SPACE and self.partition.has_rest
+
+    def check_conformal(self, temperature: bool = True) -> cf.Conformal:
+        """The conformal calibration, or an InputError saying how to get one. A calibration
+        written before regions could hold rests (no ``space``) ranked the finest classes
+        alone: it is refused where the partition has rests with probability (elsewhere
+        the two rankings are the same)."""
+        c = self.conformal
+        how = f"run `python -m pipeline evaluate {self.runs[0].name} --calibrate` to fit it on the run's val split"
         if c is None:
-            raise InputError(f"run {self.name} has no conformal calibration for --coverage: run `python -m pipeline "
-                             f"evaluate {self.runs[0].name} --calibrate` to fit it on the run's val split")
+            raise InputError(f"run {self.name} has no conformal calibration for --coverage: {how}")
+        if self.conformal_stale:
+            raise InputError(f"run {self.name}'s conformal calibration predates regions that hold the cells its "
+                             f"hierarchy dropped: {how} again")
         if not temperature:
             raise InputError("--coverage was calibrated with the run's temperatures: drop --no-temperature")
         return c
 
-    def conformal_scores(self, logits: Mapping, targets, chunk: int = 1024) -> np.ndarray:
-        """(N,) APS scores of the target finest classes (targets < 0: +inf)."""
-        t = np.asarray(targets, dtype=np.int64)
+    def conformal_targets(self, labels) -> np.ndarray:
+        """(N,) each image's node (``Partition.targets``): from its labels per level
+        ``{level: (N,)}`` (< 0 = no class), or from the finest labels alone."""
+        return self.partition.targets(labels)
+
+    def conformal_scores(self, logits: Mapping, labels, chunk: int = 1024) -> np.ndarray:
+        """(N,) APS scores of each image's node (``conformal_targets``; +inf for an image
+        in no class cell)."""
+        t = self.conformal_targets(labels)
         n = t.size
-        parts = [cf.aps_scores(self.log_joint({lv: torch.as_tensor(logits[lv])[i:i + chunk] for lv in self.levels}),
-                               t[i:i + chunk], self._aps_u()) for i in range(0, n, chunk)]
+        parts = [cf.aps_scores(self.region_log_probs({lv: torch.as_tensor(logits[lv])[i:i + chunk]
+                                                      for lv in self.levels}), t[i:i + chunk], self._aps_u())
+                 for i in range(0, n, chunk)]
         return np.concatenate(parts) if parts else np.zeros(0)
 
     def _aps_u(self) -> float:
@@ -563,19 +611,35 @@ class Predictor:
         return self.hierarchy.areas_km2(self.finest)
 
     def conformal_regions(self, logp: torch.Tensor, coverage: float) -> list[Region]:
-        """The conformal region of each row of ``log_joint``: the finest cells a coverage of
-        ``coverage`` keeps, with their area."""
+        """The conformal region of each row of ``region_log_probs``: the nodes (finest cells
+        and rests) a coverage of ``coverage`` keeps, with their area."""
         c = self.check_conformal()
         tau = c.threshold(coverage)
         order, sizes = cf.region_prefix(logp, tau, c.u)
-        areas = self.finest_areas()
+        areas = self.node_areas()
+        part = self.partition
+        n_fine = self.tree.num_classes[self.finest]
         p = logp.exp().double()
         out = []
         for j in range(logp.shape[0]):
-            idx = order[j, :int(sizes[j])].tolist()
-            out.append(Region("conformal", [self.cells[self.finest][k] for k in idx], idx,
-                              float(p[j, idx].sum()), float(areas[idx].sum()), float(coverage), tau))
+            nodes = order[j, :int(sizes[j])].tolist()
+            fine = [k for k in nodes if k < n_fine]
+            rest, minus = [], []
+            for k in nodes:
+                if k >= n_fine:
+                    lv, cls = part.node(k)
+                    rest.append(self.cells[lv][cls])
+                    minus.append(self._sub_cells(lv, cls))
+            out.append(Region("conformal", [self.cells[self.finest][k] for k in fine], fine,
+                              float(p[j, nodes].sum()), float(areas[nodes].sum()), float(coverage), tau,
+                              rest, minus))
         return out
+
+    def _sub_cells(self, level: int, cls: int) -> list[str]:
+        """The cells of a class's class sub-cells at the next predicted level."""
+        nxt = self.levels[self.levels.index(level) + 1]
+        kids = np.flatnonzero(self.tree.parents[nxt] == cls)
+        return [self.cells[nxt][k] for k in kids.tolist()]
 
     def kept_region(self, combined: Combined, row: int) -> Region:
         """The finest cells the keep rules kept for one row, as a region."""
@@ -586,23 +650,41 @@ class Predictor:
         return Region("kept", [self.cells[self.finest][k] for k in idx], idx, float(score.exp().sum()),
                       float(areas[idx].sum()))
 
-    def conformal_report(self, logits: Mapping, targets, coverages=cf.COVERAGES, chunk: int = 1024) -> dict:
-        """eval.json's ``conformal``: per coverage, the share of rows whose true finest
-        class is in its region, the regions' mean/median cells and km², the threshold."""
+    def conformal_report(self, logits: Mapping, labels, coverages=cf.COVERAGES, chunk: int = 1024,
+                         groups=None) -> dict:
+        """eval.json's ``conformal``: per coverage, the share of rows whose true node (their
+        finest cell, else the rest of their deepest class: ``conformal_targets`` of
+        ``labels``) is in its region, i.e. whose point is inside the region, the regions'
+        mean/median cells and km², the threshold; with the rows' place ``groups`` also the
+        groups' mean covered share and the standard error (``geohier.conformal.summarise``)."""
         c = self.check_conformal()
-        t = np.asarray(targets, dtype=np.int64)
-        areas = self.finest_areas()
+        t = self.conformal_targets(labels)
+        areas = self.node_areas()
         stats: dict[float, list] = {cov: [] for cov in coverages}
         for i in range(0, t.size, chunk):
-            logp = self.log_joint({lv: torch.as_tensor(logits[lv])[i:i + chunk] for lv in self.levels})
+            logp = self.region_log_probs({lv: torch.as_tensor(logits[lv])[i:i + chunk] for lv in self.levels})
             for cov in coverages:
                 stats[cov].append(cf.region_stats(logp, t[i:i + chunk], c.threshold(cov), areas, c.u))
         out = {}
         for cov, parts in stats.items():
             merged = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in
                       ("covered", "cells", "area_km2")}
-            out[f"{cov:g}"] = cf.summarise(merged, c.threshold(cov))
+            out[f"{cov:g}"] = cf.summarise(merged, c.threshold(cov), groups)
         return out
+
+    def conformal_crossfit(self, logits: Mapping, labels, groups, coverages=cf.COVERAGES, method: str = "groups",
+                           chunk: int = 1024) -> dict:
+        """``geohier.conformal.crossfit`` on these rows: calibrated on half their place
+        groups and measured on the other half, both ways, over random halvings."""
+        t = self.conformal_targets(labels)
+        scores, top = [], []
+        for i in range(0, t.size, chunk):
+            logp = self.region_log_probs({lv: torch.as_tensor(logits[lv])[i:i + chunk] for lv in self.levels})
+            scores.append(cf.aps_scores(logp, t[i:i + chunk], self._aps_u()))
+            top.append(cf.top_nodes(logp, t[i:i + chunk]))
+        if not scores:
+            return cf.crossfit(np.zeros(0), np.zeros(0, bool), np.zeros(0, object), coverages, method)
+        return cf.crossfit(np.concatenate(scores), np.concatenate(top), groups, coverages, method)
 
     # ------------------------------------------------------------------ the one path to points
 

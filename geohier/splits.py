@@ -327,7 +327,7 @@ def runs_on_other_splits(models_dir: str | os.PathLike, new_hash: str) -> list[t
 
 __all__ = ["FORMAT", "RunSplit", "SplitError", "Splits", "attach", "current", "of_run", "record", "recorded",
            "recorded_hash", "run_ids", "runs_on_other_splits", "store_path",
-           "assign_splits", "check_fractions", "split_groups", "DEFAULT_FRACTIONS"]
+           "assign_splits", "check_fractions", "groups_of", "split_groups", "DEFAULT_FRACTIONS"]
 
 
 # ---------------------------------------------------------------- drawing the splits (pipeline labels)
@@ -411,6 +411,22 @@ def _merge_buckets(lat, lon, bucket, bucket_level, link_m, max_group) -> np.ndar
         weight[ra] += weight[rb]
     roots = np.array([find(i) for i in range(ub.size)])
     return ub[roots][inv]
+
+
+def groups_of(ws: Workspace, ids) -> np.ndarray:
+    """The split group (``split_groups``) of each image of ``ids``, drawn over the whole
+    manifest as ``labels`` draws them (the groups a split was dealt in, as long as the
+    manifest has not changed since); an id no longer in the manifest is a group of its
+    own. Conformal calibration weighs images by these groups (``geohier.conformal``)."""
+    ids = np.asarray(ids, dtype=np.int64).ravel()
+    with ws.manifest() as m:
+        df = m.frame(["id", "lat", "lon", "sequence_id"])
+    groups = split_groups(df["lat"].to_numpy(np.float64), df["lon"].to_numpy(np.float64),
+                          df["sequence_id"].to_numpy(object)) if len(df) else np.zeros(0, dtype=object)
+    pos = pd.Index(df["id"].to_numpy(np.int64)).get_indexer(ids)
+    out = np.array([groups[p] if p >= 0 else f"i:{i}" for p, i in zip(pos.tolist(), ids.tolist(), strict=True)],
+                   dtype=object)
+    return out
 
 
 def assign_splits(ids, lat, lon, sequence_ids=None, fractions=DEFAULT_FRACTIONS, seed: int = 0,

@@ -15,8 +15,14 @@ of path, lat, lon) and writes the run's eval report:
   same country), km accuracies, median km;
 - ``conformal``: for coverages 0.8/0.9/0.95, the prediction regions of
   ``geohier.conformal`` (calibrated by ``calibrate_run`` on the val split, after the
-  temperatures): the share of images whose true cell is in their region, the regions'
-  mean/median cells and km², and the score threshold;
+  temperatures, each image weighed by its place group): ``coverage``, the share of images
+  whose point is inside their region (finest cells, and the rests of coarser cells where a
+  fixed-level hierarchy dropped cells), with ``coverage_se``; ``group_coverage``, the
+  place groups' mean share (what the calibration guarantees), with ``group_coverage_se``;
+  the regions' mean/median cells and km², the score threshold; and ``crossfit``: the
+  coverage when the test split's own place groups, dealt into halves, calibrate each
+  other (``geohier.conformal.crossfit``). ``conformal_calibration`` says how the
+  calibration was made: split, method, images, groups;
 - ``abstention``: accuracy at 25/200/750/2500 km of the most confident 10%..100% of the
   images (confidence: the top hierarchical joint probability);
 - ``recall_area``: the share of truths inside the top-ranked finest cells (by joint
@@ -268,13 +274,16 @@ def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 6
     from geohier.model import read_meta
 
     # split conformal calibration on the same val images, after temperature scaling: the
-    # APS scores of their true finest cells (geohier.conformal), through the Predictor
+    # APS scores of the nodes their points are in (geohier.conformal), through the
+    # Predictor, each image weighed by its place group (the unit the splits are dealt in)
     finest = max(levels)
     predictor.temperatures = {int(lv): float(t) for lv, t in temps.items() if int(lv) in levels}
     conformal = None
-    scores = predictor.conformal_scores(collected["logits"], collected["labels"][finest])
+    scores = predictor.conformal_scores(collected["logits"], collected["labels"])
+    groups = splits_mod.groups_of(ws, ds.ids[collected["index"]]) \
+        if own is not None and cf.DEFAULT_METHOD == "groups" else None
     if scores.size:
-        conformal = cf.Conformal.fit(scores, level=finest, split="val", fitted_at=utcnow(),
+        conformal = cf.Conformal.fit(scores, groups=groups, level=finest, split="val", fitted_at=utcnow(),
                                      temperatures={str(lv): t for lv, t in predictor.temperatures.items()},
                                      **({"split_hash": own.hash} if own is not None else {})).to_dict()
     fresh = read_meta(run_dir)
@@ -361,7 +370,8 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         predictor.refine_k, predictor.refine_tau = int(refine_k), float(refine_tau)
         predictor.neighbour_index()  # refuse before anything runs
     meta = predictor.metas[0]
-    if calibrate or (calibrate is None and "calibration" not in meta and _has_split(ws, "val")):
+    stale = predictor.conformal_stale  # a calibration of the finest classes alone, for a hierarchy with rests
+    if calibrate or (calibrate is None and ("calibration" not in meta or stale) and _has_split(ws, "val")):
         calibrate_run(run_dir, ws, batch_size, device, num_workers, progress)
         predictor = _load(run_dir, device)
         predictor.refine_k, predictor.refine_tau = int(refine_k), float(refine_tau)
@@ -445,9 +455,29 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     dist = geodesy.haversine_km(plat, plon, tlat, tlon)
     countries = country_table(tlat, tlon, plat, plon, dist)
     # regions with a coverage guarantee (calibrated on val) and abstention, from the Predictor
-    conformal = None
-    if predictor.conformal is not None:
-        conformal = predictor.conformal_report(collected["logits"], collected["labels"][finest], cf.COVERAGES)
+    conformal = conformal_calibration = None
+    if predictor.conformal is not None and predictor.conformal_stale:
+        notes.append("the run's conformal calibration predates regions that hold the cells its hierarchy dropped: "
+                     "no prediction regions (evaluate it with --calibrate)")
+    elif predictor.conformal is not None:
+        c = predictor.conformal
+        # the images' place groups: what the coverage guarantee counts, and what the
+        # cross-fit deals into halves (none for an external CSV)
+        groups = splits_mod.groups_of(ws, ds.ids[collected["index"]]) if csv is None else None
+        conformal = predictor.conformal_report(collected["logits"], collected["labels"], cf.COVERAGES, groups=groups)
+        extra = c.extra or {}
+        conformal_calibration = {"split": extra.get("split"), "method": c.method, "images": c.n, "groups": c.groups,
+                                 "space": extra.get("space"), "fitted_at": extra.get("fitted_at"),
+                                 "split_hash": extra.get("split_hash"), "crossfit": None}
+        if groups is not None:
+            cross = predictor.conformal_crossfit(collected["logits"], collected["labels"], groups, cf.COVERAGES,
+                                                 c.method)
+            for key, r in cross.items():
+                conformal[key]["crossfit"] = r
+            conformal_calibration["crossfit"] = {
+                "split": split, "method": c.method, "repeats": cf.CROSSFIT_REPEATS,
+                "how": f"the {split} split's place groups dealt at random into two halves: calibrated on one, "
+                       "measured on the other, both ways, averaged over the halvings"}
     abstention = {"confidence": "top hierarchical joint probability of a finest class (product of each level's "
                                 "probability given its parent, temperatures applied)",
                   "rule": rule, "rows": cf.abstention_curve(predictor.confidence(collected["logits"]), dist)}
@@ -464,6 +494,7 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         "reliability": reliability,
         "countries": countries,
         "conformal": conformal,
+        "conformal_calibration": conformal_calibration,
         "abstention": abstention,
         "recall_area": recall_area,
         "calibration": meta.get("calibration"),
@@ -579,11 +610,23 @@ def format_report(result: dict) -> str:
                       f"  median {num(r.get('median_km'), 0, 1).strip()} km, mean "
                       f"{num(r.get('mean_km'), 0, 1).strip()} km, GeoScore {num(r.get('geoscore'), 0, 0).strip()}"]
     if result.get("conformal"):
-        lines += ["", "prediction regions (conformal, calibrated on val):",
-                  f"  {'target':>6} {'covered':>8} {'mean cells':>10} {'median km2':>12} {'mean km2':>12}"]
+        cal = result.get("conformal_calibration") or {}
+        how = (f"calibrated on {cal.get('split') or 'val'}: {cal.get('images')} images"
+               + (f" in {cal['groups']} place groups, each group weighing alike" if cal.get("method") == "groups"
+                  else ", each weighing alike") if cal else "calibrated on val")
+        lines += ["", f"prediction regions (conformal, {how}):",
+                  f"  {'target':>6} {'images':>7} {'± se':>6} {'groups':>7} {'± se':>6} {'cross-fit':>15} "
+                  f"{'mean cells':>10} {'median km2':>12} {'mean km2':>12}"]
         for cov, r in result["conformal"].items():
-            lines.append(f"  {cov:>6} {pct(r.get('coverage')):>8} {num(r.get('mean_cells'), 10, 1)} "
-                         f"{num(r.get('median_area_km2'), 12, 0)} {num(r.get('mean_area_km2'), 12, 0)}")
+            cross = r.get("crossfit") or {}
+            both = f"{pct(cross.get('coverage'), 7)} {pct(cross.get('group_coverage'), 7)}"
+            lines.append(f"  {cov:>6} {pct(r.get('coverage'), 7)} {pct(r.get('coverage_se'), 6)} "
+                         f"{pct(r.get('group_coverage'), 7)} {pct(r.get('group_coverage_se'), 6)} {both:>15} "
+                         f"{num(r.get('mean_cells'), 10, 1)} {num(r.get('median_area_km2'), 12, 0)} "
+                         f"{num(r.get('mean_area_km2'), 12, 0)}")
+        lines.append("  images: the share of images whose point is in their region; groups: the mean of the place "
+                     "groups' shares (what the calibration guarantees); cross-fit (images, groups): calibrated on "
+                     "half the split's groups, measured on the other half, over random halvings")
     elif "conformal" in result:
         lines += ["", "prediction regions: the run has no conformal calibration (evaluate it with --calibrate)"]
     if result.get("abstention"):

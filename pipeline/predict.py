@@ -22,7 +22,9 @@ neighbours used (id, lat, lon, sim, weight). A run without the file is refused (
 With ``--coverage P`` (a run calibrated by ``evaluate --calibrate``), each object gains
 ``confidence`` (the top joint probability of a finest cell) and ``region``: ``{"source":
 "conformal", "coverage": P, "threshold", "n_cells", "area_km2", "mass", "cells": [...]}``,
-the finest cells that hold the true one with probability >= P (``geohier.conformal``).
+the area that holds the true place with probability >= P (``geohier.conformal``): finest
+cells, and with a fixed-level hierarchy that dropped cells also ``"rest_cells": [{"cell",
+"minus": [...]}]``, coarser cells less their class sub-cells (where the dropped cells lie).
 With ``--abstain P``: ``abstained`` (true when the confidence is under P); an abstained
 image has ``"best": null`` and a ``region`` (the conformal one with ``--coverage``, else
 the kept cells, ``"source": "kept"``). With ``--within country:FR,DE`` or
@@ -117,7 +119,7 @@ def register(sub) -> None:
                    help=f"move the guess to the nearest training images inside the kept cells (runs with "
                         f"{NEIGHBOURS_FILE}; default: the cell's position)")
     p.add_argument("--coverage", type=float, default=None, metavar="P",
-                   help="add the prediction region that holds the true cell with probability >= P (e.g. 0.9; "
+                   help="add the prediction region that holds the true place with probability >= P (e.g. 0.9; "
                         "conformal, calibrated by `evaluate --calibrate` on the run's val split): its cells and "
                         "area in km² (default: none)")
     p.add_argument("--within", default=None, metavar="LIMIT",
@@ -234,9 +236,10 @@ def format_table(pred: Prediction, show: int = 5) -> str:
         r = pred.region
         lines = [pred.image, f"  not sure: confidence {pred.confidence:.3f} is under --abstain; the place is in "
                              f"{_describe_region(r)}"]
-        lines += [f"      {cell}" for cell in r.cells[:show]]
-        if len(r.cells) > show:
-            lines.append(f"      ... {len(r.cells) - show} more")
+        named = list(r.cells) + [f"{cell} (rest: the cell less its class sub-cells)" for cell in r.rest]
+        lines += [f"      {cell}" for cell in named[:show]]
+        if len(named) > show:
+            lines.append(f"      ... {len(named) - show} more")
         return "\n".join(lines) + "\n"
     lines = [pred.image,
              f"  best   {b.cell}  {b.lat:.4f}, {b.lon:.4f}  p={b.prob:.3f} (joint {b.joint:.3f})  "
@@ -274,7 +277,8 @@ def format_table(pred: Prediction, show: int = 5) -> str:
 
 def _describe_region(r) -> str:
     what = (f"{r.coverage:g} coverage region" if r.source == "conformal" else "kept cells")
-    return f"{len(r.cells)} cell(s), {r.area_km2:,.0f} km² ({what}, joint probability {r.mass:.3f})"
+    rest = f", {len(r.rest)} of them a coarser cell's rest" if r.rest else ""
+    return f"{r.n_cells} cell(s){rest}, {r.area_km2:,.0f} km² ({what}, joint probability {r.mass:.3f})"
 
 
 def run(args: argparse.Namespace, ws: Workspace) -> int:

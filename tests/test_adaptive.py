@@ -234,6 +234,12 @@ def test_predictor_on_an_adaptive_run(tmp_path, make_jpeg):
     html = maps.prediction_map(with_region, p).get_root().render()
     assert "90% coverage region: 2 cells" in html and "Region: 2 cells, 1,234 km" in html
     assert maps.prediction_key(with_region) != maps.prediction_key(pred)  # the page's map redraws
+    parent = h.cells(1)[0]
+    with_rest = replace(pred, region=Region("conformal", h.cells(3)[:1], [0], 0.5, 99.0, 0.9, 0.1, rest=[parent],
+                                            rest_minus=[[c for c in h.cells(2) if c.startswith(parent)]]))
+    html = maps.prediction_map(with_rest, p).get_root().render()
+    assert "90% coverage region: 1 rests" in html and "1 the rest of a coarser cell, dashed" in html
+    assert maps.prediction_key(with_rest) != maps.prediction_key(with_region)
 
 
 def test_evaluate_on_an_adaptive_workspace(ws):

@@ -213,3 +213,218 @@ def test_explorer_coverage_rule_is_the_predictors_report(tmp_path):
     assert curve[0]["mean_area_km2"] <= curve[1]["mean_area_km2"] <= curve[2]["mean_area_km2"]
     assert curve[1]["threshold"] == pytest.approx(0.8)  # ceil(20 * 0.8) = 16th of 0.05 .. 0.95
     assert curve[1] == {"target": 0.8, **p.conformal_report(logits, targets[p.finest], (0.8,))["0.8"]}
+
+
+# ----------------------------------------------------------------------------- the partition: images with no finest class
+
+
+def _partition():
+    # level 1: classes 0 (two sub-cells at level 2, 10 images, 6 of them in the sub-cells) and
+    # 1 (one sub-cell holding all its 4 images)
+    tree = Tree.from_parents([1, 2], {2: [0, 0, 1]})
+    return cf.Partition.from_counts(tree, {1: np.array([10, 4]), 2: np.array([3, 3, 4])})
+
+
+def test_partition_node_probabilities_targets_and_areas():
+    part = _partition()
+    assert part.rest[1].tolist() == pytest.approx([0.4, 0.0]) and part.has_rest
+    assert part.size == 5 and part.offsets == {1: 3} and part.node(3) == (1, 0) and part.node(2) == (2, 2)
+    lp = part.log_probs({1: torch.zeros(1, 2), 2: torch.zeros(1, 3)})
+    # class 0: 0.5, 40% of it in its rest, the rest split between its two sub-cells; class 1: 0.5, its one sub-cell
+    assert lp.exp()[0].tolist() == pytest.approx([0.15, 0.15, 0.5, 0.2, 0.0], abs=1e-6)
+    # an image's node: its finest class, else the rest of its deepest class, else none
+    labels = {1: np.array([0, 0, 1, -1]), 2: np.array([1, -100, 2, -100])}
+    assert part.targets(labels).tolist() == [1, 3, 2, -1]
+    assert part.targets(labels[2]).tolist() == [1, -1, 2, -1]  # the finest labels alone
+    # a rest's area is its cell less its class sub-cells
+    assert part.areas({1: np.array([100.0, 50.0]), 2: np.array([20.0, 30.0, 50.0])}).tolist() == [20, 30, 50, 50, 0]
+    # temperatures apply per level; a class outside ``allowed`` takes its rest with it
+    lp = part.log_probs({1: torch.tensor([[0.0, 0.0]]), 2: torch.zeros(1, 3)}, allowed={1: np.array([True, False])})
+    assert lp.exp()[0].tolist() == pytest.approx([0.3, 0.3, 0.0, 0.4, 0.0], abs=1e-6)
+
+
+def test_partition_without_rests_is_the_finest_joint():
+    # every class has images in class sub-cells only (adaptive cells): the nodes are the finest classes
+    tree = _tree()
+    counts = {1: np.full(PARENTS, CHILDREN), 2: np.ones(PARENTS * CHILDREN)}
+    for part in (cf.Partition.from_counts(tree, counts), cf.Partition.plain(tree)):
+        assert not part.has_rest
+        logits, _ = _sample(4, 1.5, 3)
+        lp = part.log_probs(logits, {1: 1.3, 2: 0.7})
+        assert torch.allclose(lp[:, :PARENTS * CHILDREN], cf.log_joint(logits, tree, {1: 1.3, 2: 0.7}), atol=1e-5)
+        assert float(lp[:, PARENTS * CHILDREN:].exp().sum()) == 0.0
+
+
+def test_images_with_no_finest_class_are_covered_where_their_point_is():
+    """A model calibrated over the nodes, 30% of whose images fall where the hierarchy
+    dropped the finest cells: scored on their nodes the coverage holds; scored on the
+    finest classes alone it cannot pass the labelled share."""
+    tree = _tree()
+    rng = np.random.default_rng(0)
+    part = cf.Partition(tree, {1: np.full(PARENTS, 0.3)})
+    def sample(n, seed):
+        logits, _ = _sample(n, 1.5, seed)
+        p = part.log_probs(logits).exp().double()
+        y = (p.cumsum(1) < torch.as_tensor(rng.random((n, 1)))).sum(1).clamp(max=p.shape[1] - 1).numpy()
+        fine = y < PARENTS * CHILDREN  # the node back to the labels a dataset gives
+        labels = {1: np.where(fine, tree.parents[2][np.minimum(y, PARENTS * CHILDREN - 1)], y - part.offsets[1]),
+                  2: np.where(fine, y, -100)}
+        return logits, labels, y
+    cal_logits, cal_labels, cal_y = sample(3000, 20)
+    test_logits, test_labels, test_y = sample(6000, 21)
+    assert np.array_equal(part.targets(cal_labels), cal_y) and 0.25 < (test_labels[2] < 0).mean() < 0.35
+    c = cf.Conformal.fit(cf.aps_scores(part.log_probs(cal_logits), part.targets(cal_labels)))
+    lp = part.log_probs(test_logits)
+    areas = np.ones(part.size)
+    for cov in cf.COVERAGES:
+        stats = cf.region_stats(lp, part.targets(test_labels), c.threshold(cov), areas)
+        assert abs(stats["covered"].mean() - cov) < 0.03, (cov, stats["covered"].mean())
+        no_finest = test_labels[2] < 0
+        assert stats["covered"][no_finest].mean() > cov - 0.1  # covered through their class's rest
+    # on the finest classes alone the unlabelled ones score +inf: the 0.8 threshold is +inf
+    old = cf.Conformal.fit(cf.aps_scores(cf.log_joint(cal_logits, tree), cal_labels[2]))
+    assert old.threshold(0.8) == math.inf
+    # an image in no class cell at all scores +inf and is never covered
+    nowhere = {1: np.array([-1]), 2: np.array([-100])}
+    assert cf.aps_scores(lp[:1], part.targets(nowhere)).tolist() == [math.inf]
+    assert not cf.region_stats(lp[:1], part.targets(nowhere), 10.0, areas)["covered"][0]
+
+
+def test_region_with_a_rest_draws_its_sub_cells_as_holes():
+    parent = grid.keys_to_ids([grid.key(grid.cell(10.0, 10.0, 1))], 1)[0]  # lat 0..90, lon 0..180
+    kid = grid.keys_to_ids([grid.key(grid.cell(10.0, 10.0, 2))], 2)[0]  # lat 0..45, lon 0..90
+    r = cf.Region("conformal", [], [], 0.5, 1.0, 0.9, 0.5, rest=[parent], rest_minus=[[kid]])
+    assert r.n_cells == 1 and r.to_dict()["rest_cells"] == [{"cell": parent, "minus": [kid]}]
+    (f,) = cf.region_geojson(r)["features"]
+    assert f["properties"] == {"cell": parent, "rest": True, "rank": 1}
+    outer, hole = f["geometry"]["coordinates"]
+    assert outer == [[0, 0], [180, 0], [180, 90], [0, 90], [0, 0]]
+    assert sorted(map(tuple, hole)) == sorted(map(tuple, [[0, 0], [90, 0], [90, 45], [0, 45], [0, 0]]))
+    assert "rest_cells" not in cf.Region("conformal", [kid], [0], 0.5, 1.0).to_dict()
+
+
+# ----------------------------------------------------------------------------- place groups: weights and cross-fit
+
+
+def test_group_weighted_threshold_known_answers():
+    # groups a (2 images) and b (1): K = 2, each group and +inf weigh 1/3; a's images 1/6 each
+    c = cf.Conformal.fit([0.2, 0.1, 0.3], groups=["a", "a", "b"])
+    assert c.method == "groups" and c.groups == 2 and c.n == 3
+    assert c.cum.tolist() == pytest.approx([1 / 6, 1 / 3, 2 / 3])
+    assert [c.threshold(v) for v in (0.3, 0.5, 0.6, 0.7)] == pytest.approx([0.2, 0.3, 0.3, math.inf])
+    back = cf.Conformal.from_dict(c.to_dict())
+    assert back.method == "groups" and back.groups == 2 and back.extra["space"] == cf.SPACE
+    assert [back.threshold(v) for v in (0.3, 0.5, 0.7)] == [c.threshold(v) for v in (0.3, 0.5, 0.7)]
+    # each image its own group: the classic quantile
+    one = cf.Conformal.fit([0.2, 0.1, 0.3], groups=["a", "b", "c"])
+    assert [one.threshold(v) for v in (0.5, 0.7, 0.8)] == pytest.approx([0.2, 0.3, math.inf])
+    # a calibration written before weights were stored reads as the classic quantile, without ``space``
+    legacy = cf.Conformal.from_dict({"score": "aps", "u": 0.5, "n": 9, "scores": [v / 10 for v in range(1, 10)]})
+    assert legacy.method == "images" and legacy.threshold(0.9) == pytest.approx(0.9)
+    assert "space" not in (legacy.extra or {})
+    with pytest.raises(InputError, match="group labels"):
+        cf.Conformal.fit([0.1, 0.2], groups=["a"])
+    assert cf.Conformal.from_dict({**c.to_dict(), "cum": [0.5, 0.4, 0.6]}) is None  # weights never decrease
+
+
+def test_group_weighting_holds_coverage_per_place_where_image_weighting_does_not():
+    # 20 places with 20 photos each, easy (scores under 0.3), and 80 places with one photo,
+    # hard (scores uniform): weighing photos alike, the big easy places set the threshold
+    rng = np.random.default_rng(1)
+    scores = np.concatenate([0.3 * rng.random(400), rng.random(80)])
+    groups = np.concatenate([np.repeat(np.arange(20), 20), np.arange(20, 100)])
+    top = np.zeros(scores.size, bool)
+    by_group = cf.crossfit(scores, top, groups, method="groups", repeats=40)
+    by_image = cf.crossfit(scores, top, groups, method="images", repeats=40)
+    for cov in cf.COVERAGES:
+        key = f"{cov:g}"
+        assert by_group[key]["group_coverage"] >= cov - 0.01, (cov, by_group[key])
+        assert by_image[key]["group_coverage"] < cov - 0.15, (cov, by_image[key])
+        assert abs(by_image[key]["coverage"] - cov) < 0.03  # the photos' share, which it does target
+
+
+def test_val_and_test_drawn_by_place_groups():
+    """Photos of one place share its difficulty. Dealt at random, val's groups calibrate
+    test's on average; dealt unluckily (val = the easiest places) val's threshold fails on
+    test, and the cross-fit on the test split alone still finds the coverage."""
+    rng = np.random.default_rng(0)
+    n_groups, size = 80, 5
+    hard = rng.random(n_groups)
+    scores = np.clip(0.8 * hard[:, None] + 0.2 * rng.random((n_groups, size)), 0, 1).ravel()
+    groups = np.repeat(np.arange(n_groups), size)
+    got = {cov: [] for cov in (0.8, 0.9)}
+    for _ in range(100):
+        val = np.isin(groups, rng.permutation(n_groups)[:n_groups // 2])
+        for cov in got:
+            covered = scores[~val] <= cf.Conformal.fit(scores[val], groups[val]).threshold(cov)
+            got[cov].append(cf.group_coverage(covered, groups[~val])[0])
+    for cov, values in got.items():
+        assert np.mean(values) >= cov - 0.01 and np.std(values) > 0.03  # right on average, one draw strays
+    unlucky = np.isin(groups, np.argsort(hard)[:n_groups // 2])
+    test = ~unlucky
+    for cov in (0.8, 0.9):
+        covered = scores[test] <= cf.Conformal.fit(scores[unlucky], groups[unlucky]).threshold(cov)
+        assert covered.mean() < cov - 0.5
+        cross = cf.crossfit(scores[test], np.zeros(test.sum(), bool), groups[test], (cov,))[f"{cov:g}"]
+        assert cov - 0.03 <= cross["group_coverage"] <= cov + 0.08, cross
+    gc, se, k = cf.group_coverage([1, 0, 1, 1], ["a", "a", "b", "c"])
+    assert (gc, k) == (pytest.approx(2.5 / 3), 3) and se > 0
+
+
+@pytest.mark.slow
+def test_predictor_regions_hold_the_dropped_cells(tmp_path):
+    from conftest import CITIES
+    from test_predictor import make_tiny_run
+
+    from geohier.hierarchy import build_hierarchy
+    from geohier.predictor import Predictor
+
+    # three photos per city; the first city's third photo, 110 km off, is alone in its level-8
+    # cell: dropped (min 2), so that city's level-3 cell has a rest
+    lat = [c[0] + 0.01 * j for c in CITIES for j in range(3)]
+    lon = [c[1] + 0.01 * j for c in CITIES for j in range(3)]
+    lat[2] += 1.0
+    h = build_hierarchy(lat, lon, (1, 3, 8), min_images={1: 1, 3: 1, 8: 2})
+    legacy = {"score": "aps", "u": 0.5, "n": 9, "scores": [v / 10 for v in range(1, 10)]}
+    p = Predictor.load(make_tiny_run(tmp_path / "run", h, extra_meta={"conformal": legacy}), device="cpu")
+    assert p.partition.has_rest and p.conformal_stale
+    with pytest.raises(InputError, match="predates"):
+        p.check_conformal()
+    labels = h.labels(lat[:3], lon[:3])
+    assert labels[8].tolist()[2] == -1 and labels[3][2] >= 0
+    node = p.conformal_targets(labels)[2]
+    assert p.partition.node(node) == (3, labels[3][2])
+    # a calibration over the nodes: every image scores finitely, the dropped one through its rest
+    g = torch.Generator().manual_seed(0)
+    logits = {lv: torch.randn(3, p.tree.num_classes[lv], generator=g) for lv in p.levels}
+    scores = p.conformal_scores(logits, labels)
+    assert np.isfinite(scores).all()
+    fresh = cf.Conformal.fit(scores, groups=["a", "a", "b"], split="val").to_dict()
+    p = Predictor.load(make_tiny_run(tmp_path / "run2", h, extra_meta={"conformal": fresh}), device="cpu")
+    assert not p.conformal_stale
+    report = p.conformal_report(logits, labels, (0.5,), groups=["a", "a", "b"])["0.5"]
+    assert report["groups"] == 2 and report["n"] == 3
+    # the regions at a threshold that keeps every node with probability: all three covered
+    lp = p.region_log_probs(logits)
+    big = p.conformal_regions(lp, 0.7)  # the calibration's weight reaches 2/3: +inf
+    assert big[0].threshold == math.inf
+    for j, r in enumerate(big):
+        alive = (lp[j].exp() > 0).numpy()
+        assert r.n_cells == int(alive.sum()) and r.mass == pytest.approx(1.0, abs=1e-6)
+        assert r.area_km2 == pytest.approx(float(p.node_areas()[alive].sum()), rel=1e-6)
+    rest_cell = h.cells(3)[labels[3][2]]
+    assert rest_cell in big[2].rest and p._sub_cells(3, labels[3][2]) == big[2].rest_minus[big[2].rest.index(rest_cell)]
+
+
+def test_groups_of_are_the_groups_the_splits_were_dealt_in(ws):
+    from geohier import splits
+
+    points = [(48.85, 2.35, "seq-1"), (40.0, -3.7, "seq-1"), (45.0, 7.0, None), (45.0003, 7.0, None),
+              (10.0, 10.0, None)]  # one sequence far apart; two photos 33 m apart; one alone
+    with ws.manifest() as m:
+        ids = [m.add_image(source="demo", lat=la, lon=lo, sha256=f"{i:064x}", path=f"/x/{i}.jpg", sequence_id=s)
+               for i, (la, lo, s) in enumerate(points)]
+    g = splits.groups_of(ws, [*ids, 999])
+    assert g[0] == g[1] == "s:seq-1" and g[2] == g[3] and len({g[0], g[2], g[4]}) == 3 and g[5] == "i:999"
+    lat, lon, seq = zip(*points, strict=True)
+    assert g[:5].tolist() == splits.split_groups(lat, lon, seq).tolist()

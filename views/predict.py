@@ -290,7 +290,7 @@ with tab_predict:
         with c2:
             if pred.abstained:
                 st.warning(f"Not sure: the confidence ({pred.confidence:.1%}, the top joint probability) is under "
-                           f"{abstain:.0%}. The place is somewhere in the {len(pred.region.cells):,} cell(s) on the "
+                           f"{abstain:.0%}. The place is somewhere in the {pred.region.n_cells:,} cell(s) on the "
                            f"map ({pred.region.area_km2:,.0f} km²); the best guess below is only the likeliest.")
             st.metric("Best guess", best.place or best.country or best.cell,
                       help=f"cell {best.cell} at {best.lat:.4f}, {best.lon:.4f}")
@@ -311,7 +311,9 @@ with tab_predict:
                 r1, r2 = st.columns(2)
                 what = f"{pred.region.coverage:.0%} coverage region" if pred.region.source == "conformal" \
                     else "kept cells"
-                r1.metric("Region cells", f"{len(pred.region.cells):,}", help=what)
+                r1.metric("Region cells", f"{pred.region.n_cells:,}",
+                          help=what + (f" ({len(pred.region.rest)} of them the rest of a coarser cell outside its "
+                                       "class sub-cells)" if pred.region.rest else ""))
                 r2.metric("Region area", f"{pred.region.area_km2:,.0f} km²",
                           help=f"{what}; joint probability {pred.region.mass:.1%}")
             if pred.true:
