@@ -272,7 +272,7 @@ class MemberIndex:
     name per image: about 0.2 KB an image."""
 
     def __init__(self, archives: list[Path]):
-        from geohier.archives import open_archive
+        from geohier.archives import entries
 
         self.archives = [str(a) for a in archives]
         self.members: list[list[str]] = []
@@ -280,23 +280,19 @@ class MemberIndex:
         self.unreadable: list[tuple[str, str]] = []
         for n, path in enumerate(self.archives):
             names: list[str] = []
+            self.members.append(names)
             try:
-                a = open_archive(path)
+                listed = list(entries(path))
             except OSError as exc:
                 self.unreadable.append((path, str(exc)))
-                self.members.append(names)
                 continue
-            try:
-                for entry in a.entries():
-                    base = entry.name.rsplit("/", 1)[-1]
-                    stem, dot, ext = base.rpartition(".")
-                    if not dot or f".{ext.lower()}" not in _KNOWN_SUFFIXES or base.startswith("."):
-                        continue
-                    self.by_stem.setdefault(stem, (n << 32) | len(names))
-                    names.append(entry.name)
-            finally:
-                a.close()
-            self.members.append(names)
+            for entry in listed:
+                base = entry.name.rsplit("/", 1)[-1]
+                stem, dot, ext = base.rpartition(".")
+                if not dot or f".{ext.lower()}" not in _KNOWN_SUFFIXES or base.startswith("."):
+                    continue
+                self.by_stem.setdefault(stem, (n << 32) | len(names))
+                names.append(entry.name)
 
     def __len__(self) -> int:
         return len(self.by_stem)

@@ -320,3 +320,33 @@ def test_zips_import_train_evaluate_and_predict_to_score_with_no_extraction(ws, 
     text = capsys.readouterr().out.replace(" ", "")
     assert rc == 0 and '"matched":12' in text and '"missing":0' in text
     assert not ws.images_dir.exists() or not any(ws.images_dir.rglob("*.jpg"))  # never extracted
+
+
+def test_the_compact_reader_checks_names_crcs_and_long_names(tmp_path, monkeypatch):
+    z = tmp_path / "a.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("dir/été 1.jpg", _image(1))
+        zf.writestr("dir/2.jpg", _image(2))
+    long = "x" * 120 + "/k.jpg"
+    t = wds_shard(tmp_path / "b.tar", [("k/a", _image(3), None), (long[:-4], _image(4), None)])
+    cache = archives.ArchiveCache()
+    assert cache.read(archives.member_ref(z, "dir/été 1.jpg")) == _image(1)  # a UTF-8 name, deflated
+    assert cache.read(archives.member_ref(t, long)) == _image(4)  # a GNU long name
+    # every name hashing alike: the archive's own names still pick the member
+    monkeypatch.setattr(archives, "_hash", lambda name: 7)
+    cache = archives.ArchiveCache()
+    assert cache.read(archives.member_ref(z, "dir/2.jpg")) == _image(2)
+    assert cache.read(archives.member_ref(t, "k/a.jpg")) == _image(3)
+    assert not cache.exists(archives.member_ref(z, "dir/3.jpg"))
+    monkeypatch.undo()
+    # a flipped byte in a member's data fails its CRC: unreadable, never wrong bytes
+    data = bytearray(z.read_bytes())
+    with zipfile.ZipFile(z) as zf:
+        info = zf.getinfo("dir/2.jpg")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + 5] ^= 0xFF
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ImageReadError) as e:
+        archives.ArchiveCache().read(archives.member_ref(bad, "dir/2.jpg"))
+    assert e.value.reason == "unreadable file"
