@@ -110,11 +110,14 @@ class _Index:
     worker touching OSV-5M's 98 train zips would hold ~2.7 GB). A hash match is confirmed
     against the name stored in the archive itself before any byte is returned."""
 
-    def __init__(self, names: list[str], columns: dict[str, list[int]]):
+    def __init__(self, names: list[str], columns: dict[str, tuple[list[int], type]]):
         h = np.fromiter((_hash(n) for n in names), dtype=np.uint64, count=len(names))
         order = np.argsort(h, kind="stable")
         self.hash = h[order]
-        self.cols = {k: np.asarray(v, dtype=np.int64)[order] for k, v in columns.items()}
+        self.cols = {k: np.asarray(v, dtype=dt)[order] for k, (v, dt) in columns.items()}
+
+    def row(self, r: int) -> dict[str, int]:
+        return {k: int(v[r]) for k, v in self.cols.items()}
 
     def rows(self, member: str) -> range:
         h = np.uint64(_hash(member))
@@ -132,40 +135,40 @@ class _Zip:
     def __init__(self, path: str):
         with zipfile.ZipFile(path) as zf:  # parses the central directory (zip64 included)
             infos = [i for i in zf.infolist() if not i.is_dir()]
+        big = np.uint32(0xFFFFFFFF)  # sizes past 4 GB are kept as 4 GB: far over any image's limit
         self.index = _Index([i.filename for i in infos],
-                            {"offset": [i.header_offset for i in infos], "csize": [i.compress_size for i in infos],
-                             "size": [i.file_size for i in infos], "crc": [i.CRC for i in infos],
-                             "method": [i.compress_type for i in infos], "flags": [i.flag_bits for i in infos]})
+                            {"offset": ([i.header_offset for i in infos], np.int64),
+                             "csize": ([min(i.compress_size, big) for i in infos], np.uint32),
+                             "size": ([min(i.file_size, big) for i in infos], np.uint32),
+                             "crc": ([i.CRC for i in infos], np.uint32),
+                             "method": ([i.compress_type for i in infos], np.uint16),
+                             "flags": ([i.flag_bits for i in infos], np.uint16)})
         self.fh = open(path, "rb")  # noqa: SIM115 - kept open, closed by close()
 
-    def _find(self, member: str) -> int | None:
+    def _find(self, member: str) -> tuple[dict, int] | None:
+        """The index row of ``member`` and where its data starts, confirmed by the name in
+        its local header; None when it is not in the archive."""
         for r in self.index.rows(member):
-            if self._local_name(r)[0] == member:
-                return r
+            c = self.index.row(r)
+            self.fh.seek(c["offset"])
+            head = self.fh.read(30)
+            if len(head) != 30 or head[:4] != b"PK\x03\x04":
+                raise OSError(f"no local file header at offset {c['offset']}")
+            n, m = struct.unpack("<HH", head[26:30])
+            name = self.fh.read(n).decode("utf-8" if c["flags"] & 0x800 else "cp437", "replace")
+            if name == member:
+                return c, c["offset"] + 30 + n + m
         return None
 
-    def _local_name(self, r: int) -> tuple[str, int]:
-        """The name in row ``r``'s local header and where its data starts."""
-        offset = int(self.index.cols["offset"][r])
-        self.fh.seek(offset)
-        head = self.fh.read(30)
-        if len(head) != 30 or head[:4] != b"PK\x03\x04":
-            raise OSError(f"no local file header at offset {offset}")
-        n, m = struct.unpack("<HH", head[26:30])
-        raw = self.fh.read(n)
-        utf8 = int(self.index.cols["flags"][r]) & 0x800
-        return raw.decode("utf-8" if utf8 else "cp437", "replace"), offset + 30 + n + m
-
     def size(self, member: str) -> int | None:
-        r = self._find(member)
-        return None if r is None else int(self.index.cols["size"][r])
+        hit = self._find(member)
+        return None if hit is None else hit[0]["size"]
 
     def read(self, member: str) -> bytes:
-        r = self._find(member)
-        if r is None:
+        hit = self._find(member)
+        if hit is None:
             raise KeyError(member)
-        _, start = self._local_name(r)
-        c = {k: int(v[r]) for k, v in self.index.cols.items()}
+        c, start = hit
         self.fh.seek(start)
         raw = self.fh.read(c["csize"])
         if len(raw) != c["csize"]:
@@ -173,8 +176,7 @@ class _Zip:
         if c["method"] == zipfile.ZIP_STORED:
             data = raw
         elif c["method"] == zipfile.ZIP_DEFLATED:
-            d = zlib.decompressobj(-15)
-            data = d.decompress(raw, c["size"] + 1)
+            data = zlib.decompressobj(-15).decompress(raw, c["size"] + 1)
         else:
             raise OSError(f"compression method {c['method']} is not read in place (use stored or deflate)")
         if len(data) != c["size"] or zlib.crc32(data) != c["crc"]:
@@ -197,8 +199,9 @@ class _Tar:
             self.fh.close()
             raise OSError(f"not a readable uncompressed tar ({exc})") from None
         self.index = _Index([ti.name for ti in members],
-                            {"offset": [ti.offset for ti in members], "data": [ti.offset_data for ti in members],
-                             "size": [ti.size for ti in members]})
+                            {"offset": ([ti.offset for ti in members], np.int64),
+                             "data": ([ti.offset_data for ti in members], np.int64),
+                             "size": ([ti.size for ti in members], np.int64)})
 
     def _find(self, member: str) -> int | None:
         for r in self.index.rows(member):
