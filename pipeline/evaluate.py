@@ -55,7 +55,8 @@ from geohier import refine as rf
 from geohier import splits as splits_mod
 from geohier.errors import GeohierError, InputError, WorkspaceError
 from geohier.leaderboard import Leaderboard
-from geohier.predictor import Predictor, clean_temperatures
+from geohier.prediction import clean_temperatures
+from geohier.predictor import Predictor
 from geohier.runs import Run
 from geohier.workspace import Workspace, json_safe, utcnow
 from pipeline.score import num, pct, record_baselines

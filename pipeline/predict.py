@@ -3,7 +3,7 @@
 A thin parser over ``geohier.predictor``: it picks the run (``--run``, a per-level set with
 ``--runs``, or the newest finished run), turns the flags into one keep rule per level, and
 prints a table or, with ``--json``, one JSON object per image and line
-(``geohier.predictor.Prediction.to_dict``)::
+(``geohier.prediction.Prediction.to_dict``)::
 
     {"image": "a.jpg",
      "candidates": {"1": [{"cell": "0", "prob": 0.93, "joint": 0.93, "parent": null}, ...], ...,
@@ -71,7 +71,8 @@ from pathlib import Path
 from geohier import combine, explain, tables
 from geohier.errors import InputError
 from geohier.images import FORMAT_EXTENSIONS
-from geohier.predictor import Prediction, load_predictor
+from geohier.prediction import Prediction
+from geohier.predictor import load_predictor
 from geohier.runs import NEIGHBOURS_FILE, newest_run, resolve_run
 from geohier.workspace import Workspace
 

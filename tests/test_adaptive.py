@@ -228,7 +228,7 @@ def test_predictor_on_an_adaptive_run(tmp_path, make_jpeg):
     assert "depths" in html
     from dataclasses import replace
 
-    from geohier.predictor import Region
+    from geohier.conformal import Region
 
     with_region = replace(pred, region=Region("conformal", h.cells(3)[:2], [0, 1], 0.5, 1234.0, 0.9, 0.1))
     html = maps.prediction_map(with_region, p).get_root().render()

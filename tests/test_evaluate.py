@@ -147,7 +147,7 @@ def test_evaluate_geo_uses_cell_positions(ws):
     res = evaluate.evaluate_run(run, ws, calibrate=False, progress=False)
     assert res["geo"]["point"] == "cell_positions"
     assert "calibration" not in json.loads((run / "meta.json").read_text())
-    from geohier.predictor import cell_positions, position_source
+    from geohier.prediction import cell_positions, position_source
 
     meta = {"cell_positions": {"3": pos}}
     got = cell_positions(h, meta, 3)

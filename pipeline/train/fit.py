@@ -421,7 +421,7 @@ def calibrate(run: Run, ws: Workspace, report: RunReport, env: DistEnv) -> None:
 
 def _sources(ds) -> dict[str, int]:
     """Train images per manifest source (demo, photos, csv, mapillary): what tells a run
-    trained on the synthetic demo world alone (``geohier.predictor.synthetic_note``)."""
+    trained on the synthetic demo world alone (``geohier.prediction.synthetic_note``)."""
     names, counts = np.unique(np.asarray(ds.sources, dtype=str), return_counts=True)
     return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
 
