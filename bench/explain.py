@@ -1,4 +1,4 @@
-"""Seconds per photo of ``geohier.explain.occlusion`` (``predict --explain``) on this machine.
+"""Seconds per photo of ``geohier.explain.occlusion`` and ``gradcam`` (``predict --explain``) on this machine.
 
 Occlusion sensitivity costs ``grid**2 + 1`` forwards per photo (50 at the default 7 x 7),
 in batches of 16 through the Predictor's own forward. Rows: resnet50 at 224 px (random
@@ -56,6 +56,12 @@ def main() -> None:
         per = (time.perf_counter() - t0) / args.repeat
         print(f"{backbone} at {size} px: one forward {one:.3f} s (baseline); explanation {per:.2f} s per photo "
               f"({per / one:.0f}x one forward; {e.forwards} forwards)")
+        t0 = time.perf_counter()
+        for _ in range(args.repeat):
+            cam = explain.gradcam(pred, photo)
+        per_cam = (time.perf_counter() - t0) / args.repeat
+        print(f"{backbone} at {size} px: Grad-CAM {per_cam:.2f} s per photo ({per_cam / one:.1f}x one forward; "
+              f"{cam.layer}, {cam.cam.shape[0]} x {cam.cam.shape[1]} map); {per / per_cam:.0f}x faster than occlusion")
 
 
 if __name__ == "__main__":

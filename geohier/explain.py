@@ -1,4 +1,4 @@
-"""Why this guess: occlusion sensitivity, for any backbone.
+"""Why this guess: occlusion sensitivity, for any backbone; Grad-CAM for CNNs.
 
 The photo is cut, over the square the model actually sees (the preset's resize and centre
 crop), into a ``grid`` x ``grid`` of patches. Each patch in turn is painted with the
@@ -15,6 +15,12 @@ A patch the guess depends on lights up; a patch it ignores stays dark. The cost 
 ``grid**2 + 1`` forwards per photo (50 at 7 x 7), batched: see the README for seconds per
 photo. ``overlay`` blends the values, as a heat map, over the photo (outside the square
 the model sees, the photo is dimmed).
+
+For CNN backbones ``gradcam`` is the cheap alternative (one forward and one backward): the
+backbone's last spatial feature map weighted by the gradient of the same best cell's log
+joint probability. It shows where the evidence sits in the features, at their coarse
+resolution (7 x 7 for resnet50 at 224 px); occlusion measures what the guess actually
+loses, patch by patch, for any backbone (ViTs included, which have no spatial map).
 """
 
 from __future__ import annotations
@@ -155,6 +161,107 @@ def occlusion(predictor, img: Image.Image, grid: int = DEFAULT_GRID, batch_size:
                        time.perf_counter() - t0, len(boxes) + 1)
 
 
+@dataclass
+class ActivationMap:
+    """Grad-CAM of one photo: ``cam`` (h, w) on the backbone's last spatial feature map
+    (row 0 at the top), ``layer`` its module name; ``box`` and ``base`` as ``Explanation``'s."""
+
+    cam: np.ndarray
+    layer: str
+    box: tuple[float, float, float, float]
+    base: dict
+    seconds: float
+    forwards: int = 1
+    smooth: bool = True  # drawn interpolated: a feature map's cells are not patches
+
+    def values(self, measure: str = "cam") -> np.ndarray:
+        return self.cam
+
+    def to_dict(self) -> dict:
+        return {"method": "gradcam", "layer": self.layer, "shape": list(self.cam.shape),
+                "box": [round(float(v), 6) for v in self.box], "base": self.base,
+                "cam": np.round(self.cam, 6).tolist(), "seconds": round(self.seconds, 3),
+                "measures": {"cam": "Grad-CAM: the feature map weighted by the gradient of the best cell's "
+                                    "log joint probability, positive part"}}
+
+
+METHODS = ("occlusion", "gradcam")
+
+
+def _last_spatial(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict, str, torch.Tensor]:
+    """One forward of ``x`` that records the module outputs which are spatial feature maps
+    (4-D, more than 1 x 1): ``(outputs, name of the last such module, its output)``, the
+    graph kept from the input on (the weights held fixed, so nothing upstream of the input
+    is recorded). InputError when there is none (a ViT)."""
+    names = {m: n for n, m in model.named_modules()}
+    seen: list[tuple[torch.nn.Module, torch.Tensor]] = []
+
+    def note(mod, _inp, out):
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1:
+            seen.append((mod, out))
+
+    hooks = [m.register_forward_hook(note) for m in model.modules()]
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            out = model(x.requires_grad_(True))
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    if not seen:
+        raise InputError("Grad-CAM needs a backbone with a spatial feature map (a CNN such as resnet50); "
+                         "this one has none (a ViT): use occlusion")
+    module, a = seen[-1]
+    return out, names.get(module, "?"), a
+
+
+def gradcam(predictor, img: Image.Image, temperature: bool = True, walk: str | None = None) -> ActivationMap:
+    """Grad-CAM (Selvaraju et al. 2017) of one RGB photo: the last spatial feature map A of
+    the backbone, weighted per channel by the mean gradient of the log joint probability
+    of the guess's best finest cell (the cell ``predict`` answers), summed over channels,
+    positive part. One forward with its graph and part of a backward, beside the plain
+    forward that finds the guess. Single-model runs with a CNN backbone; InputError
+    otherwise."""
+    if len(predictor.models) != 1:
+        raise InputError("Grad-CAM needs a single-model run; this predictor combines "
+                         f"{len(predictor.models)} runs (use occlusion)")
+    t0 = time.perf_counter()
+    img = img.convert("RGB")
+    preset, model = predictor.presets[0], predictor.models[0]
+    small, box = model_view(img, preset)
+    walk = walk or predictor.default_walk
+    pts = predictor.points(predictor.logits([small]), walk)
+    best = int(pts.cls[0])
+    x = preset(small)[None].to(predictor.device)
+    out, layer, a = _last_spatial(model, x)
+    with torch.enable_grad():
+        logits = {lv: out[lv].float() for lv in predictor.levels}
+        target = predictor.log_joint(logits, temperature)[0, best]
+        (grad,) = torch.autograd.grad(target, a)
+    a = a.detach()[0].float()  # (C, h, w)
+    weights = grad[0].float().mean(dim=(1, 2))  # (C,)
+    cam = torch.relu((weights[:, None, None] * a).sum(0)).cpu().numpy().astype(np.float64)
+    w, h = small.size
+    frac = (box[0] / w, box[1] / h, box[2] / w, box[3] / h)
+    base = {"cell": predictor.cells[predictor.finest][best], "lat": float(pts.lat[0]), "lon": float(pts.lon[0]),
+            "prob": float(target.detach().exp()), "walk": walk}
+    return ActivationMap(cam, layer, frac, base, time.perf_counter() - t0)
+
+
+def explain(predictor, img: Image.Image, method: str = "occlusion", grid: int = DEFAULT_GRID, batch_size: int = 16,
+            temperature: bool = True):
+    """``occlusion`` (any backbone) or ``gradcam`` (CNN backbones) of one photo."""
+    if method == "occlusion":
+        return occlusion(predictor, img, grid, batch_size, temperature)
+    if method == "gradcam":
+        return gradcam(predictor, img, temperature)
+    raise InputError(f"unknown explanation method {method!r}; use one of {', '.join(METHODS)}")
+
+
 def _heat(t: np.ndarray) -> np.ndarray:
     """(..., 3) uint8 colours of values in [0, 1] along HEAT."""
     stops = np.asarray(HEAT, dtype=float)
@@ -173,17 +280,20 @@ def normalised(values: np.ndarray) -> np.ndarray:
     return v / top if top > 0 else np.zeros_like(v)
 
 
-def overlay(photo: Image.Image, expl: Explanation, measure: str = "drop", alpha: float = 0.6) -> Image.Image:
+def overlay(photo: Image.Image, expl: Explanation | ActivationMap, measure: str = "drop",
+            alpha: float = 0.6) -> Image.Image:
     """The photo with the explanation's heat map blended over the square the model sees
     (opacity ``alpha`` times the value: an ignored patch shows the photo as is); the rest
-    of the photo dimmed. Nearest-neighbour blocks: a patch is a patch."""
+    of the photo dimmed. Occlusion in nearest-neighbour blocks (a patch is a patch), a
+    Grad-CAM map interpolated."""
     photo = photo.convert("RGB")
     w, h = photo.size
     t = normalised(expl.values(measure))
     x0, y0, x1, y1 = (int(round(f * s)) for f, s in zip(expl.box, (w, h, w, h), strict=True))
     x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
-    heat = Image.fromarray(_heat(t)).resize((x1 - x0, y1 - y0), Image.NEAREST)
-    mask = Image.fromarray((255 * alpha * t).round().astype(np.uint8)).resize((x1 - x0, y1 - y0), Image.NEAREST)
+    how = Image.BILINEAR if getattr(expl, "smooth", False) else Image.NEAREST
+    heat = Image.fromarray(_heat(t)).resize((x1 - x0, y1 - y0), how)
+    mask = Image.fromarray((255 * alpha * t).round().astype(np.uint8)).resize((x1 - x0, y1 - y0), how)
     out = Image.blend(photo, Image.new("RGB", photo.size, (0, 0, 0)), 0.45)  # dim everything...
     inside = photo.crop((x0, y0, x1, y1))
     out.paste(Image.composite(heat, inside, mask), (x0, y0))  # ...but the model's square
@@ -198,7 +308,7 @@ def png_bytes(img: Image.Image) -> bytes:
 
 def write_explanations(predictor, sources: Sequence, out_dir, names: Sequence[str] | None = None,
                        grid: int = DEFAULT_GRID, batch_size: int = 16, temperature: bool = True,
-                       measure: str = "drop") -> list[dict]:
+                       measure: str = "drop", method: str = "occlusion") -> list[dict]:
     """``predict --explain DIR``: for each readable photo, ``<stem>.explain.png`` (the
     overlay) and ``<stem>.explain.json`` (the grid values) in ``out_dir``. Returns one
     record per source: ``{"image", "png", "json", "seconds"}`` or ``{"image", "error"}``."""
@@ -219,7 +329,7 @@ def write_explanations(predictor, sources: Sequence, out_dir, names: Sequence[st
         except GeohierError as exc:
             records.append({"image": name, "error": str(exc)})
             continue
-        expl = occlusion(predictor, img, grid, batch_size, temperature)
+        expl = explain(predictor, img, method, grid, batch_size, temperature)
         stem = Path(name).stem or f"image{i + 1}"
         while stem in used:
             stem += "_"
@@ -230,6 +340,8 @@ def write_explanations(predictor, sources: Sequence, out_dir, names: Sequence[st
             js.write_text(json.dumps({"image": name, **expl.to_dict()}, indent=1), encoding="utf-8")
         except OSError as exc:
             raise InputError(f"--explain {out_dir}: cannot write ({exc.strerror or exc})") from None
-        records.append({"image": name, "png": str(png), "json": str(js), "seconds": expl.seconds,
-                        "drop_max": float(expl.drop.max()), "moved_km_max": float(expl.moved_km.max())})
+        record = {"image": name, "png": str(png), "json": str(js), "seconds": expl.seconds}
+        if isinstance(expl, Explanation):
+            record.update(drop_max=float(expl.drop.max()), moved_km_max=float(expl.moved_km.max()))
+        records.append(record)
     return records

@@ -34,7 +34,8 @@ the kept cells, ``"source": "kept"``). With ``--within country:FR,DE`` or
 With ``--explain DIR``: for each readable photo, ``DIR/<name>.explain.png`` (the photo
 with an occlusion-sensitivity heat map: red where masking a patch drops the best cell's
 joint probability most) and ``DIR/<name>.explain.json`` (the grid of drops and of km the
-guess moves; ``geohier.explain``).
+guess moves; ``geohier.explain``). ``--explain-method gradcam`` writes Grad-CAM instead
+(single-model runs with a CNN backbone: one forward and one backward per photo).
 
 ``prob`` is a cell's probability among the candidates considered at its level (what the
 keep rules use); ``joint`` the probability of its whole path (the product of every level's
@@ -133,6 +134,9 @@ def register(sub) -> None:
                    help="also write why each guess: an occlusion-sensitivity overlay <name>.explain.png and its "
                         f"grid values <name>.explain.json into DIR ({explain.DEFAULT_GRID}x{explain.DEFAULT_GRID} "
                         f"patches, {explain.DEFAULT_GRID ** 2 + 1} forwards per photo; default: none)")
+    p.add_argument("--explain-method", choices=explain.METHODS, default="occlusion",
+                   help="how --explain explains: occlusion (any backbone) or gradcam (CNN backbones, one forward "
+                        "and one backward per photo) (default: occlusion)")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line (default: a table)")
     p.add_argument("--csv", default=None, metavar="OUT.csv",
                    help="write one row per image (image key, lat, lon, best cell, prob, joint) to this CSV, "
@@ -296,6 +300,9 @@ def run(args: argparse.Namespace, ws: Workspace) -> int:
     paths = resolve_runs(ws, args.run, args.runs)
     predictor = load_predictor(paths, device=args.device)
     rules = rules_from_args(args, predictor.levels)
+    if args.explain is not None and args.explain_method == "gradcam" and len(predictor.models) != 1:
+        raise InputError("--explain-method gradcam needs a single-model run; this set combines "
+                         f"{len(predictor.models)} runs (use occlusion)")
     if predictor.synthetic_note:
         print(f"note: {predictor.synthetic_note}", file=sys.stderr)
     preds = predictor.predict_files(args.images, rules=rules, temperature=not args.no_temperature,
@@ -317,7 +324,7 @@ def run(args: argparse.Namespace, ws: Workspace) -> int:
         out.flush()
     if args.explain is not None:
         records = explain.write_explanations(predictor, args.images, args.explain, batch_size=args.batch_size,
-                                             temperature=not args.no_temperature)
+                                             temperature=not args.no_temperature, method=args.explain_method)
         done = [r for r in records if "png" in r]
         if done:
             per = sum(r["seconds"] for r in done) / len(done)

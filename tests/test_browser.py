@@ -272,7 +272,7 @@ def test_predict_world_probability_map_and_explanation_overlay(app, page, tmp_pa
     counts = map_cell_counts(page, 2)
     assert len([c for c in counts if c > 0]) >= 2, f"the two maps did not draw: {counts}"
     assert classes in counts, (classes, counts)  # the world map: every class
-    page.get_by_text("Why this guess (occlusion)").first.click()
+    page.get_by_text("Why this guess").first.click()
     wait_for_app(page)
     main = page.locator('[data-testid="stMain"]')
     for _ in range(240):

@@ -155,3 +155,64 @@ def test_predict_explain_writes_overlays(ws, tmp_path, make_jpeg, capsys):
     assert _cli(["predict", str(good), "--explain", str(tmp_path / "afile")]) == 2
     err = capsys.readouterr().err
     assert "--explain" in err and "not a directory" in err and "Traceback" not in err
+    # Grad-CAM on the resnet18 run: at 32 px layer4's map is 1 x 1, so layer3's 2 x 2 it is
+    out2 = tmp_path / "cam"
+    assert _cli(["predict", str(good), "--explain", str(out2), "--explain-method", "gradcam"]) == 0
+    data = json.loads((out2 / "paris.explain.json").read_text())
+    assert data["method"] == "gradcam" and data["layer"].endswith("layer3") and data["shape"] == [2, 2]
+    assert np.asarray(data["cam"]).ndim == 2 and Image.open(out2 / "paris.explain.png").size == (80, 60)
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+
+
+class TopLeftCNN(torch.nn.Module):
+    """A conv layer (the mean of a 3 x 3 x 3 window) whose map is positive on bright pixels
+    and negative on dark ones, then logits from the mean of the map's top-left quadrant,
+    as ``TopLeft``: the evidence sits in the top-left features and nowhere else."""
+
+    def __init__(self, num_classes: dict[int, int], scale: float = 8.0):
+        super().__init__()
+        self.num_classes = dict(num_classes)
+        self.scale = scale
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1, bias=True)
+        with torch.no_grad():
+            self.conv.weight.fill_(1 / 27)
+            self.conv.bias.fill_(-0.5)
+        for p in self.parameters():
+            p.requires_grad_(False)  # frozen weights: Grad-CAM still gets its gradient
+
+    def forward(self, x):
+        a = torch.relu(self.conv(x))
+        s = a.shape[-1] // 2
+        m = a[:, :, :s, :s].mean(dim=(1, 2, 3))
+        return {lv: self.scale * m[:, None] * (torch.arange(c, dtype=torch.float32) - c / 2) / c
+                for lv, c in self.num_classes.items()}
+
+
+def test_gradcam_lights_up_the_features_the_guess_reads():
+    p = top_left_predictor()
+    p.models[0] = TopLeftCNN(p.models[0].num_classes).eval()
+    a = np.zeros((64, 64, 3), dtype=np.uint8)
+    a[:32, :32] = 255  # white top-left, black elsewhere
+    cam = explain.gradcam(p, Image.fromarray(a))
+    assert cam.layer == "conv" and cam.cam.shape == (32, 32) and cam.forwards == 1
+    assert (cam.cam[:12, :12] > 0).all()  # the bright features the logits read
+    assert (cam.cam[20:, :] == 0).all() and (cam.cam[:, 20:] == 0).all()  # dark: nothing
+    assert cam.base["cell"] == explain.occlusion(p, Image.fromarray(a), grid=2).base["cell"]
+    over = explain.overlay(Image.fromarray(a), cam)
+    assert over.size == (64, 64)
+    assert json.loads(json.dumps(cam.to_dict()))["method"] == "gradcam"
+
+
+def test_gradcam_refuses_what_it_cannot_explain():
+    p = top_left_predictor()  # TopLeft has no spatial feature map (as a ViT)
+    with pytest.raises(InputError, match="no spatial feature map|has none"):
+        explain.gradcam(p, photo())
+    two = Predictor([(p.models[0], {**p.metas[0], "arch": {"levels": [1, 3]}}, Path("a")),
+                     (TopLeft({5: p.tree.num_classes[5]}).eval(), {**p.metas[0], "arch": {"levels": [5]}}, Path("b"))],
+                    "cpu")
+    with pytest.raises(InputError, match="single-model run"):
+        explain.gradcam(two, photo())
+    with pytest.raises(InputError, match="unknown explanation method"):
+        explain.explain(p, photo(), method="saliency")

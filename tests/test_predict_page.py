@@ -241,3 +241,8 @@ def test_world_probability_map_and_why_this_guess(ws, tiny):
     assert len(at.get("image")) == 2  # the photo, and the overlay
     at.radio(key="predict_explain_measure").set_value("moved_km").run()
     assert not at.exception
+    # Grad-CAM: one forward and one backward through the resnet18 run
+    at.radio(key="predict_explain_method").set_value("gradcam").run()
+    assert not at.exception and not _errors(at)
+    note = next(c.value for c in at.caption if c.value.startswith("Grad-CAM on"))
+    assert "map) in" in note and len(at.get("image")) == 2

@@ -62,9 +62,10 @@ def upload_logits(runs: tuple[str, ...], stamp: tuple, sha: str, name: str, _dat
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def explain_upload(runs: tuple[str, ...], stamp: tuple, sha: str, name: str, _data: bytes, grid: int,
-                   temperature: bool) -> dict:
-    """Occlusion sensitivity of one upload (``geohier.explain``): grid**2 + 1 forwards, so
-    only on demand, and once per photo, grid and temperature setting."""
+                   temperature: bool, method: str = "occlusion") -> dict:
+    """Why the guess, for one upload (``geohier.explain``): occlusion (grid**2 + 1 forwards)
+    or Grad-CAM (a forward and a backward), only on demand, and once per photo, method,
+    grid and temperature setting."""
     from geohier import explain
 
     predictor = load_predictor(runs, stamp)
@@ -75,7 +76,10 @@ def explain_upload(runs: tuple[str, ...], stamp: tuple, sha: str, name: str, _da
         raise
     except GeohierError as exc:
         return {"error": str(exc)}
-    expl = explain.occlusion(predictor, img, grid=grid, temperature=temperature)
+    try:
+        expl = explain.explain(predictor, img, method, grid=grid, temperature=temperature)
+    except GeohierError as exc:  # Grad-CAM of a ViT or of a per-level set
+        return {"error": str(exc)}
     img.thumbnail((720, 720))
     return {"error": None, "explanation": expl, "photo": img}
 
@@ -340,25 +344,38 @@ with tab_predict:
                       key=f"predict_world_map_{pick}")
             st.caption(f"Joint probability of every level-{predictor.finest} class (product of each level's "
                        "probability given its parent); the colour spans six powers of ten below the top cell.")
-        # why this guess: occlusion sensitivity, on demand (grid**2 + 1 forwards)
+        # why this guess, on demand: occlusion (grid**2 + 1 forwards) or Grad-CAM (CNNs)
         from geohier import explain
 
-        if st.toggle("Why this guess (occlusion)", value=False, key="predict_explain",
-                     help="mask each patch of the photo in turn and see how much the guess depends on it; costs "
-                          "one forward per patch"):
-            x1, x2 = st.columns(2)
-            grid_n = x1.slider("Patches per side", 3, 12, explain.DEFAULT_GRID, key="predict_explain_grid")
-            measure = x2.radio("Show", explain.MEASURES, horizontal=True, key="predict_explain_measure",
-                               format_func={"drop": "probability drop of the best cell",
-                                            "moved_km": "km the guess moves"}.get)
-            with st.spinner(f"Masking {grid_n * grid_n} patches..."):
+        if st.toggle("Why this guess", value=False, key="predict_explain",
+                     help="occlusion: mask each patch of the photo in turn and see how much the guess depends on "
+                          "it (one forward per patch, any backbone); Grad-CAM: where the CNN's last feature map "
+                          "holds the evidence for the best cell (one forward and one backward)"):
+            method = st.radio("Method", explain.METHODS, horizontal=True, key="predict_explain_method",
+                              format_func={"occlusion": "occlusion (any backbone)",
+                                           "gradcam": "Grad-CAM (CNN backbones)"}.get)
+            grid_n, measure = explain.DEFAULT_GRID, "drop"
+            if method == "occlusion":
+                x1, x2 = st.columns(2)
+                grid_n = x1.slider("Patches per side", 3, 12, explain.DEFAULT_GRID, key="predict_explain_grid")
+                measure = x2.radio("Show", explain.MEASURES, horizontal=True, key="predict_explain_measure",
+                                   format_func={"drop": "probability drop of the best cell",
+                                                "moved_km": "km the guess moves"}.get)
+            with st.spinner(f"Masking {grid_n * grid_n} patches..." if method == "occlusion" else "Grad-CAM..."):
                 try:
                     ex = explain_upload(runs, stamp, uploads[pick][0], names[pick], uploads[pick][1], int(grid_n),
-                                        temperature)
+                                        temperature, method)
                 except DecodeBusyError as exc:
                     ex = {"error": f"{names[pick]}: {exc}"}
             if ex["error"]:
                 st.error(ex["error"])
+            elif method == "gradcam":
+                e = ex["explanation"]
+                st.image(explain.overlay(ex["photo"], e), width=480,
+                         caption=f"{names[pick]}: red = the features that raise the best cell's probability")
+                st.caption(f"Grad-CAM on `{e.layer}` ({e.cam.shape[0]} x {e.cam.shape[1]} map) in {e.seconds:.2f} s: "
+                           f"the feature map weighted by the gradient of best cell {e.base['cell']}'s log joint "
+                           "probability. Coarse by nature; occlusion measures what the guess loses patch by patch.")
             else:
                 e = ex["explanation"]
                 st.image(explain.overlay(ex["photo"], e, measure),
