@@ -737,24 +737,29 @@ class Predictor:
 
     # ------------------------------------------------------------------ recall vs area
 
-    def truth_areas(self, logits: Mapping, targets, chunk: int = 256) -> np.ndarray:
-        """(N,) km² of the finest cells ranked (by ``log_joint``) down to each row's true
-        finest class (``geohier.conformal.truth_areas``; +inf for a target < 0)."""
-        t = np.asarray(targets, dtype=np.int64)
-        areas = self.finest_areas()
-        parts = [cf.truth_areas(self.log_joint({lv: torch.as_tensor(logits[lv])[i:i + chunk] for lv in self.levels}),
-                                t[i:i + chunk], areas) for i in range(0, t.size, chunk)]
+    def truth_areas(self, logits: Mapping, labels, chunk: int = 256) -> np.ndarray:
+        """(N,) km² searched before each row's truth is found, ranking the prediction
+        regions' nodes (``partition``: the finest cells and the coarser cells' rests) by
+        probability (``geohier.conformal.truth_areas``). ``labels``: per level ``{level:
+        (N,)}`` (an image with no finest class is found in its class's rest) or the finest
+        labels alone; +inf for an image in no class cell."""
+        t = self.conformal_targets(labels)
+        areas = self.node_areas()
+        parts = [cf.truth_areas(self.region_log_probs({lv: torch.as_tensor(logits[lv])[i:i + chunk]
+                                                       for lv in self.levels}), t[i:i + chunk], areas)
+                 for i in range(0, t.size, chunk)]
         return np.concatenate(parts) if parts else np.zeros(0)
 
-    def recall_area(self, logits: Mapping, targets, points: int = cf.RECALL_AREA_POINTS) -> dict:
-        """eval.json's ``recall_area``: the share of truths inside the top-ranked finest
-        cells against those cells' cumulative area, at ``points`` log-spaced areas from the
-        smallest cell to the whole grid."""
-        areas = self.finest_areas()
-        found = self.truth_areas(logits, targets)
-        return {"ranking": "finest cells by hierarchical joint probability (temperatures applied)",
+    def recall_area(self, logits: Mapping, labels, points: int = cf.RECALL_AREA_POINTS) -> dict:
+        """eval.json's ``recall_area``: the share of truths inside the top-ranked nodes
+        (finest cells and rests, as ``truth_areas``) against their cumulative area, at
+        ``points`` log-spaced areas from the smallest finest cell to the whole grid."""
+        found = self.truth_areas(logits, labels)
+        finest = self.finest_areas()
+        return {"ranking": "finest cells and coarser cells' rests by hierarchical joint probability "
+                           "(temperatures applied)",
                 "level": self.finest, "n": int(found.size),
-                "points": cf.recall_area_curve(found, float(areas.min()), float(areas.sum()), points)}
+                "points": cf.recall_area_curve(found, float(finest.min()), float(finest.sum()), points)}
 
 
 def _check_share(value, name: str) -> float:

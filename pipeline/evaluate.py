@@ -482,8 +482,8 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     abstention = {"confidence": "top hierarchical joint probability of a finest class (product of each level's "
                                 "probability given its parent, temperatures applied)",
                   "rule": rule, "rows": cf.abstention_curve(predictor.confidence(collected["logits"]), dist)}
-    # recall vs area: the share of truths inside the top-ranked finest cells against their area
-    recall_area = predictor.recall_area(collected["logits"], collected["labels"][finest])
+    # recall vs area: the share of truths inside the top-ranked cells (and rests) against their area
+    recall_area = predictor.recall_area(collected["logits"], collected["labels"])
     baselines = benchmark.baseline_scores(evaluated, *run_training_points(predictor, ws))
     result = {
         "format": EVAL_FORMAT, "run": run_dir.name, "created_at": utcnow(),

@@ -70,3 +70,23 @@ def test_predictor_recall_area_matches_a_ranking_by_hand(tmp_path):
     assert rep["n"] == 7 and rep["level"] == pred.finest and len(rep["points"]) == cf.RECALL_AREA_POINTS
     assert rep["points"][0]["area_km2"] == pytest.approx(areas.min(), rel=1e-6)
     assert rep["points"][-1]["recall"] == 1.0
+
+
+def test_an_image_with_no_finest_class_is_found_in_its_classes_rest():
+    """A truth whose finest cell was dropped counts once the rest of its coarser class is
+    searched (the partition the coverage regions use), not never."""
+    from geohier.combine import Tree
+    from geohier.conformal import Partition
+
+    tree = Tree.from_parents([1, 2], {2: [0, 0, 1]})
+    part = Partition.from_counts(tree, {1: np.array([10, 4]), 2: np.array([3, 3, 4])})  # class 0: 4 images dropped
+    assert part.size == 5  # three finest cells and the two level-1 classes' rests (class 1's empty)
+    z = {1: torch.tensor([[2.0, 0.0]]), 2: torch.tensor([[0.0, 0.0, 0.0]])}
+    lp = part.log_probs(z)
+    areas = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
+    rest = part.targets({1: np.array([0]), 2: np.array([-1])})
+    assert rest[0] >= 3  # a rest node, after the finest cells
+    got = cf.truth_areas(lp, rest, areas)[0]
+    order = torch.argsort(lp[0], descending=True).tolist()
+    assert got == pytest.approx(sum(areas[k] for k in order[:order.index(int(rest[0])) + 1]))
+    assert math.isfinite(got)
