@@ -316,6 +316,61 @@ class Manifest:
             atomic_write_bytes(dest, data)
         return self.add_image(sha256=sha, path=rel.as_posix(), **row)
 
+    def add_rows(self, rows, chunk: int = 100_000) -> int:
+        """Insert many image rows: the bulk form of ``add_image``, for rows whose files are
+        already in place (a merge of workspaces, a benchmark's synthetic manifest).
+
+        ``rows`` is a DataFrame (or a mapping of equal-length columns) with ``source``,
+        ``lat``, ``lon``, ``sha256`` and ``path``, and any other of ``IMAGE_COLUMNS`` but
+        ``id``, ``cell`` and ``added_at``: the cell is computed here, vectorised, and one
+        timestamp is stamped on every row. The rows go in by ``executemany``, one transaction
+        per ``chunk`` rows (so the WAL stays small and an interrupted call keeps whole
+        chunks); a row whose sha256 or (source, source_id) is already there is skipped, as
+        ``add_image`` skips a duplicate. Returns how many rows were inserted.
+
+        Bad input (an unknown column, a missing required value, a coordinate that is not a
+        valid point, an unknown split) is an InputError before anything is written.
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d, Manifest(f"{d}/m.sqlite", d) as m:
+        ...     n = m.add_rows({"source": ["csv"] * 2, "lat": [48.85, 48.85], "lon": [2.35, 2.35],
+        ...                     "sha256": ["a" * 64, "a" * 64], "path": ["x.jpg", "x.jpg"]})
+        ...     n, m.counts(3)
+        (1, {'1/0/2': 1})
+        """
+        df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(dict(rows))
+        allowed = [c for c in IMAGE_COLUMNS if c not in ("id", "cell", "added_at")]
+        bad = [c for c in df.columns if c not in allowed]
+        if bad:
+            raise InputError(f"add_rows: unknown or computed column(s) {bad}; give some of {', '.join(allowed)}")
+        required = ("source", "lat", "lon", "sha256", "path")
+        missing = [c for c in required if c not in df.columns or df[c].isna().any()]
+        if missing:
+            raise InputError(f"add_rows: column(s) {missing} missing or with empty values")
+        lat = df["lat"].to_numpy(np.float64)
+        lon = df["lon"].to_numpy(np.float64)
+        ok = grid.valid_points(lat, lon)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise InputError(f"add_rows: row {i} has no valid point ({lat[i]}, {lon[i]})")
+        if "split" in df.columns:
+            unknown = set(df["split"].dropna().unique()) - set(SPLITS)
+            if unknown:
+                raise InputError(f"add_rows: unknown split(s) {sorted(unknown)}; use {', '.join(SPLITS)}")
+        cols = [c for c in allowed if c in df.columns]
+        sql = (f"INSERT OR IGNORE INTO images ({', '.join(cols)}, cell, added_at)"
+               f" VALUES ({', '.join('?' * (len(cols) + 2))})")
+        now = utcnow()
+        before = self.conn.total_changes
+        for start in range(0, len(df), max(int(chunk), 1)):
+            part = df.iloc[start:start + chunk]
+            keys = grid.encode(lat[start:start + chunk], lon[start:start + chunk], MANIFEST_LEVEL)
+            values = [part[c].astype(object).where(part[c].notna(), None).tolist() for c in cols]
+            values += [grid.keys_to_ids(keys, MANIFEST_LEVEL, sep=""), [now] * len(part)]
+            with self.transaction() as conn:
+                conn.executemany(sql, zip(*values, strict=True))
+        return self.conn.total_changes - before
+
     def set_splits(self, assignment: dict[int, str]) -> None:
         """Set the split of many images by id, in one transaction."""
         bad = {s for s in assignment.values() if s not in SPLITS}

@@ -127,6 +127,31 @@ def test_add_image_stores_the_l8_cell_and_refuses_duplicates(ws):
         assert m.count() == 2
 
 
+def test_add_rows_inserts_in_bulk_like_add_image(ws):
+    import pandas as pd
+
+    rows = pd.DataFrame({"source": ["csv", "csv", "csv", "csv"], "source_id": ["a", "b", "a", None],
+                         "lat": [CAPE_TOWN[0], NEW_YORK[0], TOKYO[0], 0.5],
+                         "lon": [CAPE_TOWN[1], NEW_YORK[1], TOKYO[1], 0.5],
+                         "sha256": ["s1", "s2", "s3", "s1"], "path": ["p1", "p2", "p3", "p4"],
+                         "split": ["train", None, "val", "test"], "width": [16, None, 16, 16]})
+    with ws.manifest() as m:
+        assert m.add_rows(rows, chunk=2) == 2  # row 3 repeats (csv, a), row 4 repeats sha s1
+        assert m.add_rows(rows) == 0  # all there already
+        got = m.frame()
+        assert got["sha256"].tolist() == ["s1", "s2"] and got["split"].iloc[0] == "train"
+        assert pd.isna(got["split"].iloc[1])
+        assert got["cell"].tolist() == [grid.to_id(grid.cell(*p, MANIFEST_LEVEL), sep="") for p in (CAPE_TOWN, NEW_YORK)]
+        assert got["width"].iloc[0] == 16 and pd.isna(got["width"].iloc[1])
+        assert got["added_at"].iloc[0].endswith("+00:00")
+        one = {"source": ["csv"], "lat": [1.0], "lon": [2.0], "sha256": ["s9"], "path": ["p"]}
+        for bad, match in (({**one, "cell": ["0"]}, "cell"), ({**one, "lat": [95.0]}, "valid point"),
+                           ({**one, "split": ["holdout"]}, "holdout"), ({**one, "path": [None]}, "path")):
+            with pytest.raises(InputError, match=match):
+                m.add_rows(bad)
+        assert m.count() == 2  # nothing of a refused batch is written
+
+
 def test_store_image_writes_the_file_then_the_row(ws):
     data = b"\xff\xd8 not really a jpeg but bytes are bytes"
     sha = sha256_bytes(data)
