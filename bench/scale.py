@@ -54,6 +54,8 @@ import pandas as pd  # noqa: E402
 
 PAGES = (("Home", "app.py"), ("Coverage", "views/coverage.py"), ("Data", "views/data.py"),
          ("Train", "views/train.py"), ("Accuracy", "views/accuracy.py"), ("Predict", "views/predict.py"))
+# (name, page, session-state key set to True): a user action timed after the page is open
+ACTIONS = (("Data: open the adaptive-cells expander (its preview)", "views/data.py", "adaptive_open"),)
 CITIES = 400
 SEQ_MEAN = 20
 STEP_M = 15.0
@@ -170,6 +172,16 @@ def stage_open(data: str) -> None:
         print(json.dumps({"images": m.count()}))
 
 
+def stage_reset(data: str) -> None:
+    """Bench set-up, not a measured path: every image back to no split, as before a first
+    ``labels`` (the library has no call that unsets splits)."""
+    import sqlite3
+
+    with sqlite3.connect(Path(data) / "manifest.sqlite", isolation_level=None) as conn:
+        conn.execute("UPDATE images SET split = NULL WHERE split IS NOT NULL")
+    print(json.dumps({}))
+
+
 def stage_profile(csv: str, root: str, data: str) -> None:
     """``import_csv`` under cProfile: cumulative seconds of its parts, per row."""
     import cProfile
@@ -209,8 +221,9 @@ def stage_locator(root: str) -> None:
     print(json.dumps({"files": files, "bytes": size}))
 
 
-def stage_page(script: str) -> None:
-    """Open one page with AppTest: the first run (cold caches) and a rerun (warm)."""
+def stage_page(script: str, *keys: str) -> None:
+    """Open one page with AppTest: the first run (cold caches) and a rerun (warm); then, with
+    ``keys``, a run with those session-state keys set to True (an expander opened)."""
     t0 = time.perf_counter()
     from streamlit.testing.v1 import AppTest
 
@@ -220,12 +233,18 @@ def stage_page(script: str) -> None:
     t2 = time.perf_counter()
     at.run()
     t3 = time.perf_counter()
-    problems = [str(e.value)[:300] for e in at.exception] + [str(e.value)[:300] for e in at.error]
-    print(json.dumps({"import_s": t1 - t0, "open_s": t2 - t1, "rerun_s": t3 - t2, "problems": problems}))
+    out = {"import_s": t1 - t0, "open_s": t2 - t1, "rerun_s": t3 - t2}
+    if keys:
+        for k in keys:
+            at.session_state[k] = True
+        at.run()
+        out["action_s"] = time.perf_counter() - t3
+    out["problems"] = [str(e.value)[:300] for e in at.exception] + [str(e.value)[:300] for e in at.error]
+    print(json.dumps(out))
 
 
-STAGES = {"build": stage_build, "open": stage_open, "profile": stage_profile, "locator": stage_locator,
-          "page": stage_page}
+STAGES = {"build": stage_build, "open": stage_open, "reset": stage_reset, "profile": stage_profile,
+          "locator": stage_locator, "page": stage_page}
 
 
 # ------------------------------------------------------------------ measuring
@@ -261,26 +280,23 @@ def measure(cmd: list[str], env: dict, cap_mb: float, log: Path | None = None) -
     import psutil
 
     out = open(log, "w+") if log else tempfile.TemporaryFile("w+")  # noqa: SIM115 - read back below
-    fd, report = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, report, *cmd], stdout=out,
-                            stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    launcher, killed = psutil.Process(proc.pid), False
-    while proc.poll() is None:
-        try:
-            for child in launcher.children(recursive=True):
-                if child.memory_info().rss > cap_mb * 1e6:
-                    child.kill()
-                    killed = True
-        except psutil.Error:
-            pass
-        time.sleep(0.1)
-    wall = time.perf_counter() - t0
-    try:
-        maxrss_kib, rc = json.loads(Path(report).read_text() or "[0, -1]")
-    finally:
-        os.unlink(report)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "rusage.json"
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(report), *cmd], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        launcher, killed = psutil.Process(proc.pid), False
+        while proc.poll() is None:
+            try:
+                for child in launcher.children(recursive=True):
+                    if child.memory_info().rss > cap_mb * 1e6:
+                        child.kill()
+                        killed = True
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+        wall = time.perf_counter() - t0
+        maxrss_kib, rc = json.loads(report.read_text()) if report.exists() else (0, proc.returncode)
     out.seek(0)
     text = out.read()
     out.close()
@@ -312,6 +328,8 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse the CSV, images and workspaces in --work")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: import,labels,pages")
     ap.add_argument("--pages", default="", help="only the pages whose names contain one of these (comma-separated)")
+    ap.add_argument("--demo-images", type=int, default=4000,
+                    help="images of the demo world, the baseline workspace (default 4,000)")
     ap.add_argument("--cap-mb", type=float, default=6000, help="kill a step above this peak RSS (default 6000)")
     ap.add_argument("--stage", nargs="+", help=argparse.SUPPRESS)  # internal: one measured step
     args = ap.parse_args()
@@ -324,14 +342,17 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="geohier-scale-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     try:
-        run(args, work, skip)
+        failed = run(args, work, skip)
     finally:
         if not args.keep and (args.work is None or not args.reuse):
             shutil.rmtree(work, ignore_errors=True)
-    return 0
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
-def run(args, work: Path, skip: set[str]) -> None:
+def run(args, work: Path, skip: set[str]) -> list[str]:
+    """Every step; returns the ones that failed (a non-zero exit, a kill, a page error)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     env.pop("MAPILLARY_ACCESS_TOKEN", None)
@@ -339,18 +360,21 @@ def run(args, work: Path, skip: set[str]) -> None:
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     table: list[tuple[str, str, str, str]] = []  # step, baseline, geohier at N rows, ratio
+    failed: list[str] = []
 
     def cli(data: Path, *argv: str, log: str) -> Result:
         r = measure([py, "-m", "pipeline", "--data", str(data), "--models", str(data.parent / "models"), *argv],
                     env, args.cap_mb, logs / log)
         if not r.ok:
+            failed.append(log)
             print(f"  ! {log}: exit {r.rc}{' (killed)' if r.killed else ''}; see {logs / log}", flush=True)
         return r
 
     def stage(*argv: str, log: str, data: Path | None = None) -> Result:
         e = env if data is None else dict(env, GEOHIER_DATA=str(data), GEOHIER_MODELS=str(data.parent / "models"))
         r = measure([py, me, "--stage", *argv], e, args.cap_mb, logs / log)
-        if not r.ok:
+        if not r.ok or r.json().get("problems"):
+            failed.append(log)
             print(f"  ! {log}: exit {r.rc}{' (killed)' if r.killed else ''}; see {logs / log}", flush=True)
         return r
 
@@ -370,8 +394,8 @@ def run(args, work: Path, skip: set[str]) -> None:
     demo = work / "demo" / "data"
     if not (args.reuse and (demo / "manifest.sqlite").exists()):
         shutil.rmtree(demo.parent, ignore_errors=True)
-        r = cli(demo, "demo", "--images", "4000", log="demo.log")
-        print(f"demo world: 4,000 images in {r.wall:.0f} s", flush=True)
+        r = cli(demo, "demo", "--images", str(args.demo_images), log="demo.log")
+        print(f"demo world: {args.demo_images:,} images in {r.wall:.0f} s", flush=True)
 
     # 2. import-csv, the real path
     n_imp = args.import_rows
@@ -429,11 +453,12 @@ def run(args, work: Path, skip: set[str]) -> None:
         size = sum(f.stat().st_size for f in big.glob("manifest.sqlite*")) / 1e6
         print(f"manifest: {r.json().get('added', 0):,} rows through Manifest.add_rows in {fmt_s(r)}, "
               f"peak {fmt_mb(r)}, {size:,.0f} MB on disk", flush=True)
-        table.append((f"`Manifest.add_rows`: {args.rows:,} rows (5 M-row workspace built)", "-",
+        table.append((f"`Manifest.add_rows`: {args.rows:,} rows (the big workspace built)", "-",
                       f"{fmt_s(r)} ({args.rows / r.wall:,.0f} rows/s), peak {fmt_mb(r)}, {size:,.0f} MB", "-"))
     else:
         r = stage("open", str(big), log="open.log")
-        print(f"manifest: reused, opened in {fmt_s(r)} ({r.json().get('images', 0):,} images)", flush=True)
+        print(f"manifest: reused, opened in {fmt_s(r)} ({r.json().get('images', 0):,} images; a schema change "
+              "since it was built, such as a new index, is made here)", flush=True)
 
     if "import" not in skip:
         d = work / "bigimp"
@@ -450,18 +475,25 @@ def run(args, work: Path, skip: set[str]) -> None:
                       f"{ratio(rr.wall, a.wall)} / {ratio(rr.peak_mb, a.peak_mb)}"))
         shutil.rmtree(d)
 
-    # 4. labels
+    # 4. labels: the first labelling (no image has a split yet), adaptive cells (the same splits:
+    # no row changes), and a relabelling with another seed (most rows change split)
     if "labels" not in skip:
-        for label, argv in (("--cells adaptive", ["--cells", "adaptive"]), ("fixed 1,3,5,8", [])):
-            b = cli(demo, "labels", *argv, log=f"labels_demo{'_a' if argv else ''}.log")
-            r = cli(big, "labels", *argv, log=f"labels_big{'_a' if argv else ''}.log")
+        for data in (demo, big):
+            stage("reset", str(data), log=f"reset_{data.parent.name}.log")
+        for label, argv, tag in (("fixed 1,3,5,8, first", [], "fixed"),
+                                 ("--cells adaptive, same splits", ["--cells", "adaptive"], "adaptive"),
+                                 ("fixed 1,3,5,8, --seed 1", ["--seed", "1"], "seed1")):
+            b = cli(demo, "labels", *argv, log=f"labels_demo_{tag}.log")
+            r = cli(big, "labels", *argv, log=f"labels_big_{tag}.log")
             print(f"labels {label}: demo {fmt_s(b)}, {fmt_mb(b)}; {args.rows:,} rows {fmt_s(r)}, {fmt_mb(r)}",
                   flush=True)
-            table.append((f"`labels` {label}", f"{fmt_s(b)}, {fmt_mb(b)} (4,000-image demo)",
+            table.append((f"`labels` {label}", f"{fmt_s(b)}, {fmt_mb(b)} ({args.demo_images:,}-image demo)",
                           f"{fmt_s(r)}, {fmt_mb(r)}", f"{ratio(r.wall, b.wall)} / {ratio(r.peak_mb, b.peak_mb)}"))
 
     # 5. pages
     if "pages" not in skip:
+        for data in (demo, big):  # derived tables (geography per level) are rebuilt, as on a first visit
+            shutil.rmtree(data / "cache", ignore_errors=True)
         wanted = [w.strip().lower() for w in args.pages.split(",") if w.strip()]
         for name, script in PAGES:
             if wanted and not any(w in name.lower() for w in wanted):
@@ -483,11 +515,28 @@ def run(args, work: Path, skip: set[str]) -> None:
                           + (" (page error)" if probs else ""),
                           f"{ratio(open_r, open_b)} / {ratio(r.peak_mb, b.peak_mb)}"))
 
+        for name, script, key in ACTIONS:
+            if wanted and not any(w in name.lower() for w in wanted):
+                continue
+            res = {}
+            for which, data in (("demo", demo), ("big", big)):
+                r = stage("page", script, key, log=f"action_{which}.log", data=data)
+                res[which] = (r, r.json())
+            (b, bj), (r, rj) = res["demo"], res["big"]
+            act_b, act_r = bj.get("action_s", float("nan")), rj.get("action_s", float("nan"))
+            probs = rj.get("problems") or []
+            print(f"page {name}: demo {act_b:.2f} s, {fmt_mb(b)}; {args.rows:,} rows {act_r:.2f} s, {fmt_mb(r)}"
+                  + (f"; problems: {probs}" if probs else ""), flush=True)
+            table.append((f"page {name}, peak", f"{act_b:.2f} s, {fmt_mb(b)}",
+                          f"{act_r:.2f} s, {fmt_mb(r)}" + (" (page error)" if probs else ""),
+                          f"{ratio(act_r, act_b)} / {ratio(r.peak_mb, b.peak_mb)}"))
+
     print()
     print(f"| step | baseline (same run) | {args.rows:,} rows | ratio (time / memory) |")
     print("| --- | --- | --- | --- |")
     for row in table:
         print("| " + " | ".join(row) + " |")
+    return failed
 
 
 if __name__ == "__main__":

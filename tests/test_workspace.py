@@ -225,6 +225,78 @@ def test_counts_per_level(ws):
                                "by_split": {"unassigned": 5}}
 
 
+def _random_rows(n: int, seed: int = 0):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    lat = np.clip(rng.normal(30, 30, n), -89, 89)
+    lon = rng.uniform(-180, 180, n)
+    return pd.DataFrame({"source": rng.choice(["csv", "demo"], n), "lat": lat, "lon": lon,
+                         "sha256": [f"s{i}" for i in range(n)], "path": "x.jpg",
+                         "split": rng.choice(np.array(["train", "val", "test", None], dtype=object), n)})
+
+
+def test_counts_from_the_cell_index_match_the_positions(ws):
+    from geohier.hierarchy import cell_counts
+
+    rows = _random_rows(3000)
+    with ws.manifest() as m:
+        m.add_rows(rows, chunk=700)
+        lat, lon = m.points(chunk=256)  # several chunks, in id order
+        np.testing.assert_array_equal(lat, rows["lat"].to_numpy())
+        np.testing.assert_array_equal(lon, rows["lon"].to_numpy())
+        got = m.count_levels([1, 3, 5, 8])
+        want = cell_counts(lat, lon, [1, 3, 5, 8])
+        for lv in (1, 3, 5, 8):
+            np.testing.assert_array_equal(got[lv][0], want[lv][0])
+            np.testing.assert_array_equal(got[lv][1], want[lv][1])
+            assert m.counts(lv) == dict(zip(grid.keys_to_ids(*want[lv][:1], lv), want[lv][1].tolist()))
+        # the images of some cells: index ranges of their ids, in the cells' order
+        keys = want[3][0][[4, 0, 9]]
+        plat, plon = m.points_in(keys, 3)
+        at3 = grid.encode(lat, lon, 3)
+        inside = np.concatenate([np.flatnonzero(at3 == k) for k in keys])
+        np.testing.assert_array_equal(plat, lat[inside])
+        np.testing.assert_array_equal(plon, lon[inside])
+        assert m.points_in([], 5)[0].size == 0
+        with pytest.raises(InputError, match="level 8"):
+            m.points_in([0], 9)
+        # summary from the (source, split) and cell indexes
+        s = m.summary()
+        assert s["images"] == 3000 and s["cells"] == len(want[8][0])
+        assert s["by_source"] == rows["source"].value_counts().to_dict()
+        assert s["by_split"] == rows["split"].fillna("unassigned").value_counts().to_dict()
+        # frames: the same rows as frame, in pieces
+        parts = list(m.frames(["id", "sha256", "split"], "split IN (?, ?)", ("train", "val"), chunk=500))
+        assert max(len(p) for p in parts) == 500
+        whole = m.frame(["id", "sha256", "split"], "split IN (?, ?)", ("train", "val"))
+        assert np.array_equal(np.concatenate([p["id"].to_numpy() for p in parts]), whole["id"].to_numpy())
+        with pytest.raises(InputError, match="nope"):
+            next(m.frames(["nope"]))
+
+
+def test_set_splits_takes_arrays_and_leaves_unchanged_rows_alone(ws):
+    with ws.manifest() as m:
+        m.add_rows(_random_rows(50).drop(columns=["split"]))
+        ids = m.frame(["id"])["id"].to_numpy()
+        names = np.array(["train", "val", "test", "train", "train"] * 10)  # "<U5", as labels passes them
+        m.set_splits(ids=ids, splits=names)
+        assert m.frame(["split"])["split"].tolist() == names.tolist()
+        m.conn.execute("CREATE TEMP TABLE updated (id INTEGER)")
+        m.conn.execute("CREATE TEMP TRIGGER log AFTER UPDATE ON images BEGIN INSERT INTO updated VALUES (new.id); END")
+        m.set_splits(ids=ids, splits=names)  # nothing to change: no row is rewritten
+        assert m.conn.execute("SELECT COUNT(*) FROM updated").fetchone()[0] == 0
+        names[:3] = "test"
+        m.set_splits(ids=ids[:5], splits=names[:5])  # a subset; the other rows keep theirs
+        assert m.frame(["split"])["split"].tolist() == names.tolist()
+        assert m.conn.execute("SELECT COUNT(*) FROM updated").fetchone()[0] == 2  # train, val -> test; test stays
+        with pytest.raises(InputError, match="holdout"):
+            m.set_splits(ids=ids[:2], splits=["train", "holdout"])
+        with pytest.raises(InputError, match="2 ids but 1"):
+            m.set_splits(ids=ids[:2], splits=["train"])
+        assert m.frame(["split"])["split"].tolist() == names.tolist()
+
+
 def test_empty_manifest_reads(ws):
     with ws.manifest() as m:
         assert m.counts(3) == {}
