@@ -26,7 +26,7 @@ demo --images 4000`` + ``labels``) for labels and pages; ratios are 5 M / baseli
    the first run (cold caches: what a user waits for when the page opens) and a rerun
    (warm caches: a widget change), and the process's peak memory.
 
-Run: ``.venv/bin/python bench/scale.py`` (~30-60 min and ~3 GB of disk in a temporary folder;
+Run: ``.venv/bin/python bench/scale.py`` (~35 min and ~5 GB of disk in a temporary folder;
 ``--quick`` for 50,000 rows in a few minutes; ``--work DIR --keep`` keeps the files and a
 later ``--work DIR --reuse`` starts from them, skipping steps 1-3).
 """

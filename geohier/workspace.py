@@ -12,8 +12,8 @@ override them)::
     models/<run>/         one training run each
 
 The manifest stores every image's finest grid cell (``MANIFEST_LEVEL``) as a compact id
-(``"01230112"``): the cell of any coarser level is a prefix, so per-level counts are a
-``GROUP BY substr(cell, 1, level)``.
+(``"01230112"``): the cell of any coarser level is a prefix, so per-level counts are sums
+over prefixes of one ``GROUP BY cell``, which SQLite answers from the cell index in order.
 
 Writes are crash-safe in this order: the image file is written to a temporary name in
 its final directory (a name unique to the writer: concurrent imports never touch each
