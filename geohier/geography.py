@@ -670,7 +670,10 @@ def _offshore_countries(ws: Workspace, level: int, geo: pd.DataFrame, offshore: 
     """Give cells with images but no Natural Earth land the commonest country of their
     images (snapped to the nearest country within COASTAL_SNAP_DEG). Edits ``geo``."""
     with ws.manifest() as m:
-        lat, lon = m.points()
+        if level <= MANIFEST_LEVEL:  # only the offshore cells' images: index ranges, not every position
+            lat, lon = m.points_in(offshore, level)
+        else:
+            lat, lon = m.points()
     keys = grid.encode(lat, lon, level)
     sel = np.isin(keys, offshore)
     if not sel.any():

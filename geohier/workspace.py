@@ -12,8 +12,8 @@ override them)::
     models/<run>/         one training run each
 
 The manifest stores every image's finest grid cell (``MANIFEST_LEVEL``) as a compact id
-(``"01230112"``): the cell of any coarser level is a prefix, so per-level counts are a
-``GROUP BY substr(cell, 1, level)``.
+(``"01230112"``): the cell of any coarser level is a prefix, so per-level counts are sums
+over prefixes of one ``GROUP BY cell``, which SQLite answers from the cell index in order.
 
 Writes are crash-safe in this order: the image file is written to a temporary name in
 its final directory (a name unique to the writer: concurrent imports never touch each
@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE UNIQUE INDEX IF NOT EXISTS images_source_id ON images(source, source_id)
     WHERE source_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS images_cell ON images(cell);
+CREATE INDEX IF NOT EXISTS images_source_split ON images(source, split);  -- summary() without a table scan
 CREATE TABLE IF NOT EXISTS fetch_log (
     cell   TEXT PRIMARY KEY,                -- the fetched cell's id, e.g. '0/1/2/3/0/1/1/2'
     status TEXT NOT NULL,                   -- done | empty | error | partial
@@ -240,47 +241,104 @@ class Manifest:
         ).fetchone()
         return row is not None
 
-    def frame(self, columns: Iterable[str] = IMAGE_COLUMNS, where: str = "",
-              params: tuple = ()) -> pd.DataFrame:
-        """Rows of the images table as a DataFrame."""
+    @staticmethod
+    def _select(columns: Iterable[str], where: str) -> tuple[list[str], str]:
         cols = list(columns)
         bad = [c for c in cols if c not in IMAGE_COLUMNS]
         if bad:
             raise InputError(f"unknown manifest column(s) {bad}; known: {', '.join(IMAGE_COLUMNS)}")
-        sql = f"SELECT {', '.join(cols)} FROM images" + (f" WHERE {where}" if where else "") + " ORDER BY id"
+        return cols, f"SELECT {', '.join(cols)} FROM images" + (f" WHERE {where}" if where else "") + " ORDER BY id"
+
+    def frame(self, columns: Iterable[str] = IMAGE_COLUMNS, where: str = "",
+              params: tuple = ()) -> pd.DataFrame:
+        """Rows of the images table as a DataFrame."""
+        _, sql = self._select(columns, where)
         return pd.read_sql_query(sql, self.conn, params=params)
 
-    def points(self) -> tuple[np.ndarray, np.ndarray]:
-        """(lat, lon) arrays of every image."""
-        rows = self.conn.execute("SELECT lat, lon FROM images ORDER BY id").fetchall()
-        arr = np.asarray(rows, dtype=np.float64).reshape(-1, 2)
+    def frames(self, columns: Iterable[str] = IMAGE_COLUMNS, where: str = "", params: tuple = (),
+               chunk: int = 100_000) -> Iterator[pd.DataFrame]:
+        """``frame`` in pieces of at most ``chunk`` rows, in id order: a large manifest read in
+        bounded memory (5 M sha256 strings as one DataFrame are ~1 GB)."""
+        cols, sql = self._select(columns, where)
+        cur = self.conn.execute(sql, params)
+        while rows := cur.fetchmany(chunk):
+            yield pd.DataFrame.from_records(rows, columns=cols)
+
+    def points(self, chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+        """(lat, lon) arrays of every image, in id order.
+
+        Read ``chunk`` rows at a time into float64 arrays: 16 bytes an image, not a Python
+        tuple of two floats each (5 M images: ~160 MB at the peak, not ~1 GB)."""
+        cur = self.conn.execute("SELECT lat, lon FROM images ORDER BY id")
+        parts = []
+        while rows := cur.fetchmany(chunk):
+            parts.append(np.array(rows, dtype=np.float64))
+        arr = np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.float64)
         return arr[:, 0], arr[:, 1]
 
-    def counts(self, level: int) -> dict[str, int]:
-        """Images per cell at ``level`` (<= MANIFEST_LEVEL), keyed by the '/'-separated id."""
+    def points_in(self, keys, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """(lat, lon) of the images in the cells ``keys`` of ``level`` (<= MANIFEST_LEVEL),
+        cell by cell in the order given. A cell is a range of the stored compact ids (its id
+        and every id it prefixes), so each is one search of the cell index, not a table scan.
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d, Manifest(f"{d}/m.sqlite", d) as m:
+        ...     _ = m.add_rows({"source": ["csv"] * 3, "lat": [48.85, -33.9, 48.9], "lon": [2.35, 18.4, 2.4],
+        ...                     "sha256": ["a", "b", "c"], "path": ["x"] * 3})
+        ...     m.points_in(grid.encode([48.85], [2.35], 3), 3)[0].tolist()
+        [48.85, 48.9]
+        """
+        level = self._stored_level(level)
+        parts = []
+        for prefix in grid.keys_to_ids(np.asarray(keys, dtype=np.int64).ravel(), level, sep=""):
+            rows = self.conn.execute("SELECT lat, lon FROM images WHERE cell >= ? AND cell < ? ORDER BY id",
+                                     (prefix, prefix + "4")).fetchall()  # digits are 0-3: "4" ends the range
+            if rows:
+                parts.append(np.array(rows, dtype=np.float64))
+        arr = np.concatenate(parts) if parts else np.empty((0, 2), dtype=np.float64)
+        return arr[:, 0], arr[:, 1]
+
+    def _stored_level(self, level: int) -> int:
         level = grid.check_level(level)
         if level > MANIFEST_LEVEL:
             raise InputError(f"the manifest stores cells down to level {MANIFEST_LEVEL}, not {level}")
-        rows = self.conn.execute(
-            "SELECT substr(cell, 1, ?) AS c, COUNT(*) FROM images GROUP BY c", (level,)
-        ).fetchall()
-        return {"/".join(c): int(n) for c, n in rows}
+        return level
+
+    def count_levels(self, levels: Iterable[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """{level: (keys ascending, images)} of the cells with images at each of ``levels``
+        (<= MANIFEST_LEVEL), from one ``GROUP BY cell``: SQLite walks the cell index in order
+        (no sort, no table read) and returns at most 4^MANIFEST_LEVEL rows; coarser levels
+        are sums over key prefixes."""
+        levels = [self._stored_level(lv) for lv in levels]
+        rows = self.conn.execute("SELECT cell, COUNT(*) FROM images GROUP BY cell").fetchall()
+        fine = grid.compact_ids_to_keys([r[0] for r in rows], MANIFEST_LEVEL)
+        n = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+        out = {}
+        for lv in levels:
+            keys, inv = np.unique(fine >> (2 * (MANIFEST_LEVEL - lv)), return_inverse=True)
+            out[lv] = keys.astype(np.int64), np.bincount(inv, weights=n, minlength=keys.size).astype(np.int64)
+        return out
 
     def count_keys(self, level: int) -> tuple[np.ndarray, np.ndarray]:
-        """(keys, counts) of the cells with images at ``level``, keys ascending."""
-        counts = self.counts(level)
-        if not counts:
-            return np.array([], dtype=np.int64), np.array([], dtype=np.int64)
-        keys, _ = grid.ids_to_keys(list(counts))
-        n = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
-        order = np.argsort(keys)
-        return keys[order], n[order]
+        """(keys, counts) of the cells with images at ``level`` (<= MANIFEST_LEVEL), keys ascending."""
+        return self.count_levels([level])[self._stored_level(level)]
+
+    def counts(self, level: int) -> dict[str, int]:
+        """Images per cell at ``level`` (<= MANIFEST_LEVEL), keyed by the '/'-separated id."""
+        keys, n = self.count_keys(level)
+        return dict(zip(grid.keys_to_ids(keys, level), n.tolist(), strict=True))
 
     def summary(self) -> dict:
-        """Images, cells with data at MANIFEST_LEVEL, per-source and per-split counts."""
-        by_source = dict(self.conn.execute("SELECT source, COUNT(*) FROM images GROUP BY source").fetchall())
-        by_split = dict(self.conn.execute(
-            "SELECT COALESCE(split, 'unassigned'), COUNT(*) FROM images GROUP BY split").fetchall())
+        """Images, cells with data at MANIFEST_LEVEL, per-source and per-split counts.
+
+        Two index walks (``images_source_split``, ``images_cell``), never the table itself."""
+        by_source: dict[str, int] = {}
+        by_split: dict[str, int] = {}
+        for source, split, n in self.conn.execute(
+                "SELECT source, split, COUNT(*) FROM images GROUP BY source, split"):
+            by_source[source] = by_source.get(source, 0) + n
+            key = split if split is not None else "unassigned"
+            by_split[key] = by_split.get(key, 0) + n
         cells = self.conn.execute("SELECT COUNT(DISTINCT cell) FROM images").fetchone()[0]
         return {"images": sum(by_source.values()), "cells": int(cells),
                 "by_source": by_source, "by_split": by_split}
@@ -325,14 +383,92 @@ class Manifest:
             atomic_write_bytes(dest, data)
         return self.add_image(sha256=sha, path=rel.as_posix(), **row)
 
-    def set_splits(self, assignment: dict[int, str]) -> None:
-        """Set the split of many images by id, in one transaction."""
-        bad = {s for s in assignment.values() if s not in SPLITS}
+    def add_rows(self, rows, chunk: int = 100_000) -> int:
+        """Insert many image rows: the bulk form of ``add_image``, for rows whose files are
+        already in place (a merge of workspaces, a benchmark's synthetic manifest).
+
+        ``rows`` is a DataFrame (or a mapping of equal-length columns) with ``source``,
+        ``lat``, ``lon``, ``sha256`` and ``path``, and any other of ``IMAGE_COLUMNS`` but
+        ``id``, ``cell`` and ``added_at``: the cell is computed here, vectorised, and one
+        timestamp is stamped on every row. The rows go in by ``executemany``, one transaction
+        per ``chunk`` rows (so the WAL stays small and an interrupted call keeps whole
+        chunks); a row whose sha256 or (source, source_id) is already there is skipped, as
+        ``add_image`` skips a duplicate. Returns how many rows were inserted.
+
+        Bad input (an unknown column, a missing required value, a coordinate that is not a
+        valid point, an unknown split) is an InputError before anything is written.
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d, Manifest(f"{d}/m.sqlite", d) as m:
+        ...     n = m.add_rows({"source": ["csv"] * 2, "lat": [48.85, 48.85], "lon": [2.35, 2.35],
+        ...                     "sha256": ["a" * 64, "a" * 64], "path": ["x.jpg", "x.jpg"]})
+        ...     n, m.counts(3)
+        (1, {'1/0/2': 1})
+        """
+        df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(dict(rows))
+        allowed = [c for c in IMAGE_COLUMNS if c not in ("id", "cell", "added_at")]
+        bad = [c for c in df.columns if c not in allowed]
         if bad:
-            raise InputError(f"unknown split(s) {sorted(bad)}; use {', '.join(SPLITS)}")
+            raise InputError(f"add_rows: unknown or computed column(s) {bad}; give some of {', '.join(allowed)}")
+        required = ("source", "lat", "lon", "sha256", "path")
+        missing = [c for c in required if c not in df.columns or df[c].isna().any()]
+        if missing:
+            raise InputError(f"add_rows: column(s) {missing} missing or with empty values")
+        lat = df["lat"].to_numpy(np.float64)
+        lon = df["lon"].to_numpy(np.float64)
+        ok = grid.valid_points(lat, lon)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise InputError(f"add_rows: row {i} has no valid point ({lat[i]}, {lon[i]})")
+        if "split" in df.columns:
+            unknown = set(df["split"].dropna().unique()) - set(SPLITS)
+            if unknown:
+                raise InputError(f"add_rows: unknown split(s) {sorted(unknown)}; use {', '.join(SPLITS)}")
+        cols = [c for c in allowed if c in df.columns]
+        sql = (f"INSERT OR IGNORE INTO images ({', '.join(cols)}, cell, added_at)"
+               f" VALUES ({', '.join('?' * (len(cols) + 2))})")
+        now = utcnow()
+        before = self.conn.total_changes
+        for start in range(0, len(df), max(int(chunk), 1)):
+            part = df.iloc[start:start + chunk]
+            keys = grid.encode(lat[start:start + chunk], lon[start:start + chunk], MANIFEST_LEVEL)
+            values = [part[c].astype(object).where(part[c].notna(), None).tolist() for c in cols]
+            values += [grid.keys_to_ids(keys, MANIFEST_LEVEL, sep=""), [now] * len(part)]
+            with self.transaction() as conn:
+                conn.executemany(sql, zip(*values, strict=True))
+        return self.conn.total_changes - before
+
+    def set_splits(self, assignment: Mapping[int, str] | None = None, *, ids=None, splits=None) -> None:
+        """Set the split of many images by id, in one transaction: ``{id: split}``, or the
+        parallel arrays ``ids=`` and ``splits=`` (each id once; ``labels`` passes 5 M).
+
+        Per split, the ids go into a temporary table and one ``UPDATE ... WHERE id IN`` sets
+        them in SQLite's own loop, skipping rows that already hold that split (an UPDATE
+        statement per row took 41 s for 5 M rows; this takes seconds)."""
+        if assignment is not None:
+            ids, splits = list(assignment.keys()), list(assignment.values())
+        ids = np.asarray([] if ids is None else ids, dtype=np.int64).ravel()
+        names = np.asarray([] if splits is None else splits).ravel()  # "<U5" from labels: compared in C
+        if names.size != ids.size:
+            raise InputError(f"set_splits: {ids.size} ids but {names.size} splits")
+        masks = {split: names == split for split in SPLITS}
+        known = np.logical_or.reduce(list(masks.values())) if ids.size else np.ones(0, dtype=bool)
+        if not known.all():
+            bad = sorted({str(x) for x in names[~known]})
+            raise InputError(f"unknown split(s) {bad}; use {', '.join(SPLITS)}")
         with self.transaction() as conn:
-            conn.executemany("UPDATE images SET split = ? WHERE id = ?",
-                             [(s, int(i)) for i, s in assignment.items()])
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS split_ids (id INTEGER PRIMARY KEY)")
+            for split, mask in masks.items():
+                chosen = np.sort(ids[mask])
+                if not chosen.size:
+                    continue
+                conn.execute("DELETE FROM split_ids")
+                for start in range(0, chosen.size, 500_000):  # Python ints for a chunk at a time
+                    conn.executemany("INSERT OR IGNORE INTO split_ids (id) VALUES (?)",
+                                     zip(chosen[start:start + 500_000].tolist()))
+                conn.execute("UPDATE images SET split = ? WHERE split IS NOT ? AND id IN (SELECT id FROM split_ids)",
+                             (split, split))
+            conn.execute("DROP TABLE split_ids")
 
     def log_fetch(self, cell_id: str, status: str, found: int = 0, kept: int = 0,
                   error: str | None = None) -> None:

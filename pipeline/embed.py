@@ -176,32 +176,38 @@ def caches_version(ws: Workspace) -> tuple:
     return tuple(out)
 
 
-def split_rows(ws: Workspace, splits=FROZEN_SPLITS) -> tuple[list, list[str]]:
-    """(ids, sha256s) of the manifest's images in ``splits``; empty without a manifest."""
-    if not ws.has_manifest():
-        return [], []
-    with ws.manifest() as m:
-        frame = m.frame(["id", "sha256"], f"split IN ({', '.join('?' * len(splits))})", tuple(splits))
-    return frame["id"].tolist(), frame["sha256"].tolist()
-
-
 def cache_overview(ws: Workspace, splits=FROZEN_SPLITS) -> dict:
     """The workspace's embedding caches and how much of ``splits`` each holds, from the
     caches' indexes and shard headers (no model is built, no features are read):
     ``{"images": N (the splits' images), "splits": [...], "caches": [info() + "held": how
     many of the N it holds]}``, most recently updated first. A folder that cannot be read
-    is ``{"key", "path", "error"}``."""
-    ids, shas = split_rows(ws, splits)
-    caches = []
+    is ``{"key", "path", "error"}``.
+
+    Without a cache the images are counted, not read; with caches the splits' sha256s are
+    streamed through them in chunks (``Manifest.frames``), so the memory does not grow with
+    the workspace."""
+    caches, loaded = [], []
     root = cache_root(ws)
     for d in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         try:
             cache = EmbeddingCache.load(d)
-            caches.append(cache.info() | {"held": int(cache.has(ids, shas).sum()) if shas else 0})
+            loaded.append((len(caches), cache))
+            caches.append(cache.info() | {"held": 0})
         except (GeohierError, OSError, ValueError) as exc:
             caches.append({"key": d.name, "path": str(d), "error": str(exc)})
+    images = 0
+    if ws.has_manifest():
+        where, params = f"split IN ({', '.join('?' * len(splits))})", tuple(splits)
+        with ws.manifest() as m:
+            if not loaded:
+                images = m.count(where, params)
+            for part in m.frames(["id", "sha256"], where, params) if loaded else ():
+                images += len(part)
+                ids, shas = part["id"].tolist(), part["sha256"].tolist()
+                for i, cache in loaded:
+                    caches[i]["held"] += int(cache.has(ids, shas).sum())
     caches.sort(key=lambda i: i.get("updated_at") or "", reverse=True)
-    return {"images": len(shas), "splits": list(splits), "caches": caches}
+    return {"images": images, "splits": list(splits), "caches": caches}
 
 
 def _weights_choice(weights) -> str:

@@ -40,7 +40,7 @@ from geohier.hierarchy import (
 from geohier.images import read_source
 from geohier.splits import DEFAULT_FRACTIONS, Splits, assign_splits, check_fractions, runs_on_other_splits
 from geohier.splits import record as record_split
-from geohier.workspace import SPLITS, Workspace, atomic_write_text
+from geohier.workspace import MANIFEST_LEVEL, SPLITS, Workspace, atomic_write_text
 
 EXPORT_MARKER = ".geohier-export.json"
 CELLS = ("fixed", "adaptive")
@@ -74,22 +74,36 @@ def build_labels(ws: Workspace, levels: Sequence[int] = grid.DEFAULT_LEVELS,
     if not ws.has_manifest():
         raise InputError(NO_IMAGES)
     with ws.manifest() as m:
-        df = m.frame(["id", "lat", "lon", "sequence_id"])
-        if df.empty:
+        ids, lat, lon, sequences = _positions(m)
+        if not ids.size:
             raise InputError(NO_IMAGES)
-        lat, lon = df["lat"].to_numpy(np.float64), df["lon"].to_numpy(np.float64)
         h = (build_adaptive(lat, lon, thresholds, max_depth) if adaptive
              else build_hierarchy(lat, lon, levels, mins))
-        splits = assign_splits(df["id"].to_numpy(), lat, lon, df["sequence_id"].to_numpy(object),
-                               fractions=fr, seed=seed)
+        splits = assign_splits(ids, lat, lon, sequences, fractions=fr, seed=seed)
         info = {"train": float(fr[0]), "val": float(fr[1]), "test": float(fr[2]), "seed": int(seed)}
-        version = Splits.from_assignment(df["id"].to_numpy(np.int64), splits.tolist(), info)
+        version = Splits.from_assignment(ids, splits, info)
         # kept before the manifest changes: runs trained on any split keep theirs (geohier.splits)
         record_split(ws, version)
         h.splits = {**info, "hash": version.hash}
-        m.set_splits(dict(zip(df["id"].tolist(), splits.tolist(), strict=True)))
+        m.set_splits(ids=ids, splits=splits)
     h.save(ws.hierarchy_path)
     return h
+
+
+def _positions(m) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, lat, lon, sequence ids) of every image, read in chunks into arrays: pandas
+    reading 5 M rows at once held each row as a tuple (~1.8 GB at the peak)."""
+    cols: dict[str, list[np.ndarray]] = {"id": [], "lat": [], "lon": [], "sequence_id": []}
+    dtypes = {"id": np.int64, "lat": np.float64, "lon": np.float64, "sequence_id": object}
+    for part in m.frames(list(cols)):
+        for c, arrays in cols.items():
+            arrays.append(part[c].to_numpy(dtypes[c]))
+    out = []
+    for c in list(cols):
+        arrays = cols.pop(c)
+        out.append(np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtypes[c]))
+        del arrays
+    return tuple(out)
 
 
 def split_report(ws: Workspace, split_hash: str) -> str | None:
@@ -119,11 +133,14 @@ def level_counts(ws: Workspace, levels: Sequence[int]) -> dict[int, tuple[np.nda
     positions (any level, not only those the manifest stores); empty arrays without images."""
     levels = grid.check_levels(levels)
     if not ws.has_manifest():
-        lat = lon = np.array([], dtype=np.float64)
-    else:
-        with ws.manifest() as m:
-            lat, lon = m.points()
-    return cell_counts(lat, lon, levels)
+        return cell_counts([], [], levels)
+    stored = [lv for lv in levels if lv <= MANIFEST_LEVEL]  # from the stored cells: no positions read
+    with ws.manifest() as m:
+        out = m.count_levels(stored)
+        finer = [lv for lv in levels if lv > MANIFEST_LEVEL]
+        if finer:
+            out.update(cell_counts(*m.points(), finer))
+    return {lv: out[lv] for lv in levels}
 
 
 def cell_table(ws: Workspace, level: int) -> pd.DataFrame:

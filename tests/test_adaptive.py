@@ -326,6 +326,9 @@ def test_data_page_previews_and_writes_an_adaptive_partition(ws):
     _populate(ws)  # 14 photos: Paris 8, London 3, New York 2, Cape Town 1
     at = _page().run()
     assert not at.exception
+    # closed (no adaptive hierarchy yet): the preview, which reads every position, is not computed
+    assert not any("images without a class" in d.value.columns for d in at.dataframe)
+    at.session_state["adaptive_open"] = True  # the user opens the expander (it reruns the page)
     at.text_input(key="adaptive_thresholds").input("10,4")
     at.number_input(key="adaptive_depth").set_value(8)
     at.run()

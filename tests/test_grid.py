@@ -211,3 +211,18 @@ def test_invalid_point_in_a_later_block_is_named(monkeypatch):
 def test_encode_agrees_with_cell(p, level):
     assert int(grid.encode([p[0]], [p[1]], level)[0]) == grid.key(grid.cell(*p, level))
 
+
+
+@given(st.integers(min_value=1, max_value=12), st.lists(st.integers(min_value=0), min_size=1, max_size=40))
+def test_compact_ids_to_keys_round_trips(level, raw):
+    keys = np.array([k % 4**level for k in raw], dtype=np.int64)
+    ids = grid.keys_to_ids(keys, level, sep="")
+    np.testing.assert_array_equal(grid.compact_ids_to_keys(ids, level), keys)
+    assert grid.compact_ids_to_keys(ids, level).tolist() == [grid.key(grid.from_id(i)) for i in ids]
+
+
+@pytest.mark.parametrize("bad", [["01"], ["0123"], ["0a1"], ["0/1"], ["01é"]])
+def test_compact_ids_to_keys_refuses_other_text(bad):
+    with pytest.raises(CellIdError):
+        grid.compact_ids_to_keys(bad, 3)
+    assert grid.compact_ids_to_keys([], 3).tolist() == []

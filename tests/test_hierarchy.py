@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from geohier import grid
@@ -280,6 +281,30 @@ def test_points_far_apart_are_separate_groups_and_sequences_win():
     assert g[2] == "s:abc"
     g2 = split_groups([10, 10.05], [10, 10], [None, float("nan")])
     assert g2[0] != g2[1]  # ~5.5 km apart
+
+
+def test_group_codes_name_every_image_as_the_per_image_strings_did():
+    # The split of a group hangs on its name's hash: the names must stay exactly
+    # "s:<sequence>" / "b:<merged bucket>", whatever the values, in first-appearance order.
+    from geohier.splits import SPLIT_BUCKET_LEVEL, _known, _merge_buckets, group_codes
+
+    rng = np.random.default_rng(7)
+    n = 600
+    lat, lon = rng.uniform(40, 41, n), rng.uniform(10, 11, n)
+    pool = np.array([None, "", "  ", "None", float("nan"), "a", "b", "a ", 7, "7", 7.0, np.nan, pd.NA], dtype=object)
+    seq = pool[rng.integers(0, pool.size, n)]
+    known = _known(seq)
+    sp = np.flatnonzero(~known)
+    roots = _merge_buckets(lat[sp], lon[sp], grid.encode(lat[sp], lon[sp], SPLIT_BUCKET_LEVEL),
+                           SPLIT_BUCKET_LEVEL, 100.0, 50)
+    want = np.empty(n, dtype=object)
+    want[known] = ["s:" + str(s) for s in seq[known]]
+    want[sp] = ["b:" + str(int(b)) for b in roots]
+    codes, names = group_codes(lat, lon, seq, max_group=50)
+    assert names[codes].tolist() == want.tolist()
+    assert names.tolist() == list(dict.fromkeys(want.tolist()))  # first appearance
+    assert split_groups(lat, lon, seq, max_group=50).tolist() == want.tolist()
+    assert group_codes([], [], None)[0].size == 0
 
 
 def test_fractions_roughly_respected_and_deterministic():

@@ -141,3 +141,32 @@ def test_export_refuses_a_foreign_folder(ws, make_jpeg, tmp_path):
     with pytest.raises(Exception, match="not written by an export"):
         export_seed(ws, h, out, progress=False)
     assert (out / "L1" / "precious.txt").read_text() == "keep me"
+
+
+def test_level_counts_from_the_stored_cells_and_finer_levels_from_positions(ws, make_jpeg):
+    import numpy as np
+
+    from geohier.hierarchy import cell_counts
+    from pipeline.labels import level_counts
+
+    assert {lv: k.size for lv, (k, _) in level_counts(ws, [1, 3]).items()} == {1: 0, 3: 0}  # no manifest
+    _populate(ws, make_jpeg)
+    lat, lon = np.array([p[0] for p in POINTS]), np.array([p[1] for p in POINTS])
+    got, want = level_counts(ws, [1, 3, 8, 12]), cell_counts(lat, lon, [1, 3, 8, 12])
+    assert list(got) == [1, 3, 8, 12]
+    for lv in got:
+        assert got[lv][0].tolist() == want[lv][0].tolist() and got[lv][1].tolist() == want[lv][1].tolist()
+
+
+def test_build_labels_gives_the_splits_of_assign_splits(ws, make_jpeg):
+    import numpy as np
+
+    from geohier.splits import assign_splits
+
+    _populate(ws, make_jpeg)
+    build_labels(ws, min_images=1, seed=3)
+    with ws.manifest() as m:
+        f = m.frame(["id", "lat", "lon", "sequence_id", "split"])
+    want = assign_splits(f["id"], f["lat"], f["lon"], f["sequence_id"].to_numpy(object), seed=3)
+    assert f["split"].tolist() == want.tolist()
+    assert set(np.unique(want)) <= {"train", "val", "test"}

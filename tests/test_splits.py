@@ -11,7 +11,7 @@ import torch
 from test_evaluate import make_tiny_run, make_tiny_workspace
 
 from geohier import benchmark, splits
-from geohier.errors import WorkspaceError
+from geohier.errors import InputError, WorkspaceError
 from geohier.predictor import Predictor
 from pipeline import cli, evaluate
 
@@ -243,3 +243,14 @@ def test_evaluate_within_scores_predicts_limited_answers(ws, capsys):
         assert got[key] == pytest.approx((q.best.lat, q.best.lon), abs=1e-9)
     rc, _, err = _main(["evaluate", "tiny", "--within", "country:ZZ"], capsys)
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_from_assignment_takes_a_numpy_array_of_names():
+    ids = np.array([9, 3, 5, 3, 7], dtype=np.int64)
+    names = ["val", "train", "test", "train", None]
+    s = splits.Splits.from_assignment(ids, names)
+    fast = splits.Splits.from_assignment(ids, np.array(["val", "train", "test", "train", ""]))
+    assert fast.hash == s.hash and fast.ids["train"].tolist() == [3] and fast.counts() == s.counts()
+    assert splits._sorted_unique([5, 1, 5, 3]).tolist() == [1, 3, 5] and splits._sorted_unique([]).size == 0
+    with pytest.raises(InputError, match="2 ids but 1"):
+        splits.Splits.from_assignment([1, 2], np.array(["train"]))

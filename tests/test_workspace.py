@@ -127,6 +127,31 @@ def test_add_image_stores_the_l8_cell_and_refuses_duplicates(ws):
         assert m.count() == 2
 
 
+def test_add_rows_inserts_in_bulk_like_add_image(ws):
+    import pandas as pd
+
+    rows = pd.DataFrame({"source": ["csv", "csv", "csv", "csv"], "source_id": ["a", "b", "a", None],
+                         "lat": [CAPE_TOWN[0], NEW_YORK[0], TOKYO[0], 0.5],
+                         "lon": [CAPE_TOWN[1], NEW_YORK[1], TOKYO[1], 0.5],
+                         "sha256": ["s1", "s2", "s3", "s1"], "path": ["p1", "p2", "p3", "p4"],
+                         "split": ["train", None, "val", "test"], "width": [16, None, 16, 16]})
+    with ws.manifest() as m:
+        assert m.add_rows(rows, chunk=2) == 2  # row 3 repeats (csv, a), row 4 repeats sha s1
+        assert m.add_rows(rows) == 0  # all there already
+        got = m.frame()
+        assert got["sha256"].tolist() == ["s1", "s2"] and got["split"].iloc[0] == "train"
+        assert pd.isna(got["split"].iloc[1])
+        assert got["cell"].tolist() == [grid.to_id(grid.cell(*p, MANIFEST_LEVEL), sep="") for p in (CAPE_TOWN, NEW_YORK)]
+        assert got["width"].iloc[0] == 16 and pd.isna(got["width"].iloc[1])
+        assert got["added_at"].iloc[0].endswith("+00:00")
+        one = {"source": ["csv"], "lat": [1.0], "lon": [2.0], "sha256": ["s9"], "path": ["p"]}
+        for bad, match in (({**one, "cell": ["0"]}, "cell"), ({**one, "lat": [95.0]}, "valid point"),
+                           ({**one, "split": ["holdout"]}, "holdout"), ({**one, "path": [None]}, "path")):
+            with pytest.raises(InputError, match=match):
+                m.add_rows(bad)
+        assert m.count() == 2  # nothing of a refused batch is written
+
+
 def test_store_image_writes_the_file_then_the_row(ws):
     data = b"\xff\xd8 not really a jpeg but bytes are bytes"
     sha = sha256_bytes(data)
@@ -198,6 +223,78 @@ def test_counts_per_level(ws):
         np.testing.assert_allclose(lat[:3], [CAPE_TOWN[0], CAPE_TOWN[0], NEW_YORK[0]])
         assert m.summary() == {"images": 5, "cells": 4, "by_source": {"demo": 5},
                                "by_split": {"unassigned": 5}}
+
+
+def _random_rows(n: int, seed: int = 0):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    lat = np.clip(rng.normal(30, 30, n), -89, 89)
+    lon = rng.uniform(-180, 180, n)
+    return pd.DataFrame({"source": rng.choice(["csv", "demo"], n), "lat": lat, "lon": lon,
+                         "sha256": [f"s{i}" for i in range(n)], "path": "x.jpg",
+                         "split": rng.choice(np.array(["train", "val", "test", None], dtype=object), n)})
+
+
+def test_counts_from_the_cell_index_match_the_positions(ws):
+    from geohier.hierarchy import cell_counts
+
+    rows = _random_rows(3000)
+    with ws.manifest() as m:
+        m.add_rows(rows, chunk=700)
+        lat, lon = m.points(chunk=256)  # several chunks, in id order
+        np.testing.assert_array_equal(lat, rows["lat"].to_numpy())
+        np.testing.assert_array_equal(lon, rows["lon"].to_numpy())
+        got = m.count_levels([1, 3, 5, 8])
+        want = cell_counts(lat, lon, [1, 3, 5, 8])
+        for lv in (1, 3, 5, 8):
+            np.testing.assert_array_equal(got[lv][0], want[lv][0])
+            np.testing.assert_array_equal(got[lv][1], want[lv][1])
+            assert m.counts(lv) == dict(zip(grid.keys_to_ids(*want[lv][:1], lv), want[lv][1].tolist()))
+        # the images of some cells: index ranges of their ids, in the cells' order
+        keys = want[3][0][[4, 0, 9]]
+        plat, plon = m.points_in(keys, 3)
+        at3 = grid.encode(lat, lon, 3)
+        inside = np.concatenate([np.flatnonzero(at3 == k) for k in keys])
+        np.testing.assert_array_equal(plat, lat[inside])
+        np.testing.assert_array_equal(plon, lon[inside])
+        assert m.points_in([], 5)[0].size == 0
+        with pytest.raises(InputError, match="level 8"):
+            m.points_in([0], 9)
+        # summary from the (source, split) and cell indexes
+        s = m.summary()
+        assert s["images"] == 3000 and s["cells"] == len(want[8][0])
+        assert s["by_source"] == rows["source"].value_counts().to_dict()
+        assert s["by_split"] == rows["split"].fillna("unassigned").value_counts().to_dict()
+        # frames: the same rows as frame, in pieces
+        parts = list(m.frames(["id", "sha256", "split"], "split IN (?, ?)", ("train", "val"), chunk=500))
+        assert max(len(p) for p in parts) == 500
+        whole = m.frame(["id", "sha256", "split"], "split IN (?, ?)", ("train", "val"))
+        assert np.array_equal(np.concatenate([p["id"].to_numpy() for p in parts]), whole["id"].to_numpy())
+        with pytest.raises(InputError, match="nope"):
+            next(m.frames(["nope"]))
+
+
+def test_set_splits_takes_arrays_and_leaves_unchanged_rows_alone(ws):
+    with ws.manifest() as m:
+        m.add_rows(_random_rows(50).drop(columns=["split"]))
+        ids = m.frame(["id"])["id"].to_numpy()
+        names = np.array(["train", "val", "test", "train", "train"] * 10)  # "<U5", as labels passes them
+        m.set_splits(ids=ids, splits=names)
+        assert m.frame(["split"])["split"].tolist() == names.tolist()
+        m.conn.execute("CREATE TEMP TABLE updated (id INTEGER)")
+        m.conn.execute("CREATE TEMP TRIGGER log AFTER UPDATE ON images BEGIN INSERT INTO updated VALUES (new.id); END")
+        m.set_splits(ids=ids, splits=names)  # nothing to change: no row is rewritten
+        assert m.conn.execute("SELECT COUNT(*) FROM updated").fetchone()[0] == 0
+        names[:3] = "test"
+        m.set_splits(ids=ids[:5], splits=names[:5])  # a subset; the other rows keep theirs
+        assert m.frame(["split"])["split"].tolist() == names.tolist()
+        assert m.conn.execute("SELECT COUNT(*) FROM updated").fetchone()[0] == 2  # train, val -> test; test stays
+        with pytest.raises(InputError, match="holdout"):
+            m.set_splits(ids=ids[:2], splits=["train", "holdout"])
+        with pytest.raises(InputError, match="2 ids but 1"):
+            m.set_splits(ids=ids[:2], splits=["train"])
+        assert m.frame(["split"])["split"].tolist() == names.tolist()
 
 
 def test_empty_manifest_reads(ws):

@@ -35,7 +35,7 @@ from views._common import manifest_summary, manifest_version, workspace
 # --------------------------------------------------------------------------- cached reads
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
+@st.cache_data(show_spinner="Reading every image's position for the partition ...", max_entries=8)
 def _adaptive_preview(data_dir: str, models_dir: str, version: float, thresholds: str, max_depth: int) -> list[dict]:
     """``geohier.hierarchy.adaptive_summary`` of the manifest's positions."""
     with Workspace(Path(data_dir), Path(models_dir)).manifest() as m:
@@ -51,7 +51,7 @@ def _adaptive_map(data_dir: str, models_dir: str, version: float, thresholds: st
     h = build_adaptive(lat, lon, thresholds, max_depth)
     f = h.levels[-1]
     if h.num_classes[f] > maps.IMAGES_MAP_MAX_CELLS:
-        return rows, None
+        return None
     html = maps.offline_html(maps.images_map(h.keys(f), h.counts(f), [""] * h.num_classes[f], h.depths(f)))
     return html
 
@@ -299,7 +299,10 @@ if st.button("Write hierarchy.json and the splits", type="primary"):
         stored = h.to_dict()
         summary = manifest_summary(str(ws.data_dir), str(ws.models_dir), manifest_version(ws))
 
-with st.expander("Adaptive cells: preview and write", expanded=bool(stored and stored.get("cells") == "adaptive")):
+# Keyed and rerun when opened or closed: the preview reads every image's position (seconds at
+# millions of images), so it is computed only while the expander is open.
+with st.expander("Adaptive cells: preview and write", expanded=bool(stored and stored.get("cells") == "adaptive"),
+                 key="adaptive_open", on_change="rerun") as adaptive_box:
     st.caption("Instead of fixed levels: level k splits quadtree cells while they hold at least N_k images "
                "(N decreasing level by level), so every image has a class at every level and classes are "
                "cells of any depth (`python -m pipeline labels --cells adaptive`).")
@@ -311,11 +314,13 @@ with st.expander("Adaptive cells: preview and write", expanded=bool(stored and s
         help="one number per level, decreasing; the default aims at about 4, 64, 1024 and 16384 classes")
     max_depth = int(a2.number_input("Max depth", min_value=1, max_value=grid.MAX_LEVEL, key="adaptive_depth",
                                     value=int((stored or {}).get("max_depth", ADAPTIVE_MAX_DEPTH))))
-    try:
-        preview = _adaptive_preview(str(ws.data_dir), str(ws.models_dir), version, thresholds_text, max_depth)
-    except GeohierError as exc:
-        st.error(str(exc))
-    else:
+    preview = None
+    if adaptive_box.open:
+        try:
+            preview = _adaptive_preview(str(ws.data_dir), str(ws.models_dir), version, thresholds_text, max_depth)
+        except GeohierError as exc:
+            st.error(str(exc))
+    if preview is not None:
         st.dataframe(pd.DataFrame(preview).rename(columns={"without_class": "images without a class"}),
                      hide_index=True)
         if st.toggle("Map the finest level's cells", key="adaptive_map"):
