@@ -9,7 +9,10 @@ and offsets in numpy arrays (~30 B a member) and reads each member from its loca
 (name and CRC checked).
 
     .venv/bin/python bench/archives.py                 # 8 zips x 25,000 members (~1 min)
-    .venv/bin/python bench/archives.py --zips 4 --members 5000   # quick
+    .venv/bin/python bench/archives.py --zips 4 --members 5000 --files 20000   # quick
+
+It also measures the by-name index ``import-csv`` builds over an unpacked images root
+(OSV-5M's numbered folders): a dict of ``Path`` per file before, ``tables.FileIndex`` now.
 """
 
 from __future__ import annotations
@@ -74,11 +77,51 @@ def measure(label: str, read, refs, sample: list[int]) -> dict:
             "reads_per_s": len(sample) / t_read}
 
 
+def old_file_index(root: Path) -> dict:
+    """The images root's by-name index as it was: a dict of ``Path`` per file and stem."""
+    from geohier.tables import IMAGE_EXTENSIONS
+
+    index: dict = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for f in sorted(filenames):
+            p = Path(dirpath) / f
+            index.setdefault(f, p)
+            if Path(f).suffix.lower() in IMAGE_EXTENSIONS:
+                index.setdefault(Path(f).stem, p)
+    return index
+
+
+def file_index_rows(folder: Path, files: int) -> list[str]:
+    """OSV-5M unpacked: ``files`` empty JPEGs in numbered folders of 2,000; the by-name
+    index ``import-csv`` builds over them, before and now (``tables.FileIndex``)."""
+    from geohier.tables import FileIndex
+
+    root = folder / "unpacked"
+    for i in range(files):
+        d = root / f"{i // 2000:02d}"
+        if i % 2000 == 0:
+            d.mkdir(parents=True)
+        (d / f"{3859149887465501 + 1000 * i}.jpg").touch()
+    rows = []
+    for label, build in (("dict of Path per file (before)", old_file_index), ("tables.FileIndex", FileIndex)):
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        index = build(root)
+        dt = time.perf_counter() - t0
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        rows.append(f"| {label} | {files:,} | {dt:.1f} | {held / 1e6:.1f} | {held / files:.0f} |")
+        del index
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--zips", type=int, default=8)
     ap.add_argument("--members", type=int, default=25_000, help="members per zip")
     ap.add_argument("--reads", type=int, default=20_000, help="random member reads timed")
+    ap.add_argument("--files", type=int, default=200_000, help="files of the unpacked tree for the by-name index")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="geohier-bench-archives-") as tmp:
         t0 = time.perf_counter()
@@ -90,6 +133,7 @@ def main(argv=None) -> int:
         b = measure("zipfile.ZipFile per archive (before)", base.read, refs, sample)
         cache = archives.ArchiveCache()
         g = measure("archives.ArchiveCache", lambda p, n: cache.read(archives.member_ref(p, n)), refs, sample)
+        index_rows = file_index_rows(Path(tmp), args.files)
     n = len(refs)
     print(f"\n{n:,} members in {args.zips} zips; {len(sample):,} random reads; 2026 machine: {os.cpu_count()} cores\n")
     print("| reader | open all (s) | held (MB) | per member (B) | random reads/s |")
@@ -100,6 +144,10 @@ def main(argv=None) -> int:
     print(f"\nratio: held {b['held_mb'] / g['held_mb']:.1f}x smaller, reads {g['reads_per_s'] / b['reads_per_s']:.2f}x, "
           f"open {b['open_s'] / g['open_s']:.2f}x; OSV-5M's 4.9 M train members: "
           f"{b['per_member_b'] * 4.9e6 / 1e9:.2f} GB -> {g['per_member_b'] * 4.9e6 / 1e9:.2f} GB per worker")
+    print("\nThe images root's by-name index (import-csv when ids sit in numbered folders):\n")
+    print("| index | files | build (s) | held (MB) | per file (B) |")
+    print("|---|---:|---:|---:|---:|")
+    print("\n".join(index_rows))
     return 0
 
 

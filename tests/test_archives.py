@@ -350,3 +350,29 @@ def test_the_compact_reader_checks_names_crcs_and_long_names(tmp_path, monkeypat
     with pytest.raises(ImageReadError) as e:
         archives.ArchiveCache().read(archives.member_ref(bad, "dir/2.jpg"))
     assert e.value.reason == "unreadable file"
+
+
+def test_the_file_index_finds_ids_in_numbered_folders(tmp_path, monkeypatch):
+    """OSV-5M unpacked: ids in numbered sub-folders, found by id, by file name, by another
+    case of the extension; the first in walk order wins; a hash collision costs a failed
+    stat, never a wrong file."""
+    from geohier import tables
+
+    for folder, name in (("00", "111.jpg"), ("00", "notes.txt"), ("01", "222.JPG"), ("02", "111.jpg"),
+                         ("02", "333.png"), ("03", "444")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_bytes(b"x")
+    idx = tables.FileIndex(tmp_path)
+    rel = lambda ps: [p.relative_to(tmp_path).as_posix() for p in ps]  # noqa: E731
+    assert len(idx) == 6
+    assert rel(idx.find("111")) == ["00/111.jpg", "02/111.jpg"]  # walk order: the first wins
+    assert rel(idx.find("111.jpg")) == ["00/111.jpg", "02/111.jpg"]
+    assert rel(idx.find("222")) == ["01/222.JPG"] and rel(idx.find("222.JPG")) == ["01/222.JPG"]
+    assert idx.find("222.jpg") == [] and idx.find("333.jpg") == []  # another file
+    assert rel(idx.find("notes.txt")) == ["00/notes.txt"] and rel(idx.find("444")) == ["03/444"]
+    loc = tables.Locator(tmp_path)
+    assert loc.locate("333")[0] == (tmp_path / "02" / "333.png").resolve()
+    monkeypatch.setattr(tables, "_name_hash", lambda name: 5)  # every name collides
+    loc = tables.Locator(tmp_path)
+    assert loc.locate("333")[0] == (tmp_path / "02" / "333.png").resolve()
+    assert loc.locate("555") == (None, None)
