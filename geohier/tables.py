@@ -264,18 +264,85 @@ def check_images_root(root: Path) -> None:
         raise InputError(f"images root {root}: {exc}") from None
 
 
-class FileIndex:
-    """Every file under a folder by name (symlinked folders not followed, hidden ones
-    skipped), as ``Locator`` needs it when a row's image is not at ``ROOT/<path or id>``
-    (OSV-5M unpacked into numbered sub-folders). An image file is found by its name or by
-    its name without extension; any other file by its name. The first in walk order (folders
-    and files sorted) wins a repeated name.
+class NameIndex:
+    """Files (or archive members) by name, compact at millions: per entry a 64-bit hash of
+    the looked-up name, its folder number and its extension number in numpy arrays (14 B),
+    each folder once. An entry whose extension is one of ``stem_exts`` (any case) is found
+    by its name or by its name without extension; another by its name. ``find`` rebuilds a
+    hit from the name asked for (folder, name + extension): a hash collision gives a
+    candidate that does not exist, which the caller's check drops, never a wrong file. The
+    first entry added wins a repeated name (candidates come in the order added).
 
-    Compact at millions of files: per file a 64-bit hash of the looked-up name, its folder
-    number and its extension number in numpy arrays (14 B), the folders once each; a hit is
-    rebuilt from the name asked for (folder / name + extension) and confirmed by the caller
-    on disk, so a hash collision costs a failed stat, never a wrong file. A dict of ``Path``
-    per file held ~320 B a file (1.6 GB at 5 M).
+    >>> idx = NameIndex(IMAGE_EXTENSIONS)
+    >>> idx.add("a/0", "123.jpg"); idx.add("a/0", "notes.txt"); idx.add("a/1", "123.JPG"); idx.freeze()
+    >>> idx.find("123"), idx.find("123.JPG"), idx.find("notes.txt"), idx.find("124")
+    ([('a/0', '123.jpg'), ('a/1', '123.JPG')], [('a/1', '123.JPG')], [('a/0', 'notes.txt')], [])
+    """
+
+    def __init__(self, stem_exts):
+        import array
+
+        self.stem_exts = {e.lower() for e in stem_exts}
+        self.folders: list = []
+        self._folder_no: dict = {}
+        self.exts: list[str] = [""]  # 0: the key is the whole name
+        self._ext_no: dict[str, int] = {"": 0}
+        self._h, self._d, self._e = array.array("Q"), array.array("I"), array.array("H")
+        self.hash = np.zeros(0, np.uint64)
+
+    def add(self, folder, name: str) -> None:
+        d = self._folder_no.get(folder)
+        if d is None:
+            d = self._folder_no[folder] = len(self.folders)
+            self.folders.append(folder)
+        stem, ext = os.path.splitext(name)
+        if stem and ext.lower() in self.stem_exts:
+            e = self._ext_no.get(ext)
+            if e is None:
+                e = self._ext_no[ext] = len(self.exts)
+                self.exts.append(ext)
+            key = stem
+        else:
+            e, key = 0, name
+        self._h.append(_name_hash(key))
+        self._d.append(d)
+        self._e.append(e)
+
+    def freeze(self) -> None:
+        """Sort for lookups (after the last ``add``)."""
+        h = np.frombuffer(self._h, dtype=np.uint64) if len(self._h) else np.zeros(0, np.uint64)
+        order = np.argsort(h, kind="stable")  # the order added kept among equal hashes
+        self.hash = h[order]
+        self.dir = (np.frombuffer(self._d, dtype=np.uint32) if len(self._d) else np.zeros(0, np.uint32))[order]
+        self.ext = (np.frombuffer(self._e, dtype=np.uint16) if len(self._e) else np.zeros(0, np.uint16))[order]
+        self._h = self._d = self._e = None
+        self._folder_no = {}
+
+    def __len__(self) -> int:
+        return int(self.hash.size)
+
+    def _rows(self, key: str) -> range:
+        h = np.uint64(_name_hash(key))
+        return range(int(np.searchsorted(self.hash, h, "left")), int(np.searchsorted(self.hash, h, "right")))
+
+    def find(self, name: str) -> list[tuple]:
+        """``[(folder, entry name)]`` candidates for a name or an id without extension,
+        best first."""
+        out: list[tuple] = []
+        stem, ext = os.path.splitext(name)
+        if stem and ext.lower() in self.stem_exts:
+            out += [(self.folders[self.dir[r]], name) for r in self._rows(stem) if self.exts[self.ext[r]] == ext]
+        for r in self._rows(name):  # an id without extension, or a name not indexed by stem
+            out.append((self.folders[self.dir[r]], name + self.exts[self.ext[r]]))
+        return out
+
+
+class FileIndex:
+    """Every file under a folder by name (symlinked folders not followed), as ``Locator``
+    needs it when a row's image is not at ``ROOT/<path or id>`` (OSV-5M unpacked into
+    numbered sub-folders): an image file by its name or its name without extension, any
+    other by its name, the first in walk order (folders and files sorted) first. A
+    ``NameIndex``: 14 B a file (a dict of ``Path`` held ~440 B a file, 2.3 GB at 5 M).
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp()); (d / "0").mkdir(); _ = (d / "0" / "123.jpg").write_bytes(b"")
@@ -285,105 +352,67 @@ class FileIndex:
     """
 
     def __init__(self, root: str | os.PathLike):
-        import array
-
-        self.dirs: list[str] = []
-        self.exts: list[str] = [""]  # 0: the key is the whole file name
-        ext_no: dict[str, int] = {"": 0}
-        hashes, dirs, exts = array.array("Q"), array.array("I"), array.array("H")
+        self.index = NameIndex(IMAGE_EXTENSIONS)
         for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False
             dirnames.sort()
-            d = len(self.dirs)
-            self.dirs.append(dirpath)
             for f in sorted(filenames):
-                stem, ext = os.path.splitext(f)
-                if ext.lower() in IMAGE_EXTENSIONS and stem:
-                    e = ext_no.setdefault(ext, len(ext_no))
-                    if e == len(self.exts):
-                        self.exts.append(ext)
-                    key = stem
-                else:
-                    e, key = 0, f
-                hashes.append(_name_hash(key))
-                dirs.append(d)
-                exts.append(e)
-        h = np.frombuffer(hashes, dtype=np.uint64) if len(hashes) else np.zeros(0, np.uint64)
-        order = np.argsort(h, kind="stable")  # walk order kept among equal hashes
-        self.hash = h[order]
-        self.dir = (np.frombuffer(dirs, dtype=np.uint32) if len(dirs) else np.zeros(0, np.uint32))[order]
-        self.ext = (np.frombuffer(exts, dtype=np.uint16) if len(exts) else np.zeros(0, np.uint16))[order]
+                self.index.add(dirpath, f)
+        self.index.freeze()
 
     def __len__(self) -> int:
-        return int(self.hash.size)
-
-    def _rows(self, key: str) -> range:
-        h = np.uint64(_name_hash(key))
-        return range(int(np.searchsorted(self.hash, h, "left")), int(np.searchsorted(self.hash, h, "right")))
+        return len(self.index)
 
     def find(self, name: str) -> list[Path]:
         """The candidate files for a row's file name or id, best first (the caller checks
-        each on disk): ``name`` itself, or ``name`` + an image extension."""
-        out: list[Path] = []
-        stem, ext = os.path.splitext(name)
-        if ext.lower() in IMAGE_EXTENSIONS and stem:
-            out += [Path(self.dirs[self.dir[r]], name) for r in self._rows(stem) if self.exts[self.ext[r]] == ext]
-        for r in self._rows(name):  # an id without extension, or a file that is not an image
-            out.append(Path(self.dirs[self.dir[r]], name + self.exts[self.ext[r]]))
-        return out
+        each on disk)."""
+        return [Path(folder, f) for folder, f in self.index.find(name)]
 
 
 def _name_hash(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
 
 
+
 class MemberIndex:
     """The image members of archives (``geohier.archives``: zips, tars), each indexed once
     by its file name without extension (OSV-5M's ``id``), whatever folders the archive
-    holds inside. The first archive in name order wins a repeated name.
-
-    Memory is one dict entry (name -> packed archive and member numbers) and one member
-    name per image: about 0.2 KB an image."""
+    holds inside; the first archive in name order wins a repeated name. A ``NameIndex``
+    over (archive, folder inside): 14 B a member (OSV-5M's 4.9 M train images in ~70 MB)."""
 
     def __init__(self, archives: list[Path]):
         from geohier.archives import entries
 
         self.archives = [str(a) for a in archives]
-        self.members: list[list[str]] = []
-        self.by_stem: dict[str, int] = {}
+        self.index = NameIndex(_KNOWN_SUFFIXES)
         self.unreadable: list[tuple[str, str]] = []
         for n, path in enumerate(self.archives):
-            names: list[str] = []
-            self.members.append(names)
             try:
                 listed = list(entries(path))
             except OSError as exc:
                 self.unreadable.append((path, str(exc)))
                 continue
             for entry in listed:
-                base = entry.name.rsplit("/", 1)[-1]
-                stem, dot, ext = base.rpartition(".")
-                if not dot or f".{ext.lower()}" not in _KNOWN_SUFFIXES or base.startswith("."):
-                    continue
-                self.by_stem.setdefault(stem, (n << 32) | len(names))
-                names.append(entry.name)
+                folder, _, base = entry.name.rpartition("/")
+                stem, ext = os.path.splitext(base)
+                if stem and not base.startswith(".") and ext.lower() in _KNOWN_SUFFIXES:
+                    self.index.add((n, folder), base)
+        self.index.freeze()
 
     def __len__(self) -> int:
-        return len(self.by_stem)
+        return len(self.index)
 
     def find(self, ref: str) -> str | None:
-        """The member reference (``archive!/member``) of an id or file name, or None."""
-        from geohier.archives import member_ref
+        """The member reference (``archive!/member``) of an id or file name, or None. With
+        several candidates (a repeated name, or a hash collision) the first that is in its
+        archive."""
+        from geohier.archives import member_exists, member_ref
 
         base = ref.replace("\\", "/").rsplit("/", 1)[-1]
-        stem, dot, ext = base.rpartition(".")
-        exact = bool(dot) and f".{ext.lower()}" in _KNOWN_SUFFIXES
-        code = self.by_stem.get(stem if exact else base)
-        if code is None:
-            return None
-        member = self.members[code >> 32][code & 0xFFFFFFFF]
-        if exact and member.rsplit("/", 1)[-1] != base:  # 123.png asked, 123.jpg stored
-            return None
-        return member_ref(self.archives[code >> 32], member)
+        hits = [member_ref(self.archives[n], f"{folder}/{name}" if folder else name)
+                for (n, folder), name in self.index.find(base)]
+        if len(hits) <= 1:
+            return hits[0] if hits else None
+        return next((h for h in hits if member_exists(h)), None)
 
 
 class Locator:

@@ -154,6 +154,11 @@ def test_the_locator_finds_ids_inside_zips_by_file_name_without_extension(tmp_pa
     assert loc.locate("nope") == (None, None)
     assert loc.locate("../x") == (None, "outside images root")
     assert len(loc.members) == 6
+    import geohier.tables
+
+    with pytest.MonkeyPatch.context() as mp:  # every name colliding: the archive's own names decide
+        mp.setattr(geohier.tables, "_name_hash", lambda name: 5)
+        assert Locator(root).locate(ids[4])[0] == found and Locator(root).locate("nope") == (None, None)
     one = Locator(root / "00.zip")  # the root may be one zip
     assert one.locate(ids[1])[0].endswith(f"00.zip!/00/{ids[1]}.jpg")
     assert one.locate(ids[4]) == (None, None)
