@@ -24,19 +24,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from geohier import archives, grid
+from geohier.adaptive import ADAPTIVE_MAX_DEPTH, build_adaptive, check_max_depth, parse_thresholds
 from geohier.errors import InputError, WorkspaceError
 from geohier.fileio import atomic_write_bytes
-from geohier.hierarchy import (
-    ADAPTIVE_MAX_DEPTH,
-    DEFAULT_MIN_IMAGES,
-    Hierarchy,
-    build_adaptive,
-    build_hierarchy,
-    cell_counts,
-    check_max_depth,
-    parse_min_images,
-    parse_thresholds,
-)
+from geohier.hierarchy import DEFAULT_MIN_IMAGES, Hierarchy, build_hierarchy, cell_counts, parse_min_images
 from geohier.images import read_source
 from geohier.splits import DEFAULT_FRACTIONS, Splits, assign_splits, check_fractions, runs_on_other_splits
 from geohier.splits import record as record_split
@@ -55,7 +46,7 @@ def build_labels(ws: Workspace, levels: Sequence[int] = grid.DEFAULT_LEVELS,
     """Build hierarchy.json from the manifest and assign every image's split.
 
     ``min_images`` is an int, a {level: n} mapping or text such as ``"1:1,3:5"``.
-    ``cells="adaptive"`` builds adaptive levels instead (``geohier.hierarchy.build_adaptive``:
+    ``cells="adaptive"`` builds adaptive levels instead (``geohier.adaptive.build_adaptive``:
     levels 1..K, one per threshold, ``thresholds`` defaulting from the image count;
     ``levels`` and ``min_images`` are then unused).
     Raises InputError on an empty manifest; levels with fewer than 2 classes are allowed

@@ -13,19 +13,16 @@ import pytest
 import torch
 
 from geohier import grid, maps
-from geohier.combine import Tree
-from geohier.errors import InputError
-from geohier.hierarchy import (
-    FORMAT,
-    FORMAT_ADAPTIVE,
-    Hierarchy,
+from geohier.adaptive import (
     adaptive_partition,
     adaptive_summary,
     build_adaptive,
-    build_hierarchy,
     default_thresholds,
     parse_thresholds,
 )
+from geohier.combine import Tree
+from geohier.errors import InputError
+from geohier.hierarchy import FORMAT, FORMAT_ADAPTIVE, Hierarchy, build_hierarchy
 
 # 8 x (10, 10) -> "1/2/2" at depth 3; 2 x (50, 10) -> "1/0" then "1/0/2"; 1 x (-40, 20) -> "3";
 # 1 x (-40, -100) -> "2" (worked out by hand from the quadrant digits, NW=0 NE=1 SW=2 SE=3)

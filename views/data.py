@@ -16,17 +16,9 @@ import pandas as pd
 import streamlit as st
 
 from geohier import charts, grid, maps
+from geohier.adaptive import ADAPTIVE_MAX_DEPTH, adaptive_summary, build_adaptive, default_thresholds
 from geohier.errors import GeohierError
-from geohier.hierarchy import (
-    ADAPTIVE_MAX_DEPTH,
-    DEFAULT_MIN_IMAGES,
-    Hierarchy,
-    adaptive_summary,
-    build_adaptive,
-    default_thresholds,
-    kept_summary,
-    select_classes,
-)
+from geohier.hierarchy import DEFAULT_MIN_IMAGES, Hierarchy, kept_summary, select_classes
 from geohier.workspace import Workspace
 from pipeline import fetch_cells, tasks
 from pipeline.labels import build_labels, cell_table, level_counts, split_report
@@ -37,7 +29,7 @@ from views._common import manifest_summary, manifest_version, workspace
 
 @st.cache_data(show_spinner="Reading every image's position for the partition ...", max_entries=8)
 def _adaptive_preview(data_dir: str, models_dir: str, version: float, thresholds: str, max_depth: int) -> list[dict]:
-    """``geohier.hierarchy.adaptive_summary`` of the manifest's positions."""
+    """``geohier.adaptive.adaptive_summary`` of the manifest's positions."""
     with Workspace(Path(data_dir), Path(models_dir)).manifest() as m:
         lat, lon = m.points()
     return adaptive_summary(lat, lon, thresholds, max_depth)
