@@ -255,6 +255,16 @@ def map_cell_counts(page, want: int, tries: int = 120) -> list[int]:
     return counts
 
 
+def upload_street_photo(page, url: str, tmp_path) -> None:
+    """Open the Predict page and upload one geotagged street photo (Paris)."""
+    page.goto(url + "/predict")
+    wait_for_app(page)
+    photo = tmp_path / "street.jpg"
+    photo.write_bytes(jpeg_bytes(size=(320, 240), gps=(48.85, 2.35)))
+    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files([str(photo)])
+    wait_for_app(page)
+
+
 def test_predict_world_probability_map_and_explanation_overlay(app, page, tmp_path):
     """The Predict page draws the world probability map (every finest class: as many cells
     as the run has level-3 classes) beside the kept cells, and the occlusion overlay on
@@ -263,12 +273,7 @@ def test_predict_world_probability_map_and_explanation_overlay(app, page, tmp_pa
 
     url, ws = app
     classes = Hierarchy.load(ws.hierarchy_path).num_classes[3]  # the tiny run's finest level
-    page.goto(url + "/predict")
-    wait_for_app(page)
-    photo = tmp_path / "street.jpg"
-    photo.write_bytes(jpeg_bytes(size=(320, 240), gps=(48.85, 2.35)))
-    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files([str(photo)])
-    wait_for_app(page)
+    upload_street_photo(page, url, tmp_path)
     counts = map_cell_counts(page, 2)
     assert len([c for c in counts if c > 0]) >= 2, f"the two maps did not draw: {counts}"
     assert classes in counts, (classes, counts)  # the world map: every class
@@ -292,12 +297,7 @@ def test_predict_coverage_region_draws_its_cells(app, page, tmp_path):
     from geohier.hierarchy import Hierarchy
 
     url, ws = app
-    page.goto(url + "/predict")
-    wait_for_app(page)
-    photo = tmp_path / "street.jpg"
-    photo.write_bytes(jpeg_bytes(size=(320, 240), gps=(48.85, 2.35)))
-    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files([str(photo)])
-    wait_for_app(page)
+    upload_street_photo(page, url, tmp_path)
     classes = Hierarchy.load(ws.hierarchy_path).num_classes[3]
     before = [c for c in map_cell_counts(page, 2) if c != classes]  # the prediction map's cells
     assert len(before) == 1 and before[0] > 0, before
