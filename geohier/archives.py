@@ -10,7 +10,8 @@ archive instead.
 
 Each process keeps its own open archives (``ArchiveCache``): a ZipFile's file position
 is not shared safely across a fork, so a DataLoader worker opens its own on first use.
-At most ``MAX_OPEN`` archives stay open per process (least recently used closed first).
+At most ``MAX_OPEN`` (256) archives stay open per process (least recently used closed
+first), about 30 bytes a member each (``bench/archives.py``).
 A tar is indexed once per process (its headers only: each member's offset and size),
 then a member is one seek and one read. Compressed tars (``.tar.gz``) have no random
 access and are refused as archives to read in place.
@@ -46,7 +47,10 @@ from geohier.errors import ImageReadError
 
 SEP = "!/"
 ARCHIVE_SUFFIXES = (".zip", ".tar")
-MAX_OPEN = 64
+# Open archives per process: above OSV-5M's 98 + 5 zips, so a shuffled epoch or a CSV in any
+# order never reopens one (reopening parses its central directory again: ~1 s per 50,000
+# members); one file descriptor each, far under the usual limit of 1,024.
+MAX_OPEN = 256
 # A member bigger than this is refused before it is read (a zip bomb declares its size).
 MAX_MEMBER_BYTES = 256 << 20
 
