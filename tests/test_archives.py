@@ -381,3 +381,18 @@ def test_the_file_index_finds_ids_in_numbered_folders(tmp_path, monkeypatch):
     loc = tables.Locator(tmp_path)
     assert loc.locate("333")[0] == (tmp_path / "02" / "333.png").resolve()
     assert loc.locate("555") == (None, None)
+
+
+def test_the_open_archives_are_bounded_and_reopen_when_needed(tmp_path):
+    zips = []
+    for z in range(3):
+        zips.append(tmp_path / f"{z}.zip")
+        with zipfile.ZipFile(zips[-1], "w") as zf:
+            zf.writestr("a.jpg", _image(z))
+    cache = archives.ArchiveCache(max_open=2)
+    for z in [0, 1, 2, 0, 2, 1, 0]:
+        assert cache.read(archives.member_ref(zips[z], "a.jpg")) == _image(z)
+        assert len(cache._open) <= 2
+    assert archives.MAX_OPEN >= 103  # OSV-5M's 98 train + 5 test zips stay open together
+    cache.close()
+    assert not cache._open
