@@ -212,13 +212,12 @@ def stage_locator(root: str) -> None:
     """Memory of import-csv's by-name index of the images root (built on the first miss)."""
     import tracemalloc
 
-    from geohier.tables import Locator
+    from geohier.tables import FileIndex
 
     tracemalloc.start()
-    index = Locator(root)._build_index()
+    index = FileIndex(root)
     size = tracemalloc.get_traced_memory()[0]
-    files = sum(1 for p in index.values() if p.name in index)  # each file once (by its full name)
-    print(json.dumps({"files": files, "bytes": size}))
+    print(json.dumps({"files": len(index), "bytes": size}))
 
 
 def stage_page(script: str, *keys: str) -> None:
