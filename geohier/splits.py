@@ -50,18 +50,37 @@ STORE_DIR = "splits"
 @dataclass
 class Splits:
     """Image ids per split (``train``/``val``/``test``, sorted int64) and how they were made
-    (``info``: seed, fractions, created_at, as ``labels`` recorded them)."""
+    (``info``: seed, fractions, created_at, as ``labels`` recorded them). ``groups``: the
+    place group (``group_codes``) each id was dealt with, parallel to ``ids`` (when
+    ``labels`` recorded them; not part of the hash): what conformal calibration weighs by,
+    as the splits were drawn, whatever the manifest holds later."""
 
     ids: dict[str, np.ndarray]
     info: dict = field(default_factory=dict)
+    groups: dict[str, np.ndarray] | None = None
 
     def __post_init__(self):
-        self.ids = {s: _sorted_unique(self.ids.get(s, ())) for s in SPLITS}
+        if self.groups is None:
+            self.ids = {s: _sorted_unique(self.ids.get(s, ())) for s in SPLITS}
+        else:
+            ids, groups = {}, {}
+            for s in SPLITS:
+                i = np.asarray(self.ids.get(s, ()), dtype=np.int64).ravel()
+                g = np.asarray(self.groups.get(s, ()), dtype=np.int64).ravel()
+                if g.shape != i.shape:
+                    raise InputError(f"split {s}: {i.size} ids but {g.size} group codes")
+                order = np.argsort(i, kind="stable")
+                i, g = i[order], g[order]
+                first = np.r_[True, i[1:] != i[:-1]] if i.size else np.zeros(0, bool)
+                ids[s], groups[s] = i[first], g[first]
+            self.ids, self.groups = ids, groups
         self._hash: str | None = None
 
     @classmethod
-    def from_assignment(cls, ids: Sequence[int], splits: Sequence[str | None], info: Mapping | None = None) -> Splits:
-        """From parallel lists of image ids and split names (None / "" = no split)."""
+    def from_assignment(cls, ids: Sequence[int], splits: Sequence[str | None], info: Mapping | None = None,
+                        groups: Sequence[int] | None = None) -> Splits:
+        """From parallel lists of image ids and split names (None / "" = no split), and
+        optionally each image's place group code."""
         ids = np.asarray(ids, dtype=np.int64)
         if isinstance(splits, np.ndarray) and splits.dtype.kind == "U":
             names = splits  # compared in C: 5 M names in ~0.1 s
@@ -69,7 +88,30 @@ class Splits:
             names = np.asarray([s or "" for s in splits], dtype=object)
         if names.shape != ids.shape:
             raise InputError(f"{ids.size} ids but {names.size} split names")
-        return cls({s: ids[names == s] for s in SPLITS}, dict(info or {}))
+        g = None if groups is None else np.asarray(groups, dtype=np.int64)
+        return cls({s: ids[names == s] for s in SPLITS}, dict(info or {}),
+                   None if g is None else {s: g[names == s] for s in SPLITS})
+
+    def group_of(self, ids) -> np.ndarray | None:
+        """(N,) the recorded place group code of each id (an id in no split: a group of its
+        own, -1 - its position), or None when the version recorded no groups.
+
+        >>> s = Splits.from_assignment([5, 3, 9], ["val", "val", "test"], groups=[7, 7, 2])
+        >>> s.group_of([3, 9, 4]).tolist()
+        [7, 2, -3]
+        """
+        if self.groups is None:
+            return None
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        out = -1 - np.arange(ids.size, dtype=np.int64)  # unknown ids: each its own group
+        for s in SPLITS:
+            have = self.ids[s]
+            if not have.size:
+                continue
+            pos = np.searchsorted(have, ids).clip(0, have.size - 1)
+            hit = have[pos] == ids
+            out[hit] = self.groups[s][pos[hit]]
+        return out
 
     @property
     def hash(self) -> str:
@@ -110,7 +152,10 @@ class Splits:
         from safetensors.numpy import save
 
         meta = {"format": FORMAT, "hash": self.hash, "info": json.dumps(self.info, sort_keys=True)}
-        return save({s: np.ascontiguousarray(self.ids[s]) for s in SPLITS}, metadata=meta)
+        tensors = {s: np.ascontiguousarray(self.ids[s]) for s in SPLITS}
+        if self.groups is not None:
+            tensors.update({f"groups.{s}": np.ascontiguousarray(self.groups[s]) for s in SPLITS})
+        return save(tensors, metadata=meta)
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -125,14 +170,20 @@ class Splits:
         path = Path(path)
         with open_safetensors(path, SplitError, f"cannot read the split file {path}", framework="numpy") as f:
             meta = f.metadata() or {}
-            ids = {s: f.get_tensor(s) for s in SPLITS if s in f.keys()}  # noqa: SIM118 - safe_open API
+            keys = set(f.keys())
+            ids = {s: f.get_tensor(s) for s in SPLITS if s in keys}
+            groups = ({s: f.get_tensor(f"groups.{s}") for s in SPLITS if f"groups.{s}" in keys}
+                      if any(k.startswith("groups.") for k in keys) else None)
         try:
             info = json.loads(meta.get("info") or "{}")
         except ValueError as exc:
             raise SplitError(f"cannot read the split file {path}: {exc}") from None
         if meta.get("format") != FORMAT:
             raise SplitError(f"{path} is not a geohier split file (format {meta.get('format')!r})")
-        out = cls(ids, info)
+        try:
+            out = cls(ids, info, groups)
+        except InputError as exc:
+            raise SplitError(f"cannot read the split file {path}: {exc}") from None
         if meta.get("hash") and meta["hash"] != out.hash:
             raise SplitError(f"{path} was changed after it was written (hash {out.short}, recorded "
                              f"{meta['hash'][:12]})")
@@ -456,11 +507,15 @@ def _merge_buckets(lat, lon, bucket, bucket_level, link_m, max_group) -> np.ndar
     return ub[roots][inv]
 
 
-def groups_of(ws: Workspace, ids) -> np.ndarray:
-    """The split group (``split_groups``) of each image of ``ids``, drawn over the whole
-    manifest as ``labels`` draws them (the groups a split was dealt in, as long as the
+def groups_of(ws: Workspace, ids, splits: Splits | None = None) -> np.ndarray:
+    """The split group of each image of ``ids``: as ``splits`` (the run's version) recorded
+    it when ``labels`` drew it, else (a version from before groups were recorded) drawn
+    again over the whole manifest as ``labels`` draws them (the same groups as long as the
     manifest has not changed since); an id no longer in the manifest is a group of its
     own. Conformal calibration weighs images by these groups (``geohier.conformal``)."""
+    recorded = splits.group_of(ids) if splits is not None else None
+    if recorded is not None:
+        return recorded
     ids = np.asarray(ids, dtype=np.int64).ravel()
     with ws.manifest() as m:
         df = m.frame(["id", "lat", "lon", "sequence_id"])
@@ -473,13 +528,14 @@ def groups_of(ws: Workspace, ids) -> np.ndarray:
 
 
 def assign_splits(ids, lat, lon, sequence_ids=None, fractions=DEFAULT_FRACTIONS, seed: int = 0,
-                  link_m: float = LINK_M) -> np.ndarray:
+                  link_m: float = LINK_M, with_groups: bool = False):
     """"train" / "val" / "test" for every image, drawn by groups (``split_groups``).
 
     Groups are ordered by a seeded hash of their name and dealt out along the cumulative
     image count, so the fractions hold over images up to the size of one group, the result
     does not depend on the order of the input, and the same seed gives the same splits.
-    ``ids`` only fixes the length (and is checked against it).
+    ``ids`` only fixes the length (and is checked against it). ``with_groups``: return
+    ``(splits, group codes)`` (``group_codes``' codes, what a split version records).
 
     >>> assign_splits([1, 2], [10, 10.0001], [10, 10], [None, None]).tolist()
     ['train', 'train']
@@ -491,7 +547,7 @@ def assign_splits(ids, lat, lon, sequence_ids=None, fractions=DEFAULT_FRACTIONS,
         raise InputError(f"{ids.size} ids but {codes.size} points")
     out = np.empty(ids.size, dtype="<U5")
     if not ids.size:
-        return out
+        return (out, codes) if with_groups else out
     sizes = np.bincount(codes, minlength=names.size)
     key = hashlib.sha256(f"geohier-splits:{seed}".encode()).hexdigest()[:16]
     h = pd.util.hash_array(names, hash_key=key, categorize=False)  # (G,) uint64, seeded
@@ -501,7 +557,8 @@ def assign_splits(ids, lat, lon, sequence_ids=None, fractions=DEFAULT_FRACTIONS,
     bounds = np.cumsum(fr)[:-1]
     group_split = np.empty(names.size, dtype=np.int64)
     group_split[order] = np.searchsorted(bounds, mid, side="right")
-    return np.asarray(SPLITS)[group_split[codes]].astype("<U5")
+    out = np.asarray(SPLITS)[group_split[codes]].astype("<U5")
+    return (out, codes) if with_groups else out
 
 
 def check_fractions(fractions) -> np.ndarray:

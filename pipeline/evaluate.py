@@ -281,7 +281,7 @@ def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 6
     predictor.temperatures = {int(lv): float(t) for lv, t in temps.items() if int(lv) in levels}
     conformal = None
     scores = predictor.conformal_scores(collected["logits"], collected["labels"])
-    groups = splits_mod.groups_of(ws, ds.ids[collected["index"]]) \
+    groups = splits_mod.groups_of(ws, ds.ids[collected["index"]], own.splits) \
         if own is not None and cf.DEFAULT_METHOD == "groups" else None
     if scores.size:
         conformal = cf.Conformal.fit(scores, groups=groups, level=finest, split="val", fitted_at=utcnow(),
@@ -464,7 +464,7 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         c = predictor.conformal
         # the images' place groups: what the coverage guarantee counts, and what the
         # cross-fit deals into halves (none for an external CSV)
-        groups = splits_mod.groups_of(ws, ds.ids[collected["index"]]) if csv is None else None
+        groups = splits_mod.groups_of(ws, ds.ids[collected["index"]], own.splits) if csv is None else None
         conformal = predictor.conformal_report(collected["logits"], collected["labels"], cf.COVERAGES, groups=groups)
         extra = c.extra or {}
         conformal_calibration = {"split": extra.get("split"), "method": c.method, "images": c.n, "groups": c.groups,

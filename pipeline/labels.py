@@ -70,9 +70,9 @@ def build_labels(ws: Workspace, levels: Sequence[int] = grid.DEFAULT_LEVELS,
             raise InputError(NO_IMAGES)
         h = (build_adaptive(lat, lon, thresholds, max_depth) if adaptive
              else build_hierarchy(lat, lon, levels, mins))
-        splits = assign_splits(ids, lat, lon, sequences, fractions=fr, seed=seed)
+        splits, groups = assign_splits(ids, lat, lon, sequences, fractions=fr, seed=seed, with_groups=True)
         info = {"train": float(fr[0]), "val": float(fr[1]), "test": float(fr[2]), "seed": int(seed)}
-        version = Splits.from_assignment(ids, splits, info)
+        version = Splits.from_assignment(ids, splits, info, groups)  # the place groups: conformal's unit
         # kept before the manifest changes: runs trained on any split keep theirs (geohier.splits)
         record_split(ws, version)
         h.splits = {**info, "hash": version.hash}

@@ -254,3 +254,32 @@ def test_from_assignment_takes_a_numpy_array_of_names():
     assert splits._sorted_unique([5, 1, 5, 3]).tolist() == [1, 3, 5] and splits._sorted_unique([]).size == 0
     with pytest.raises(InputError, match="2 ids but 1"):
         splits.Splits.from_assignment([1, 2], np.array(["train"]))
+
+
+def test_a_split_version_records_the_place_groups_it_was_dealt_in(ws):
+    """labels records each image's place group with the split version: evaluate weighs by
+    those, even after images were added to the manifest (the groups drawn again would move)."""
+    from geohier import splits as sp
+    from pipeline import cli
+
+    with ws.manifest() as m:
+        for i in range(40):
+            m.add_image(source="t", source_id=str(i), lat=10.0 + (i // 4) * 0.5, lon=20.0, sha256=f"{i:064x}",
+                        path=f"images/{i}.jpg", sequence_id=f"seq{i // 4}")
+    assert cli.main(["labels", "--levels", "1", "--min-images", "1"]) == 0
+    version = sp.current(ws)
+    saved = sp.recorded(ws, version.hash)
+    assert saved is not None and saved.groups is not None and saved.hash == version.hash
+    ids = np.concatenate([saved.ids[s] for s in sp.SPLITS])
+    codes = saved.group_of(ids)
+    with ws.manifest() as m:
+        seq = dict(zip(m.frame(["id", "sequence_id"])["id"], m.frame(["id", "sequence_id"])["sequence_id"]))
+    by_seq = {}
+    for i, c in zip(ids.tolist(), codes.tolist()):  # one group per sequence, as they were dealt
+        by_seq.setdefault(seq[i], set()).add(c)
+    assert all(len(v) == 1 for v in by_seq.values()) and len({next(iter(v)) for v in by_seq.values()}) == 10
+    assert (sp.groups_of(ws, ids, saved) == codes).all()
+    # a version from before groups were recorded: drawn again from the manifest
+    old = sp.Splits(saved.ids, saved.info)
+    again = sp.groups_of(ws, ids, old)
+    assert len(set(again.tolist())) == 10 and old.group_of(ids) is None
