@@ -86,16 +86,6 @@ def is_archive_name(path: str | os.PathLike) -> bool:
     return os.fspath(path).lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def member_name(ref: str) -> str:
-    """The file name (last part) of a member reference or a path.
-
-    >>> member_name("/a/00.zip!/x/123.jpg"), member_name("/a/b.jpg")
-    ('123.jpg', 'b.jpg')
-    """
-    parts = split_ref(ref)
-    return (parts[1] if parts else ref).replace("\\", "/").rsplit("/", 1)[-1]
-
-
 @dataclass(frozen=True)
 class Entry:
     """One image member: its name and uncompressed size."""
@@ -104,8 +94,17 @@ class Entry:
     size: int
 
 
-def _hash(name: str) -> int:
+def name_hash(name: str) -> int:
+    """The 64-bit hash every compact name index here sorts by (``_Index``,
+    ``geohier.tables.NameIndex``)."""
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+
+
+def hash_rows(hashes: np.ndarray, name: str) -> range:
+    """The rows of sorted ``hashes`` (uint64) equal to ``name_hash(name)``: the candidates,
+    each confirmed by its caller (a 64-bit collision is possible, never trusted)."""
+    h = np.uint64(name_hash(name))
+    return range(int(np.searchsorted(hashes, h, "left")), int(np.searchsorted(hashes, h, "right")))
 
 
 class _Index:
@@ -115,7 +114,7 @@ class _Index:
     against the name stored in the archive itself before any byte is returned."""
 
     def __init__(self, names: list[str], columns: dict[str, tuple[list[int], type]]):
-        h = np.fromiter((_hash(n) for n in names), dtype=np.uint64, count=len(names))
+        h = np.fromiter((name_hash(n) for n in names), dtype=np.uint64, count=len(names))
         order = np.argsort(h, kind="stable")
         self.hash = h[order]
         self.cols = {k: np.asarray(v, dtype=dt)[order] for k, (v, dt) in columns.items()}
@@ -124,10 +123,7 @@ class _Index:
         return {k: int(v[r]) for k, v in self.cols.items()}
 
     def rows(self, member: str) -> range:
-        h = np.uint64(_hash(member))
-        lo = int(np.searchsorted(self.hash, h, "left"))
-        hi = int(np.searchsorted(self.hash, h, "right"))
-        return range(lo, hi)
+        return hash_rows(self.hash, member)
 
     def __len__(self) -> int:
         return int(self.hash.size)
@@ -339,6 +335,18 @@ class ArchiveCache:
             except OSError:
                 return False
 
+    def confirmed(self, ref: str) -> bool:
+        """Whether the member is in its archive, its name read back from the archive (a
+        hash collision answers False): to choose among candidates."""
+        parts = split_ref(ref)
+        if parts is None:
+            return False
+        with self._lock:
+            try:
+                return self._get(parts[0]).size(parts[1]) is not None
+            except OSError:
+                return False
+
     def close(self) -> None:
         with self._lock:
             for a in self._open.values():
@@ -355,8 +363,9 @@ def read_member(ref: str, max_bytes: int = MAX_MEMBER_BYTES) -> bytes:
     return _cache.read(ref, max_bytes)
 
 
-def member_exists(ref: str) -> bool:
-    return _cache.exists(ref)
+def member_exists(ref: str, confirm: bool = False) -> bool:
+    """Whether a member is listed in its archive (``confirm``: its name read back too)."""
+    return _cache.confirmed(ref) if confirm else _cache.exists(ref)
 
 
 def exists(path: str | os.PathLike) -> bool:

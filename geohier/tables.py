@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import hashlib
 import math
 import os
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geohier import archives
 from geohier.archives import is_archive_name
 from geohier.errors import InputError
 
@@ -249,19 +249,20 @@ def rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
 
 
 def check_images_root(root: Path) -> None:
-    """InputError unless ``root`` is a folder, a zip or an uncompressed tar (an images root)."""
+    """InputError unless ``root`` is a folder, a zip or an uncompressed tar (an images root:
+    ``import-csv``, ``evaluate --csv`` and ``predict CSV`` alike)."""
     if root.is_dir():
         return
     if not root.exists():
-        raise InputError(f"images root {root} is not a directory")
+        raise InputError(f"{root}: no such directory (--images-root)")
     if not is_archive_name(root):
-        raise InputError(f"images root {root} is neither a directory nor a .zip or .tar")
-    from geohier.archives import open_archive
+        raise InputError(f"{root} is neither a directory nor a .zip or .tar (--images-root)")
+    from geohier.archives import entries
 
     try:
-        open_archive(root).close()
+        next(entries(root), None)  # lists it, indexes nothing
     except OSError as exc:
-        raise InputError(f"images root {root}: {exc}") from None
+        raise InputError(f"{root}: not a readable zip or uncompressed tar (--images-root: {exc})") from None
 
 
 class NameIndex:
@@ -304,7 +305,7 @@ class NameIndex:
             key = stem
         else:
             e, key = 0, name
-        self._h.append(_name_hash(key))
+        self._h.append(archives.name_hash(key))
         self._d.append(d)
         self._e.append(e)
 
@@ -322,8 +323,7 @@ class NameIndex:
         return int(self.hash.size)
 
     def _rows(self, key: str) -> range:
-        h = np.uint64(_name_hash(key))
-        return range(int(np.searchsorted(self.hash, h, "left")), int(np.searchsorted(self.hash, h, "right")))
+        return archives.hash_rows(self.hash, key)
 
     def find(self, name: str) -> list[tuple]:
         """``[(folder, entry name)]`` candidates for a name or an id without extension,
@@ -368,10 +368,6 @@ class FileIndex:
         return [Path(folder, f) for folder, f in self.index.find(name)]
 
 
-def _name_hash(name: str) -> int:
-    return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
-
-
 
 class MemberIndex:
     """The image members of archives (``geohier.archives``: zips, tars), each indexed once
@@ -412,7 +408,7 @@ class MemberIndex:
                 for (n, folder), name in self.index.find(base)]
         if len(hits) <= 1:
             return hits[0] if hits else None
-        return next((h for h in hits if member_exists(h)), None)
+        return next((h for h in hits if member_exists(h, confirm=True)), None)
 
 
 class Locator:

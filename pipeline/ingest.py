@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from geohier import grid
-from geohier.archives import archives_under, is_archive_name, member_ref, open_archive, read_member
+from geohier.archives import archives_under, member_ref, read_member
 from geohier.errors import InputError
 from geohier.exif import GPS_BROKEN, GPS_INVALID, GPS_MISSING
 from geohier.images import (
@@ -57,6 +57,7 @@ from geohier.tables import (  # the CSV formats at the doors, shared with evalua
     CsvColumns,
     Locator,
     aliases,
+    check_images_root,
     check_text,
     header,
     match_columns,
@@ -338,12 +339,7 @@ def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os
     images_root = Path(images_root).expanduser()
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: no such file" if not csv_path.exists() else f"{csv_path} is not a file")
-    if not images_root.exists():
-        raise InputError(f"{images_root}: no such directory (--images-root)")
-    if not (images_root.is_dir() or is_archive_name(images_root)):
-        raise InputError(f"{images_root} is neither a directory nor a .zip or .tar (--images-root)")
-    if images_root.is_file() and not _readable_archive(images_root):
-        raise InputError(f"{images_root}: not a readable zip or uncompressed tar (--images-root)")
+    check_images_root(images_root)
     if link and copy:
         raise InputError("--link and --copy contradict each other: choose one")
     total, delimiter = check_text(csv_path)
@@ -389,14 +385,6 @@ def _import_row(m: Manifest, s: ImportSummary, cols: CsvColumns, locate: Locator
     _add_file(m, s, path, label, link=in_place, latlon=(lat, lon), row=extra)
 
 
-def _readable_archive(path: Path) -> bool:
-    try:
-        open_archive(path).close()
-    except OSError:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------- WebDataset shards
 
 WDS_SOURCE = "wds"
@@ -411,9 +399,6 @@ def _wds_samples(tar: Path) -> Iterator[tuple[str, str | None, dict | None, str 
     name, WebDataset's rule); its image is the jpg/jpeg/png/webp member, its metadata the
     json one (read here, at most 1 MB)."""
     import tarfile
-
-    def flush(key, image, meta, problem):
-        return key, image, meta, problem
 
     key: str | None = None
     image: str | None = None
@@ -430,7 +415,7 @@ def _wds_samples(tar: Path) -> Iterator[tuple[str, str | None, dict | None, str 
             k = f"{folder}/{stem}" if folder else stem
             if k != key:
                 if key is not None:
-                    yield flush(key, image, meta, problem)
+                    yield key, image, meta, problem
                 key, image, meta, problem = k, None, None, None
             ext = ext.lower()
             if ext in ("jpg", "jpeg", "png", "webp") and image is None:
@@ -449,7 +434,7 @@ def _wds_samples(tar: Path) -> Iterator[tuple[str, str | None, dict | None, str 
                 else:
                     problem = "json is not an object"
         if key is not None:
-            yield flush(key, image, meta, problem)
+            yield key, image, meta, problem
 
 
 def _meta_value(meta: dict, role: str) -> str | None:

@@ -87,3 +87,19 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture(scope="module")
+def hierarchy():
+    """The tiny three-level hierarchy of ``test_predictor`` (predict tests)."""
+    from test_predictor import tiny_hierarchy
+
+    return tiny_hierarchy()
+
+
+@pytest.fixture
+def run_dir(ws, hierarchy):
+    """A tiny finished run ``models/tiny`` in the test's workspace (predict tests)."""
+    from test_predictor import make_tiny_run
+
+    return make_tiny_run(ws.models_dir / "tiny", hierarchy)

@@ -27,16 +27,6 @@ def main(argv):
         cli.COMMAND_MODULES = saved
 
 
-@pytest.fixture(scope="module")
-def hierarchy():
-    return tiny_hierarchy()
-
-
-@pytest.fixture
-def run_dir(ws, hierarchy):
-    return make_tiny_run(ws.models_dir / "tiny", hierarchy)
-
-
 @pytest.fixture
 def photos(tmp_path, make_jpeg):
     good = make_jpeg(tmp_path / "paris.jpg", color=(200, 60, 60), gps=(48.8566, 2.3522))

@@ -8,22 +8,11 @@ import json
 
 import pytest
 from conftest import CITIES
-from test_predictor import make_tiny_run, tiny_hierarchy
 
 from pipeline import cli
 from pipeline.predict import CSV_COLUMNS, csv_inputs
 
 pytestmark = pytest.mark.slow  # trains a tiny run to predict with: `make test-fast` skips this module
-
-
-@pytest.fixture(scope="module")
-def hierarchy():
-    return tiny_hierarchy()
-
-
-@pytest.fixture
-def run_dir(ws, hierarchy):
-    return make_tiny_run(ws.models_dir / "tiny", hierarchy)
 
 
 @pytest.fixture
