@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -187,6 +188,29 @@ class Workspace:
         return p if p.is_absolute() else self.data_dir / p
 
 
+def _use_wal(conn: sqlite3.Connection, wait_s: float) -> None:
+    """Put the database in WAL mode (a setting the file keeps), waiting out other openers.
+
+    Switching into WAL takes an exclusive lock, and SQLite answers "database is locked" at once
+    instead of calling the busy handler: two processes opening a new manifest together (two
+    ``import-photos`` in parallel) failed that way about one time in twenty. A file already in WAL
+    is left alone; otherwise the switch is retried until ``wait_s`` has passed.
+    """
+    deadline = time.monotonic() + wait_s
+    delay = 0.005
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
 class Manifest:
     """The SQLite image manifest of a workspace.
 
@@ -198,9 +222,9 @@ class Manifest:
         self.data_dir = Path(data_dir)
         try:
             self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA busy_timeout=30000")
+            _use_wal(self.conn, wait_s=30.0)
+            self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise WorkspaceError(f"cannot open the manifest {self.path}: {exc}") from None
