@@ -274,8 +274,9 @@ LAUNCHER = ("import json, os, sys\n"
             "open(sys.argv[1], 'w').write(json.dumps([usage.ru_maxrss, os.waitstatus_to_exitcode(status)]))\n")
 
 
-def measure(cmd: list[str], env: dict, cap_mb: float, log: Path | None = None) -> Result:
-    """Wall seconds and peak RSS (MB) of one fresh process; killed above ``cap_mb``."""
+def measure(cmd: list[str], env: dict, cap_mb: float, log: Path | None = None, cwd: Path = ROOT) -> Result:
+    """Wall seconds and peak RSS (MB) of one fresh process (the largest of it and the
+    children it waited for); killed above ``cap_mb``."""
     import psutil
 
     out = open(log, "w+") if log else tempfile.TemporaryFile("w+")  # noqa: SIM115 - read back below
@@ -283,7 +284,7 @@ def measure(cmd: list[str], env: dict, cap_mb: float, log: Path | None = None) -
         report = Path(tmp) / "rusage.json"
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(report), *cmd], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd)
         launcher, killed = psutil.Process(proc.pid), False
         while proc.poll() is None:
             try:

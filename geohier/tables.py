@@ -496,6 +496,10 @@ class Locator:
         """(resolved file, False) when ``candidate`` is a file allowed here; (None, True)
         when it leads outside the root; (None, False) when it is no file. Only stats and
         symlinks are read, never the file."""
+        try:  # one stat turns away the usual miss (an id tried with each extension) cheaply
+            os.stat(candidate)
+        except (OSError, ValueError):  # absent, a dangling link, a loop, a NUL in the name
+            return None, False
         try:
             real = candidate.resolve()
         except (OSError, RuntimeError):  # a symlink loop

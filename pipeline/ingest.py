@@ -37,20 +37,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from geohier import grid
-from geohier.archives import archives_under, member_ref, read_member
+from geohier.archives import archives_under, member_ref
 from geohier.errors import InputError
 from geohier.exif import GPS_BROKEN, GPS_INVALID, GPS_MISSING
-from geohier.images import (
-    READ_MISSING,
-    READ_NOT_IMAGE,
-    READ_UNREADABLE,
-    ImageReadError,
-    NamedBytes,
-    brightness,
-    collect_warnings,
-    image_info,
-    open_image,
-)
+from geohier.images import READ_MISSING, READ_NOT_IMAGE
 from geohier.tables import (  # the CSV formats at the doors, shared with evaluate and score
     CSV_ALIASES,
     MISSING_REF,
@@ -64,7 +54,8 @@ from geohier.tables import (  # the CSV formats at the doors, shared with evalua
     parse_point,
     rows,
 )
-from geohier.workspace import Manifest, Workspace, sha256_bytes
+from geohier.workspace import Manifest, Workspace
+from pipeline.image_check import MIN_FOR_WORKERS, Adder, auto_workers
 
 Progress = Callable[[int, int], None]  # progress(done, total)
 
@@ -170,71 +161,6 @@ class ImportSummary:
         return out
 
 
-def _store(m: Manifest, data: bytes, path: Path | str, ext: str, link: bool, sha: str, row: dict) -> int | None:
-    if link:  # a file where it is, or a member read in place from its (resolved) archive
-        return m.add_image(sha256=sha, path=path if isinstance(path, str) else str(path.resolve()), **row)
-    return m.store_image(data, ext, **row)
-
-
-def _add_file(m: Manifest, s: ImportSummary, path: Path | str, name: str, *, link: bool,
-              latlon: tuple[float, float] | None, row: dict, decode_side: int = 256) -> None:
-    """Read, check and add one image file; count what happened in ``s``.
-
-    ``latlon`` None means "take it from the EXIF". Warnings raised while it is read are
-    counted in ``s`` under the file's name."""
-    seen: list[str] = []
-    try:
-        with collect_warnings() as seen:
-            _read_and_add(m, s, path, name, link=link, latlon=latlon, row=row, decode_side=decode_side)
-    finally:  # counted even when the import is interrupted on this file
-        for message in seen:
-            s.warn(message, name)
-
-
-def _read_and_add(m: Manifest, s: ImportSummary, path: Path | str, name: str, *, link: bool,
-                  latlon: tuple[float, float] | None, row: dict, decode_side: int) -> None:
-    try:
-        data = read_member(path) if isinstance(path, str) else path.read_bytes()
-    except ImageReadError as exc:  # a member of a zip or tar
-        s.skip(exc.reason, f"{name} ({exc})" if exc.reason != READ_MISSING else name)
-        return
-    except FileNotFoundError:
-        s.skip(MISSING_FILE, name)
-        return
-    except OSError as exc:
-        s.skip(READ_UNREADABLE, f"{name} ({exc.strerror or exc})")
-        return
-    sha = sha256_bytes(data)
-    if m.has_sha(sha):
-        s.duplicates += 1
-        return
-    named = NamedBytes(data, str(path))
-    try:
-        info = image_info(named, decode=False)
-        if latlon is None:
-            if info.gps is None:
-                s.skip(info.gps_problem or GPS_MISSING, name)
-                return
-            latlon = info.gps
-        light = brightness(open_image(named, max_side=decode_side))  # full decode: refuses truncation
-    except ImageReadError as exc:
-        s.skip(exc.reason, name)
-        return
-    lat, lon = latlon
-    row = {"captured_at": info.captured_at, **{k: v for k, v in row.items() if v is not None}}
-    row.update(lat=lat, lon=lon, width=info.width, height=info.height, brightness=round(light, 2))
-    new_id = _store(m, data, path, info.ext, link, sha, row)
-    if new_id is None and row.get("source_id") is not None and not m.has_sha(sha):
-        # Same source_id, different bytes (IMG_0001.JPG of another camera folder, or an
-        # edited photo): keep both, the new one under an id qualified by its content.
-        row["source_id"] = f"{row['source_id']}#{sha[:12]}"
-        new_id = _store(m, data, path, info.ext, link, sha, row)
-    if new_id is None:
-        s.duplicates += 1
-    else:
-        s.add(lat, lon)
-
-
 # ---------------------------------------------------------------- photo folders
 
 
@@ -258,13 +184,14 @@ def photo_files(root: str | os.PathLike, recursive: bool = True,
 
 
 def import_photos(ws: Workspace, root: str | os.PathLike, *, link: bool = False, recursive: bool = True,
-                  progress: Progress | None = None) -> ImportSummary:
+                  progress: Progress | None = None, workers: int | None = 0) -> ImportSummary:
     """Import every photo with EXIF GPS under ``root`` (source "photos", source_id = its
     path relative to ``root``). Photos without a usable position are counted, not added.
 
     With ``link`` the manifest stores the photo's absolute path instead of a copy.
     A KeyboardInterrupt stops the import cleanly: the summary comes back with
-    ``interrupted`` set and every row added so far has its file.
+    ``interrupted`` set and every row added so far has its file. ``workers`` processes
+    read and check the photos (``pipeline.image_check``; None: ``auto_workers``).
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -274,13 +201,13 @@ def import_photos(ws: Workspace, root: str | os.PathLike, *, link: bool = False,
     s = ImportSummary("photos", str(root))
     with ws.manifest() as m:
         try:
-            for i, path in enumerate(files):
-                rel = path.relative_to(base).as_posix()
-                s.total += 1
-                _add_file(m, s, path, rel, link=link, latlon=None,
-                          row={"source": "photos", "source_id": rel})
-                if progress:
-                    progress(i + 1, len(files))
+            with Adder(m, s, auto_workers(len(files)) if workers is None else workers) as adder:
+                for i, path in enumerate(files):
+                    rel = path.relative_to(base).as_posix()
+                    s.total += 1
+                    adder.add(path, rel, link=link, latlon=None, row={"source": "photos", "source_id": rel})
+                    if progress:
+                        progress(i + 1, len(files))
         except KeyboardInterrupt:
             s.interrupted = True
     return s
@@ -318,7 +245,7 @@ def parse_time(text: str | None) -> str | None:
 
 def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os.PathLike, *,
                link: bool = False, copy: bool = False, allow_outside_root: bool = False,
-               progress: Progress | None = None) -> ImportSummary:
+               progress: Progress | None = None, workers: int | None = 0) -> ImportSummary:
     """Import the images a CSV lists with their coordinates (see the module docstring for
     the accepted columns). The source is "osv5m" or "im2gps3k" when the columns say so,
     else "csv"; source_id is the row's id (or path). A row whose source_id is already in
@@ -334,7 +261,8 @@ def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os
     the workspace like a loose file's). ``link`` references loose files where they are.
     A malformed CSV (not UTF-8, NUL bytes,
     bad quoting, a field over 131,072 characters) is an InputError naming the line,
-    raised before anything is imported."""
+    raised before anything is imported. ``workers`` processes read and check the images
+    (``pipeline.image_check``; None: ``auto_workers`` of the rows)."""
     csv_path = Path(csv_path).expanduser()
     images_root = Path(images_root).expanduser()
     if not csv_path.is_file():
@@ -348,17 +276,18 @@ def import_csv(ws: Workspace, csv_path: str | os.PathLike, images_root: str | os
     s = ImportSummary(cols.source, str(csv_path))
     with ws.manifest() as m:
         try:
-            for done, (line, row) in enumerate(rows(csv_path, delimiter), start=1):
-                s.total += 1
-                _import_row(m, s, cols, locate, line, row, link, copy)
-                if progress:
-                    progress(done, max(total, done))
+            with Adder(m, s, auto_workers(total) if workers is None else workers) as adder:
+                for done, (line, row) in enumerate(rows(csv_path, delimiter), start=1):
+                    s.total += 1
+                    _import_row(m, s, adder, cols, locate, line, row, link, copy)
+                    if progress:
+                        progress(done, max(total, done))
         except KeyboardInterrupt:
             s.interrupted = True
     return s
 
 
-def _import_row(m: Manifest, s: ImportSummary, cols: CsvColumns, locate: Locator, line: int,
+def _import_row(m: Manifest, s: ImportSummary, adder: Adder, cols: CsvColumns, locate: Locator, line: int,
                 row: dict[str, str], link: bool, copy: bool = False) -> None:
     ident = (row.get(cols.id) or "").strip() if cols.id else ""
     ref = (row.get(cols.path) or "").strip() if cols.path else ""
@@ -382,7 +311,7 @@ def _import_row(m: Manifest, s: ImportSummary, cols: CsvColumns, locate: Locator
              "sequence_id": (row.get(cols.sequence) or "").strip() or None if cols.sequence else None,
              "captured_at": parse_time(row.get(cols.captured_at)) if cols.captured_at else None}
     in_place = link or (isinstance(path, str) and not copy)  # members stay in their archive
-    _add_file(m, s, path, label, link=in_place, latlon=(lat, lon), row=extra)
+    adder.add(path, label, link=in_place, latlon=(lat, lon), row=extra)
 
 
 # ---------------------------------------------------------------- WebDataset shards
@@ -447,7 +376,7 @@ def _meta_value(meta: dict, role: str) -> str | None:
 
 
 def import_wds(ws: Workspace, shards: str | os.PathLike | list, *, copy: bool = False,
-               progress: Progress | None = None) -> ImportSummary:
+               progress: Progress | None = None, workers: int | None = 0) -> ImportSummary:
     """Import WebDataset shards (osv5m-wds, PLONK's format): tars of ``<key>.jpg`` +
     ``<key>.json`` per sample, coordinates from the json (``latitude``/``longitude`` or
     any alias ``import-csv`` accepts; ``id``, ``sequence``, ``captured_at`` when present).
@@ -455,7 +384,8 @@ def import_wds(ws: Workspace, shards: str | os.PathLike | list, *, copy: bool = 
     into the tars, ``geohier.archives``) unless ``copy``. A compressed tar (.tar.gz) has no
     random access: it is counted and skipped. source "wds", source_id the json's id or
     the sample's key. A shard whose samples are already imported costs one pass over its
-    headers and json members."""
+    headers and json members. ``workers`` processes read and check the images
+    (``pipeline.image_check``; None: ``auto_workers`` of the shards' size, 100 kB a sample)."""
     items = shards if isinstance(shards, list) else [shards]
     tars: list[Path] = []
     for item in items:
@@ -469,45 +399,48 @@ def import_wds(ws: Workspace, shards: str | os.PathLike | list, *, copy: bool = 
     import tarfile
 
     s = ImportSummary(WDS_SOURCE, ", ".join(str(Path(i)) for i in items))
+    if workers is None:
+        workers = auto_workers(sum(t.stat().st_size for t in tars) // 100_000)
     with ws.manifest() as m:
         try:
-            for n, tar in enumerate(tars):
-                if _compressed(tar):
-                    s.skip(COMPRESSED_TAR, str(tar))
-                    continue
-                try:
-                    samples = list(_wds_samples(tar.resolve()))
-                except (tarfile.TarError, OSError) as exc:
-                    s.skip("unreadable tar", f"{tar} ({exc})")
-                    continue
-                for key, member, meta, problem in samples:
-                    s.total += 1
-                    label = f"{tar.name}:{key}"
-                    if member is None:
-                        s.skip(READ_MISSING, label)
+            with Adder(m, s, workers) as adder:
+                for n, tar in enumerate(tars):
+                    if _compressed(tar):
+                        s.skip(COMPRESSED_TAR, str(tar))
                         continue
-                    if meta is None:
-                        s.skip(problem or NO_METADATA, label)
+                    try:
+                        samples = list(_wds_samples(tar.resolve()))
+                    except (tarfile.TarError, OSError) as exc:
+                        s.skip("unreadable tar", f"{tar} ({exc})")
                         continue
-                    lat_text, lon_text = _meta_value(meta, "lat"), _meta_value(meta, "lon")
-                    if lat_text is None or lon_text is None:
-                        s.skip(NO_METADATA, label)
-                        continue
-                    lat, lon, why = parse_point(lat_text, lon_text)
-                    if why is not None:
-                        s.skip(why, label)
-                        continue
-                    source_id = _meta_value(meta, "id") or key
-                    if m.has_source_id(WDS_SOURCE, source_id):
-                        s.duplicates += 1
-                        continue
-                    ref = member_ref(tar.resolve(), member)
-                    extra = {"source": WDS_SOURCE, "source_id": source_id,
-                             "sequence_id": _meta_value(meta, "sequence"),
-                             "captured_at": parse_time(_meta_value(meta, "captured_at"))}
-                    _add_file(m, s, ref, label, link=not copy, latlon=(lat, lon), row=extra)
-                if progress:
-                    progress(n + 1, len(tars))
+                    for key, member, meta, problem in samples:
+                        s.total += 1
+                        label = f"{tar.name}:{key}"
+                        if member is None:
+                            s.skip(READ_MISSING, label)
+                            continue
+                        if meta is None:
+                            s.skip(problem or NO_METADATA, label)
+                            continue
+                        lat_text, lon_text = _meta_value(meta, "lat"), _meta_value(meta, "lon")
+                        if lat_text is None or lon_text is None:
+                            s.skip(NO_METADATA, label)
+                            continue
+                        lat, lon, why = parse_point(lat_text, lon_text)
+                        if why is not None:
+                            s.skip(why, label)
+                            continue
+                        source_id = _meta_value(meta, "id") or key
+                        if m.has_source_id(WDS_SOURCE, source_id):
+                            s.duplicates += 1
+                            continue
+                        ref = member_ref(tar.resolve(), member)
+                        extra = {"source": WDS_SOURCE, "source_id": source_id,
+                                 "sequence_id": _meta_value(meta, "sequence"),
+                                 "captured_at": parse_time(_meta_value(meta, "captured_at"))}
+                        adder.add(ref, label, link=not copy, latlon=(lat, lon), row=extra)
+                    if progress:
+                        progress(n + 1, len(tars))
         except KeyboardInterrupt:
             s.interrupted = True
     return s
@@ -546,7 +479,8 @@ def _report(s: ImportSummary, ws: Workspace) -> int:
 def run_photos(args, ws: Workspace) -> int:
     bar, update = _bar("import-photos")
     try:
-        s = import_photos(ws, args.dir, link=args.link, recursive=args.recursive, progress=update)
+        s = import_photos(ws, args.dir, link=args.link, recursive=args.recursive, progress=update,
+                          workers=args.workers)
     finally:
         bar.close()
     return _report(s, ws)
@@ -556,7 +490,7 @@ def run_csv(args, ws: Workspace) -> int:
     bar, update = _bar("import-csv")
     try:
         s = import_csv(ws, args.file, args.images_root, link=args.link, copy=args.copy,
-                       allow_outside_root=args.allow_outside_root, progress=update)
+                       allow_outside_root=args.allow_outside_root, progress=update, workers=args.workers)
     finally:
         bar.close()
     return _report(s, ws)
@@ -565,10 +499,29 @@ def run_csv(args, ws: Workspace) -> int:
 def run_wds(args, ws: Workspace) -> int:
     bar, update = _bar("import-wds")
     try:
-        s = import_wds(ws, list(args.shards), copy=args.copy, progress=update)
+        s = import_wds(ws, list(args.shards), copy=args.copy, progress=update, workers=args.workers)
     finally:
         bar.close()
     return _report(s, ws)
+
+
+def _workers(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of processes >= 0, got {text!r}")
+    return n
+
+
+def _workers_option(p) -> None:
+    p.add_argument("--workers", type=_workers, default=None, metavar="N",
+                   help="processes that read, hash and decode the images while this one writes the manifest "
+                        f"(default auto: one per core, at most 8, from {MIN_FOR_WORKERS} images up; "
+                        "0: all in this process)")
 
 
 def register(sub) -> None:
@@ -582,6 +535,7 @@ def register(sub) -> None:
                    help="reference the photos where they are instead of copying them (default: copy)")
     p.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
                    help="descend into sub-folders (default: on; --no-recursive for DIR only)")
+    _workers_option(p)
     p.set_defaults(func=run_photos)
 
     p = sub.add_parser(
@@ -603,6 +557,7 @@ def register(sub) -> None:
     p.add_argument("--allow-outside-root", action="store_true",
                    help="also import rows whose path leads outside --images-root (../, absolute paths, "
                         "symlinks out; default: skip and count them)")
+    _workers_option(p)
     p.set_defaults(func=run_csv)
 
     p = sub.add_parser(
@@ -614,4 +569,5 @@ def register(sub) -> None:
     p.add_argument("shards", metavar="SHARD", nargs="+", help="a .tar shard, or a folder of them")
     p.add_argument("--copy", action="store_true",
                    help="copy the images into the workspace (default: read them in place from the tars)")
+    _workers_option(p)
     p.set_defaults(func=run_wds)
