@@ -446,7 +446,8 @@ class Region:
     most probable first, and ``rest``: coarser cells of which the region holds the *rest*
     (the cell less its class sub-cells ``rest_minus``, ``Partition``); their total
     probability ``mass`` and ``area_km2``. ``source``: ``conformal`` (with ``coverage`` and
-    ``threshold``) or ``kept`` (the cells the keep rules kept)."""
+    ``threshold``) or ``kept`` (the cells the keep rules kept). ``rest_ranks``: each rest's
+    1-based rank among all the region's nodes (none given: after the finest cells)."""
 
     source: str
     cells: list[str]
@@ -457,17 +458,38 @@ class Region:
     threshold: float | None = None
     rest: list[str] = field(default_factory=list)
     rest_minus: list[list[str]] = field(default_factory=list)
+    rest_ranks: list[int] = field(default_factory=list)
 
     @property
     def n_cells(self) -> int:
         """Finest cells and rests."""
         return len(self.cells) + len(self.rest)
 
+    def ranks(self) -> tuple[list[int], list[int]]:
+        """The 1-based rank of each finest cell and of each rest among the region's nodes,
+        most probable first.
+
+        >>> Region("conformal", ["0/1", "0/2"], [1, 2], 0.9, 1.0, rest=["3"], rest_minus=[["3/0"]],
+        ...        rest_ranks=[2]).ranks()
+        ([1, 3], [2])
+        """
+        rest = list(self.rest_ranks) or list(range(len(self.cells) + 1, self.n_cells + 1))
+        taken = set(rest)
+        return [r for r in range(1, self.n_cells + 1) if r not in taken], rest
+
+    def ranked(self) -> list[tuple[str, bool]]:
+        """The region's nodes most probable first: ``(cell id, whether it is a rest)``."""
+        cell_ranks, rest_ranks = self.ranks()
+        out = sorted([(r, c, False) for r, c in zip(cell_ranks, self.cells, strict=True)]
+                     + [(r, c, True) for r, c in zip(rest_ranks, self.rest, strict=True)])
+        return [(c, is_rest) for _, c, is_rest in out]
+
     def to_dict(self) -> dict:
         d = {"source": self.source, "n_cells": self.n_cells, "area_km2": round(self.area_km2, 3),
              "mass": round(self.mass, 6), "cells": list(self.cells)}
         if self.rest:  # only when there are: the plain shape stays as it was
-            d["rest_cells"] = [{"cell": c, "minus": list(m)} for c, m in zip(self.rest, self.rest_minus, strict=True)]
+            d["rest_cells"] = [{"cell": c, "minus": list(m), "rank": r}
+                               for c, m, r in zip(self.rest, self.rest_minus, self.ranks()[1], strict=True)]
         if self.coverage is not None:
             d.update(coverage=self.coverage,
                      threshold=None if not math.isfinite(self.threshold) else round(self.threshold, 6))
@@ -486,23 +508,25 @@ def _ring(w: float, s: float, e: float, n: float) -> list:
 
 def region_geojson(region: Region, level: int | None = None) -> dict:
     """A GeoJSON FeatureCollection of a region for a map layer: one rectangle per finest
-    cell (most probable first; properties ``cell`` and ``rank``), then one per rest, its
-    coarser cell with its class sub-cells as holes (properties ``cell``, ``rest``: true).
-    ``level`` is unused (cells of any depth name themselves)."""
+    cell (most probable first; properties ``cell`` and ``rank``, its rank among all the
+    region's nodes), then one per rest, its coarser cell with its class sub-cells as holes
+    (properties ``cell``, ``rest``: true, ``rank``). ``level`` is unused (cells of any depth
+    name themselves)."""
     feats = []
+    cell_ranks, rest_ranks = region.ranks()
     if region.cells:
         keys, depths = grid.ids_to_depth_keys(region.cells)  # cells of any depth (adaptive levels)
         w, s, e, n = grid.depth_bounds(keys, depths)
-        feats += [{"type": "Feature", "properties": {"cell": c, "rank": i + 1},
+        feats += [{"type": "Feature", "properties": {"cell": c, "rank": rank},
                    "geometry": {"type": "Polygon", "coordinates": [_ring(*b)]}}
-                  for i, (c, *b) in enumerate(zip(region.cells, w.tolist(), s.tolist(), e.tolist(), n.tolist(),
-                                                  strict=True))]
-    for c, minus in zip(region.rest, region.rest_minus, strict=True):
+                  for rank, c, *b in zip(cell_ranks, region.cells, w.tolist(), s.tolist(), e.tolist(), n.tolist(),
+                                         strict=True)]
+    for c, minus, rank in zip(region.rest, region.rest_minus, rest_ranks, strict=True):
         keys, depths = grid.ids_to_depth_keys([c, *minus])
         w, s, e, n = (v.tolist() for v in grid.depth_bounds(keys, depths))
         rings = [_ring(w[0], s[0], e[0], n[0])] + [_ring(*b)[::-1] for b in zip(w[1:], s[1:], e[1:], n[1:],
                                                                                   strict=True)]
-        feats.append({"type": "Feature", "properties": {"cell": c, "rest": True, "rank": len(feats) + 1},
+        feats.append({"type": "Feature", "properties": {"cell": c, "rest": True, "rank": rank},
                       "geometry": {"type": "Polygon", "coordinates": rings}})
     return {"type": "FeatureCollection", "features": feats}
 

@@ -427,15 +427,16 @@ class Predictor:
         for j in range(logp.shape[0]):
             nodes = order[j, :int(sizes[j])].tolist()
             fine = [k for k in nodes if k < n_fine]
-            rest, minus = [], []
-            for k in nodes:
+            rest, minus, ranks = [], [], []
+            for rank, k in enumerate(nodes, start=1):
                 if k >= n_fine:
                     lv, cls = part.node(k)
                     rest.append(self.cells[lv][cls])
                     minus.append(self._sub_cells(lv, cls))
+                    ranks.append(rank)
             out.append(Region("conformal", [self.cells[self.finest][k] for k in fine], fine,
                               float(p[j, nodes].sum()), float(areas[nodes].sum()), float(coverage), tau,
-                              rest, minus))
+                              rest, minus, ranks))
         return out
 
     def _sub_cells(self, level: int, cls: int) -> list[str]:

@@ -5,8 +5,9 @@ functions the CLI (``import-photos``, ``import-csv``) and the dashboard both cal
 is read once: hashed (sha256: the same bytes are never imported twice), identified and
 checked from its header, then fully decoded at a small size (a truncated or corrupt file
 is refused here, and its brightness measured). Good images are copied into
-``data/images/`` (``Manifest.store_image``: file first, then its row, so an interrupted
-import never leaves a row without its file), or referenced where they are with ``link``.
+``data/images/`` (``workspace.write_image_file``: file first, then its row, so an
+interrupted import never leaves a row without its file), or referenced where they are with
+``link``. ``pipeline.image_check`` does this, in worker processes with ``--workers``.
 
 Everything skipped is counted by reason in an ``ImportSummary``; a bad file is never an
 error. Warnings that Pillow raises while reading a file ("Invalid APNG", "Corrupt EXIF

@@ -24,7 +24,8 @@ With ``--coverage P`` (a run calibrated by ``evaluate --calibrate``), each objec
 "conformal", "coverage": P, "threshold", "n_cells", "area_km2", "mass", "cells": [...]}``,
 the area that holds the true place with probability >= P (``geohier.conformal``): finest
 cells, and with a fixed-level hierarchy that dropped cells also ``"rest_cells": [{"cell",
-"minus": [...]}]``, coarser cells less their class sub-cells (where the dropped cells lie).
+"minus": [...], "rank"}]``, coarser cells less their class sub-cells (where the dropped
+cells lie), each with its rank among all the region's cells (1: the most probable).
 With ``--abstain P``: ``abstained`` (true when the confidence is under P); an abstained
 image has ``"best": null`` and a ``region`` (the conformal one with ``--coverage``, else
 the kept cells, ``"source": "kept"``). With ``--within country:FR,DE`` or
@@ -241,7 +242,8 @@ def format_table(pred: Prediction, show: int = 5) -> str:
         r = pred.region
         lines = [pred.image, f"  not sure: confidence {pred.confidence:.3f} is under --abstain; the place is in "
                              f"{_describe_region(r)}"]
-        named = list(r.cells) + [f"{cell} (rest: the cell less its class sub-cells)" for cell in r.rest]
+        named = [f"{cell} (rest: the cell less its class sub-cells)" if is_rest else cell
+                 for cell, is_rest in r.ranked()]  # most probable first
         lines += [f"      {cell}" for cell in named[:show]]
         if len(named) > show:
             lines.append(f"      ... {len(named) - show} more")

@@ -294,13 +294,24 @@ def test_region_with_a_rest_draws_its_sub_cells_as_holes():
     parent = grid.keys_to_ids([grid.key(grid.cell(10.0, 10.0, 1))], 1)[0]  # lat 0..90, lon 0..180
     kid = grid.keys_to_ids([grid.key(grid.cell(10.0, 10.0, 2))], 2)[0]  # lat 0..45, lon 0..90
     r = cf.Region("conformal", [], [], 0.5, 1.0, 0.9, 0.5, rest=[parent], rest_minus=[[kid]])
-    assert r.n_cells == 1 and r.to_dict()["rest_cells"] == [{"cell": parent, "minus": [kid]}]
+    assert r.n_cells == 1 and r.to_dict()["rest_cells"] == [{"cell": parent, "minus": [kid], "rank": 1}]
     (f,) = cf.region_geojson(r)["features"]
     assert f["properties"] == {"cell": parent, "rest": True, "rank": 1}
     outer, hole = f["geometry"]["coordinates"]
     assert outer == [[0, 0], [180, 0], [180, 90], [0, 90], [0, 0]]
     assert sorted(map(tuple, hole)) == sorted(map(tuple, [[0, 0], [90, 0], [90, 45], [0, 45], [0, 0]]))
     assert "rest_cells" not in cf.Region("conformal", [kid], [0], 0.5, 1.0).to_dict()
+
+
+def test_a_region_lists_its_rests_at_their_rank():
+    # ranked by probability: cell a, the rest of X, cell b, the rest of Y
+    r = cf.Region("conformal", ["0/0/1", "0/0/2"], [1, 2], 0.9, 1.0, 0.9, 0.5, rest=["1", "2"],
+                  rest_minus=[["1/0"], ["2/3"]], rest_ranks=[2, 4])
+    assert r.ranked() == [("0/0/1", False), ("1", True), ("0/0/2", False), ("2", True)]
+    assert [f["properties"]["rank"] for f in cf.region_geojson(r)["features"]] == [1, 3, 2, 4]
+    assert [d["rank"] for d in r.to_dict()["rest_cells"]] == [2, 4]
+    legacy = cf.Region("conformal", ["0/0/1"], [1], 0.9, 1.0, rest=["1"], rest_minus=[["1/0"]])
+    assert legacy.ranked() == [("0/0/1", False), ("1", True)]  # no ranks given: rests last
 
 
 # ----------------------------------------------------------------------------- place groups: weights and cross-fit
@@ -414,6 +425,13 @@ def test_predictor_regions_hold_the_dropped_cells(tmp_path):
         assert r.area_km2 == pytest.approx(float(p.node_areas()[alive].sum()), rel=1e-6)
     rest_cell = h.cells(3)[labels[3][2]]
     assert rest_cell in big[2].rest and p._sub_cells(3, labels[3][2]) == big[2].rest_minus[big[2].rest.index(rest_cell)]
+    # the nodes come out in the order of their probabilities, rests where they rank
+    for j, r in enumerate(big):
+        probs = {}
+        for k in np.flatnonzero((lp[j].exp() > 0).numpy()).tolist():
+            lv, cls = p.partition.node(k)
+            probs[(h.cells(lv)[cls], lv != p.finest)] = float(lp[j, k].exp())
+        assert r.ranked() == sorted(probs, key=lambda node: -probs[node])
 
 
 def test_groups_of_are_the_groups_the_splits_were_dealt_in(ws):

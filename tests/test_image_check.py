@@ -226,3 +226,19 @@ def test_ctrl_c_on_a_parallel_import_counts_what_it_wrote_and_leaves_no_worker(t
             break
         time.sleep(0.1)
     assert running == []
+
+
+@pytest.mark.slow
+def test_the_import_benchmark_runs_and_prints_its_table():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "bench/import_csv.py", "--rows", "30", "--per-zip", "20",
+                          "--workers", "0,2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "30 JPEGs of 512 x 384" in text and "read in place from zips" in text and "copied from numbered" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| 0 |", "| 2 |"))]
+    assert len(rows) == 4 and "failed" not in text and rows[0].split("|")[4].strip() == "1.00x"

@@ -313,3 +313,16 @@ def test_abstain_answers_not_sure_with_the_region(ws, calibrated_run, city_photo
     assert main(["predict", city_photos[0], "--abstain", "1"]) == 0
     out = capsys.readouterr().out
     assert "not sure: confidence" in out and "kept cells" in out
+
+
+def test_not_sure_lists_the_region_most_probable_first_rests_at_their_rank():
+    from geohier.conformal import Region
+    from geohier.prediction import Prediction
+    from pipeline.predict import format_table
+
+    region = Region("conformal", ["0/0/1", "0/0/2"], [1, 2], 0.9, 1234.0, 0.9, 0.5, rest=["1", "2"],
+                    rest_minus=[["1/0"], ["2/3"]], rest_ranks=[2, 4])
+    text = format_table(Prediction("x.jpg", confidence=0.1, region=region, abstained=True), show=3)
+    listed = [line.strip() for line in text.splitlines()[2:]]
+    assert listed == ["0/0/1", "1 (rest: the cell less its class sub-cells)", "0/0/2", "... 1 more"]
+    assert "4 cell(s), 2 of them a coarser cell's rest, 1,234 km² (0.9 coverage region" in text
