@@ -29,14 +29,16 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import sys
 import time
+import types
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from geohier.archives import read_member
 from geohier.exif import GPS_MISSING
@@ -52,8 +54,17 @@ from geohier.images import (
 )
 from geohier.workspace import Manifest, sha256_bytes, write_image_file
 
-if TYPE_CHECKING:
-    from pipeline.ingest import ImportSummary
+
+class Counts(Protocol):
+    """Where outcomes are counted (``pipeline.ingest.ImportSummary``)."""
+
+    duplicates: int
+
+    def skip(self, reason: str, name: str) -> None: ...
+
+    def warn(self, message: str, name: str) -> None: ...
+
+    def add(self, lat: float, lon: float) -> None: ...
 
 # Brightness is a mean, and a JPEG decoded at 1/8 scale keeps every 8x8 block's mean: so the
 # check decodes no larger than this (every byte is still decoded, so truncation is caught).
@@ -170,6 +181,21 @@ def auto_workers(images: int) -> int:
 
 
 @contextmanager
+def _plain_main():
+    """An empty ``__main__`` while workers start. A spawned worker first re-imports the
+    parent's ``__main__``; the workers need nothing from it, and some cannot be run twice:
+    a Streamlit page (Streamlit makes the page script ``__main__``), a script without a
+    ``__name__ == "__main__"`` guard."""
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
+
+
+@contextmanager
 def _ctrl_c_deferred():
     """SIGINT held back in this thread for the block (delivered, as KeyboardInterrupt, when
     it ends); a plain block where signals cannot be masked."""
@@ -190,7 +216,7 @@ class Adder:
     when its turn comes; ``finish`` commits what is still in flight, ``abort`` drops it.
     Use as a context manager: leaving by an exception aborts."""
 
-    def __init__(self, m: Manifest, s: ImportSummary, workers: int = 0):
+    def __init__(self, m: Manifest, s: Counts, workers: int = 0):
         self.m, self.s = m, s
         self.workers = max(0, int(workers))
         self.pool: ProcessPoolExecutor | None = None
@@ -218,7 +244,9 @@ class Adder:
         if self.pool is None:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
                                             initializer=_worker_start, initargs=(str(self.m.path),))
-        self.pending.append((self.pool.submit(_worker_check, path, name, latlon, copy_into), where))
+        with _plain_main():  # a submit may start a worker
+            future = self.pool.submit(_worker_check, path, name, latlon, copy_into)
+        self.pending.append((future, where))
         while len(self.pending) > AHEAD_PER_WORKER * self.workers:
             self._commit_next()
 

@@ -242,3 +242,22 @@ def test_the_import_benchmark_runs_and_prints_its_table():
     assert "30 JPEGs of 512 x 384" in text and "read in place from zips" in text and "copied from numbered" in text
     rows = [line for line in text.splitlines() if line.startswith(("| 0 |", "| 2 |"))]
     assert len(rows) == 4 and "failed" not in text and rows[0].split("|")[4].strip() == "1.00x"
+
+
+def test_workers_do_not_run_the_callers_main_script(tmp_path, ws, monkeypatch, csv_set):
+    # A spawned worker re-imports the parent's __main__: a Streamlit page is __main__ while it
+    # runs (the full test run failed so, after the page tests), and so is a script without a
+    # main guard. The workers start without it.
+    import sys
+    import types
+
+    marker = tmp_path / "ran"
+    script = tmp_path / "page.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit('a page script is not a worker')\n")
+    page = types.ModuleType("__main__")
+    page.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", page)
+    table, root = csv_set
+    s = import_csv(ws, table, root, workers=2)
+    assert s.added == 14 and not marker.exists()
+    assert sys.modules["__main__"] is page  # given back
