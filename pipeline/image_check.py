@@ -34,6 +34,7 @@ import time
 import types
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Protocol
 
 from geohier.archives import read_member
+from geohier.errors import WorkspaceError
 from geohier.exif import GPS_MISSING
 from geohier.images import (
     READ_MISSING,
@@ -254,7 +256,14 @@ class Adder:
         future, where = self.pending.popleft()
         if not future.done():
             self._end_batch()  # never hold the write lock while waiting
-        self.commit(future.result(), *where)
+        try:
+            checked = future.result()
+        except BrokenProcessPool:
+            raise WorkspaceError(
+                f"a worker process died while reading {where[1]} or an image near it (out of memory, or a "
+                "crash in an image decoder); every row added before it is kept: run the same command again "
+                "with --workers 0 to find the image") from None
+        self.commit(checked, *where)
 
     def _write(self) -> None:
         """Before a manifest write: open a batch transaction unless one is open."""
@@ -279,13 +288,17 @@ class Adder:
     def abort(self) -> None:
         """Drop what is in flight (not checked yet: a re-run adds it), keep the rows
         written (each has its file), and stop the workers."""
-        self._end_batch(force=True)
-        for future, _ in self.pending:
-            future.cancel()
-        self.pending.clear()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+        try:
+            self._end_batch(force=True)
+        except sqlite3.Error:  # the commit failed (a full disk): the batch goes, the error that led here stays
+            self.m.conn.rollback()
+        finally:
+            for future, _ in self.pending:
+                future.cancel()
+            self.pending.clear()
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+                self.pool = None
 
     def commit(self, c: Checked, path: Path | str, name: str, link: bool, row: dict) -> None:
         """Store one checked image and count its outcome. Ctrl-C waits until both are done:

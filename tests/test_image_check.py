@@ -261,3 +261,26 @@ def test_workers_do_not_run_the_callers_main_script(tmp_path, ws, monkeypatch, c
     s = import_csv(ws, table, root, workers=2)
     assert s.added == 14 and not marker.exists()
     assert sys.modules["__main__"] is page  # given back
+
+
+def test_a_worker_that_dies_is_one_clear_error_and_the_rows_before_it_stay(tmp_path, ws):
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from geohier.errors import WorkspaceError
+    from pipeline.image_check import Adder, check_image
+    from pipeline.ingest import ImportSummary
+
+    good = _noisy(tmp_path / "good.jpg", seed=1)
+    s = ImportSummary("csv", "t.csv")
+    with ws.manifest() as m:
+        adder = Adder(m, s, workers=1)
+        done, dead = Future(), Future()
+        done.set_result(check_image(good, "good", (1.0, 2.0), copy_into=str(ws.data_dir)))
+        dead.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+        row = {"source": "csv", "source_id": "good"}
+        adder.pending.extend([(done, (good, "good", False, row)), (dead, (tmp_path / "x.jpg", "x", False, {}))])
+        with pytest.raises(WorkspaceError, match="a worker process died while reading x or an image near it"):
+            with adder:
+                adder.finish()
+        assert m.count() == 1 and s.added == 1 and not adder.pending
