@@ -29,9 +29,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import sys
 import time
-import types
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -55,6 +53,7 @@ from geohier.images import (
     open_image,
 )
 from geohier.workspace import Manifest, sha256_bytes, write_image_file
+from pipeline.workers import bare_main
 
 
 class Counts(Protocol):
@@ -183,21 +182,6 @@ def auto_workers(images: int) -> int:
 
 
 @contextmanager
-def _plain_main():
-    """An empty ``__main__`` while workers start. A spawned worker first re-imports the
-    parent's ``__main__``; the workers need nothing from it, and some cannot be run twice:
-    a Streamlit page (Streamlit makes the page script ``__main__``), a script without a
-    ``__name__ == "__main__"`` guard."""
-    saved = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if saved is not None:
-            sys.modules["__main__"] = saved
-
-
-@contextmanager
 def _ctrl_c_deferred():
     """SIGINT held back in this thread for the block (delivered, as KeyboardInterrupt, when
     it ends); a plain block where signals cannot be masked."""
@@ -246,7 +230,7 @@ class Adder:
         if self.pool is None:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
                                             initializer=_worker_start, initargs=(str(self.m.path),))
-        with _plain_main():  # a submit may start a worker
+        with bare_main():  # a submit may start a worker (pipeline.workers)
             future = self.pool.submit(_worker_check, path, name, latlon, copy_into)
         self.pending.append((future, where))
         while len(self.pending) > AHEAD_PER_WORKER * self.workers:

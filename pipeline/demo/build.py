@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-import types
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -24,6 +22,7 @@ from pipeline.demo.world import (
     country_style,
     sample_world,
 )
+from pipeline.workers import bare_main
 
 DEFAULT_IMAGES = 4000
 DEFAULT_SIZE = 128
@@ -82,23 +81,6 @@ def _check_args(images, seed, size, workers) -> tuple[int, int, int, int]:
     return images, seed, size, workers
 
 
-@contextmanager
-def _bare_main():
-    """Hide the parent's ``__main__`` while spawned workers start.
-
-    A spawned worker re-imports the parent's main module. Under Streamlit (and AppTest)
-    that is the page script that asked for the build: run in a worker it dies at once, and
-    the pool restarts it forever. The workers need nothing from ``__main__``.
-    """
-    saved = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if saved is not None:
-            sys.modules["__main__"] = saved
-
-
 def build_demo(ws: Workspace, images: int = DEFAULT_IMAGES, seed: int = DEFAULT_SEED,
                size: int = DEFAULT_SIZE, workers: int | None = None,
                progress: Callable[[int, int], None] | None = None,
@@ -135,7 +117,7 @@ def build_demo(ws: Workspace, images: int = DEFAULT_IMAGES, seed: int = DEFAULT_
         try:
             if workers > 1 and len(todo) >= POOL_MIN_IMAGES:
                 import multiprocessing as mp
-                with _bare_main():
+                with bare_main():  # pipeline.workers: the page script is __main__ under Streamlit
                     pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(styles,))
                 results = pool.imap(_render_task, tasks, chunksize=16)
             else:
