@@ -235,13 +235,22 @@ def _split_dataset(ws: Workspace, predictor: Predictor, split: str) -> tuple:
 
 # ----------------------------------------------------------------------------- calibration
 
+
+def _check_method(method: str) -> str:
+    if method not in cf.METHODS:
+        raise InputError(f"unknown conformal weighing {method!r}; use one of {', '.join(cf.METHODS)}")
+    return method
+
+
 def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 64,
                   device: str | None = None, num_workers: int = 0, progress: bool = True,
-                  collected: dict | None = None) -> dict:
+                  collected: dict | None = None, conformal_method: str = cf.DEFAULT_METHOD) -> dict:
     """Fit one temperature per level on the run's own val split and store it in meta.json,
     then the split-conformal calibration of the prediction regions on the same images
     after temperature scaling (meta.json ``conformal``: the sorted APS scores, see
-    ``geohier.conformal``).
+    ``geohier.conformal``). ``conformal_method``: ``groups`` weighs each place group alike
+    (the coverage guarantee counts places: the default), ``images`` each image alike (it
+    counts photos; a place with many photos weighs more).
 
     Returns ``{level: {"temperature", "n", "ece_before", "ece_after", "nll_before",
     "nll_after"}}`` (level keys as strings), which is also stored as meta.json's
@@ -249,6 +258,7 @@ def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 6
     rewritten atomically. Raises InputError when the val split has no usable image,
     WorkspaceError while the run is still training or when its split is gone."""
     run_dir = Path(run_dir)
+    conformal_method = _check_method(conformal_method)
     _check_not_running(run_dir)
     predictor = _load(run_dir, device)
     levels = list(predictor.levels)
@@ -282,7 +292,7 @@ def calibrate_run(run_dir: str | os.PathLike, ws: Workspace, batch_size: int = 6
     conformal = None
     scores = predictor.conformal_scores(collected["logits"], collected["labels"])
     groups = splits_mod.groups_of(ws, ds.ids[collected["index"]], own.splits) \
-        if own is not None and cf.DEFAULT_METHOD == "groups" else None
+        if own is not None and conformal_method == "groups" else None
     if scores.size:
         conformal = cf.Conformal.fit(scores, groups=groups, level=finest, split="val", fitted_at=utcnow(),
                                      temperatures={str(lv): t for lv, t in predictor.temperatures.items()},
@@ -344,7 +354,7 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
                  batch_size: int = 64, device: str | None = None, num_workers: int = 0,
                  calibrate: bool | None = None, progress: bool = True, refine: bool = False,
                  refine_k: int = rf.DEFAULT_K, refine_tau: float = rf.DEFAULT_TAU,
-                 within: str | None = None) -> dict:
+                 within: str | None = None, conformal_method: str | None = None) -> dict:
     """Evaluate a run; write ``eval.json`` into the run and return its content.
 
     ``csv``: evaluate on an external CSV (path, lat, lon; OSV-5M and Im2GPS3k column names
@@ -356,6 +366,9 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
     without ``neighbours.safetensors`` is refused before anything runs. ``within``: score
     the guesses ``predict --within`` gives (a region limit, ``geohier.limits``) on every
     image; its leaderboard entry is ``<run> within <limit>``, beside the unlimited one.
+    ``conformal_method`` (``groups`` or ``images``, see ``calibrate_run``): recalibrate
+    when the run's conformal calibration weighs its images otherwise (None: keep it, or
+    ``groups`` for a new one).
     """
     run_dir = Path(run_dir)
     if split not in SPLIT_CHOICES:
@@ -372,8 +385,16 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         predictor.neighbour_index()  # refuse before anything runs
     meta = predictor.metas[0]
     stale = predictor.conformal_stale  # a calibration of the finest classes alone, for a hierarchy with rests
+    if conformal_method is not None:
+        _check_method(conformal_method)
+        have = predictor.conformal.method if predictor.conformal is not None else None
+        if have is not None and have != conformal_method and calibrate is False:
+            raise InputError(f"the run's conformal calibration weighs {have}, not {conformal_method}: "
+                             "drop --no-calibrate to recalibrate, or drop --conformal-weights")
+        stale = stale or have != conformal_method
     if calibrate or (calibrate is None and ("calibration" not in meta or stale) and _has_split(ws, "val")):
-        calibrate_run(run_dir, ws, batch_size, device, num_workers, progress)
+        calibrate_run(run_dir, ws, batch_size, device, num_workers, progress,
+                      conformal_method=conformal_method or cf.DEFAULT_METHOD)
         predictor = _load(run_dir, device)
         predictor.refine_k, predictor.refine_tau = int(refine_k), float(refine_tau)
         meta = predictor.metas[0]
@@ -625,9 +646,13 @@ def format_report(result: dict) -> str:
                          f"{pct(r.get('group_coverage'), 7)} {pct(r.get('group_coverage_se'), 6)} {both:>15} "
                          f"{num(r.get('mean_cells'), 10, 1)} {num(r.get('median_area_km2'), 12, 0)} "
                          f"{num(r.get('mean_area_km2'), 12, 0)}")
-        lines.append("  images: the share of images whose point is in their region; groups: the mean of the place "
-                     "groups' shares (what the calibration guarantees); cross-fit (images, groups): calibrated on "
-                     "half the split's groups, measured on the other half, over random halvings")
+        by_groups = cal.get("method", "groups") == "groups"
+        lines.append("  images: the share of images whose point is in their region"
+                     + ("" if by_groups else " (what the calibration guarantees)")
+                     + "; groups: the mean of the place groups' shares"
+                     + (" (what the calibration guarantees)" if by_groups else "")
+                     + "; cross-fit (images, groups): calibrated on half the split's groups, measured on the "
+                       "other half, over random halvings")
     elif "conformal" in result:
         lines += ["", "prediction regions: the run has no conformal calibration (evaluate it with --calibrate)"]
     if result.get("abstention"):
@@ -672,6 +697,11 @@ def register(sub) -> None:
                      help="refit the temperatures on the val split first (default: only when none fitted yet)")
     cal.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                      help="keep the run's fitted temperatures as they are")
+    p.add_argument("--conformal-weights", dest="conformal_method", choices=cf.METHODS, default=None,
+                   help="how the prediction regions' calibration weighs the val images: groups (each place "
+                        "group alike: the coverage guarantee counts places) or images (each photo alike: it "
+                        "counts photos); recalibrates a run calibrated the other way (default: keep the run's, "
+                        "groups for a new calibration)")
     p.add_argument("--refine", action="store_true",
                    help="also score the guess refined to the nearest training images inside the kept cells "
                         f"(runs with {runs.NEIGHBOURS_FILE}), as its own rule and leaderboard entry (default: off)")
@@ -691,7 +721,7 @@ def run(args, ws: Workspace) -> int:
     result = evaluate_run(run_dir, ws, csv=args.csv, images_root=args.images_root, split=args.split,
                           batch_size=args.batch_size, device=args.device, num_workers=args.workers,
                           calibrate=args.calibrate, progress=sys.stderr.isatty(), refine=args.refine,
-                          within=args.within)
+                          within=args.within, conformal_method=args.conformal_method)
     for note in result.get("notes") or []:
         print(f"note: {note}", file=sys.stderr)
     if args.json:

@@ -435,6 +435,36 @@ def test_calibrate_stores_conformal_and_evaluate_reports_regions_and_abstention(
     assert "prediction regions (conformal" in text and "most confident" in text
 
 
+def test_conformal_weights_images_or_groups_calibrate_the_regions_that_way(ws, tiny_run, capsys):
+    from geohier import conformal as cf
+
+    def method():
+        return json.loads((tiny_run / "meta.json").read_text())["conformal"]["method"]
+
+    evaluate.calibrate_run(tiny_run, ws, progress=False)
+    assert method() == "groups"  # the default: each place group alike
+    # asking for photos recalibrates; the report says so and holds the image share up as the guarantee
+    assert cli_main(["evaluate", "tiny", "--conformal-weights", "images"]) == 0
+    out = capsys.readouterr().out
+    assert method() == "images" and "their region (what the calibration guarantees)" in out
+    res = json.loads((tiny_run / "eval.json").read_text())
+    assert res["conformal_calibration"]["method"] == "images"
+    # photo weights by hand: the ceil(7 * 0.8) = 6th smallest of the 6 val scores
+    c = cf.Conformal.from_dict(json.loads((tiny_run / "meta.json").read_text())["conformal"])
+    assert c.threshold(0.8) == pytest.approx(max(c.scores))
+    # without the flag the run keeps what it has; --no-calibrate cannot switch it
+    res = evaluate.evaluate_run(tiny_run, ws, progress=False)
+    assert method() == "images" and res["conformal_calibration"]["method"] == "images"
+    assert cli_main(["evaluate", "tiny", "--no-calibrate", "--conformal-weights", "groups"]) == 2
+    err = capsys.readouterr().err
+    assert "weighs images, not groups: drop --no-calibrate to recalibrate" in err and "Traceback" not in err
+    assert method() == "images"
+    assert cli_main(["evaluate", "tiny", "--conformal-weights", "groups"]) == 0
+    assert method() == "groups" and "groups' shares (what the calibration guarantees)" in capsys.readouterr().out
+    with pytest.raises(InputError, match="unknown conformal weighing 'places'"):
+        evaluate.calibrate_run(tiny_run, ws, progress=False, conformal_method="places")
+
+
 def test_evaluate_without_conformal_says_how_to_calibrate(ws, tiny_run):
     res = evaluate.evaluate_run(tiny_run, ws, calibrate=False, progress=False)
     assert res["conformal"] is None and res["abstention"]["rows"][-1]["n"] == 6
