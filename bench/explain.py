@@ -1,7 +1,8 @@
 """Seconds per photo of ``geohier.explain.occlusion`` and ``gradcam`` (``predict --explain``) on this machine.
 
 Occlusion sensitivity costs ``grid**2 + 1`` forwards per photo (50 at the default 7 x 7),
-in batches of 16 through the Predictor's own forward. Rows: resnet50 at 224 px (random
+in batches of 16 through the Predictor's own forward. Rows: resnet50 and a ViT-B/16
+(timm's ``vit_base_patch16_224``, built from its config, offline) at 224 px (random
 weights: the cost does not depend on them) and the test suite's tiny resnet18 at 32 px,
 each with one plain forward of one photo as the baseline and the ratio in the same run.
 Usage: ``python bench/explain.py [--grid 7] [--repeat 2]``.
@@ -43,7 +44,7 @@ def main() -> None:
     photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (480, 640, 3), dtype=np.uint8))
     print(f"torch threads {torch.get_num_threads()}; grid {args.grid} x {args.grid} "
           f"({args.grid ** 2 + 1} forwards per photo); a 640 x 480 photo")
-    for backbone, size in (("resnet50", 224), ("resnet18", 32)):
+    for backbone, size in (("resnet50", 224), ("timm:vit_base_patch16_224", 224), ("resnet18", 32)):
         pred = predictor(backbone, size)
         pred.logits([photo])  # warm up
         t0 = time.perf_counter()

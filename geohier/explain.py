@@ -1,4 +1,4 @@
-"""Why this guess: occlusion sensitivity, for any backbone; Grad-CAM for CNNs.
+"""Why this guess: occlusion sensitivity, for any backbone; Grad-CAM for CNNs and ViTs.
 
 The photo is cut, over the square the model actually sees (the preset's resize and centre
 crop), into a ``grid`` x ``grid`` of patches. Each patch in turn is painted with the
@@ -16,17 +16,20 @@ A patch the guess depends on lights up; a patch it ignores stays dark. The cost 
 photo. ``overlay`` blends the values, as a heat map, over the photo (outside the square
 the model sees, the photo is dimmed).
 
-For CNN backbones ``gradcam`` is the cheap alternative (one forward and one backward): the
-backbone's last spatial feature map weighted by the gradient of the same best cell's log
-joint probability. It shows where the evidence sits in the features, at their coarse
-resolution (7 x 7 for resnet50 at 224 px); occlusion measures what the guess actually
-loses, patch by patch, for any backbone (ViTs included, which have no spatial map).
+``gradcam`` is the cheap alternative (one forward and one backward): a feature map
+weighted by the gradient of the same best cell's log joint probability. For a CNN it is
+the last spatial feature map (7 x 7 for resnet50 at 224 px); for a ViT (timm,
+transformers, OpenCLIP) the patch tokens of its last LayerNorm that the guess depends on,
+laid back on their grid (14 x 14 for ViT-B/16 at 224 px; the input norm of the last block
+when the class token is pooled). It shows where the evidence sits in the features;
+occlusion measures what the guess actually loses, patch by patch.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -163,8 +166,9 @@ def occlusion(predictor, img: Image.Image, grid: int = DEFAULT_GRID, batch_size:
 
 @dataclass
 class ActivationMap:
-    """Grad-CAM of one photo: ``cam`` (h, w) on the backbone's last spatial feature map
-    (row 0 at the top), ``layer`` its module name; ``box`` and ``base`` as ``Explanation``'s."""
+    """Grad-CAM of one photo: ``cam`` (h, w) on a CNN's last spatial feature map or a ViT's
+    patch grid (row 0 at the top), ``layer`` its module name; ``box`` and ``base`` as
+    ``Explanation``'s."""
 
     cam: np.ndarray
     layer: str
@@ -188,17 +192,56 @@ class ActivationMap:
 METHODS = ("occlusion", "gradcam")
 
 
-def _last_spatial(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict, str, torch.Tensor]:
-    """One forward of ``x`` that records the module outputs which are spatial feature maps
-    (4-D, more than 1 x 1): ``(outputs, name of the last such module, its output)``, the
-    graph kept from the input on (the weights held fixed, so nothing upstream of the input
-    is recorded). InputError when there is none (a ViT)."""
+#: Most tokens a ViT puts before its patch tokens (a class token, registers: DINOv2 has 1 + 4).
+MAX_PREFIX_TOKENS = 16
+
+
+def _patch_grid(tokens: int, height: int, width: int) -> tuple[int, int, int] | None:
+    """``(prefix, h, w)``: how ``tokens`` split into leading extra tokens and an h x w patch
+    grid of the input's aspect, the fewest extra tokens first; None when no split fits.
+
+    >>> _patch_grid(197, 224, 224), _patch_grid(261, 224, 224), _patch_grid(21, 32, 64)
+    ((1, 14, 14), (5, 16, 16), (3, 3, 6))
+    """
+    for exact in (True, False):  # the input's exact aspect first, then one a patch size floors to
+        for prefix in range(min(MAX_PREFIX_TOKENS, tokens - 4) + 1):  # a grid of at least 2 x 2
+            n = tokens - prefix
+            h = max(1, round(math.sqrt(n * height / width)))
+            if n % h:
+                continue
+            w = n // h
+            if h * width == w * height if exact else abs(h * width - w * height) < 0.15 * w * height:
+                return prefix, h, w
+    return None
+
+
+def _token_layout(t: torch.Tensor) -> int | None:
+    """The token axis of a LayerNorm's output for a batch of one: 1 for (1, T, D) (timm,
+    transformers), 0 for (T, 1, D) (older open_clip); None for anything else."""
+    if t.dim() != 3:
+        return None
+    if t.shape[0] == 1 and t.shape[1] > 1:
+        return 1
+    if t.shape[1] == 1 and t.shape[0] > 1:
+        return 0
+    return None
+
+
+def _record(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict, list[tuple[str, torch.nn.Module, torch.Tensor]]]:
+    """One forward of ``x`` that records, in order, the outputs Grad-CAM can work on:
+    spatial feature maps (4-D, more than 1 x 1) and LayerNorm outputs over tokens; the graph
+    kept from the input on (the weights held fixed, so nothing upstream of the input is
+    recorded)."""
     names = {m: n for n, m in model.named_modules()}
-    seen: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    seen: list[tuple[str, torch.nn.Module, torch.Tensor]] = []
 
     def note(mod, _inp, out):
-        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1:
-            seen.append((mod, out))
+        if not isinstance(out, torch.Tensor):
+            return
+        if out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1:
+            seen.append(("map", mod, out))
+        elif isinstance(mod, torch.nn.LayerNorm) and _token_layout(out) is not None:
+            seen.append(("tokens", mod, out))
 
     hooks = [m.register_forward_hook(note) for m in model.modules()]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -212,20 +255,43 @@ def _last_spatial(model: torch.nn.Module, x: torch.Tensor) -> tuple[dict, str, t
             h.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
-    if not seen:
-        raise InputError("Grad-CAM needs a backbone with a spatial feature map (a CNN such as resnet50); "
-                         "this one has none (a ViT): use occlusion")
-    module, a = seen[-1]
-    return out, names.get(module, "?"), a
+    return out, [(kind, names.get(mod, "?"), t) for kind, mod, t in seen]
+
+
+def _cam(kind: str, a: torch.Tensor, grad: torch.Tensor, size: tuple[int, int]) -> np.ndarray | None:
+    """Grad-CAM of one recorded output: channels weighted by their mean gradient over the
+    positions, summed, positive part. Tokens are laid back on their patch grid (the extra
+    leading tokens dropped); None when the tokens make no grid or their gradient is 0 (the
+    patch tokens of a ViT's last block, which a class-token pooling never reads)."""
+    if kind == "map":
+        a, grad = a.detach()[0].float(), grad[0].float()  # (C, h, w)
+        weights = grad.mean(dim=(1, 2))
+        return torch.relu((weights[:, None, None] * a).sum(0)).cpu().numpy().astype(np.float64)
+    axis = _token_layout(a)
+    a, grad = a.detach().float().movedim(axis, 0)[:, 0], grad.float().movedim(axis, 0)[:, 0]  # (T, D)
+    grid = _patch_grid(a.shape[0], *size)
+    if grid is None:
+        return None
+    prefix, h, w = grid
+    a, grad = a[prefix:], grad[prefix:]
+    if not bool(grad.abs().sum() > 0):
+        return None
+    weights = grad.mean(dim=0)  # (D,)
+    return torch.relu(a @ weights).reshape(h, w).cpu().numpy().astype(np.float64)
 
 
 def gradcam(predictor, img: Image.Image, temperature: bool = True, walk: str | None = None) -> ActivationMap:
-    """Grad-CAM (Selvaraju et al. 2017) of one RGB photo: the last spatial feature map A of
-    the backbone, weighted per channel by the mean gradient of the log joint probability
-    of the guess's best finest cell (the cell ``predict`` answers), summed over channels,
-    positive part. One forward with its graph and part of a backward, beside the plain
-    forward that finds the guess. Single-model runs with a CNN backbone; InputError
-    otherwise."""
+    """Grad-CAM (Selvaraju et al. 2017) of one RGB photo: a feature map A of the backbone,
+    weighted per channel by the mean gradient of the log joint probability of the guess's
+    best finest cell (the cell ``predict`` answers), summed over channels, positive part.
+    One forward with its graph and part of a backward, beside the plain forward that finds
+    the guess.
+
+    A CNN's A is its last spatial feature map. A ViT's is the last LayerNorm over tokens
+    whose patch tokens the guess depends on (the input norm of the last block's attention,
+    the usual ViT Grad-CAM target: the last block's own patch outputs reach nothing when the
+    class token is pooled), its patch tokens laid back on their grid. Single-model runs;
+    InputError otherwise, or when the backbone has neither."""
     if len(predictor.models) != 1:
         raise InputError("Grad-CAM needs a single-model run; this predictor combines "
                          f"{len(predictor.models)} runs (use occlusion)")
@@ -237,14 +303,26 @@ def gradcam(predictor, img: Image.Image, temperature: bool = True, walk: str | N
     pts = predictor.points(predictor.logits([small]), walk)
     best = int(pts.cls[0])
     x = preset(small)[None].to(predictor.device)
-    out, layer, a = _last_spatial(model, x)
+    out, seen = _record(model, x)
+    # a ViT's token norms, the latest first (its 4-D tensors are attention's or the patch
+    # embedding's); then, or for a CNN, the last spatial feature map
+    maps = [item for item in seen if item[0] == "map"]
+    candidates = [item for item in seen if item[0] == "tokens"][::-1] + maps[-1:]
+    if not candidates:
+        raise InputError("Grad-CAM needs a backbone with a spatial feature map (a CNN such as resnet50) or "
+                         "LayerNorms over patch tokens (a ViT); this one has neither: use occlusion")
     with torch.enable_grad():
         logits = {lv: out[lv].float() for lv in predictor.levels}
         target = predictor.log_joint(logits, temperature)[0, best]
-        (grad,) = torch.autograd.grad(target, a)
-    a = a.detach()[0].float()  # (C, h, w)
-    weights = grad[0].float().mean(dim=(1, 2))  # (C,)
-    cam = torch.relu((weights[:, None, None] * a).sum(0)).cpu().numpy().astype(np.float64)
+        grads = torch.autograd.grad(target, [t for _, _, t in candidates], allow_unused=True)
+    cam = layer = None
+    for (kind, name, a), grad in zip(candidates, grads, strict=True):  # the latest that works
+        cam = None if grad is None else _cam(kind, a, grad, tuple(x.shape[-2:]))
+        if cam is not None:
+            layer = name
+            break
+    if cam is None:
+        raise InputError("Grad-CAM found no feature map the guess depends on in this backbone: use occlusion")
     w, h = small.size
     frac = (box[0] / w, box[1] / h, box[2] / w, box[3] / h)
     base = {"cell": predictor.cells[predictor.finest][best], "lat": float(pts.lat[0]), "lon": float(pts.lon[0]),
@@ -254,7 +332,7 @@ def gradcam(predictor, img: Image.Image, temperature: bool = True, walk: str | N
 
 def explain(predictor, img: Image.Image, method: str = "occlusion", grid: int = DEFAULT_GRID, batch_size: int = 16,
             temperature: bool = True):
-    """``occlusion`` (any backbone) or ``gradcam`` (CNN backbones) of one photo."""
+    """``occlusion`` or ``gradcam`` of one photo (any backbone)."""
     if method == "occlusion":
         return occlusion(predictor, img, grid, batch_size, temperature)
     if method == "gradcam":

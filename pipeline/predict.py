@@ -36,7 +36,7 @@ With ``--explain DIR``: for each readable photo, ``DIR/<name>.explain.png`` (the
 with an occlusion-sensitivity heat map: red where masking a patch drops the best cell's
 joint probability most) and ``DIR/<name>.explain.json`` (the grid of drops and of km the
 guess moves; ``geohier.explain``). ``--explain-method gradcam`` writes Grad-CAM instead
-(single-model runs with a CNN backbone: one forward and one backward per photo).
+(single-model runs, a CNN or a ViT backbone: one forward and one backward per photo).
 
 ``prob`` is a cell's probability among the candidates considered at its level (what the
 keep rules use); ``joint`` the probability of its whole path (the product of every level's
@@ -136,8 +136,8 @@ def register(sub) -> None:
                         f"grid values <name>.explain.json into DIR ({explain.DEFAULT_GRID}x{explain.DEFAULT_GRID} "
                         f"patches, {explain.DEFAULT_GRID ** 2 + 1} forwards per photo; default: none)")
     p.add_argument("--explain-method", choices=explain.METHODS, default="occlusion",
-                   help="how --explain explains: occlusion (any backbone) or gradcam (CNN backbones, one forward "
-                        "and one backward per photo) (default: occlusion)")
+                   help="how --explain explains: occlusion (one forward per patch) or gradcam (a CNN's last feature "
+                        "map or a ViT's patch tokens, one forward and one backward per photo) (default: occlusion)")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line (default: a table)")
     p.add_argument("--csv", default=None, metavar="OUT.csv",
                    help="write one row per image (image key, lat, lon, best cell, prob, joint) to this CSV, "

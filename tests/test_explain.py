@@ -205,9 +205,65 @@ def test_gradcam_lights_up_the_features_the_guess_reads():
     assert json.loads(json.dumps(cam.to_dict()))["method"] == "gradcam"
 
 
+class TinyViT(torch.nn.Module):
+    """A ViT's shape with a known answer: 8 x 8 patches embedded in 4 channels (+ and - the
+    patch's mean brightness, then 0, 0), a class token in front, a LayerNorm over the
+    tokens, then the class token (a learnt constant) takes in the top-left quadrant's
+    patches (a hand-wired attention), a final LayerNorm runs over every token, and the
+    class token alone goes on (so the final norm's patch outputs reach nothing, as in a
+    class-token-pooled ViT)."""
+
+    def __init__(self, num_classes: dict[int, int], scale: float = 8.0):
+        super().__init__()
+        self.num_classes, self.scale = dict(num_classes), scale
+        self.patch_embed = torch.nn.Conv2d(3, 4, 8, stride=8, bias=False)
+        with torch.no_grad():
+            self.patch_embed.weight.zero_()
+            self.patch_embed.weight[0].fill_(1 / 192)
+            self.patch_embed.weight[1].fill_(-1 / 192)
+        self.cls_token = torch.nn.Parameter(torch.tensor([[[0.0, 0.0, 1.0, 0.0]]]))
+        self.norm1 = torch.nn.LayerNorm(4, elementwise_affine=False)
+        self.norm = torch.nn.LayerNorm(4, elementwise_affine=False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, g*g, 4)
+        g = int(round(t.shape[1] ** 0.5))
+        a = self.norm1(torch.cat([self.cls_token.expand(t.shape[0], 1, 4), t], dim=1))
+        top_left = [1 + r * g + c for r in range(g // 2) for c in range(g // 2)]
+        cls = self.cls_token[:, 0] + a[:, top_left].mean(1)
+        m = self.norm(torch.cat([cls[:, None], a[:, 1:]], dim=1))[:, 0, 0]  # class-token pooling
+        return {lv: self.scale * m[:, None] * (torch.arange(c, dtype=torch.float32) - c / 2) / c
+                for lv, c in self.num_classes.items()}
+
+
+def test_gradcam_of_a_vit_lights_up_the_patches_the_class_token_reads():
+    p = top_left_predictor()  # 32 px: a 4 x 4 patch grid
+    p.models[0] = TinyViT(p.models[0].num_classes).eval()
+    a = np.zeros((64, 64, 3), dtype=np.uint8)
+    a[:32, :32] = 255  # white top-left, black elsewhere
+    cam = explain.gradcam(p, Image.fromarray(a))
+    # the last token norm (norm) is passed over: its patch outputs reach nothing
+    assert cam.layer == "norm1" and cam.cam.shape == (4, 4)
+    assert (cam.cam[:2, :2] > 0).all()  # the bright patches the class token reads
+    rest = np.ones((4, 4), bool)
+    rest[:2, :2] = False
+    assert (cam.cam[rest] == 0).all()
+    assert cam.base["cell"] == explain.occlusion(p, Image.fromarray(a), grid=2).base["cell"]
+
+
+def test_patch_grids_of_vits():
+    assert explain._patch_grid(197, 224, 224) == (1, 14, 14)  # ViT-B/16: a class token
+    assert explain._patch_grid(261, 224, 224) == (5, 16, 16)  # DINOv2 with registers, 14 px patches
+    assert explain._patch_grid(196, 224, 224) == (0, 14, 14)  # SigLIP: no class token
+    assert explain._patch_grid(1 + 14 * 18, 224, 300) == (1, 14, 18)  # 300 // 16 = 18: the floored aspect
+    assert explain._patch_grid(3, 224, 224) is None and explain._patch_grid(2, 32, 32) is None
+
+
 def test_gradcam_refuses_what_it_cannot_explain():
-    p = top_left_predictor()  # TopLeft has no spatial feature map (as a ViT)
-    with pytest.raises(InputError, match="no spatial feature map|has none"):
+    p = top_left_predictor()  # TopLeft has no spatial feature map and no token norm
+    with pytest.raises(InputError, match="this one has neither: use occlusion"):
         explain.gradcam(p, photo())
     two = Predictor([(p.models[0], {**p.metas[0], "arch": {"levels": [1, 3]}}, Path("a")),
                      (TopLeft({5: p.tree.num_classes[5]}).eval(), {**p.metas[0], "arch": {"levels": [5]}}, Path("b"))],
@@ -216,3 +272,31 @@ def test_gradcam_refuses_what_it_cannot_explain():
         explain.gradcam(two, photo())
     with pytest.raises(InputError, match="unknown explanation method"):
         explain.explain(p, photo(), method="saliency")
+
+
+@pytest.fixture(scope="module")
+def foundation_specs(tmp_path_factory):
+    import tiny_backbones as tb
+
+    root = tmp_path_factory.mktemp("tiny-backbones")
+    return {"timm": f"timm:{tb.timm_dir(root)}", "hf-clip": f"hf:{tb.hf_clip(root)}",
+            "hf-siglip": f"hf:{tb.hf_siglip(root)}", "hf-dinov2": f"hf:{tb.hf_dinov2(root)}",
+            "open_clip": f"open_clip:{tb.open_clip_dir(root)}"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "layer", "grid"), [
+    ("timm", "blocks.5.norm1", 2),  # the last block's input norm (the class token is pooled); 16 px patches
+    ("hf-clip", "encoder.layers.1.layer_norm1", 4),
+    ("hf-siglip", "post_layernorm", 4),  # an attention-pooling head reads every token after the last norm
+    ("hf-dinov2", "encoder.layer.1.norm1", 4),
+    ("open_clip", "transformer.resblocks.1.ln_1", 4),
+])
+def test_gradcam_finds_the_token_norm_of_every_vit_library(foundation_specs, name, layer, grid):
+    from geohier.model import build_model
+
+    p = top_left_predictor()
+    p.models[0] = build_model(foundation_specs[name], p.models[0].num_classes, weights="none", image_size=32).eval()
+    cam = explain.gradcam(p, photo())
+    assert cam.layer.endswith(layer) and cam.cam.shape == (grid, grid)  # 32 px in 8 or 16 px patches
+    assert np.isfinite(cam.cam).all() and (cam.cam >= 0).all()

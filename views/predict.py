@@ -78,7 +78,7 @@ def explain_upload(runs: tuple[str, ...], stamp: tuple, sha: str, name: str, _da
         return {"error": str(exc)}
     try:
         expl = explain.explain(predictor, img, method, grid=grid, temperature=temperature)
-    except GeohierError as exc:  # Grad-CAM of a ViT or of a per-level set
+    except GeohierError as exc:  # Grad-CAM of a per-level set, or of a backbone it cannot read
         return {"error": str(exc)}
     img.thumbnail((720, 720))
     return {"error": None, "explanation": expl, "photo": img}
@@ -344,16 +344,17 @@ with tab_predict:
                       key=f"predict_world_map_{pick}")
             st.caption(f"Joint probability of every level-{predictor.finest} class (product of each level's "
                        "probability given its parent); the colour spans six powers of ten below the top cell.")
-        # why this guess, on demand: occlusion (grid**2 + 1 forwards) or Grad-CAM (CNNs)
+        # why this guess, on demand: occlusion (grid**2 + 1 forwards) or Grad-CAM (a forward and a backward)
         from geohier import explain
 
         if st.toggle("Why this guess", value=False, key="predict_explain",
                      help="occlusion: mask each patch of the photo in turn and see how much the guess depends on "
-                          "it (one forward per patch, any backbone); Grad-CAM: where the CNN's last feature map "
-                          "holds the evidence for the best cell (one forward and one backward)"):
+                          "it (one forward per patch); Grad-CAM: where the backbone's features (a CNN's last feature "
+                          "map, a ViT's patch tokens) hold the evidence for the best cell (one forward and one "
+                          "backward)"):
             method = st.radio("Method", explain.METHODS, horizontal=True, key="predict_explain_method",
                               format_func={"occlusion": "occlusion (any backbone)",
-                                           "gradcam": "Grad-CAM (CNN backbones)"}.get)
+                                           "gradcam": "Grad-CAM (CNNs and ViTs)"}.get)
             grid_n, measure = explain.DEFAULT_GRID, "drop"
             if method == "occlusion":
                 x1, x2 = st.columns(2)
