@@ -477,33 +477,30 @@ def _report(s: ImportSummary, ws: Workspace) -> int:
     return 130 if s.interrupted else 0
 
 
-def run_photos(args, ws: Workspace) -> int:
-    bar, update = _bar("import-photos")
+def _run(command: str, ws: Workspace, do_import: Callable[..., ImportSummary]) -> int:
+    """Run one import with a progress bar on stderr, then print its summary."""
+    bar, update = _bar(command)
     try:
-        s = import_photos(ws, args.dir, link=args.link, recursive=args.recursive, progress=update,
-                          workers=args.workers)
+        s = do_import(progress=update)
     finally:
         bar.close()
     return _report(s, ws)
+
+
+def run_photos(args, ws: Workspace) -> int:
+    return _run("import-photos", ws, lambda **kw: import_photos(
+        ws, args.dir, link=args.link, recursive=args.recursive, workers=args.workers, **kw))
 
 
 def run_csv(args, ws: Workspace) -> int:
-    bar, update = _bar("import-csv")
-    try:
-        s = import_csv(ws, args.file, args.images_root, link=args.link, copy=args.copy,
-                       allow_outside_root=args.allow_outside_root, progress=update, workers=args.workers)
-    finally:
-        bar.close()
-    return _report(s, ws)
+    return _run("import-csv", ws, lambda **kw: import_csv(
+        ws, args.file, args.images_root, link=args.link, copy=args.copy,
+        allow_outside_root=args.allow_outside_root, workers=args.workers, **kw))
 
 
 def run_wds(args, ws: Workspace) -> int:
-    bar, update = _bar("import-wds")
-    try:
-        s = import_wds(ws, list(args.shards), copy=args.copy, progress=update, workers=args.workers)
-    finally:
-        bar.close()
-    return _report(s, ws)
+    return _run("import-wds", ws, lambda **kw: import_wds(ws, list(args.shards), copy=args.copy,
+                                                           workers=args.workers, **kw))
 
 
 def _workers(text: str) -> int | None:
