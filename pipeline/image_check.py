@@ -151,7 +151,7 @@ def _worker_start(manifest: str) -> None:
     global _worker_db
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
-        _worker_db = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True, timeout=30.0)
+        _worker_db = sqlite3.connect(f"{Path(manifest).resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
     except sqlite3.Error:
         _worker_db = None  # then every image is decoded; the insert still refuses duplicates
 

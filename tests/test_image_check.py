@@ -62,7 +62,7 @@ def csv_set(tmp_path) -> tuple[Path, Path]:
 
 def test_workers_give_the_same_import_as_one_process(tmp_path, csv_set):
     table, root = csv_set
-    one, many = _workspace(tmp_path, "one"), _workspace(tmp_path, "many")
+    one, many = _workspace(tmp_path, "one"), _workspace(tmp_path, "many #1?")  # a URI's special characters
     a = import_csv(one, table, root, workers=0)
     b = import_csv(many, table, root, workers=2)
     assert (a.total, a.added, a.duplicates) == (b.total, b.added, b.duplicates) == (20, 14, 2)
