@@ -88,7 +88,7 @@ def find_workspace(path: str | Path) -> Path:
 def _read_only(manifest: Path) -> sqlite3.Connection:
     # the sources are only read: never create, migrate or lock them for writing
     try:
-        con = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True, timeout=30.0)
+        con = sqlite3.connect(f"{manifest.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)  # # and ? quoted
         con.execute("SELECT 1 FROM images LIMIT 1").fetchall()
     except sqlite3.DatabaseError as exc:
         raise WorkspaceError(f"cannot read the manifest {manifest}: {exc}") from None

@@ -100,6 +100,15 @@ def test_merging_again_adds_nothing(ws, shards):
     assert len(frame(ws)) == 12 and sorted(p for p in ws.images_dir.rglob("*") if p.is_file()) == files
 
 
+def test_a_source_whose_path_has_uri_characters_merges(ws, tmp_path):
+    # the source is opened read-only through a file: URI, where # and ? would end the path
+    src = other(tmp_path, "shard #2?")
+    add(src, "a")
+    report = G.merge(ws, [src.data_dir])
+    assert report.added == 1 and frame(ws).source_id.tolist() == ["a"]
+    check_files(ws)
+
+
 def test_duplicates_by_bytes_and_by_source_id(ws, tmp_path):
     a = other(tmp_path, "a")
     add(ws, "mine", source="photos")
