@@ -15,7 +15,8 @@ steps:
 
 With ``workers`` the first step runs in that many worker processes while this one walks the
 input and writes the manifest. Results are committed in input order, so an import gives the
-same manifest, counts and examples whatever the number of workers. The workers look each
+same manifest and counts whatever the number of workers (the examples of a skip reason may
+come in another order: rows refused before their image is read are counted at once). The workers look each
 hash up in the manifest (read only) so that a re-import of the same bytes is not decoded; a
 duplicate still in flight is caught when its row is inserted. Ctrl-C stops the import
 cleanly: the workers ignore it, this process drops what it had not committed (a re-run adds
