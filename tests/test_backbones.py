@@ -25,10 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("backbones")
-    return {"hf-clip": f"hf:{tb.hf_clip(root)}", "hf-siglip": f"hf:{tb.hf_siglip(root)}",
-            "hf-dinov2": f"hf:{tb.hf_dinov2(root)}", "open_clip": f"open_clip:{tb.open_clip_dir(root)}",
-            "timm": f"timm:{tb.timm_dir(root)}"}
+    return tb.specs(tmp_path_factory.mktemp("backbones"))
 
 
 def test_specs_parse_and_bad_ones_say_what_to_use(tmp_path):

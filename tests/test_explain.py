@@ -278,10 +278,7 @@ def test_gradcam_refuses_what_it_cannot_explain():
 def foundation_specs(tmp_path_factory):
     import tiny_backbones as tb
 
-    root = tmp_path_factory.mktemp("tiny-backbones")
-    return {"timm": f"timm:{tb.timm_dir(root)}", "hf-clip": f"hf:{tb.hf_clip(root)}",
-            "hf-siglip": f"hf:{tb.hf_siglip(root)}", "hf-dinov2": f"hf:{tb.hf_dinov2(root)}",
-            "open_clip": f"open_clip:{tb.open_clip_dir(root)}"}
+    return tb.specs(tmp_path_factory.mktemp("tiny-backbones"))
 
 
 @pytest.mark.slow

@@ -86,3 +86,10 @@ def timm_dir(root: Path) -> Path:
         (d / "config.json").write_text(json.dumps(cfg))
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
     return d
+
+
+def specs(root: Path) -> dict[str, str]:
+    """The spec of each library's tiny model, built under ``root``: {"hf-clip": "hf:DIR", ...}."""
+    return {"hf-clip": f"hf:{hf_clip(root)}", "hf-siglip": f"hf:{hf_siglip(root)}",
+            "hf-dinov2": f"hf:{hf_dinov2(root)}", "open_clip": f"open_clip:{open_clip_dir(root)}",
+            "timm": f"timm:{timm_dir(root)}"}
