@@ -346,3 +346,19 @@ def test_import_of_the_whole_folder(ws, tmp_path, monkeypatch, capsys, recwarn):
     assert {(round(a, 6), round(b, 6)) for a, b in zip(frame.lat, frame.lon)} == positions
     again = import_photos(ws, REALFILES, link=True)
     assert again.added == 0 and again.duplicates == count("added") + count("duplicates")
+
+
+def test_the_whole_folder_through_import_workers_gives_the_same_import(tmp_path, recwarn):
+    # every real outcome (raw, truncated, EXIF without image, broken GPS, library warnings)
+    # crosses from a worker process and lands as it does checked in this process
+    from geohier.workspace import IMAGE_COLUMNS, Workspace
+
+    one, many = (Workspace(tmp_path / n / "data", tmp_path / n / "models") for n in ("one", "many"))
+    a = import_photos(one, REALFILES, link=True, workers=0)
+    b = import_photos(many, REALFILES, link=True, workers=2)
+    assert (a.total, a.added, a.duplicates) == (b.total, b.added, b.duplicates) and a.added > 0
+    assert a.skipped == b.skipped and a.warnings == b.warnings and a.examples == b.examples
+    columns = [c for c in IMAGE_COLUMNS if c not in ("id", "added_at")]
+    with one.manifest() as m1, many.manifest() as m2:
+        assert m1.frame(columns).equals(m2.frame(columns))
+    assert len(recwarn) == 0  # nothing printed raw, from either side
