@@ -377,6 +377,36 @@ def fig_recall_area(evals: Mapping[str, dict]) -> go.Figure:
     return fig
 
 
+def conformal_table(evals: Mapping[str, dict]) -> pd.DataFrame:
+    """One row per run and target coverage of eval.json's ``conformal`` (runs without it
+    are skipped, see ``with_key``): the test photos and the place groups covered by their
+    prediction regions (%, with standard errors), the cross-fit (calibrated on half the
+    split's groups, measured on the other half), the regions' mean cells and median area,
+    and how the calibration weighed its images (``guaranteed``: which share the target is
+    promised for)."""
+    have, _ = with_key(evals, "conformal")
+
+    def pct(v):
+        return None if v is None else 100 * float(v)
+
+    rows = []
+    for run, ev in have.items():
+        cal = ev.get("conformal_calibration") or {}
+        method = cal.get("method") or "groups"
+        for target, r in ev["conformal"].items():
+            cross = r.get("crossfit") or {}
+            rows.append({"run": run, "target": f"{100 * float(target):g}%",
+                         "photos covered": pct(r.get("coverage")), "± photos": pct(r.get("coverage_se")),
+                         "places covered": pct(r.get("group_coverage")), "± places": pct(r.get("group_coverage_se")),
+                         "cross-fit photos": pct(cross.get("coverage")),
+                         "cross-fit places": pct(cross.get("group_coverage")),
+                         "mean cells": r.get("mean_cells"), "median km²": r.get("median_area_km2"),
+                         "guaranteed": "places" if method == "groups" else "photos"})
+    return pd.DataFrame(rows, columns=["run", "target", "photos covered", "± photos", "places covered", "± places",
+                                       "cross-fit photos", "cross-fit places", "mean cells", "median km²",
+                                       "guaranteed"])
+
+
 def fig_abstention(evals: Mapping[str, dict], km: Sequence[int] = (25, 200, 750, 2500)) -> go.Figure:
     """Per run (eval.json ``abstention``), accuracy within each distance of ``km`` against
     the share of test images answered, the most confident first (colour: run; dash:

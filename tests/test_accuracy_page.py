@@ -240,6 +240,46 @@ def _with_regions(doc):
     return doc
 
 
+def _with_conformal(doc, method="groups"):
+    doc["conformal"] = {t: {"coverage": c, "coverage_se": 0.04, "group_coverage": g, "group_coverage_se": 0.03,
+                            "mean_cells": cells, "median_area_km2": km2, "n": 50,
+                            "crossfit": {"coverage": c + 0.05, "group_coverage": g + 0.04, "spread": 0.02}}
+                        for t, c, g, cells, km2 in (("0.8", 0.71, 0.76, 86.0, 2.9e7), ("0.9", 0.87, 0.9, 135.0, 9e7))}
+    doc["conformal_calibration"] = {"split": "val", "method": method, "images": 403, "groups": 120}
+    return doc
+
+
+def test_conformal_table_rows_per_run_and_target():
+    evals = {"by-place": _with_conformal(_eval_doc("a")), "by-photo": _with_conformal(_eval_doc("b"), "images"),
+             "old": _eval_doc("old"), "uncalibrated": dict(_eval_doc("u"), conformal=None)}
+    t = ac.conformal_table(evals)
+    assert t.run.tolist() == ["by-place", "by-place", "by-photo", "by-photo"]
+    assert t.target.tolist() == ["80%", "90%"] * 2
+    first = t.iloc[0]
+    assert first["photos covered"] == pytest.approx(71.0) and first["places covered"] == pytest.approx(76.0)
+    assert first["± photos"] == pytest.approx(4.0) and first["cross-fit places"] == pytest.approx(80.0)
+    assert first["mean cells"] == 86.0 and first["median km²"] == 2.9e7
+    assert t.guaranteed.tolist() == ["places", "places", "photos", "photos"]
+    assert ac.conformal_table({"old": _eval_doc("old")}).empty
+
+
+def test_page_shows_the_prediction_regions_table(ws):
+    run = fake_run(ws, "run-regions")
+    (run / "eval.json").write_text(json.dumps(_with_conformal(_eval_doc("run-regions"))))
+    fake_run(ws, "run-before")
+    none = fake_run(ws, "run-uncalibrated")
+    (none / "eval.json").write_text(json.dumps(dict(_eval_doc("run-uncalibrated"), conformal=None)))
+    at = _page().run()
+    at.multiselect[0].set_value(["run-regions", "run-before", "run-uncalibrated"]).run()  # two are shown at first
+    assert not at.exception, at.exception
+    assert any("Prediction regions" in h.value for h in at.subheader)
+    (table,) = [d.value for d in at.dataframe if "photos covered" in d.value.columns]
+    assert table.run.tolist() == ["run-regions", "run-regions"] and table.target.tolist() == ["80%", "90%"]
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith("Not shown: run-before") and "prediction regions" in c for c in captions)
+    assert any(c.startswith("No regions for run-uncalibrated") and "--calibrate" in c for c in captions)
+
+
 def test_fig_recall_area_and_abstention_skip_runs_evaluated_before():
     evals = {"new": _with_regions(_eval_doc("new")), "old": _eval_doc("old")}
     fig = ac.fig_recall_area(evals)
@@ -266,5 +306,6 @@ def test_page_shows_recall_area_and_abstention_curves(ws):
     assert any("images answered, most confident first" in s for s in titles)  # abstention
     assert any("Recall vs area" in m.value for m in at.markdown)
     assert any("Abstention" in h.value for h in at.subheader)
-    notes = [c.value for c in at.caption if c.value.startswith("Not shown")]
+    notes = [c.value for c in at.caption if c.value.startswith("Not shown") and "prediction regions" not in c.value]
     assert len(notes) == 2 and all("run-old" in n and "evaluate" in n for n in notes)
+

@@ -275,6 +275,11 @@ def test_recall_area_and_abstention_curves_draw(app, page):
     assert any("km², log" in t for t in titles), titles
     assert any("most confident first" in t for t in titles), titles
     assert not page.get_by_text("Not shown:").count()  # the run has both blocks
+    # the evaluation calibrated the run: its prediction regions' coverage table is drawn
+    regions = page.get_by_text("Prediction regions: how often the true place is inside")
+    regions.scroll_into_view_if_needed()
+    assert regions.is_visible() and not page.get_by_text("No regions for").count()
+    assert page.get_by_text("the target is promised").count() == 1  # the caption drawn under the table
     screenshot(page, "accuracy-recall-area-abstention")
     assert not exception_texts(page)
     assert_no_off_host_requests(page)

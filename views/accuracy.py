@@ -188,6 +188,29 @@ note = ac.missing_caption(no_ab, "abstention")
 if note:
     st.caption(note)
 
+# ----------------------------------------------------------------------------- prediction regions
+
+st.subheader("Prediction regions: how often the true place is inside")
+have_cf, no_cf = ac.with_key(with_eval, "conformal")
+if have_cf:
+    st.dataframe(ac.conformal_table(have_cf), hide_index=True, use_container_width=True, column_config={
+        **{c: st.column_config.NumberColumn(format="%.1f%%") for c in
+           ("photos covered", "± photos", "places covered", "± places", "cross-fit photos", "cross-fit places")},
+        "mean cells": st.column_config.NumberColumn(format="%.1f"),
+        "median km²": st.column_config.NumberColumn(format="%.0f")})
+    st.caption("For each target coverage, the share of test photos (and the mean share of test places) whose "
+               "point lies in the region `predict --coverage` draws, calibrated on val; the target is promised "
+               "for the share named under *guaranteed* (`evaluate --conformal-weights`). Cross-fit: calibrated "
+               "on half the test places and measured on the other half, over random halvings, free of the "
+               "luck of one val/test deal.")
+note = ac.missing_caption([n for n in no_cf if "conformal" not in with_eval[n]], "prediction regions")
+if note:
+    st.caption(note)
+uncalibrated = [n for n in no_cf if "conformal" in with_eval[n]]
+if uncalibrated:
+    st.caption(f"No regions for {', '.join(uncalibrated)}: the run has no conformal calibration (evaluate it with "
+               "--calibrate).")
+
 # ----------------------------------------------------------------------------- per level + calibration
 
 focus = st.selectbox("Run for details", list(with_eval))
