@@ -95,14 +95,14 @@ def main() -> int:
     ap.add_argument("--before", metavar="REV", help="also run this git revision's import-csv (without --workers)")
     ap.add_argument("--cap-mb", type=float, default=6000)
     args = ap.parse_args()
-    repo = ROOT
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     base = measure([sys.executable, "-c", "import numpy"], dict(os.environ), args.cap_mb)
     print(f"{cpus} cores; python -c 'import numpy': {base.wall:.2f} s, {fmt_mb(base)}")
     with tempfile.TemporaryDirectory(prefix="geohier-before-") as old:
-        runs = [(n, repo, ["--workers", n]) for n in (x.strip() for x in args.workers.split(","))]
+        runs = [(n, ROOT, ["--workers", n]) for n in (x.strip() for x in args.workers.split(","))]
         if args.before:
-            subprocess.run(f"git -C {ROOT} archive {args.before} | tar -x -C {old}", shell=True, check=True)
+            tar = subprocess.run(["git", "-C", str(ROOT), "archive", args.before], capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", old], input=tar.stdout, check=True)
             runs.insert(0, (f"(before: {args.before})", Path(old), []))
         for layout in [x.strip() for x in args.layout.split(",")]:
             _layout(args, layout, runs)

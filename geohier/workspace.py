@@ -191,6 +191,20 @@ class Workspace:
 _swept_folders: set[str] = set()
 
 
+def open_read_only(manifest: str | os.PathLike) -> sqlite3.Connection:
+    """A read-only connection to a manifest: nothing is created, migrated or locked for
+    writing (a merge's sources, an import worker's duplicate lookups). Opened by its file
+    URI, so a path with ``#`` or ``?`` is read as a path. WorkspaceError when it is no
+    readable manifest."""
+    manifest = Path(manifest)
+    try:
+        con = sqlite3.connect(f"{manifest.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+        con.execute("SELECT 1 FROM images LIMIT 1").fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise WorkspaceError(f"cannot read the manifest {manifest}: {exc}") from None
+    return con
+
+
 def write_image_file(data_dir: str | os.PathLike, data: bytes, ext: str, sha: str | None = None) -> str:
     """Put image bytes at ``images/<sha[:2]>/<sha>.<ext>`` under ``data_dir`` (atomically:
     a temporary file, fsynced, renamed) unless that file is there; returns the path

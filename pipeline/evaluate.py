@@ -385,16 +385,16 @@ def evaluate_run(run_dir: str | os.PathLike, ws: Workspace, csv: str | os.PathLi
         predictor.neighbour_index()  # refuse before anything runs
     meta = predictor.metas[0]
     stale = predictor.conformal_stale  # a calibration of the finest classes alone, for a hierarchy with rests
+    have = predictor.conformal.method if predictor.conformal is not None else None
     if conformal_method is not None:
         _check_method(conformal_method)
-        have = predictor.conformal.method if predictor.conformal is not None else None
         if have is not None and have != conformal_method and calibrate is False:
             raise InputError(f"the run's conformal calibration weighs {have}, not {conformal_method}: "
                              "drop --no-calibrate to recalibrate, or drop --conformal-weights")
         stale = stale or have != conformal_method
     if calibrate or (calibrate is None and ("calibration" not in meta or stale) and _has_split(ws, "val")):
-        calibrate_run(run_dir, ws, batch_size, device, num_workers, progress,
-                      conformal_method=conformal_method or cf.DEFAULT_METHOD)
+        calibrate_run(run_dir, ws, batch_size, device, num_workers, progress,  # a recalibration keeps the weighing
+                      conformal_method=conformal_method or have or cf.DEFAULT_METHOD)
         predictor = _load(run_dir, device)
         predictor.refine_k, predictor.refine_tau = int(refine_k), float(refine_tau)
         meta = predictor.metas[0]

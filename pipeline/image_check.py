@@ -53,7 +53,7 @@ from geohier.images import (
     image_info,
     open_image,
 )
-from geohier.workspace import Manifest, sha256_bytes, write_image_file
+from geohier.workspace import Manifest, open_read_only, sha256_bytes, write_image_file
 from pipeline.workers import bare_main
 
 
@@ -67,6 +67,7 @@ class Counts(Protocol):
     def warn(self, message: str, name: str) -> None: ...
 
     def add(self, lat: float, lon: float) -> None: ...
+
 
 # Brightness is a mean, and a JPEG decoded at 1/8 scale keeps every 8x8 block's mean: so the
 # check decodes no larger than this (every byte is still decoded, so truncation is caught).
@@ -102,19 +103,18 @@ class Checked:
 
 
 def check_image(path: Path | str, name: str, latlon: tuple[float, float] | None, *,
-                copy_into: str | os.PathLike | None = None, known_sha=None,
-                decode_side: int = BRIGHTNESS_SIDE) -> Checked:
+                copy_into: str | os.PathLike | None = None, known_sha=None) -> Checked:
     """Read and check one image (a file path, or an archive member reference as a str).
     ``latlon`` None takes the position from its EXIF GPS. ``known_sha(sha) -> bool`` says
     whether the bytes are already in the manifest (then nothing is decoded). With
     ``copy_into`` (a workspace's data folder) a good image is copied there."""
     with collect_warnings() as seen:
-        out = _check(path, name, latlon, copy_into, known_sha, decode_side)
+        out = _check(path, name, latlon, copy_into, known_sha)
     out.warnings = seen
     return out
 
 
-def _check(path, name, latlon, copy_into, known_sha, decode_side) -> Checked:
+def _check(path, name, latlon, copy_into, known_sha) -> Checked:
     try:
         data = read_member(path) if isinstance(path, str) else path.read_bytes()
     except ImageReadError as exc:  # a member of a zip or tar
@@ -133,7 +133,7 @@ def _check(path, name, latlon, copy_into, known_sha, decode_side) -> Checked:
             if info.gps is None:
                 return Checked(skip=info.gps_problem or GPS_MISSING, label=name)
             latlon = info.gps
-        light = brightness(open_image(named, max_side=decode_side))  # every byte decoded: refuses truncation
+        light = brightness(open_image(named, max_side=BRIGHTNESS_SIDE))  # every byte decoded: refuses truncation
     except ImageReadError as exc:
         return Checked(skip=exc.reason, label=name)
     lat, lon = latlon
@@ -152,8 +152,8 @@ def _worker_start(manifest: str) -> None:
     global _worker_db
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
-        _worker_db = sqlite3.connect(f"{Path(manifest).resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
-    except sqlite3.Error:
+        _worker_db = open_read_only(manifest)
+    except WorkspaceError:
         _worker_db = None  # then every image is decoded; the insert still refuses duplicates
 
 
@@ -291,6 +291,7 @@ class Adder:
         make the summary disagree with the manifest."""
         with _ctrl_c_deferred():
             self._commit(c, path, name, link, row)
+        self._end_batch()  # after skips too: a long run of them never holds the write lock
 
     def _commit(self, c: Checked, path: Path | str, name: str, link: bool, row: dict) -> None:
         s = self.s
@@ -299,7 +300,7 @@ class Adder:
         if c.skip is not None:
             s.skip(c.skip, c.label or name)
             return
-        if c.duplicate or self.m.has_sha(c.sha):
+        if c.duplicate or (self.workers and self.m.has_sha(c.sha)):  # in process, check_image looked
             s.duplicates += 1
             return
         self._write()
@@ -316,7 +317,6 @@ class Adder:
             s.duplicates += 1
         else:
             s.add(row["lat"], row["lon"])
-        self._end_batch()
 
     def _store(self, c: Checked, path: Path | str, link: bool, row: dict) -> int | None:
         if link:  # a file where it is, or a member read in place from its (resolved) archive

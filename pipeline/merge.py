@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from geohier import archives
-from geohier.errors import ImageReadError, InputError, WorkspaceError
+from geohier.errors import ImageReadError, InputError
 from geohier.images import read_source
 from geohier.progress import progress_bar
-from geohier.workspace import Manifest, Workspace, sha256_bytes
+from geohier.workspace import Manifest, Workspace, open_read_only, sha256_bytes
 from pipeline.fetch import clean_stale_temps
 
 STATUS_RANK = {"error": 0, "partial": 1, "empty": 2, "done": 3}
@@ -85,16 +85,6 @@ def find_workspace(path: str | Path) -> Path:
     raise InputError(f"not a workspace: no manifest.sqlite in {p} (nor in {p / 'data'})")
 
 
-def _read_only(manifest: Path) -> sqlite3.Connection:
-    # the sources are only read: never create, migrate or lock them for writing
-    try:
-        con = sqlite3.connect(f"{manifest.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)  # # and ? quoted
-        con.execute("SELECT 1 FROM images LIMIT 1").fetchall()
-    except sqlite3.DatabaseError as exc:
-        raise WorkspaceError(f"cannot read the manifest {manifest}: {exc}") from None
-    return con
-
-
 def _sequence_splits(m: Manifest) -> dict[tuple[str, str], str]:
     rows = m.conn.execute("SELECT source, sequence_id, MIN(split) FROM images"
                           " WHERE sequence_id IS NOT NULL AND split IS NOT NULL GROUP BY source, sequence_id")
@@ -131,7 +121,7 @@ def merge(ws: Workspace, sources: Sequence[str | Path], *, link: bool = False,
         if d == here:
             raise InputError(f"cannot merge a workspace into itself: {d}")
     report = MergeReport(workspaces=len(dirs))
-    cons = [_read_only(d / "manifest.sqlite") for d in dirs]
+    cons = [open_read_only(d / "manifest.sqlite") for d in dirs]
     try:
         total = sum(int(c.execute("SELECT COUNT(*) FROM images").fetchone()[0]) for c in cons)
         clean_stale_temps(ws)  # temp files of a merge or fetch that was killed

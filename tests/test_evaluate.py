@@ -452,8 +452,10 @@ def test_conformal_weights_images_or_groups_calibrate_the_regions_that_way(ws, t
     # photo weights by hand: the ceil(7 * 0.8) = 6th smallest of the 6 val scores
     c = cf.Conformal.from_dict(json.loads((tiny_run / "meta.json").read_text())["conformal"])
     assert c.threshold(0.8) == pytest.approx(max(c.scores))
-    # without the flag the run keeps what it has; --no-calibrate cannot switch it
+    # without the flag the run keeps what it has, recalibrated or not; --no-calibrate cannot switch it
     res = evaluate.evaluate_run(tiny_run, ws, progress=False)
+    assert method() == "images" and res["conformal_calibration"]["method"] == "images"
+    res = evaluate.evaluate_run(tiny_run, ws, calibrate=True, progress=False)
     assert method() == "images" and res["conformal_calibration"]["method"] == "images"
     assert cli_main(["evaluate", "tiny", "--no-calibrate", "--conformal-weights", "groups"]) == 2
     err = capsys.readouterr().err

@@ -253,6 +253,25 @@ def test_gradcam_of_a_vit_lights_up_the_patches_the_class_token_reads():
     assert cam.base["cell"] == explain.occlusion(p, Image.fromarray(a), grid=2).base["cell"]
 
 
+class IgnoredTokens(TopLeft):
+    """TopLeft, plus a LayerNorm over patch tokens whose output the logits never read."""
+
+    def __init__(self, num_classes: dict[int, int]):
+        super().__init__(num_classes)
+        self.norm = torch.nn.LayerNorm(3)
+
+    def forward(self, x):
+        self.norm(x.flatten(2).transpose(1, 2))  # (B, H*W, 3) tokens, thrown away
+        return super().forward(x)
+
+
+def test_gradcam_refuses_a_backbone_whose_guess_reads_none_of_its_maps():
+    p = top_left_predictor()
+    p.models[0] = IgnoredTokens(p.models[0].num_classes).eval()
+    with pytest.raises(InputError, match="no feature map the guess depends on"):
+        explain.gradcam(p, photo())
+
+
 def test_patch_grids_of_vits():
     assert explain._patch_grid(197, 224, 224) == (1, 14, 14)  # ViT-B/16: a class token
     assert explain._patch_grid(261, 224, 224) == (5, 16, 16)  # DINOv2 with registers, 14 px patches

@@ -133,6 +133,29 @@ def test_rows_are_written_in_batches_another_connection_sees(tmp_path, ws, monke
         assert m.count() == 10
 
 
+def test_a_batch_due_is_committed_after_a_skipped_image_too(tmp_path, ws, monkeypatch):
+    # the batch clock is looked at after every image: a long run of unreadable ones does not
+    # keep the write lock (a concurrent import or labels would wait on it)
+    root = tmp_path / "images"
+    _noisy(root / "good.jpg", seed=1)
+    for i in range(3):
+        (root / f"bad{i}.jpg").write_text("not a photo\n")
+    table = tmp_path / "t.csv"
+    table.write_text("id,lat,lon\ngood,1,1\n" + "".join(f"bad{i},2,2\n" for i in range(3)))
+    clock = [0.0]
+    monkeypatch.setattr(image_check.time, "monotonic", lambda: clock[0])
+    seen = []
+
+    def look(done, total):
+        with sqlite3.connect(ws.manifest_path) as con:
+            seen.append(con.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+        clock[0] += 10.0  # each row takes "10 s": the batch is due from the second row on
+
+    s = import_csv(ws, table, root, workers=0, progress=look)
+    assert s.added == 1 and s.skipped == {"not an image": 3}
+    assert seen == [0, 1, 1, 1]  # committed after the first unreadable image, not at the end
+
+
 def test_brightness_from_the_small_decode_is_the_picture_mean(tmp_path, ws):
     y, x = np.mgrid[0:768, 0:1024]
     px = np.stack([x * 255 // 1023, y * 255 // 767, (x + y) % 256], axis=-1).astype(np.uint8)
